@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""One entry point for a fresh checkout: `python3 dev.py demo` or `python3 dev.py test`.
+
+It needs only Python 3.11+: it makes `.venv`, installs the project with its
+test extras into it (again only when pyproject.toml changed), then runs the
+command inside it. No Docker, no preinstalled PostgreSQL or Kafka.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+STAMP = VENV / ".kafka-outbox-installed"
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"kafka-outbox needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not (BIN / "python").exists():
+        print(f"dev.py: creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == digest:
+        return
+    print("dev.py: installing kafka-outbox[test] into .venv", flush=True)
+    subprocess.run(
+        [str(BIN / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+         "-e", f"{ROOT}[test]"],
+        check=True,
+    )
+    STAMP.write_text(digest)
+
+
+def run(cmd: list[str]) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+def test(extra: list[str]) -> int:
+    """Lint, type-check, then the whole pytest suite (it starts its own services)."""
+    for cmd in (
+        [str(BIN / "ruff"), "check", "."],
+        [str(BIN / "ruff"), "format", "--check", "."],
+        [str(BIN / "mypy")],
+    ):
+        if (rc := run(cmd)) != 0:
+            return rc
+    return run([str(BIN / "pytest"), *extra])
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"demo", "test", "outbox"}:
+        print(
+            "usage: python3 dev.py demo [outbox demo options]   run the demo on embedded services\n"
+            "       python3 dev.py test [pytest options]        lint, type-check and run all tests\n"
+            "       python3 dev.py outbox ARGS...               any outbox command inside .venv"
+        )
+        return 2
+    ensure_venv()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if argv[0] == "test":
+        return test(argv[1:])
+    if argv[0] == "demo":
+        return run([str(BIN / "outbox"), "demo", *argv[1:]])
+    return run([str(BIN / "outbox"), *argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Runnable examples for kafka-outbox (used by docker-compose.yml)."""

@@ -1,0 +1,70 @@
+"""Pure decisions of the relay: slot shares, id-range markers, backoff. No I/O here."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+def fair_share(slots: int, members: int) -> int:
+    """How many slots one of ``members`` live relays should own (ceil, so none stays orphaned)."""
+    return math.ceil(slots / max(members, 1))
+
+
+def slots_to_release(owned: Sequence[int], slots: int, members: int) -> list[int]:
+    """Slots to hand back so a newcomer can take its share; the highest go first."""
+    extra = len(owned) - fair_share(slots, members)
+    return sorted(owned)[-extra:] if extra > 0 else []
+
+
+def slots_to_try(owned: Iterable[int], slots: int, members: int, start: int, cap: int | None) -> list[int]:
+    """Free-looking slots to try, rotated by ``start`` so relays don't all race for slot 0."""
+    owned_set = set(owned)
+    want = fair_share(slots, members) if cap is None else min(cap, fair_share(slots, members))
+    if len(owned_set) >= want:
+        return []
+    order = [(start + i) % slots for i in range(slots)]
+    return [s for s in order if s not in owned_set]
+
+
+def id_ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Compress sorted-ish ids into inclusive ranges: a batch is mostly contiguous."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        elif not out or i != out[-1][1]:
+            out.append((i, i))
+    return out
+
+
+def expand_ranges(ranges: Iterable[Sequence[int]]) -> list[int]:
+    return [i for lo, hi in ranges for i in range(lo, hi + 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """The recovery marker: which outbox ids the slot's last committed Kafka transaction held."""
+
+    transactional_id: str
+    slot: int
+    ids: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"tid": self.transactional_id, "slot": self.slot, "ranges": id_ranges(self.ids)},
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Marker:
+        doc = json.loads(raw)
+        return cls(str(doc["tid"]), int(doc["slot"]), tuple(expand_ranges(doc["ranges"])))
+
+
+def jittered(interval: float, spread: float = 0.2) -> float:
+    """A poll interval with +-spread jitter so relays don't poll in lockstep."""
+    return interval * random.uniform(1 - spread, 1 + spread)

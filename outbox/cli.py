@@ -1,0 +1,289 @@
+"""The ``outbox`` command. The only module that reads environment variables (shown in --help)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from outbox.config import Guarantee, Profile, RelayConfig, parse_overrides
+from outbox.db import redact
+from outbox.errors import ConfigError, OutboxError
+
+app = typer.Typer(
+    help="Transactional outbox for PostgreSQL + Kafka: migrate, relay, inspect, demo.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+dead_app = typer.Typer(help="Poison rows that Kafka refused for good (I6).", no_args_is_help=True)
+app.add_typer(dead_app, name="dead")
+
+Db = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        envvar="OUTBOX_DB",
+        help="PostgreSQL URL, e.g. postgresql+psycopg://app@localhost/app (or a libpq DSN).",
+        show_default=False,
+    ),
+]
+Bootstrap = Annotated[
+    str,
+    typer.Option(
+        "--bootstrap-servers",
+        "-b",
+        envvar="OUTBOX_BOOTSTRAP_SERVERS",
+        help="Kafka bootstrap servers, host:port[,host:port...].",
+        show_default=False,
+    ),
+]
+LogLevel = Annotated[
+    str, typer.Option("--log-level", envvar="OUTBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING...")
+]
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _RedactingFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    typer.echo(f"error: {redact(str(exc))}", err=True)
+    return typer.Exit(2)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        logging.getLogger("outbox").info(
+            "%s: finishing the current batch, then stopping", signal.Signals(signum).name
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _read_properties(path: Path) -> dict[str, str]:
+    """``key=value`` lines (librdkafka/Java .properties style); # comments ignored."""
+    pairs = [
+        line.strip()
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    return parse_overrides(pairs)
+
+
+@app.command()
+def migrate(db: Db, log_level: LogLevel = "WARNING") -> None:
+    """Create or upgrade the outbox tables (Alembic, own version table)."""
+    from outbox.migrate import upgrade
+
+    _setup_logging(log_level)
+    try:
+        upgrade(db)
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    except Exception as exc:
+        raise _fail(exc) from None
+    typer.echo("outbox tables are up to date")
+
+
+@app.command("sql")
+def print_sql() -> None:
+    """Print the DDL of every migration, for applying by hand."""
+    from outbox.migrate import print_sql as render
+
+    typer.echo(render())
+
+
+@app.command()
+def relay(
+    db: Db,
+    bootstrap_servers: Bootstrap,
+    guarantee: Annotated[
+        Guarantee,
+        typer.Option(envvar="OUTBOX_GUARANTEE", help="exactly-once needs broker transactions."),
+    ] = Guarantee.EXACTLY_ONCE,
+    profile: Annotated[
+        Profile, typer.Option(envvar="OUTBOX_PROFILE", help="Producer preset.")
+    ] = Profile.BALANCED,
+    producer_setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-X",
+            help="Any librdkafka producer setting, key=value (repeatable); wins over the profile.",
+        ),
+    ] = None,
+    producer_config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OUTBOX_PRODUCER_CONFIG",
+            help="File of key=value producer settings (e.g. SASL/TLS); -X wins over it.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    slots: Annotated[
+        int,
+        typer.Option(envvar="OUTBOX_SLOTS", help="Slot count; the same on every relay of a DB."),
+    ] = 4,
+    max_slots: Annotated[
+        int | None,
+        typer.Option(envvar="OUTBOX_MAX_SLOTS", help="At most this many slots in this process."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(envvar="OUTBOX_BATCH_SIZE")] = 1000,
+    poll_interval: Annotated[
+        float,
+        typer.Option(envvar="OUTBOX_POLL_INTERVAL", help="Seconds between polls when idle."),
+    ] = 1.0,
+    listen: Annotated[
+        bool,
+        typer.Option(envvar="OUTBOX_LISTEN", help="Wake on NOTIFY (needs a direct session)."),
+    ] = True,
+    transactional_id_prefix: Annotated[
+        str, typer.Option(envvar="OUTBOX_TRANSACTIONAL_ID_PREFIX")
+    ] = "outbox-relay",
+    state_topic: Annotated[
+        str,
+        typer.Option(envvar="OUTBOX_STATE_TOPIC", help="Compacted topic of recovery markers."),
+    ] = "outbox.relay-state",
+    once: Annotated[
+        bool, typer.Option("--once", help="Drain what is pending, then exit.")
+    ] = False,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Publish committed outbox rows to Kafka, one transaction per batch, then delete them."""
+    from outbox.relay import Relay
+
+    _setup_logging(log_level)
+    try:
+        overrides = _read_properties(producer_config) if producer_config else {}
+        overrides |= parse_overrides(producer_setting or [])
+        config = RelayConfig(
+            dsn=db,
+            bootstrap_servers=bootstrap_servers,
+            guarantee=guarantee,
+            profile=profile,
+            producer_overrides=overrides,
+            slots=slots,
+            max_slots=max_slots,
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            listen=listen,
+            transactional_id_prefix=transactional_id_prefix,
+            state_topic=state_topic,
+            once=once,
+        )
+        runner = Relay(config)
+    except (ConfigError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    _stop_on_signals(runner.stop)
+    try:
+        stats = runner.run()
+    except (ConfigError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    logging.getLogger("outbox.relay").info(
+        "stopped: %d events published in %d batches, %d dead, %d recovered",
+        stats.published,
+        stats.batches,
+        stats.dead,
+        stats.recovered,
+    )
+
+
+@app.command()
+def status(db: Db) -> None:
+    """Pending rows per topic, oldest pending age, slot owners, dead rows."""
+    from outbox.ops import render_status
+
+    try:
+        typer.echo(render_status(db))
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+
+
+@dead_app.command("list")
+def dead_list(db: Db, limit: int = 50) -> None:
+    """Show poison rows with their error."""
+    from outbox.ops import render_dead
+
+    try:
+        typer.echo(render_dead(db, limit))
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+
+
+@dead_app.command("requeue")
+def dead_requeue(
+    db: Db,
+    ids: Annotated[list[int] | None, typer.Argument(help="Outbox ids to re-queue.")] = None,
+    all_rows: Annotated[bool, typer.Option("--all", help="Re-queue every dead row.")] = False,
+) -> None:
+    """Put poison rows back in the outbox after fixing the cause (they keep their order)."""
+    from outbox.ops import requeue
+
+    if not ids and not all_rows:
+        raise _fail(ConfigError("name the outbox ids to re-queue, or pass --all"))
+    try:
+        n = requeue(db, ids or [], all_rows=all_rows)
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"re-queued {n} rows")
+
+
+@app.command()
+def demo(
+    db: Annotated[
+        str | None,
+        typer.Option("--db", envvar="OUTBOX_DEMO_DB", help="Use this PostgreSQL (default: embedded)."),
+    ] = None,
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap-servers",
+            envvar="OUTBOX_DEMO_BOOTSTRAP_SERVERS",
+            help="Use this Kafka (default: embedded Tansu broker).",
+        ),
+    ] = None,
+    events: Annotated[int, typer.Option(help="Events to attempt (some get rolled back).")] = 3000,
+    writers: Annotated[int, typer.Option(help="Concurrent application transactions.")] = 8,
+    rollback_ratio: Annotated[float, typer.Option(help="Share of transactions rolled back.")] = 0.1,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Run the whole pipeline on embedded PostgreSQL + Kafka-API broker and check the result."""
+    from outbox.demo import run_demo
+
+    _setup_logging(log_level)
+    try:
+        ok = run_demo(
+            db=db,
+            bootstrap_servers=bootstrap_servers,
+            events=events,
+            writers=writers,
+            rollback_ratio=rollback_ratio,
+        )
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    app(prog_name="outbox")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Relay configuration and the producer rules from Kafka's semantics: pure, checked at start-up (I8).
+
+Every librdkafka setting passes through; these rules only refuse combinations
+that would silently break a delivery guarantee, and name the setting and fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from outbox.errors import ConfigError
+from outbox.partitioner import SHARD_COUNT
+
+
+class Guarantee(StrEnum):
+    EXACTLY_ONCE = "exactly-once"
+    AT_LEAST_ONCE = "at-least-once"
+    AT_MOST_ONCE = "at-most-once"
+
+
+class Profile(StrEnum):
+    BALANCED = "balanced"
+    THROUGHPUT = "throughput"
+    LATENCY = "latency"
+
+
+PROFILES: dict[Profile, dict[str, str]] = {
+    Profile.BALANCED: {"linger.ms": "5", "compression.type": "lz4"},
+    Profile.THROUGHPUT: {
+        "linger.ms": "50",
+        "batch.size": "1000000",
+        "batch.num.messages": "100000",
+        "compression.type": "zstd",
+    },
+    Profile.LATENCY: {"linger.ms": "0", "batch.size": "65536", "compression.type": "lz4"},
+}
+
+# librdkafka's defaults for the settings the rules read.
+_DEFAULTS = {
+    "linger.ms": 5,
+    "request.timeout.ms": 30000,
+    "message.timeout.ms": 300000,
+    "max.in.flight.requests.per.connection": 1000000,
+    "retries": 2147483647,
+    "message.max.bytes": 1000000,
+    "transaction.timeout.ms": 60000,
+}
+_ALIASES = {
+    "delivery.timeout.ms": "message.timeout.ms",
+    "queue.buffering.max.ms": "linger.ms",
+    "max.in.flight": "max.in.flight.requests.per.connection",
+    "message.send.max.retries": "retries",
+    "request.required.acks": "acks",
+    "topic.metadata.refresh.interval.ms": "topic.metadata.refresh.interval.ms",
+}
+REPLICA_LAG_TIME_MAX_MS = 30000
+"""The broker default that request.timeout.ms should exceed."""
+
+# Owned by the relay: a user value would break slot fencing or ordering.
+_RELAY_OWNED = ("transactional.id", "partitioner", "bootstrap.servers")
+
+
+def canonical(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def _int(settings: Mapping[str, str], name: str) -> int:
+    raw = settings.get(name, _DEFAULTS.get(name))
+    try:
+        return int(str(raw))
+    except ValueError:
+        raise ConfigError(f"producer setting {name}={raw!r} must be an integer") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerPlan:
+    """The producer settings to use, and warnings worth logging once at start-up."""
+
+    settings: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def message_max_bytes(self) -> int:
+        return _int(self.settings, "message.max.bytes")
+
+
+def producer_settings(
+    *,
+    bootstrap_servers: str,
+    guarantee: Guarantee,
+    profile: Profile = Profile.BALANCED,
+    overrides: Mapping[str, str] | None = None,
+    transaction_timeout_ms: int = 60000,
+) -> ProducerPlan:
+    """Build the producer settings for a guarantee and check Kafka's rules on the result."""
+    if not bootstrap_servers.strip():
+        raise ConfigError("bootstrap servers are empty: pass --bootstrap-servers host:port[,...]")
+    user = {canonical(k): str(v) for k, v in (overrides or {}).items()}
+    for name in _RELAY_OWNED:
+        if name in user:
+            raise ConfigError(
+                f"producer setting {name} is managed by the relay and cannot be overridden: "
+                + {
+                    "transactional.id": "use --transactional-id-prefix",
+                    "partitioner": "keys always use murmur2_random (Java-compatible, I3)",
+                    "bootstrap.servers": "use --bootstrap-servers",
+                }[name]
+            )
+    settings: dict[str, str] = {
+        "bootstrap.servers": bootstrap_servers,
+        "partitioner": "murmur2_random",
+        "request.timeout.ms": "40000",
+        "message.timeout.ms": "300000",
+        "queue.buffering.max.messages": "200000",
+    }
+    if guarantee is Guarantee.AT_MOST_ONCE:
+        settings |= {"acks": "0", "retries": "0", "enable.idempotence": "false"}
+    else:
+        settings |= {"acks": "all", "enable.idempotence": "true"}
+    if guarantee is Guarantee.EXACTLY_ONCE:
+        # librdkafka refuses message.timeout.ms > transaction.timeout.ms.
+        timeout = str(transaction_timeout_ms)
+        settings |= {"transaction.timeout.ms": timeout, "message.timeout.ms": timeout}
+    settings |= PROFILES[profile]
+    settings |= user
+    return ProducerPlan(settings, check_producer_rules(settings, guarantee))
+
+
+def check_producer_rules(settings: Mapping[str, str], guarantee: Guarantee) -> list[str]:
+    """Raise ConfigError for a broken guarantee; return warnings for merely unwise values."""
+    warnings: list[str] = []
+    acks = settings.get("acks", "all").lower()
+    idempotent = settings.get("enable.idempotence", "false").lower() == "true"
+    if guarantee is not Guarantee.AT_MOST_ONCE:
+        if acks not in {"all", "-1"}:
+            raise ConfigError(
+                f"acks={acks} loses acknowledged events when a leader fails; "
+                f"--guarantee {guarantee} needs acks=all (remove -X acks=...)"
+            )
+        if not idempotent:
+            raise ConfigError(
+                f"enable.idempotence=false lets retries duplicate and reorder records; "
+                f"--guarantee {guarantee} needs enable.idempotence=true"
+            )
+        if _int(settings, "retries") <= 0:
+            raise ConfigError(
+                "retries=0 turns every transient broker error into a failed batch; "
+                "idempotence needs retries > 0 (remove -X retries=...)"
+            )
+        if _int(settings, "max.in.flight.requests.per.connection") > 5 and "max.in.flight.requests.per.connection" in settings:
+            raise ConfigError(
+                "max.in.flight.requests.per.connection="
+                f"{settings['max.in.flight.requests.per.connection']} can reorder records; "
+                "idempotence needs a value <= 5"
+            )
+    linger = _int(settings, "linger.ms")
+    request_timeout = _int(settings, "request.timeout.ms")
+    delivery_timeout = _int(settings, "message.timeout.ms")
+    if delivery_timeout != 0 and delivery_timeout < linger + request_timeout:
+        raise ConfigError(
+            f"delivery.timeout.ms={delivery_timeout} is shorter than linger.ms + "
+            f"request.timeout.ms = {linger + request_timeout}: records would expire before "
+            "their first request could time out; raise delivery.timeout.ms"
+        )
+    if guarantee is Guarantee.EXACTLY_ONCE:
+        txn_timeout = _int(settings, "transaction.timeout.ms")
+        if delivery_timeout > txn_timeout or delivery_timeout == 0:
+            raise ConfigError(
+                f"delivery.timeout.ms={delivery_timeout} exceeds transaction.timeout.ms="
+                f"{txn_timeout}: a transaction would expire while its records are still being "
+                "retried; set delivery.timeout.ms <= transaction.timeout.ms"
+            )
+    if request_timeout <= REPLICA_LAG_TIME_MAX_MS:
+        warnings.append(
+            f"request.timeout.ms={request_timeout} does not exceed the broker's "
+            f"replica.lag.time.max.ms ({REPLICA_LAG_TIME_MAX_MS} by default): a slow follower "
+            "can make requests time out and retry needlessly; consider 40000"
+        )
+    if guarantee is Guarantee.AT_MOST_ONCE:
+        warnings.append(
+            "--guarantee at-most-once: acks=0 and no retries; events are deleted from the "
+            "outbox even if the broker never stored them"
+        )
+    return warnings
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Everything one relay process needs; validated on construction."""
+
+    dsn: str
+    bootstrap_servers: str
+    guarantee: Guarantee = Guarantee.EXACTLY_ONCE
+    profile: Profile = Profile.BALANCED
+    producer_overrides: Mapping[str, str] = field(default_factory=dict)
+    slots: int = 4
+    max_slots: int | None = None
+    batch_size: int = 1000
+    poll_interval: float = 1.0
+    listen: bool = True
+    transactional_id_prefix: str = "outbox-relay"
+    transaction_timeout: float = 60.0
+    state_topic: str = "outbox.relay-state"
+    once: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.slots <= SHARD_COUNT:
+            raise ConfigError(
+                f"--slots={self.slots} must be between 1 and {SHARD_COUNT} (the shard count); "
+                "every relay of one database must use the same value"
+            )
+        if self.max_slots is not None and self.max_slots < 1:
+            raise ConfigError(f"--max-slots={self.max_slots} must be at least 1")
+        if not 1 <= self.batch_size <= 100_000:
+            raise ConfigError(f"--batch-size={self.batch_size} must be between 1 and 100000")
+        if self.poll_interval <= 0:
+            raise ConfigError(f"--poll-interval={self.poll_interval} must be > 0 seconds")
+        if not self.transactional_id_prefix or not self.transactional_id_prefix.isascii():
+            raise ConfigError(
+                f"--transactional-id-prefix={self.transactional_id_prefix!r} must be non-empty ASCII"
+            )
+        if self.transaction_timeout <= 0:
+            raise ConfigError(f"transaction timeout {self.transaction_timeout} must be > 0 seconds")
+
+    def producer_plan(self) -> ProducerPlan:
+        return producer_settings(
+            bootstrap_servers=self.bootstrap_servers,
+            guarantee=self.guarantee,
+            profile=self.profile,
+            overrides=self.producer_overrides,
+            transaction_timeout_ms=int(self.transaction_timeout * 1000),
+        )
+
+    def transactional_id(self, slot: int) -> str:
+        """Stable per slot, so a new owner fences the previous one (I4)."""
+        return f"{self.transactional_id_prefix}-{slot}"
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``-X key=value`` pairs, as kcat and librdkafka tools take them."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"-X {pair!r} is not key=value (e.g. -X linger.ms=10)")
+        out[name.strip()] = value.strip()
+    return out

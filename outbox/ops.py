@@ -1,0 +1,71 @@
+"""Operator views: what is pending, who owns which slot, what was moved aside."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+from rich.console import Console
+from rich.table import Table
+
+from outbox import sql
+from outbox.db import connect
+from outbox.relay import SLOT_NAMESPACE
+
+
+def _render(*tables: Table) -> str:
+    buf = StringIO()
+    console = Console(file=buf, width=120, color_system=None)
+    for table in tables:
+        console.print(table)
+    return buf.getvalue()
+
+
+def render_status(db: str) -> str:
+    with connect(db, application_name="outbox-status") as conn:
+        pending = conn.execute(sql.PENDING_BY_TOPIC).fetchall()
+        owners = conn.execute(sql.SLOT_OWNERS, {"namespace": SLOT_NAMESPACE}).fetchall()
+        dead = conn.execute("SELECT count(*) AS n FROM outbox_dead_events").fetchone()
+    t1 = Table(title="pending events")
+    for col in ("topic", "pending", "oldest age (s)"):
+        t1.add_column(col)
+    for r in pending:
+        t1.add_row(str(r["topic"]), str(r["pending"]), f"{r['oldest_age_s']:.1f}")
+    t2 = Table(title="slots")
+    for col in ("slot", "backend pid", "relay", "client", "since"):
+        t2.add_column(col)
+    for r in owners:
+        t2.add_row(
+            str(r["slot"]),
+            str(r["pid"]),
+            str(r["application_name"]),
+            str(r["client_addr"] or "local"),
+            str(r["backend_start"]),
+        )
+    t3 = Table(title="dead rows")
+    t3.add_column("count")
+    t3.add_row(str(dead["n"] if dead else 0))
+    return _render(t1, t2, t3)
+
+
+def render_dead(db: str, limit: int) -> str:
+    with connect(db, application_name="outbox-dead") as conn:
+        rows = conn.execute(sql.LIST_DEAD, {"limit": limit}).fetchall()
+    table = Table(title="dead rows (outbox_dead_events)")
+    for col in ("id", "event id", "topic", "value bytes", "attempts", "failed at", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            str(r["event_id"]),
+            str(r["topic"]),
+            str(r["value_bytes"]),
+            str(r["attempts"]),
+            str(r["failed_at"]),
+            str(r["error"]),
+        )
+    return _render(table)
+
+
+def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
+    with connect(db, application_name="outbox-requeue") as conn:
+        return len(conn.execute(sql.REQUEUE_DEAD, {"all": all_rows, "ids": ids}).fetchall())

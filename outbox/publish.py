@@ -1,0 +1,188 @@
+"""The write path: an event becomes a row in the caller's own transaction (I1).
+
+Nothing here opens a connection, commits, or talks to Kafka: the event commits
+or rolls back with the business data. The relay is woken by at most one
+``NOTIFY`` per transaction (a notifying commit takes a global lock, so fewer is
+cheaper); with ``notify=False`` the relay finds rows by polling instead.
+"""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, TextClause, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, BYTEA
+from sqlalchemy.orm import Session
+from sqlalchemy.types import Text
+
+from outbox import sql
+from outbox.codec import EncodedEvent, Headers, encode_event
+from outbox.errors import ConfigError
+from outbox.schema import NOTIFY_CHANNEL
+
+if TYPE_CHECKING:  # the asyncio extension needs greenlet, so only apublish imports it
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+
+@dataclass(frozen=True, slots=True)
+class PublishSettings:
+    """Process-wide write-path settings; change them with ``configure()``."""
+
+    notify: bool = True
+    max_message_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes is not None and self.max_message_bytes <= 0:
+            raise ConfigError(
+                f"max_message_bytes={self.max_message_bytes} must be a positive byte count "
+                "(the producer's message.max.bytes, default 1000000) or None for no check"
+            )
+
+
+_settings = PublishSettings()
+_KEY = "kafka_outbox_notified"
+
+
+def configure(*, notify: bool | None = None, max_message_bytes: int | None = -1) -> PublishSettings:
+    """Set the write-path defaults for this process; returns the settings now in force."""
+    global _settings
+    changes: dict[str, Any] = {}
+    if notify is not None:
+        changes["notify"] = notify
+    if max_message_bytes != -1:
+        changes["max_message_bytes"] = max_message_bytes
+    _settings = replace(_settings, **changes)
+    return _settings
+
+
+def _statement(sql_text: str) -> TextClause:
+    return text(sql_text).bindparams(
+        bindparam("header_names", type_=ARRAY(Text)),
+        bindparam("header_values", type_=ARRAY(BYTEA)),
+    )
+
+
+_INSERT = _statement(sql.INSERT_EVENT)
+_INSERT_AND_NOTIFY = _statement(sql.INSERT_EVENT_AND_NOTIFY)
+
+
+def _params(event: EncodedEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "topic": event.topic,
+        "shard": event.shard,
+        "key": event.key,
+        "value": event.value,
+        "header_names": event.header_names,
+        "header_values": event.header_values,
+        "channel": NOTIFY_CHANNEL,
+    }
+
+
+def _prepare(
+    target: object,
+    *,
+    topic: str,
+    key: str | bytes | None,
+    value: object,
+    headers: Headers | None,
+    event_id: uuid.UUID | None,
+    notify: bool | None,
+) -> tuple[EncodedEvent, bool]:
+    if isinstance(target, Engine) or type(target).__name__ == "AsyncEngine":
+        raise TypeError(
+            "publish() needs the Session or Connection of your own transaction, not an Engine: "
+            "the event must commit or roll back with your business data"
+        )
+    event = encode_event(
+        topic=topic,
+        key=key,
+        value=value,
+        headers=headers,
+        event_id=event_id,
+        max_message_bytes=_settings.max_message_bytes,
+    )
+    return event, _settings.notify if notify is None else notify
+
+
+def _info_and_tx(target: Session | Connection) -> tuple[dict[Any, Any], object | None]:
+    return target.info, target.get_transaction()
+
+
+def _needs_notify(target: Session | Connection) -> bool:
+    info, tx = _info_and_tx(target)
+    seen = info.get(_KEY)
+    return tx is None or seen is None or seen() is not tx
+
+
+def _remember_notify(target: Session | Connection) -> None:
+    info, tx = _info_and_tx(target)
+    if tx is not None:
+        info[_KEY] = weakref.ref(tx)
+
+
+def publish(
+    session: Session | Connection,
+    *,
+    topic: str,
+    key: str | bytes | None,
+    value: object,
+    headers: Headers | None = None,
+    event_id: uuid.UUID | None = None,
+    notify: bool | None = None,
+) -> uuid.UUID:
+    """Write an event through ``session``'s current transaction and return its id.
+
+    Never commits. Publishing an ``event_id`` that is still pending is ignored
+    (the first payload wins); consumers deduplicate by the same id afterwards.
+    """
+    if not isinstance(session, Session | Connection):
+        raise TypeError(
+            f"publish() takes a sqlalchemy Session or Connection, got {type(session).__name__} "
+            "(use apublish() for AsyncSession/AsyncConnection)"
+        )
+    event, wants_notify = _prepare(
+        session, topic=topic, key=key, value=value, headers=headers, event_id=event_id,
+        notify=notify,
+    )
+    if wants_notify and _needs_notify(session):
+        session.execute(_INSERT_AND_NOTIFY, _params(event))
+        _remember_notify(session)
+    else:
+        session.execute(_INSERT, _params(event))
+    return event.event_id
+
+
+async def apublish(
+    session: AsyncSession | AsyncConnection,
+    *,
+    topic: str,
+    key: str | bytes | None,
+    value: object,
+    headers: Headers | None = None,
+    event_id: uuid.UUID | None = None,
+    notify: bool | None = None,
+) -> uuid.UUID:
+    """``publish()`` for ``AsyncSession``/``AsyncConnection``: same rules, same row."""
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    if not isinstance(session, AsyncSession | AsyncConnection):
+        raise TypeError(
+            f"apublish() takes an AsyncSession or AsyncConnection, got {type(session).__name__}"
+        )
+    event, wants_notify = _prepare(
+        session, topic=topic, key=key, value=value, headers=headers, event_id=event_id,
+        notify=notify,
+    )
+    sync: Session | Connection = (
+        session.sync_session if isinstance(session, AsyncSession) else session.sync_connection  # type: ignore[assignment]
+    )
+    if wants_notify and _needs_notify(sync):
+        await session.execute(_INSERT_AND_NOTIFY, _params(event))
+        _remember_notify(sync)
+    else:
+        await session.execute(_INSERT, _params(event))
+    return event.event_id

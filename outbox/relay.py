@@ -1,0 +1,602 @@
+"""The relay daemon: committed outbox rows -> one Kafka transaction per batch -> delete.
+
+Composition: a ``Relay`` (one per process) holds the LISTEN connection and a
+coordinator that takes slots; each owned slot runs a ``SlotWorker`` thread with
+its own connection (which holds the slot's advisory lock, so a dead connection
+frees the slot and aborts the worker's DB work at once) and its own
+transactional producer (``<prefix>-<slot>``, so a new owner fences a zombie).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
+
+from outbox import sql
+from outbox.batching import Marker, jittered, slots_to_release, slots_to_try
+from outbox.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.db import connect, redact
+from outbox.errors import ConfigError, SlotLost, TransientError
+from outbox.kafka import Verdict, classify
+from outbox.partitioner import SHARD_COUNT, shards_of_slot
+
+log = logging.getLogger("outbox.relay")
+
+SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
+COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One claimed outbox row."""
+
+    id: int
+    event_id: Any
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, r: dict[str, Any]) -> Row:
+        return cls(
+            id=r["id"],
+            event_id=r["event_id"],
+            topic=r["topic"],
+            key=r["key"],
+            value=r["value"],
+            headers=list(zip(r["header_names"], r["header_values"], strict=True)),
+            created_at=r["created_at"],
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.key or b"") + len(self.value or b"") + sum(len(n) + len(v) for n, v in self.headers) + 64
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Counters shared by the workers of one process (read by the demo and status)."""
+
+    published: int = 0
+    batches: int = 0
+    dead: int = 0
+    recovered: int = 0
+    aborts: int = 0
+    fenced: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+
+class _Fenced(Exception):
+    pass
+
+
+class SlotWorker(threading.Thread):
+    """Publishes one slot's shards until told to stop or until the slot is lost."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        slot: int,
+        conn: psycopg.Connection[dict[str, Any]],
+    ) -> None:
+        super().__init__(name=f"outbox-slot-{slot}", daemon=True)
+        self.relay = relay
+        self.config = relay.config
+        self.slot = slot
+        self.conn = conn
+        self.shards = shards_of_slot(slot, self.config.slots)
+        self.wake = threading.Event()
+        self.release = threading.Event()
+        self.drained = threading.Event()
+        self.producer: Any = None
+        self.tid = self.config.transactional_id(slot)
+        self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except SlotLost as exc:
+            log.warning("slot %d lost: %s", self.slot, exc)
+        except Exception:
+            log.exception("slot %d worker failed; the slot is released and retried", self.slot)
+        finally:
+            self._close()
+
+    def _stopping(self) -> bool:
+        return self.relay.stop.is_set() or self.release.is_set()
+
+    def _run(self) -> None:
+        self._start_producer()
+        if self.transactional:
+            self._recover()
+        log.info("slot %d: publishing shards %s as %s", self.slot, self.shards, self.tid)
+        while not self._stopping():
+            rows = self._retrying(self._claim)
+            if not rows:
+                self.drained.set()
+                if self.config.once:
+                    return
+                self.wake.wait(jittered(self.config.poll_interval))
+                self.wake.clear()
+                continue
+            self.drained.clear()
+            self._retrying(lambda: self._publish(rows))
+
+    def _retrying(self, fn: Callable[[], Any]) -> Any:
+        """Transient failures are retried forever with capped, jittered backoff."""
+        for attempt in Retrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=wait_random_exponential(multiplier=0.1, max=30),
+            sleep=self.relay.stop.wait,
+            before_sleep=lambda rs: log.warning(
+                "slot %d: %s; retrying (attempt %d)",
+                self.slot,
+                rs.outcome.exception() if rs.outcome else "?",
+                rs.attempt_number,
+            ),
+            stop=lambda rs: self.relay.stop.is_set(),
+            reraise=True,
+        ):
+            with attempt:
+                return fn()
+        return None
+
+    def _close(self) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.flush(5)
+            except Exception:  # noqa: BLE001 - closing anyway
+                log.debug("slot %d: flush on close failed", self.slot, exc_info=True)
+        try:
+            if not self.conn.closed:
+                self.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": self.slot})
+                self.conn.close()
+        except psycopg.Error:
+            pass
+        self.relay.worker_done(self)
+
+    # -- Kafka -----------------------------------------------------------------
+
+    def _start_producer(self) -> None:
+        settings = dict(self.relay.plan.settings)
+        if self.transactional:
+            settings["transactional.id"] = self.tid
+        settings["error_cb"] = self._on_error
+        self.producer = Producer(settings)
+        if self.transactional:
+            # Fences the previous owner of this transactional.id and aborts its open transaction (I4).
+            while True:
+                try:
+                    self.producer.init_transactions(self.config.transaction_timeout)
+                    return
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if self._stopping() or not err.retriable():
+                        raise SlotLost(f"init_transactions failed: {err}") from None
+                    log.warning("slot %d: init_transactions: %s; retrying", self.slot, err)
+
+    def _on_error(self, err: KafkaError) -> None:
+        log.warning("slot %d: kafka: %s", self.slot, redact(str(err)))
+
+    def _recover(self) -> None:
+        """Delete rows the previous owner published but did not get to delete (I4)."""
+        marker = self.relay.read_marker(self.slot, self.tid)
+        if marker is None or not marker.ids:
+            return
+        cur = self.conn.execute(sql.DELETE_EVENTS, {"ids": list(marker.ids)})
+        if cur.rowcount:
+            log.warning(
+                "slot %d: %d rows of the last committed Kafka transaction were still in the "
+                "outbox; deleted them instead of publishing again",
+                self.slot,
+                cur.rowcount,
+            )
+            self.relay.stats.add(recovered=cur.rowcount)
+
+    # -- database --------------------------------------------------------------
+
+    def _claim(self) -> list[Row]:
+        try:
+            cur = self.conn.execute(
+                sql.CLAIM_BATCH, {"shards": self.shards, "limit": self.config.batch_size}, prepare=True
+            )
+            return [Row.from_row(r) for r in cur.fetchall()]
+        except psycopg.OperationalError as exc:
+            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
+
+    def _delete_rows(self, ids: list[int]) -> None:
+        try:
+            self.conn.execute(sql.DELETE_EVENTS, {"ids": ids}, prepare=True)
+        except psycopg.OperationalError as exc:
+            # The Kafka transaction committed: the next owner's recovery deletes these rows.
+            raise SlotLost(f"database connection lost after publishing: {redact(str(exc))}") from None
+
+    def _bury(self, row: Row, error: str) -> None:
+        """Move a poison row aside so its shard moves on (I6)."""
+        log.error("slot %d: event %s (outbox id %d, topic %r) is poison: %s; moved to outbox_dead_events",
+                  self.slot, row.event_id, row.id, row.topic, error)
+        try:
+            self.conn.execute(sql.MOVE_TO_DEAD, {"id": row.id, "error": error})
+        except psycopg.OperationalError as exc:
+            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
+        self.relay.stats.add(dead=1)
+
+    # -- one batch -------------------------------------------------------------
+
+    def _publish(self, rows: list[Row]) -> None:
+        limit = self.relay.plan.message_max_bytes
+        sendable = []
+        for row in rows:
+            if row.size > limit:
+                self._bury(row, f"record of {row.size} bytes exceeds message.max.bytes={limit}")
+            else:
+                sendable.append(row)
+        if not sendable:
+            return
+        if self.config.guarantee is Guarantee.AT_MOST_ONCE:
+            self._delete_rows([r.id for r in sendable])
+            self._produce(sendable)
+            self.producer.flush(self.config.transaction_timeout)
+            self.relay.stats.add(published=len(sendable), batches=1)
+            return
+        if self.transactional:
+            self._publish_transaction(sendable)
+        else:
+            self._publish_idempotent(sendable)
+
+    def _produce(self, rows: list[Row]) -> dict[int, Any]:
+        """Queue every row; returns per-row errors (filled in by delivery reports too)."""
+        failures: dict[int, Any] = {}
+
+        def delivered(row_id: int) -> Callable[[Any, Any], None]:
+            def cb(err: Any, _msg: Any) -> None:
+                if err is not None:
+                    failures[row_id] = err
+            return cb
+
+        for row in rows:
+            while True:
+                try:
+                    self.producer.produce(
+                        row.topic,
+                        value=row.value,
+                        key=row.key,
+                        headers=row.headers,
+                        timestamp=int(row.created_at.timestamp() * 1000),
+                        on_delivery=delivered(row.id),
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+                except KafkaException as exc:
+                    failures[row.id] = exc.args[0]
+                    break
+        return failures
+
+    def _handle_failures(self, rows: list[Row], failures: dict[int, Any]) -> None:
+        """Bury poison rows; anything else is transient and retried as a whole batch."""
+        by_id = {r.id: r for r in rows}
+        poison = {i: e for i, e in failures.items() if classify(e) is Verdict.POISON}
+        for i, err in poison.items():
+            self._bury(by_id[i], f"{err.name()}: {err.str()}")
+        others = [e for i, e in failures.items() if i not in poison]
+        if any(classify(e) is Verdict.FENCED for e in others):
+            raise _Fenced()
+        if others:
+            raise TransientError(f"{len(others)} records failed: {others[0]}")
+
+    def _publish_transaction(self, rows: list[Row]) -> None:
+        p = self.producer
+        try:
+            p.begin_transaction()
+            failures = self._produce(rows)
+            if failures:
+                self._abort()
+                self._handle_failures(rows, failures)
+                return
+            marker = Marker(self.tid, self.slot, tuple(r.id for r in rows))
+            p.produce(
+                self.config.state_topic,
+                key=self.tid.encode(),
+                value=marker.encode(),
+                partition=self.slot,
+            )
+            self._commit(rows, failures)
+        except _Fenced:
+            self.relay.stats.add(fenced=1)
+            raise SlotLost(f"fenced: another relay took transactional.id {self.tid}") from None
+        except KafkaException as exc:
+            err = exc.args[0]
+            verdict = classify(err)
+            if verdict is Verdict.FENCED:
+                self.relay.stats.add(fenced=1)
+                raise SlotLost(f"fenced: {err}") from None
+            if verdict is Verdict.FATAL:
+                raise SlotLost(f"producer fatal error: {err}") from None
+            raise TransientError(str(err)) from None
+        self._delete_rows([r.id for r in rows])
+        self.relay.stats.add(published=len(rows), batches=1)
+
+    def _commit(self, rows: list[Row], failures: dict[int, Any]) -> None:
+        while True:
+            try:
+                self.producer.commit_transaction(self.config.transaction_timeout)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.retriable() and not self._stopping():
+                    continue
+                if err.txn_requires_abort():
+                    self._abort()
+                    if failures:
+                        self._handle_failures(rows, failures)
+                    raise TransientError(f"transaction aborted: {err}") from None
+                raise
+
+    def _abort(self) -> None:
+        self.relay.stats.add(aborts=1)
+        try:
+            self.producer.abort_transaction(self.config.transaction_timeout)
+        except KafkaException as exc:
+            if classify(exc.args[0]) is Verdict.FENCED:
+                raise _Fenced() from None
+            raise
+
+    def _publish_idempotent(self, rows: list[Row]) -> None:
+        failures = self._produce(rows)
+        self.producer.flush(self.config.transaction_timeout)
+        done = [r.id for r in rows if r.id not in failures]
+        if done:
+            self._delete_rows(done)
+        self.relay.stats.add(published=len(done), batches=1)
+        if failures:
+            self._handle_failures(rows, failures)
+
+
+class Relay:
+    """One relay process: takes its fair share of slots and runs a worker per slot."""
+
+    def __init__(self, config: RelayConfig, *, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.plan: ProducerPlan = config.producer_plan()
+        self.stop = stop or threading.Event()
+        self.stats = RelayStats()
+        self.workers: dict[int, SlotWorker] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Event()
+        self._control: psycopg.Connection[dict[str, Any]] | None = None
+        self._marker_consumer: Any = None
+        self._marker_lock = threading.Lock()
+        self.name = f"outbox-relay:{os.getpid()}"
+
+    # -- public ----------------------------------------------------------------
+
+    def run(self) -> RelayStats:
+        """Run until ``stop`` is set (or, with ``once``, until the owned slots are drained)."""
+        for warning in self.plan.warnings:
+            log.warning("%s", warning)
+        self._control = connect(self.config.dsn, application_name=self.name)
+        self._announce_slot_count()
+        if self.config.guarantee is Guarantee.EXACTLY_ONCE:
+            self._ensure_state_topic()
+        listener = None
+        if self.config.listen and not self.config.once:
+            listener = threading.Thread(target=self._listen, name="outbox-listen", daemon=True)
+            listener.start()
+        try:
+            self._coordinate()
+        finally:
+            self.stop.set()
+            for worker in list(self.workers.values()):
+                worker.join(self.config.transaction_timeout + 10)
+            if self._marker_consumer is not None:
+                self._marker_consumer.close()
+            self._control.close()
+            if listener is not None:
+                listener.join(5)
+        return self.stats
+
+    def worker_done(self, worker: SlotWorker) -> None:
+        with self._lock:
+            if self.workers.get(worker.slot) is worker:
+                del self.workers[worker.slot]
+        self._changed.set()
+
+    # -- slots -----------------------------------------------------------------
+
+    def _announce_slot_count(self) -> None:
+        assert self._control is not None
+        params = {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
+        others = self._control.execute(sql.OTHER_SLOT_COUNTS, params).fetchall()
+        if others:
+            raise ConfigError(
+                f"--slots={self.config.slots}, but a running relay uses --slots="
+                f"{others[0]['slots']}: every relay of one database must use the same slot "
+                "count (stop the others first to change it)"
+            )
+        self._control.execute(sql.LOCK_SLOT_COUNT, params)
+
+    def _members(self) -> int:
+        assert self._control is not None
+        row = self._control.execute(
+            "SELECT count(DISTINCT pid) AS n FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid::bigint = %(ns)s AND objid::bigint = %(slots)s AND objsubid = 2 AND granted",
+            {"ns": COUNT_NAMESPACE, "slots": self.config.slots},
+        ).fetchone()
+        return max(1, int(row["n"])) if row else 1
+
+    def _coordinate(self) -> None:
+        start = os.getpid() % self.config.slots
+        while not self.stop.is_set():
+            with self._lock:
+                owned = sorted(self.workers)
+            try:
+                members = self._members()
+            except psycopg.OperationalError:
+                log.warning("control connection lost; reconnecting")
+                self._reconnect_control()
+                continue
+            for slot in slots_to_release(owned, self.config.slots, members):
+                log.info("slot %d: handing over to balance %d relays", slot, members)
+                self.workers[slot].release.set()
+            for slot in slots_to_try(owned, self.config.slots, members, start, self.config.max_slots):
+                if self._try_take(slot) and len(self.workers) >= (self.config.max_slots or SHARD_COUNT):
+                    break
+            if self.config.once:
+                self._finish_once()
+                return
+            self._changed.wait(jittered(1.0))
+            self._changed.clear()
+
+    def _finish_once(self) -> None:
+        for worker in list(self.workers.values()):
+            worker.join()
+
+    def _try_take(self, slot: int) -> bool:
+        try:
+            conn = connect(self.config.dsn, application_name=f"{self.name}:slot-{slot}")
+        except ConnectionError as exc:
+            log.warning("%s", exc)
+            return False
+        row = conn.execute(sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}).fetchone()
+        if not row or not next(iter(row.values())):
+            conn.close()
+            return False
+        worker = SlotWorker(self, slot, conn)
+        with self._lock:
+            self.workers[slot] = worker
+        worker.start()
+        return True
+
+    def _reconnect_control(self) -> None:
+        for attempt in Retrying(
+            wait=wait_random_exponential(multiplier=0.2, max=10),
+            sleep=self.stop.wait,
+            stop=lambda rs: self.stop.is_set(),
+            reraise=True,
+        ):
+            with attempt:
+                if self._control is not None:
+                    self._control.close()
+                self._control = connect(self.config.dsn, application_name=self.name)
+                self._control.execute(
+                    sql.LOCK_SLOT_COUNT, {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
+                )
+
+    def wake_all(self) -> None:
+        with self._lock:
+            for worker in self.workers.values():
+                worker.wake.set()
+
+    # -- LISTEN ----------------------------------------------------------------
+
+    def _listen(self) -> None:
+        """Wake workers on publish()'s NOTIFY; polling covers any gap while reconnecting."""
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                with connect(self.config.dsn, application_name=f"{self.name}:listen") as conn:
+                    conn.execute(sql.LISTEN)
+                    failures = 0
+                    while not self.stop.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            self.wake_all()
+            except (psycopg.Error, ConnectionError) as exc:
+                failures += 1
+                log.warning(
+                    "LISTEN connection failed (%s); relying on polling every %.1fs until it "
+                    "is back. LISTEN needs a direct session, not a transaction-pooling PgBouncer",
+                    redact(str(exc)),
+                    self.config.poll_interval,
+                )
+                self.stop.wait(min(30.0, 0.5 * 2**failures))
+
+    # -- recovery marker -------------------------------------------------------
+
+    def _ensure_state_topic(self) -> None:
+        """The compacted topic holding each slot's last marker, one partition per possible slot."""
+        admin = AdminClient({"bootstrap.servers": self.config.bootstrap_servers})
+        topic = self.config.state_topic
+        md = admin.list_topics(timeout=30)
+        if topic in md.topics and not md.topics[topic].error:
+            have = len(md.topics[topic].partitions)
+            if have < SHARD_COUNT:
+                raise ConfigError(
+                    f"state topic {topic!r} has {have} partitions; the relay needs {SHARD_COUNT} "
+                    "(one per possible slot): delete it or pick another --state-topic"
+                )
+            return
+        futures = admin.create_topics(
+            [NewTopic(topic, SHARD_COUNT, config={"cleanup.policy": "compact"})],
+            operation_timeout=30,
+        )
+        for fut in futures.values():
+            try:
+                fut.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+
+    def read_marker(self, slot: int, tid: str) -> Marker | None:
+        """The slot's last COMMITTED marker (read_committed), or None."""
+        with self._marker_lock:
+            return self._read_marker(slot, tid)
+
+    def _read_marker(self, slot: int, tid: str) -> Marker | None:
+        if True:
+            if self._marker_consumer is None:
+                self._marker_consumer = Consumer(
+                    {
+                        "bootstrap.servers": self.config.bootstrap_servers,
+                        "group.id": f"{self.config.transactional_id_prefix}-marker-reader",
+                        "isolation.level": "read_committed",
+                        "enable.auto.commit": False,
+                        "enable.partition.eof": True,
+                    }
+                )
+            consumer = self._marker_consumer
+        tp = TopicPartition(self.config.state_topic, slot)
+        low, high = consumer.get_watermark_offsets(tp, timeout=30)
+        window = 16
+        last: Marker | None = None
+        while high > low and last is None:
+            start = max(low, high - window)
+            consumer.assign([TopicPartition(self.config.state_topic, slot, start)])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                msg = consumer.poll(1.0)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        break
+                    raise TransientError(f"reading recovery marker: {msg.error()}")
+                if msg.key() == tid.encode() and msg.value():
+                    last = Marker.decode(msg.value())
+                if msg.offset() >= high - 1:
+                    break
+            if start == low:
+                break
+            window *= 4
+        consumer.unassign()
+        return last

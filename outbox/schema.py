@@ -1,0 +1,76 @@
+"""The outbox's tables as SQLAlchemy metadata.
+
+Applications that run their own Alembic history can include ``metadata`` (or
+copy the migration); everyone else runs ``outbox migrate``. The migrations in
+``migrations/versions`` create exactly these tables (a test compares them).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    Uuid,
+    func,
+)
+
+metadata = MetaData()
+
+NOTIFY_CHANNEL = "outbox_events"
+VERSION_TABLE = "outbox_alembic_version"
+"""Alembic version table of its own, so it never collides with the application's history."""
+
+# Autovacuum for a delete-after-publish table: vacuum after a fixed number of
+# dead rows instead of a fraction of a table that is mostly empty, and without
+# cost-based throttling, so claims never walk long runs of dead index entries.
+OUTBOX_STORAGE = {
+    "autovacuum_vacuum_scale_factor": "0",
+    "autovacuum_vacuum_threshold": "5000",
+    "autovacuum_vacuum_insert_scale_factor": "0",
+    "autovacuum_vacuum_insert_threshold": "5000",
+    "autovacuum_vacuum_cost_delay": "0",
+}
+
+outbox_events = Table(
+    "outbox_events",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("event_id", Uuid, nullable=False, unique=True),
+    Column("topic", Text, nullable=False),
+    Column("shard", SmallInteger, nullable=False),
+    Column("key", LargeBinary),
+    Column("value", LargeBinary),
+    Column("header_names", ARRAY(Text), nullable=False),
+    Column("header_values", ARRAY(LargeBinary), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("outbox_events_shard_id", "shard", "id"),
+    comment="Committed events waiting for the relay; a row is deleted once Kafka has it.",
+)
+
+dead_events = Table(
+    "outbox_dead_events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_id", Uuid, nullable=False, unique=True),
+    Column("topic", Text, nullable=False),
+    Column("shard", SmallInteger, nullable=False),
+    Column("key", LargeBinary),
+    Column("value", LargeBinary),
+    Column("header_names", ARRAY(Text), nullable=False),
+    Column("header_values", ARRAY(LargeBinary), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("error", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="1"),
+    comment="Poison rows Kafka refused for good (I6), kept with their error until re-queued.",
+)

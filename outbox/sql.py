@@ -1,0 +1,104 @@
+"""Every SQL statement the library runs, named, each with its one-line purpose.
+
+Statements use psycopg's ``%(name)s`` placeholders; the write path runs them
+through SQLAlchemy ``text()`` with ``:name`` (see ``publish.py``).
+"""
+
+from __future__ import annotations
+
+# -- write path (runs inside the caller's transaction) ------------------------
+
+# Insert one event; an event_id still pending is ignored (idempotency key).
+INSERT_EVENT = """
+INSERT INTO outbox_events (event_id, topic, shard, key, value, header_names, header_values)
+VALUES (:event_id, :topic, :shard, :key, :value, :header_names, :header_values)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+# The same insert plus one wake-up for the relay, in a single round trip.
+INSERT_EVENT_AND_NOTIFY = f"""
+WITH inserted AS ({INSERT_EVENT.strip()} RETURNING 1)
+SELECT pg_notify(:channel, '')
+"""
+
+# -- relay ------------------------------------------------------------------------
+
+# Take a slot for this session; released when the session ends (crash included).
+TRY_LOCK_SLOT = "SELECT pg_try_advisory_lock(%(namespace)s, %(slot)s)"
+
+# Give a slot back on purpose (rebalancing, shutdown).
+UNLOCK_SLOT = "SELECT pg_advisory_unlock(%(namespace)s, %(slot)s)"
+
+# Announce this process's slot count; shared so that relays agreeing on it coexist.
+LOCK_SLOT_COUNT = "SELECT pg_advisory_lock_shared(%(namespace)s, %(slots)s)"
+
+# Slot counts announced by other live relays (must all be equal).
+OTHER_SLOT_COUNTS = """
+SELECT DISTINCT objid::int AS slots FROM pg_locks
+WHERE locktype = 'advisory' AND classid = %(namespace)s AND objsubid = 2
+  AND granted AND objid <> %(slots)s
+"""
+
+# Oldest pending rows of a slot's shards, in id order (index-driven, no sort of the backlog).
+CLAIM_BATCH = """
+SELECT id, event_id, topic, key, value, header_names, header_values, created_at
+FROM outbox_events
+WHERE shard = ANY(%(shards)s)
+ORDER BY id
+LIMIT %(limit)s
+"""
+
+# Remove rows whose Kafka transaction has committed (I2).
+DELETE_EVENTS = "DELETE FROM outbox_events WHERE id = ANY(%(ids)s)"
+
+# Move one poison row aside with its error, in one statement (I6).
+MOVE_TO_DEAD = """
+WITH moved AS (DELETE FROM outbox_events WHERE id = %(id)s RETURNING *)
+INSERT INTO outbox_dead_events
+  (id, event_id, topic, shard, key, value, header_names, header_values, created_at, error)
+SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at, %(error)s
+FROM moved
+ON CONFLICT (event_id) DO UPDATE
+  SET error = EXCLUDED.error, failed_at = now(),
+      attempts = outbox_dead_events.attempts + 1
+"""
+
+# Subscribe this session to publish()'s wake-ups.
+LISTEN = "LISTEN outbox_events"
+
+# -- operations -------------------------------------------------------------------
+
+# Pending rows and the oldest one's age, per topic (the outbox lag).
+PENDING_BY_TOPIC = """
+SELECT topic, count(*) AS pending,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_s
+FROM outbox_events GROUP BY topic ORDER BY topic
+"""
+
+# Slots held right now, and by which backend.
+SLOT_OWNERS = """
+SELECT l.objid::int AS slot, a.pid, a.application_name, a.client_addr::text AS client_addr,
+       a.backend_start
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.classid = %(namespace)s AND l.objsubid = 2
+  AND l.granted AND l.mode = 'ExclusiveLock'
+ORDER BY slot
+"""
+
+# Poison rows with their error, newest first.
+LIST_DEAD = """
+SELECT id, event_id, topic, octet_length(value) AS value_bytes, error, attempts, failed_at
+FROM outbox_dead_events ORDER BY failed_at DESC LIMIT %(limit)s
+"""
+
+# Put dead rows back in the outbox after a fix (they keep their id, hence their order).
+REQUEUE_DEAD = """
+WITH moved AS (
+  DELETE FROM outbox_dead_events WHERE %(all)s OR id = ANY(%(ids)s) RETURNING *
+)
+INSERT INTO outbox_events
+  (id, event_id, topic, shard, key, value, header_names, header_values, created_at)
+OVERRIDING SYSTEM VALUE
+SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at FROM moved
+RETURNING id
+"""
