@@ -167,6 +167,7 @@ class SlotWorker(threading.Thread):
                 self.producer.flush(5)
             except Exception:  # noqa: BLE001 - closing anyway
                 log.debug("slot %d: flush on close failed", self.slot, exc_info=True)
+            self.producer = None
         try:
             if not self.conn.closed:
                 self.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": self.slot})
@@ -182,6 +183,7 @@ class SlotWorker(threading.Thread):
         if self.transactional:
             settings["transactional.id"] = self.tid
         settings["error_cb"] = self._on_error
+        settings["logger"] = logging.getLogger("outbox.librdkafka")
         self.producer = Producer(settings)
         if self.transactional:
             # Fences the previous owner of this transactional.id and aborts its open transaction (I4).

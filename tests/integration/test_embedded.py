@@ -17,7 +17,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -46,8 +46,7 @@ def _process_gone(pid: int) -> bool:
         return True
 
 
-def _wait_for(condition_name: str, check: object, seconds: float) -> None:
-    assert callable(check)
+def _wait_for(condition_name: str, check: Callable[[], bool], seconds: float) -> None:
     deadline = _deadline(seconds)
     while not check():
         if time.monotonic() > deadline:

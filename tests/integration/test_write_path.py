@@ -1,0 +1,149 @@
+"""I1: publish() writes only through the caller's transaction; rollback means no event."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+
+from outbox import EventError, configure, publish
+from outbox.codec import EVENT_ID_HEADER
+
+
+def _pending(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one())
+
+
+def _make_business_table(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE orders (id int PRIMARY KEY, total text)"))
+
+
+def test_i1_rollback_of_business_transaction_leaves_no_event(engine: Engine) -> None:
+    _make_business_table(engine)
+    with Session(engine) as session:
+        session.execute(text("INSERT INTO orders VALUES (1, '12.50')"))
+        publish(session, topic="orders.v1", key="1", value={"order_id": 1})
+        session.rollback()
+    assert _pending(engine) == 0
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM orders")).scalar_one() == 0
+
+
+def test_i1_commit_stores_event_with_business_row(engine: Engine) -> None:
+    _make_business_table(engine)
+    with Session(engine) as session, session.begin():
+        session.execute(text("INSERT INTO orders VALUES (1, '12.50')"))
+        event_id = publish(
+            session, topic="orders.v1", key="1", value={"order_id": 1}, headers={"event-type": "X"}
+        )
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT event_id, topic, key, value, header_names FROM outbox_events")
+        ).one()
+    assert row.event_id == event_id
+    assert (row.topic, bytes(row.key), bytes(row.value)) == ("orders.v1", b"1", b'{"order_id":1}')
+    assert row.header_names == ["event-type", EVENT_ID_HEADER, "content-type"]
+
+
+def test_i1_publish_never_commits_nor_opens_a_connection(engine: Engine) -> None:
+    """The event is invisible to others until the caller commits, and uses the caller's backend."""
+    with engine.connect() as conn:
+        before_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        publish(conn, topic="t", key=None, value="x")
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() == before_pid
+        assert _pending(engine) == 0  # another session cannot see it: not committed
+        assert conn.in_transaction()
+        conn.commit()
+    assert _pending(engine) == 1
+
+
+def test_i1_engine_is_refused(engine: Engine) -> None:
+    with pytest.raises(TypeError, match="Session or Connection"):
+        publish(engine, topic="t", key=None, value="x")  # type: ignore[arg-type]
+
+
+def test_i8_bad_value_fails_inside_the_transaction_before_commit(engine: Engine) -> None:
+    _make_business_table(engine)
+    with Session(engine) as session:
+        session.execute(text("INSERT INTO orders VALUES (1, '1')"))
+        with pytest.raises(TypeError, match="value must be dict, list, str, bytes or None"):
+            publish(session, topic="t", key="k", value=object())
+        with pytest.raises(TypeError, match="JSON-serialisable"):
+            publish(session, topic="t", key="k", value={"x": {1, 2}})
+        with pytest.raises(EventError, match="not a legal Kafka topic name"):
+            publish(session, topic="bad topic!", key="k", value="v")
+        # the caller's transaction is still usable: nothing reached the database
+        publish(session, topic="t", key="k", value="fine")
+        session.commit()
+    assert _pending(engine) == 1
+
+
+def test_i8_oversized_value_refused_when_limit_configured(engine: Engine) -> None:
+    configure(max_message_bytes=1000)
+    try:
+        with Session(engine) as session, pytest.raises(EventError, match="max_message_bytes=1000"):
+            publish(session, topic="t", key="k", value=b"x" * 2000)
+    finally:
+        configure(max_message_bytes=None)
+
+
+def test_event_id_is_an_idempotency_key_while_pending(engine: Engine) -> None:
+    event_id = uuid.uuid4()
+    for value in ("first", "second"):
+        with Session(engine) as session, session.begin():
+            assert publish(session, topic="t", key="k", value=value, event_id=event_id) == event_id
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT value FROM outbox_events")).all()
+    assert [bytes(r.value) for r in rows] == [b"first"]
+
+
+def test_one_notify_per_transaction_and_none_when_disabled(engine: Engine, database_url: str) -> None:
+    dsn = database_url.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_events")
+        with Session(engine) as session, session.begin():
+            for i in range(5):
+                publish(session, topic="t", key=str(i), value="v")
+        got = list(listener.notifies(timeout=2, stop_after=5))
+        assert len(got) == 1
+        with Session(engine) as session, session.begin():
+            publish(session, topic="t", key="k", value="v", notify=False)
+        assert list(listener.notifies(timeout=0.5)) == []
+        with Session(engine) as session, session.begin():
+            publish(session, topic="t", key="k", value="v")
+        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+
+
+async def _apublish_and_rollback(url: str) -> tuple[int, uuid.UUID]:
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from outbox import apublish
+
+    aengine = create_async_engine(url)
+    try:
+        async with AsyncSession(aengine) as session:
+            await apublish(session, topic="t", key="k", value={"a": 1})
+            await session.rollback()
+        async with AsyncSession(aengine) as session, session.begin():
+            event_id = await apublish(session, topic="t", key="k", value={"a": 2})
+        async with aengine.connect() as conn:
+            n = (await conn.execute(text("SELECT count(*) FROM outbox_events"))).scalar_one()
+        return int(n), event_id
+    finally:
+        await aengine.dispose()
+
+
+def test_i1_apublish_async_session_commits_and_rolls_back_with_caller(database_url: str) -> None:
+    import asyncio
+
+    n, event_id = asyncio.run(_apublish_and_rollback(database_url))
+    assert n == 1
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT event_id FROM outbox_events")).scalar_one() == event_id
+    engine.dispose()
