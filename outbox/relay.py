@@ -70,6 +70,8 @@ class Row:
 class RelayStats:
     """Counters shared by the workers of one process (read by the demo and status)."""
 
+    claimed: int = 0
+    retries: int = 0
     published: int = 0
     batches: int = 0
     dead: int = 0
@@ -82,10 +84,6 @@ class RelayStats:
         with self.lock:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
-
-
-class _Fenced(Exception):
-    pass
 
 
 class SlotWorker(threading.Thread):
@@ -109,6 +107,7 @@ class SlotWorker(threading.Thread):
         self.producer: Any = None
         self.tid = self.config.transactional_id(slot)
         self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
+        self._needs_recovery = self.transactional
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -126,21 +125,32 @@ class SlotWorker(threading.Thread):
         return self.relay.stop.is_set() or self.release.is_set()
 
     def _run(self) -> None:
-        self._start_producer()
-        if self.transactional:
-            self._recover()
         log.info("slot %d: publishing shards %s as %s", self.slot, self.shards, self.tid)
         while not self._stopping():
-            rows = self._retrying(self._claim)
-            if not rows:
-                self.drained.set()
-                if self.config.once:
-                    return
-                self.wake.wait(jittered(self.config.poll_interval))
-                self.wake.clear()
+            if self._retrying(self._step):
+                self.drained.clear()
                 continue
-            self.drained.clear()
-            self._retrying(lambda: self._publish(rows))
+            self.drained.set()
+            if self.config.once:
+                return
+            self.wake.wait(jittered(self.config.poll_interval))
+            self.wake.clear()
+
+    def _step(self) -> bool:
+        """Claim and publish one batch; False when there was nothing to do.
+
+        A failed batch is claimed afresh on retry, so rows committed meanwhile join it.
+        """
+        if self.producer is None:
+            self._start_producer()
+            self._needs_recovery = self.transactional
+        if self._needs_recovery:
+            self._recover()
+            self._needs_recovery = False
+        rows = self._claim()
+        if rows:
+            self._publish(rows)
+        return bool(rows)
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
         """Transient failures are retried forever with capped, jittered backoff."""
@@ -148,7 +158,7 @@ class SlotWorker(threading.Thread):
             retry=retry_if_exception_type(TransientError),
             wait=wait_random_exponential(multiplier=0.1, max=30),
             sleep=self.relay.stop.wait,
-            before_sleep=lambda rs: log.warning(
+            before_sleep=lambda rs: self.relay.stats.add(retries=1) or log.warning(
                 "slot %d: %s; retrying (attempt %d)",
                 self.slot,
                 rs.outcome.exception() if rs.outcome else "?",
@@ -193,7 +203,9 @@ class SlotWorker(threading.Thread):
                     return
                 except KafkaException as exc:
                     err = exc.args[0]
-                    if self._stopping() or not err.retriable():
+                    if self._stopping() or not (
+                        err.retriable() or err.code() == KafkaError._TIMED_OUT
+                    ):
                         raise SlotLost(f"init_transactions failed: {err}") from None
                     log.warning("slot %d: init_transactions: %s; retrying", self.slot, err)
 
@@ -202,7 +214,10 @@ class SlotWorker(threading.Thread):
 
     def _recover(self) -> None:
         """Delete rows the previous owner published but did not get to delete (I4)."""
-        marker = self.relay.read_marker(self.slot, self.tid)
+        try:
+            marker = self.relay.read_marker(self.slot, self.tid)
+        except KafkaException as exc:
+            raise TransientError(f"reading the recovery marker: {exc.args[0]}") from None
         if marker is None or not marker.ids:
             return
         cur = self.conn.execute(sql.DELETE_EVENTS, {"ids": list(marker.ids)})
@@ -222,7 +237,9 @@ class SlotWorker(threading.Thread):
             cur = self.conn.execute(
                 sql.CLAIM_BATCH, {"shards": self.shards, "limit": self.config.batch_size}, prepare=True
             )
-            return [Row.from_row(r) for r in cur.fetchall()]
+            rows = [Row.from_row(r) for r in cur.fetchall()]
+            self.relay.stats.add(claimed=len(rows))
+            return rows
         except psycopg.OperationalError as exc:
             raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
 
@@ -257,7 +274,7 @@ class SlotWorker(threading.Thread):
             return
         if self.config.guarantee is Guarantee.AT_MOST_ONCE:
             self._delete_rows([r.id for r in sendable])
-            self._produce(sendable)
+            self._produce(sendable, {})
             self.producer.flush(self.config.transaction_timeout)
             self.relay.stats.add(published=len(sendable), batches=1)
             return
@@ -266,9 +283,8 @@ class SlotWorker(threading.Thread):
         else:
             self._publish_idempotent(sendable)
 
-    def _produce(self, rows: list[Row]) -> dict[int, Any]:
-        """Queue every row; returns per-row errors (filled in by delivery reports too)."""
-        failures: dict[int, Any] = {}
+    def _produce(self, rows: list[Row], failures: dict[int, Any]) -> None:
+        """Queue every row; per-row errors land in ``failures`` (delivery reports fill it later)."""
 
         def delivered(row_id: int) -> Callable[[Any, Any], None]:
             def cb(err: Any, _msg: Any) -> None:
@@ -293,7 +309,6 @@ class SlotWorker(threading.Thread):
                 except KafkaException as exc:
                     failures[row.id] = exc.args[0]
                     break
-        return failures
 
     def _handle_failures(self, rows: list[Row], failures: dict[int, Any]) -> None:
         """Bury poison rows; anything else is transient and retried as a whole batch."""
@@ -303,56 +318,50 @@ class SlotWorker(threading.Thread):
             self._bury(by_id[i], f"{err.name()}: {err.str()}")
         others = [e for i, e in failures.items() if i not in poison]
         if any(classify(e) is Verdict.FENCED for e in others):
-            raise _Fenced()
+            self.relay.stats.add(fenced=1)
+            raise SlotLost(f"fenced: another relay took transactional.id {self.tid}")
         if others:
             raise TransientError(f"{len(others)} records failed: {others[0]}")
 
     def _publish_transaction(self, rows: list[Row]) -> None:
-        p = self.producer
+        """One Kafka transaction: the rows, then the slot's recovery marker; delete after commit."""
+        failures: dict[int, Any] = {}
         try:
-            p.begin_transaction()
-            failures = self._produce(rows)
-            if failures:
-                self._abort()
-                self._handle_failures(rows, failures)
-                return
-            marker = Marker(self.tid, self.slot, tuple(r.id for r in rows))
-            p.produce(
-                self.config.state_topic,
-                key=self.tid.encode(),
-                value=marker.encode(),
-                partition=self.slot,
-            )
-            self._commit(rows, failures)
-        except _Fenced:
-            self.relay.stats.add(fenced=1)
-            raise SlotLost(f"fenced: another relay took transactional.id {self.tid}") from None
+            self.producer.begin_transaction()
+            self._produce(rows, failures)
+            if not failures:
+                marker = Marker(self.tid, self.slot, tuple(r.id for r in rows))
+                self.producer.produce(
+                    self.config.state_topic,
+                    key=self.tid.encode(),
+                    value=marker.encode(),
+                    partition=self.slot,
+                )
+                self._commit()
         except KafkaException as exc:
-            err = exc.args[0]
-            verdict = classify(err)
-            if verdict is Verdict.FENCED:
+            # The transaction's fate may be unknown: rebuild the producer (init_transactions
+            # settles it) and let the marker tell whether these rows were committed.
+            self._discard_producer()
+            if classify(exc.args[0]) is Verdict.FENCED:
                 self.relay.stats.add(fenced=1)
-                raise SlotLost(f"fenced: {err}") from None
-            if verdict is Verdict.FATAL:
-                raise SlotLost(f"producer fatal error: {err}") from None
-            raise TransientError(str(err)) from None
+                raise SlotLost(f"fenced: another relay took transactional.id {self.tid}") from None
+            self._handle_failures(rows, failures)
+            raise TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
+        if failures:
+            self._abort()
+            self._handle_failures(rows, failures)
+            return
         self._delete_rows([r.id for r in rows])
         self.relay.stats.add(published=len(rows), batches=1)
 
-    def _commit(self, rows: list[Row], failures: dict[int, Any]) -> None:
+    def _commit(self) -> None:
         while True:
             try:
                 self.producer.commit_transaction(self.config.transaction_timeout)
                 return
             except KafkaException as exc:
-                err = exc.args[0]
-                if err.retriable() and not self._stopping():
-                    continue
-                if err.txn_requires_abort():
-                    self._abort()
-                    if failures:
-                        self._handle_failures(rows, failures)
-                    raise TransientError(f"transaction aborted: {err}") from None
+                if exc.args[0].retriable() and not self._stopping():
+                    continue  # librdkafka resumes the same commit
                 raise
 
     def _abort(self) -> None:
@@ -360,12 +369,22 @@ class SlotWorker(threading.Thread):
         try:
             self.producer.abort_transaction(self.config.transaction_timeout)
         except KafkaException as exc:
+            self._discard_producer()
             if classify(exc.args[0]) is Verdict.FENCED:
-                raise _Fenced() from None
-            raise
+                self.relay.stats.add(fenced=1)
+                raise SlotLost(f"fenced while aborting: {exc.args[0]}") from None
+
+    def _discard_producer(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                producer.purge(in_queue=True, in_flight=True, blocking=False)
+            except (KafkaException, RuntimeError):
+                pass
 
     def _publish_idempotent(self, rows: list[Row]) -> None:
-        failures = self._produce(rows)
+        failures: dict[int, Any] = {}
+        self._produce(rows, failures)
         self.producer.flush(self.config.transaction_timeout)
         done = [r.id for r in rows if r.id not in failures]
         if done:

@@ -93,3 +93,83 @@ class KafkaReader:
     def close(self) -> None:
         for c in self._consumers:
             c.close()
+
+
+class TcpProxy:
+    """A loopback TCP proxy whose link can be cut and restored (network faults on demand)."""
+
+    def __init__(self, target_port: int, listen_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.listen_port = listen_port
+        self._socket = socket
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._up = threading.Event()
+        self._up.set()
+        self._closed = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", listen_port), reuse_port=False)
+        self._server.settimeout(0.2)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                continue
+            if not self._up.is_set():
+                client.close()
+                continue
+            try:
+                upstream = self._socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: object, dst: object) -> None:
+        import socket
+
+        assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
+        src.settimeout(None)
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        """Drop every open connection and refuse new ones until restore()."""
+        self._up.clear()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def restore(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.cut()
+        self._server.close()
+        self._thread.join(2)

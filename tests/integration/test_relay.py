@@ -1,0 +1,242 @@
+"""The relay: I2 (no loss), I3 (per-key order), I4 (recovery marker, fencing), I6 (poison rows)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from outbox import publish
+from outbox.config import Guarantee, RelayConfig
+from outbox.embedded import EmbeddedBroker, free_port
+from outbox.errors import ConfigError, SlotLost
+from outbox.partitioner import partition_for
+from outbox.relay import Relay, SlotWorker
+from tests.conftest import RelayHandle
+from tests.support import KafkaReader, TcpProxy, wait_for
+
+
+def _pending(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one())
+
+
+def _publish_many(engine: Engine, topic: str, n: int, *, keys: int = 5, per_tx: int = 1) -> list[str]:
+    ids: list[str] = []
+    for start in range(0, n, per_tx):
+        with Session(engine) as session, session.begin():
+            for i in range(start, min(n, start + per_tx)):
+                ids.append(
+                    str(
+                        publish(
+                            session,
+                            topic=topic,
+                            key=f"key-{i % keys}",
+                            value={"i": i, "key": f"key-{i % keys}"},
+                        )
+                    )
+                )
+    return ids
+
+
+def test_i2_committed_events_reach_kafka_intact(
+    engine: Engine, topic: str, drain: Callable[..., Relay], kafka: KafkaReader
+) -> None:
+    with Session(engine) as session, session.begin():
+        e1 = publish(session, topic=topic, key="order-1", value={"total": "12.50"},
+                     headers={"event-type": "OrderPlaced", "bin": b"\x00\xff"})
+        e2 = publish(session, topic=topic, key=b"\x01\x02", value=b"\x00raw")
+        e3 = publish(session, topic=topic, key=None, value="plain text")
+        created = session.execute(text("SELECT now()")).scalar_one()
+    relay = drain()
+    assert relay.stats.published == 3
+    assert _pending(engine) == 0
+    records = {r.event_id: r for r in kafka.read(topic, 3)}
+    assert set(records) == {str(e1), str(e2), str(e3)}
+    r1, r2, r3 = records[str(e1)], records[str(e2)], records[str(e3)]
+    assert (r1.key, json.loads(r1.value or b"")) == (b"order-1", {"total": "12.50"})
+    assert r1.headers["event-type"] == b"OrderPlaced"
+    assert r1.headers["bin"] == b"\x00\xff"
+    assert r1.headers["content-type"] == b"application/json"
+    assert (r2.key, r2.value, r2.headers["content-type"]) == (
+        b"\x01\x02", b"\x00raw", b"application/octet-stream"
+    )
+    assert (r3.key, r3.value) == (None, b"plain text")
+    assert abs(r1.timestamp_ms - created.timestamp() * 1000) < 1000
+    # Java-compatible partitioner: the same key lands where a Java producer would put it
+    partitions = 4  # Tansu auto-creates topics with 4 partitions; Kafka tests create them so
+    assert r1.partition == partition_for(b"order-1", partitions)
+    assert r2.partition == partition_for(b"\x01\x02", partitions)
+
+
+def test_i3_per_key_order_across_batches_and_slots(
+    engine: Engine, topic: str, drain: Callable[..., Relay], kafka: KafkaReader
+) -> None:
+    ids = _publish_many(engine, topic, 300, keys=7, per_tx=3)
+    drain(slots=3, batch_size=17)
+    records = kafka.read(topic, 300)
+    assert sorted(r.event_id for r in records) == sorted(ids)
+    seen: dict[bytes | None, list[int]] = defaultdict(list)
+    partitions: dict[bytes | None, set[int]] = defaultdict(set)
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        seen[r.key].append(json.loads(r.value or b"")["i"])
+        partitions[r.key].add(r.partition)
+    for key, values in seen.items():
+        assert values == sorted(values), f"key {key!r} out of order"
+        assert len(partitions[key]) == 1
+
+
+@pytest.mark.parametrize("guarantee", [Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE])
+def test_other_guarantees_deliver_everything_on_a_healthy_broker(
+    engine: Engine, topic: str, drain: Callable[..., Relay], kafka: KafkaReader, guarantee: Guarantee
+) -> None:
+    ids = _publish_many(engine, topic, 50)
+    drain(guarantee=guarantee)
+    assert _pending(engine) == 0
+    assert sorted(r.event_id for r in kafka.read(topic, 50)) == sorted(ids)
+
+
+def test_relay_wakes_on_notify_and_keeps_running(
+    engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
+) -> None:
+    handle = start_relay(poll_interval=30.0)  # polling alone would take 30 s
+    wait_for(lambda: len(handle.relay.workers) == 2, what="relay owns both slots")
+    ids = _publish_many(engine, topic, 20)
+    wait_for(lambda: _pending(engine) == 0, timeout=10, what="NOTIFY wake-up drains the outbox")
+    handle.stop()
+    assert sorted(r.event_id for r in kafka.read(topic, 20)) == sorted(ids)
+
+
+@pytest.fixture
+def proxied_broker() -> Iterator[tuple[EmbeddedBroker, TcpProxy]]:
+    """A broker that clients reach only through a proxy we can cut (it advertises the proxy)."""
+    proxy_port = free_port()
+    broker = EmbeddedBroker(advertised_port=proxy_port)
+    proxy: TcpProxy | None = None
+    try:
+        broker.start()
+        proxy = TcpProxy(broker.port, proxy_port)
+        yield broker, proxy
+    finally:
+        if proxy is not None:
+            proxy.close()
+        broker.stop()
+
+
+def test_i2_rows_stay_in_outbox_until_the_broker_has_them(
+    engine: Engine,
+    topic: str,
+    proxied_broker: tuple[EmbeddedBroker, TcpProxy],
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    broker, proxy = proxied_broker
+    handle = start_relay(
+        bootstrap_servers=broker.bootstrap_servers,
+        transaction_timeout=5.0,
+        producer_overrides={"request.timeout.ms": "2000", "socket.timeout.ms": "2000"},
+    )
+    first = _publish_many(engine, topic, 10)
+    wait_for(lambda: _pending(engine) == 0, what="first events published")
+    proxy.cut()
+    second = _publish_many(engine, topic, 10)
+    retries_before = handle.relay.stats.retries
+    wait_for(
+        lambda: handle.relay.stats.retries >= retries_before + 2,
+        timeout=60,
+        what="relay retried publishing while the broker is unreachable",
+    )
+    assert _pending(engine) == 10, "rows left the outbox while Kafka could not have them"
+    proxy.restore()
+    wait_for(lambda: _pending(engine) == 0, timeout=90, what="outbox drained after the broker is back")
+    handle.stop()
+    got = {r.event_id for r in KafkaReader(broker.bootstrap_servers).read(topic, 20, timeout=30)}
+    assert got >= set(first) | set(second)
+
+
+def test_i4_crash_between_kafka_commit_and_delete_is_not_published_again(
+    engine: Engine,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The recovery marker: the next owner deletes the rows instead of publishing them again."""
+    crashed: list[int] = []
+    real_delete = SlotWorker._delete_rows
+
+    def lose_connection_once(self: SlotWorker, ids: list[int]) -> None:
+        if not crashed:
+            crashed.extend(ids)
+            self.conn.close()  # the DB connection dies right after the Kafka commit
+            raise SlotLost("injected: connection lost after the Kafka commit")
+        real_delete(self, ids)
+
+    monkeypatch.setattr(SlotWorker, "_delete_rows", lose_connection_once)
+    ids = _publish_many(engine, topic, 40, per_tx=40)
+    handle = start_relay(slots=1)
+    wait_for(lambda: _pending(engine) == 0, what="new owner recovers and drains")
+    handle.stop()
+    assert crashed, "the fault was not injected"
+    assert handle.relay.stats.recovered == len(crashed)
+    records = kafka.read(topic, 40)
+    assert sorted(r.event_id for r in records) == sorted(ids)  # each exactly once
+
+
+def test_i6_poison_row_is_moved_aside_and_its_shard_moves_on(
+    engine: Engine, topic: str, drain: Callable[..., Relay], kafka: KafkaReader
+) -> None:
+    with Session(engine) as session, session.begin():
+        before = publish(session, topic=topic, key="k", value="before")
+        poison = publish(session, topic=topic, key="k", value=b"x" * 20_000)
+        after = publish(session, topic=topic, key="k", value="after")
+    relay = drain(producer_overrides={"message.max.bytes": "10000", "request.timeout.ms": "40000"})
+    assert relay.stats.dead == 1
+    assert _pending(engine) == 0
+    with engine.connect() as conn:
+        dead = conn.execute(text("SELECT event_id, error FROM outbox_dead_events")).one()
+    assert dead.event_id == poison
+    assert "message.max.bytes=10000" in dead.error
+    assert [r.value for r in kafka.read(topic, 2)] == [b"before", b"after"]
+    assert {str(before), str(after)} == {r.event_id for r in kafka.read(topic, 2)}
+
+
+def test_i8_relays_with_different_slot_counts_refuse_to_run_together(
+    start_relay: Callable[..., RelayHandle], relay_config: Callable[..., RelayConfig]
+) -> None:
+    handle = start_relay(slots=2)
+    wait_for(lambda: len(handle.relay.workers) == 2, what="first relay owns its slots")
+    with pytest.raises(ConfigError, match="--slots=3, but a running relay uses --slots=2"):
+        Relay(relay_config(slots=3)).run()
+    handle.stop()
+
+
+def test_relays_share_slots_and_take_over_when_one_stops(
+    engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
+) -> None:
+    prefix = f"share-{uuid.uuid4().hex[:6]}"
+    a = start_relay(slots=4, transactional_id_prefix=prefix)
+    wait_for(lambda: len(a.relay.workers) == 4, what="a owns all slots")
+    b = start_relay(slots=4, transactional_id_prefix=prefix)
+    wait_for(
+        lambda: len(a.relay.workers) == 2 and len(b.relay.workers) == 2,
+        timeout=30,
+        what="slots spread over two relays",
+    )
+    ids = _publish_many(engine, topic, 100, keys=13)
+    wait_for(lambda: _pending(engine) == 0, what="both relays drain")
+    a.stop()
+    wait_for(lambda: len(b.relay.workers) == 4, timeout=30, what="b takes a's slots over")
+    more = _publish_many(engine, topic, 50, keys=13)
+    wait_for(lambda: _pending(engine) == 0, what="b drains alone")
+    b.stop()
+    assert sorted(r.event_id for r in kafka.read(topic, 150)) == sorted(ids + more)
+
+
+def _unused(*_: Any) -> None:
+    pass
