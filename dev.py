@@ -22,8 +22,6 @@ STAMP = VENV / ".kafka-outbox-installed"
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
-        sys.exit(f"kafka-outbox needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not (BIN / "python").exists():
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
@@ -32,8 +30,16 @@ def ensure_venv() -> None:
         return
     print("dev.py: installing kafka-outbox[test] into .venv", flush=True)
     subprocess.run(
-        [str(BIN / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-e", f"{ROOT}[test]"],
+        [
+            str(BIN / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-e",
+            f"{ROOT}[test]",
+        ],
         check=True,
     )
     STAMP.write_text(digest)
@@ -41,7 +47,7 @@ def ensure_venv() -> None:
 
 def run(cmd: list[str]) -> int:
     print("+ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode
+    return subprocess.run(cmd, cwd=ROOT, check=False).returncode
 
 
 def test(extra: list[str]) -> int:
@@ -59,9 +65,9 @@ def test(extra: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test", "outbox"}:
         print(
-            "usage: python3 dev.py demo [outbox demo options]   run the demo on embedded services\n"
-            "       python3 dev.py test [pytest options]        lint, type-check and run all tests\n"
-            "       python3 dev.py outbox ARGS...               any outbox command inside .venv"
+            "usage: python3 dev.py demo [outbox demo options]  run the demo, embedded services\n"
+            "       python3 dev.py test [pytest options]       lint, type-check, run all tests\n"
+            "       python3 dev.py outbox ARGS...              any outbox command in .venv"
         )
         return 2
     ensure_venv()

@@ -1,68 +1,192 @@
 """The small seam between the relay and the PostgreSQL driver.
 
-Accepts a SQLAlchemy URL (``postgresql+psycopg://``) or a libpq DSN, and never
-lets a password reach a log line or an error message.
+Accepts a SQLAlchemy URL (``postgresql+psycopg://``), a libpq URL
+(``postgresql://``, ``postgres://``) or a libpq key=value DSN, and never lets a
+password reach a log line or an error message.
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from outbox.errors import ConfigError
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+# ``scheme://user:PASSWORD@host``: the user part may hold '@' (user@server), the
+# password runs to the LAST '@' of the line, so raw '@', ':', '/' or spaces in it
+# never leave a tail behind (over-redacting a line beats leaking a password).
+_PASSWORD_IN_URL = re.compile(r"(?P<pre>://[^:/?#\s]*:)(?P<secret>[^\n]*)@")
+# ``password=...`` (libpq, query strings) and ``"password": "..."`` (dicts, JSON);
+# quoted values may hold escaped quotes and spaces.
+_PASSWORD_KV = re.compile(
+    r"""(?P<pre>password["']?\s*[=:]\s*)"""
+    r"""(?P<secret>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s'"]\S*)""",
+    re.IGNORECASE,
+)
+_BACKENDS = {"postgresql", "postgres"}
 
 
 def redact(text: str) -> str:
     """Hide passwords in anything that may hold a DSN (URLs and key=value strings)."""
-    return _PASSWORD_KV.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", text))
+    text = _PASSWORD_IN_URL.sub(r"\g<pre>***@", text)
+    return _PASSWORD_KV.sub(r"\g<pre>***", text)
+
+
+def _secrets(db: str) -> set[str]:
+    """Every spelling of the passwords in ``db`` that a driver message might echo."""
+    found = {m["secret"] for m in _PASSWORD_IN_URL.finditer(db)}
+    for m in _PASSWORD_KV.finditer(db):
+        secret = m["secret"]
+        if secret[:1] in {"'", '"'}:
+            secret = re.sub(r"\\(.)", r"\1", secret[1:-1])
+        found.add(secret)
+    found |= {unquote(s) for s in found}
+    return {s for s in found if s and s != "***"}
+
+
+def _scrub(message: str, db: str) -> str:
+    """``redact`` plus removal of the passwords of ``db`` wherever they appear."""
+    message = redact(message)
+    for secret in sorted(_secrets(db), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
+def _check_authority(db: str) -> None:
+    authority = db.split("://", 1)[1].split("/", 1)[0]
+    if authority.count("@") > 1:
+        raise ConfigError(
+            f"--db {redact(db)!r} has more than one '@' before the host: percent-encode "
+            "'@' as %40 in the user name or password"
+        )
+
+
+def _parse_url(db: str) -> URL:
+    _check_authority(db)
+    try:
+        url = make_url(db)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(
+            f"--db {redact(db)!r} is not a database URL ({_scrub(str(exc), db)}); "
+            "use postgresql+psycopg://user:password@host:5432/dbname"
+        ) from None
+    if url.get_backend_name() not in _BACKENDS:
+        raise ConfigError(
+            f"--db {redact(db)!r} is not PostgreSQL; the outbox needs postgresql+psycopg://..."
+        )
+    return url
+
+
+def _check_libpq(dsn: str, shown: str) -> None:
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(
+            f"--db {redact(shown)!r} is not a valid DSN: {_scrub(str(exc), shown)}"
+        ) from None
+
+
+def _split_host_port(entry: str) -> tuple[str, str]:
+    if entry.startswith("/"):  # a Unix socket directory
+        return entry, ""
+    host, sep, port = entry.rpartition(":")
+    if not sep or not port.isdigit():
+        return entry.strip("[]"), ""
+    return host.strip("[]"), port
 
 
 def libpq_dsn(db: str) -> str:
-    """A DSN psycopg understands, from a SQLAlchemy URL or a libpq string."""
+    """A DSN psycopg understands (checked, not used): libpq forms pass through untouched,
+    a SQLAlchemy URL becomes a key=value string."""
     db = db.strip()
     if not db:
         raise ConfigError("--db is empty: pass postgresql+psycopg://user@host/dbname")
     if "://" not in db:
+        _check_libpq(db, db)
         return db
-    try:
-        url = make_url(db)
-    except ArgumentError:
-        raise ConfigError(f"--db {redact(db)!r} is not a database URL") from None
-    if url.get_backend_name() != "postgresql":
-        raise ConfigError(
-            f"--db {redact(db)!r} is not PostgreSQL; the outbox needs postgresql+psycopg://..."
-        )
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    scheme = db.split("://", 1)[0].lower()
+    if scheme in _BACKENDS:
+        # Already a libpq URL: pass it on untouched (multi-host lists included).
+        _check_authority(db)
+        _check_libpq(db, db)
+        return db
+    url = _parse_url(db)
+    # Built by libpq's own quoting rules: SQLAlchemy's rendering leaves spaces in
+    # a password unencoded, which libpq then misreads.
+    params: dict[str, str | int | None] = {
+        "user": url.username,
+        "password": url.password,
+        "host": url.host,
+        "port": url.port,
+        "dbname": url.database,
+    }
+    for name, value in url.query.items():
+        values = [value] if isinstance(value, str) else list(value)
+        if name == "host" and url.host is None:
+            # SQLAlchemy's multi-host form: ?host=h1:5432&host=h2:5433
+            hosts, ports = zip(*(_split_host_port(v) for v in values), strict=True)
+            params["host"] = ",".join(hosts)
+            if any(ports):
+                params["port"] = ",".join(ports)
+        else:
+            params[name] = ",".join(values)
+    dsn = make_conninfo("", **{k: v for k, v in params.items() if v is not None})
+    _check_libpq(dsn, db)
+    return dsn
 
 
 def sqlalchemy_url(db: str) -> str:
-    """A SQLAlchemy URL on psycopg 3, from either form the CLI accepts."""
-    if "://" not in db:
+    """A SQLAlchemy URL on psycopg 3, from either form the CLI accepts (URL or key=value)."""
+    db = db.strip()
+    if not db:
+        raise ConfigError("--db is empty: pass postgresql+psycopg://user@host/dbname")
+    if "://" in db:
+        url = _parse_url(db)
+        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    _check_libpq(db, db)
+    params = conninfo_to_dict(db)
+    port = params.pop("port", None)
+    try:
+        port_number = int(port) if port is not None else None
+    except ValueError:
         raise ConfigError(
-            "--db must be a URL (postgresql+psycopg://user@host/dbname) for this command"
-        )
-    url = make_url(db.strip())
-    if url.get_backend_name() != "postgresql":
-        raise ConfigError(f"--db {redact(db)!r} is not PostgreSQL")
-    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+            f"--db {redact(db)!r}: port={port!r} is not one number; "
+            "use a postgresql+psycopg:// URL for several hosts"
+        ) from None
+    url = URL.create(
+        "postgresql+psycopg",
+        username=_str_or_none(params.pop("user", None)),
+        password=_str_or_none(params.pop("password", None)),
+        host=_str_or_none(params.pop("host", None)),
+        port=port_number,
+        database=_str_or_none(params.pop("dbname", None)),
+        query={k: str(v) for k, v in params.items()},
+    )
+    return url.render_as_string(hide_password=False)
 
 
-def connect(db: str, *, application_name: str, autocommit: bool = True) -> psycopg.Connection[dict[str, object]]:
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def connect(
+    db: str, *, application_name: str, autocommit: bool = True
+) -> psycopg.Connection[dict[str, object]]:
     """A dedicated session: advisory locks and LISTEN need one (not a transaction pooler)."""
+    dsn = libpq_dsn(db)
     try:
         return psycopg.connect(
-            libpq_dsn(db),
+            dsn,
             autocommit=autocommit,
             application_name=application_name,
             row_factory=dict_row,
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
-        raise ConnectionError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from None
+        raise ConnectionError(f"cannot connect to PostgreSQL: {_scrub(str(exc), db)}") from None

@@ -8,8 +8,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
-from outbox.db import sqlalchemy_url
+from outbox.db import redact, sqlalchemy_url
 
 
 def migrations_dir() -> Path:
@@ -21,7 +22,7 @@ def migrations_dir() -> Path:
     raise FileNotFoundError("the outbox migrations are missing from this installation")
 
 
-def _config(stdout: io.TextIOBase | None = None) -> Config:
+def _config(stdout: io.StringIO | None = None) -> Config:
     cfg = Config(stdout=stdout) if stdout is not None else Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     return cfg
@@ -35,6 +36,10 @@ def upgrade(db: str, revision: str = "head") -> None:
             cfg = _config()
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
+    except OperationalError as exc:
+        raise ConnectionError(
+            f"migrating the outbox tables at {redact(db)}: {redact(str(exc.orig))}"
+        ) from None
     finally:
         engine.dispose()
 

@@ -145,7 +145,12 @@ def publish(
             "(use apublish() for AsyncSession/AsyncConnection)"
         )
     event, wants_notify = _prepare(
-        session, topic=topic, key=key, value=value, headers=headers, event_id=event_id,
+        session,
+        topic=topic,
+        key=key,
+        value=value,
+        headers=headers,
+        event_id=event_id,
         notify=notify,
     )
     if wants_notify and _needs_notify(session):
@@ -174,7 +179,12 @@ async def apublish(
             f"apublish() takes an AsyncSession or AsyncConnection, got {type(session).__name__}"
         )
     event, wants_notify = _prepare(
-        session, topic=topic, key=key, value=value, headers=headers, event_id=event_id,
+        session,
+        topic=topic,
+        key=key,
+        value=value,
+        headers=headers,
+        event_id=event_id,
         notify=notify,
     )
     sync: Session | Connection = (

@@ -9,6 +9,7 @@ transactional producer (``<prefix>-<slot>``, so a new owner fences a zombie).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -20,8 +21,8 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
-from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import sql
 from outbox.batching import Marker, jittered, slots_to_release, slots_to_try
@@ -63,7 +64,12 @@ class Row:
 
     @property
     def size(self) -> int:
-        return len(self.key or b"") + len(self.value or b"") + sum(len(n) + len(v) for n, v in self.headers) + 64
+        return (
+            len(self.key or b"")
+            + len(self.value or b"")
+            + sum(len(n) + len(v) for n, v in self.headers)
+            + 64
+        )
 
 
 @dataclass(slots=True)
@@ -157,13 +163,8 @@ class SlotWorker(threading.Thread):
         for attempt in Retrying(
             retry=retry_if_exception_type(TransientError),
             wait=wait_random_exponential(multiplier=0.1, max=30),
-            sleep=self.relay.stop.wait,
-            before_sleep=lambda rs: self.relay.stats.add(retries=1) or log.warning(
-                "slot %d: %s; retrying (attempt %d)",
-                self.slot,
-                rs.outcome.exception() if rs.outcome else "?",
-                rs.attempt_number,
-            ),
+            sleep=self._backoff,
+            before_sleep=self._log_retry,
             stop=lambda rs: self.relay.stop.is_set(),
             reraise=True,
         ):
@@ -171,11 +172,23 @@ class SlotWorker(threading.Thread):
                 return fn()
         return None
 
+    def _backoff(self, seconds: float) -> None:
+        self.relay.stop.wait(seconds)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        self.relay.stats.add(retries=1)
+        log.warning(
+            "slot %d: %s; retrying (attempt %d)",
+            self.slot,
+            state.outcome.exception() if state.outcome else "?",
+            state.attempt_number,
+        )
+
     def _close(self) -> None:
         if self.producer is not None:
             try:
                 self.producer.flush(5)
-            except Exception:  # noqa: BLE001 - closing anyway
+            except Exception:
                 log.debug("slot %d: flush on close failed", self.slot, exc_info=True)
             self.producer = None
         try:
@@ -189,14 +202,14 @@ class SlotWorker(threading.Thread):
     # -- Kafka -----------------------------------------------------------------
 
     def _start_producer(self) -> None:
-        settings = dict(self.relay.plan.settings)
+        settings: dict[str, Any] = dict(self.relay.plan.settings)
         if self.transactional:
             settings["transactional.id"] = self.tid
         settings["error_cb"] = self._on_error
         settings["logger"] = logging.getLogger("outbox.librdkafka")
         self.producer = Producer(settings)
         if self.transactional:
-            # Fences the previous owner of this transactional.id and aborts its open transaction (I4).
+            # Fences the previous owner of this transactional.id, aborts its open transaction (I4).
             while True:
                 try:
                     self.producer.init_transactions(self.config.transaction_timeout)
@@ -235,7 +248,9 @@ class SlotWorker(threading.Thread):
     def _claim(self) -> list[Row]:
         try:
             cur = self.conn.execute(
-                sql.CLAIM_BATCH, {"shards": self.shards, "limit": self.config.batch_size}, prepare=True
+                sql.CLAIM_BATCH,
+                {"shards": self.shards, "limit": self.config.batch_size},
+                prepare=True,
             )
             rows = [Row.from_row(r) for r in cur.fetchall()]
             self.relay.stats.add(claimed=len(rows))
@@ -248,12 +263,20 @@ class SlotWorker(threading.Thread):
             self.conn.execute(sql.DELETE_EVENTS, {"ids": ids}, prepare=True)
         except psycopg.OperationalError as exc:
             # The Kafka transaction committed: the next owner's recovery deletes these rows.
-            raise SlotLost(f"database connection lost after publishing: {redact(str(exc))}") from None
+            raise SlotLost(
+                f"database connection lost after publishing: {redact(str(exc))}"
+            ) from None
 
     def _bury(self, row: Row, error: str) -> None:
         """Move a poison row aside so its shard moves on (I6)."""
-        log.error("slot %d: event %s (outbox id %d, topic %r) is poison: %s; moved to outbox_dead_events",
-                  self.slot, row.event_id, row.id, row.topic, error)
+        log.error(
+            "slot %d: event %s (outbox id %d, topic %r) is poison: %s; moved to outbox_dead_events",
+            self.slot,
+            row.event_id,
+            row.id,
+            row.topic,
+            error,
+        )
         try:
             self.conn.execute(sql.MOVE_TO_DEAD, {"id": row.id, "error": error})
         except psycopg.OperationalError as exc:
@@ -290,6 +313,7 @@ class SlotWorker(threading.Thread):
             def cb(err: Any, _msg: Any) -> None:
                 if err is not None:
                     failures[row_id] = err
+
             return cb
 
         for row in rows:
@@ -377,10 +401,8 @@ class SlotWorker(threading.Thread):
     def _discard_producer(self) -> None:
         producer, self.producer = self.producer, None
         if producer is not None:
-            try:
+            with contextlib.suppress(KafkaException, RuntimeError):
                 producer.purge(in_queue=True, in_flight=True, blocking=False)
-            except (KafkaException, RuntimeError):
-                pass
 
     def _publish_idempotent(self, rows: list[Row]) -> None:
         failures: dict[int, Any] = {}
@@ -428,6 +450,7 @@ class Relay:
             self._coordinate()
         finally:
             self.stop.set()
+            self.wake_all()
             for worker in list(self.workers.values()):
                 worker.join(self.config.transaction_timeout + 10)
             if self._marker_consumer is not None:
@@ -460,9 +483,7 @@ class Relay:
     def _members(self) -> int:
         assert self._control is not None
         row = self._control.execute(
-            "SELECT count(DISTINCT pid) AS n FROM pg_locks WHERE locktype = 'advisory' "
-            "AND classid::bigint = %(ns)s AND objid::bigint = %(slots)s AND objsubid = 2 AND granted",
-            {"ns": COUNT_NAMESPACE, "slots": self.config.slots},
+            sql.COUNT_RELAYS, {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
         ).fetchone()
         return max(1, int(row["n"])) if row else 1
 
@@ -480,8 +501,12 @@ class Relay:
             for slot in slots_to_release(owned, self.config.slots, members):
                 log.info("slot %d: handing over to balance %d relays", slot, members)
                 self.workers[slot].release.set()
-            for slot in slots_to_try(owned, self.config.slots, members, start, self.config.max_slots):
-                if self._try_take(slot) and len(self.workers) >= (self.config.max_slots or SHARD_COUNT):
+            for slot in slots_to_try(
+                owned, self.config.slots, members, start, self.config.max_slots
+            ):
+                if self._try_take(slot) and len(self.workers) >= (
+                    self.config.max_slots or SHARD_COUNT
+                ):
                     break
             if self.config.once:
                 self._finish_once()
@@ -499,7 +524,9 @@ class Relay:
         except ConnectionError as exc:
             log.warning("%s", exc)
             return False
-        row = conn.execute(sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}).fetchone()
+        row = conn.execute(
+            sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}
+        ).fetchone()
         if not row or not next(iter(row.values())):
             conn.close()
             return False
@@ -512,7 +539,7 @@ class Relay:
     def _reconnect_control(self) -> None:
         for attempt in Retrying(
             wait=wait_random_exponential(multiplier=0.2, max=10),
-            sleep=self.stop.wait,
+            sleep=self._pause,
             stop=lambda rs: self.stop.is_set(),
             reraise=True,
         ):
@@ -523,6 +550,9 @@ class Relay:
                 self._control.execute(
                     sql.LOCK_SLOT_COUNT, {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
                 )
+
+    def _pause(self, seconds: float) -> None:
+        self.stop.wait(seconds)
 
     def wake_all(self) -> None:
         with self._lock:

@@ -35,8 +35,15 @@ LOCK_SLOT_COUNT = "SELECT pg_advisory_lock_shared(%(namespace)s, %(slots)s)"
 # Slot counts announced by other live relays (must all be equal).
 OTHER_SLOT_COUNTS = """
 SELECT DISTINCT objid::int AS slots FROM pg_locks
-WHERE locktype = 'advisory' AND classid = %(namespace)s AND objsubid = 2
-  AND granted AND objid <> %(slots)s
+WHERE locktype = 'advisory' AND classid::bigint = %(namespace)s AND objsubid = 2
+  AND granted AND objid::bigint <> %(slots)s
+"""
+
+# Live relays of this slot count: they split the slots between them.
+COUNT_RELAYS = """
+SELECT count(DISTINCT pid) AS n FROM pg_locks
+WHERE locktype = 'advisory' AND classid::bigint = %(namespace)s AND objid::bigint = %(slots)s
+  AND objsubid = 2 AND granted
 """
 
 # Oldest pending rows of a slot's shards, in id order (index-driven, no sort of the backlog).
@@ -80,7 +87,7 @@ SLOT_OWNERS = """
 SELECT l.objid::int AS slot, a.pid, a.application_name, a.client_addr::text AS client_addr,
        a.backend_start
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.classid = %(namespace)s AND l.objsubid = 2
+WHERE l.locktype = 'advisory' AND l.classid::bigint = %(namespace)s AND l.objsubid = 2
   AND l.granted AND l.mode = 'ExclusiveLock'
 ORDER BY slot
 """

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -75,14 +76,20 @@ class KafkaReader:
             if msg.error():
                 continue
             _ts_type, ts = msg.timestamp()
+            headers: dict[str, bytes] = {}
+            got = msg.headers() or []
+            pairs: list[tuple[str, Any]] = list(got.items() if isinstance(got, dict) else got)
+            for name, raw in pairs:
+                headers[name] = raw if isinstance(raw, bytes) else str(raw).encode()
+            key, value = msg.key(), msg.value()
             records.append(
                 Record(
-                    topic=msg.topic(),
-                    partition=msg.partition(),
-                    offset=msg.offset(),
-                    key=msg.key(),
-                    value=msg.value(),
-                    headers={k: v for k, v in (msg.headers() or [])},
+                    topic=str(msg.topic()),
+                    partition=int(msg.partition() or 0),
+                    offset=int(msg.offset() or 0),
+                    key=key if isinstance(key, bytes) else None,
+                    value=value if isinstance(value, bytes) else None,
+                    headers=headers,
                     timestamp_ms=ts,
                 )
             )
@@ -127,7 +134,9 @@ class TcpProxy:
                 client.close()
                 continue
             try:
-                upstream = self._socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream = self._socket.create_connection(
+                    ("127.0.0.1", self.target_port), timeout=5
+                )
             except OSError:
                 client.close()
                 continue
@@ -139,7 +148,8 @@ class TcpProxy:
     def _pipe(self, src: object, dst: object) -> None:
         import socket
 
-        assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
+        assert isinstance(src, socket.socket)
+        assert isinstance(dst, socket.socket)
         src.settimeout(None)
         try:
             while data := src.recv(65536):
@@ -148,10 +158,8 @@ class TcpProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def cut(self) -> None:
         """Drop every open connection and refuse new ones until restore()."""
@@ -159,10 +167,8 @@ class TcpProxy:
         with self._lock:
             conns, self._conns = self._conns, []
         for s in conns:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(self._socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def restore(self) -> None:

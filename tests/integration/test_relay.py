@@ -6,7 +6,6 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -27,7 +26,9 @@ def _pending(engine: Engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one())
 
 
-def _publish_many(engine: Engine, topic: str, n: int, *, keys: int = 5, per_tx: int = 1) -> list[str]:
+def _publish_many(
+    engine: Engine, topic: str, n: int, *, keys: int = 5, per_tx: int = 1
+) -> list[str]:
     ids: list[str] = []
     for start in range(0, n, per_tx):
         with Session(engine) as session, session.begin():
@@ -49,8 +50,13 @@ def test_i2_committed_events_reach_kafka_intact(
     engine: Engine, topic: str, drain: Callable[..., Relay], kafka: KafkaReader
 ) -> None:
     with Session(engine) as session, session.begin():
-        e1 = publish(session, topic=topic, key="order-1", value={"total": "12.50"},
-                     headers={"event-type": "OrderPlaced", "bin": b"\x00\xff"})
+        e1 = publish(
+            session,
+            topic=topic,
+            key="order-1",
+            value={"total": "12.50"},
+            headers=[("event-type", "OrderPlaced"), ("bin", b"\x00\xff")],
+        )
         e2 = publish(session, topic=topic, key=b"\x01\x02", value=b"\x00raw")
         e3 = publish(session, topic=topic, key=None, value="plain text")
         created = session.execute(text("SELECT now()")).scalar_one()
@@ -65,7 +71,9 @@ def test_i2_committed_events_reach_kafka_intact(
     assert r1.headers["bin"] == b"\x00\xff"
     assert r1.headers["content-type"] == b"application/json"
     assert (r2.key, r2.value, r2.headers["content-type"]) == (
-        b"\x01\x02", b"\x00raw", b"application/octet-stream"
+        b"\x01\x02",
+        b"\x00raw",
+        b"application/octet-stream",
     )
     assert (r3.key, r3.value) == (None, b"plain text")
     assert abs(r1.timestamp_ms - created.timestamp() * 1000) < 1000
@@ -94,7 +102,11 @@ def test_i3_per_key_order_across_batches_and_slots(
 
 @pytest.mark.parametrize("guarantee", [Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE])
 def test_other_guarantees_deliver_everything_on_a_healthy_broker(
-    engine: Engine, topic: str, drain: Callable[..., Relay], kafka: KafkaReader, guarantee: Guarantee
+    engine: Engine,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+    guarantee: Guarantee,
 ) -> None:
     ids = _publish_many(engine, topic, 50)
     drain(guarantee=guarantee)
@@ -153,7 +165,9 @@ def test_i2_rows_stay_in_outbox_until_the_broker_has_them(
     )
     assert _pending(engine) == 10, "rows left the outbox while Kafka could not have them"
     proxy.restore()
-    wait_for(lambda: _pending(engine) == 0, timeout=90, what="outbox drained after the broker is back")
+    wait_for(
+        lambda: _pending(engine) == 0, timeout=90, what="outbox drained after the broker is back"
+    )
     handle.stop()
     got = {r.event_id for r in KafkaReader(broker.bootstrap_servers).read(topic, 20, timeout=30)}
     assert got >= set(first) | set(second)
@@ -236,7 +250,3 @@ def test_relays_share_slots_and_take_over_when_one_stops(
     wait_for(lambda: _pending(engine) == 0, what="b drains alone")
     b.stop()
     assert sorted(r.event_id for r in kafka.read(topic, 150)) == sorted(ids + more)
-
-
-def _unused(*_: Any) -> None:
-    pass

@@ -102,7 +102,9 @@ def test_event_id_is_an_idempotency_key_while_pending(engine: Engine) -> None:
     assert [bytes(r.value) for r in rows] == [b"first"]
 
 
-def test_one_notify_per_transaction_and_none_when_disabled(engine: Engine, database_url: str) -> None:
+def test_one_notify_per_transaction_and_none_when_disabled(
+    engine: Engine, database_url: str
+) -> None:
     dsn = database_url.replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN outbox_events")

@@ -1,0 +1,120 @@
+"""The real ``outbox`` command in a subprocess, as a user or an init system runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from outbox import publish
+from tests.support import KafkaReader, wait_for
+
+OUTBOX = str(Path(sys.executable).parent / "outbox")
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
+    return subprocess.run(
+        [OUTBOX, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+
+
+def _pending(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one())
+
+
+def test_migrate_is_idempotent_and_sql_prints_the_ddl(database_url: str) -> None:
+    for _ in range(2):
+        done = run("migrate", "--db", database_url)
+        assert done.returncode == 0, done.stderr
+    ddl = run("sql")
+    assert ddl.returncode == 0
+    assert "CREATE TABLE outbox_events" in ddl.stdout
+    assert "outbox_alembic_version" in ddl.stdout
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("acks=1", "acks=all"),
+        ("enable.idempotence=false", "enable.idempotence=true"),
+        ("max.in.flight.requests.per.connection=10", "<= 5"),
+        ("transactional.id=x", "--transactional-id-prefix"),
+    ],
+)
+def test_i8_bad_producer_setting_fails_before_start_naming_the_fix(
+    database_url: str, bootstrap_servers: str, setting: str, named: str
+) -> None:
+    done = run("relay", "--db", database_url, "-b", bootstrap_servers, "-X", setting, "--once")
+    assert done.returncode == 2
+    assert named in done.stderr
+
+
+def test_secrets_never_appear_in_errors(bootstrap_servers: str) -> None:
+    url = "postgresql+psycopg://app:s3cr3t-pw@127.0.0.1:1/app"
+    for args in (
+        ("migrate", "--db", url),
+        ("relay", "--db", url, "-b", bootstrap_servers, "--once"),
+    ):
+        done = run(*args)
+        assert done.returncode != 0
+        assert "s3cr3t-pw" not in done.stderr + done.stdout
+        assert "***" in done.stderr or "cannot connect" in done.stderr
+
+
+def test_env_vars_are_documented_in_help() -> None:
+    done = run("relay", "--help")
+    assert "OUTBOX_DB" in done.stdout
+    assert "OUTBOX_BOOTSTRAP_SERVERS" in done.stdout
+
+
+def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
+    engine: Engine, database_url: str, bootstrap_servers: str, topic: str, kafka: KafkaReader
+) -> None:
+    total = 20_000
+    ids: list[str] = []
+    for start in range(0, total, 500):
+        with Session(engine) as session, session.begin():
+            ids += [
+                str(publish(session, topic=topic, key=f"k{i % 50}", value={"i": i}))
+                for i in range(start, start + 500)
+            ]
+    args = [
+        "relay",
+        "--db",
+        database_url,
+        "-b",
+        bootstrap_servers,
+        "--batch-size",
+        "200",
+        "--transactional-id-prefix",
+        f"kill-{topic}",
+        "--log-level",
+        "WARNING",
+    ]
+    proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _pending(engine) < total - 2000, timeout=60, what="relay progress")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert _pending(engine) > 0, "the relay finished before it could be killed mid-way"
+    done = run(*args, "--once")
+    assert done.returncode == 0, done.stderr
+    assert _pending(engine) == 0
+    records = kafka.read(topic, total, timeout=60)
+    counts = Counter(r.event_id for r in records)
+    assert set(counts) == set(ids), "events were lost"
+    duplicates = sum(n - 1 for n in counts.values())
+    # Tansu shows records of transactions aborted by the kill; Apache Kafka hides them.
+    print(f"duplicates visible after SIGKILL: {duplicates}")
+    if os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1":
+        assert duplicates == 0
