@@ -250,3 +250,26 @@ def test_relays_share_slots_and_take_over_when_one_stops(
     wait_for(lambda: _pending(engine) == 0, what="b drains alone")
     b.stop()
     assert sorted(r.event_id for r in kafka.read(topic, 150)) == sorted(ids + more)
+
+
+def test_relay_survives_a_postgres_crash_and_keeps_going(
+    engine: Engine,
+    topic: str,
+    services: Any,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+) -> None:
+    if services.pg is None:
+        pytest.skip("needs the embedded PostgreSQL (it restarts the server)")
+    handle = start_relay()
+    wait_for(lambda: len(handle.relay.workers) == 2, what="relay owns its slots")
+    first = _publish_many(engine, topic, 20)
+    wait_for(lambda: _pending(engine) == 0, what="first events published")
+    services.pg.restart(immediate=True)
+    engine.dispose()  # the application's pooled connections died with the server
+    second = _publish_many(engine, topic, 20)
+    wait_for(lambda: _pending(engine) == 0, timeout=60, what="relay reconnects and drains")
+    wait_for(lambda: len(handle.relay.workers) == 2, what="relay owns its slots again")
+    handle.stop()
+    got = {r.event_id for r in kafka.read(topic, 40)}
+    assert got == set(first) | set(second)
