@@ -17,7 +17,7 @@ from outbox.embedded import EmbeddedBroker, free_port
 from outbox.errors import ConfigError, SlotLost
 from outbox.partitioner import partition_for
 from outbox.relay import Relay, SlotWorker
-from tests.conftest import RelayHandle
+from tests.conftest import RelayHandle, Services
 from tests.support import KafkaReader, TcpProxy, wait_for
 
 
@@ -255,7 +255,7 @@ def test_relays_share_slots_and_take_over_when_one_stops(
 def test_relay_survives_a_postgres_crash_and_keeps_going(
     engine: Engine,
     topic: str,
-    services: Any,
+    services: Services,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
 ) -> None:
