@@ -20,11 +20,23 @@ def slots_to_release(owned: Sequence[int], slots: int, members: int) -> list[int
     return sorted(owned)[-extra:] if extra > 0 else []
 
 
-def slots_to_try(owned: Iterable[int], slots: int, members: int, start: int, cap: int | None) -> list[int]:
-    """Free-looking slots to try, rotated by ``start`` so relays don't all race for slot 0."""
+def target_share(slots: int, members: int, cap: int | None) -> int:
+    """How many slots this relay should end up owning: its fair share, at most ``cap``."""
+    share = fair_share(slots, members)
+    return share if cap is None else min(cap, share)
+
+
+def slots_to_try(
+    owned: Iterable[int], slots: int, members: int, start: int, cap: int | None
+) -> list[int]:
+    """Slots to try to lock, rotated by ``start`` so relays don't all race for slot 0.
+
+    Empty once this relay owns its ``target_share``; otherwise every slot it does
+    not own, because any of them may turn out to be free. The caller stops taking
+    slots once it owns ``target_share``.
+    """
     owned_set = set(owned)
-    want = fair_share(slots, members) if cap is None else min(cap, fair_share(slots, members))
-    if len(owned_set) >= want:
+    if len(owned_set) >= target_share(slots, members, cap):
         return []
     order = [(start + i) % slots for i in range(slots)]
     return [s for s in order if s not in owned_set]
@@ -42,6 +54,7 @@ def id_ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
 
 
 def expand_ranges(ranges: Iterable[Sequence[int]]) -> list[int]:
+    """The ids of inclusive ``(lo, hi)`` ranges: the inverse of ``id_ranges``."""
     return [i for lo, hi in ranges for i in range(lo, hi + 1)]
 
 
@@ -61,8 +74,21 @@ class Marker:
 
     @classmethod
     def decode(cls, raw: bytes) -> Marker:
-        doc = json.loads(raw)
-        return cls(str(doc["tid"]), int(doc["slot"]), tuple(expand_ranges(doc["ranges"])))
+        """Parse a marker; ValueError (naming the problem) for anything malformed."""
+        try:
+            doc = json.loads(raw)
+            tid, slot, ranges = doc["tid"], doc["slot"], doc["ranges"]
+            pairs = [(lo, hi) for lo, hi in ranges]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"malformed recovery marker {raw[:200]!r}: {exc!r}") from None
+        if not isinstance(tid, str) or type(slot) is not int:
+            raise ValueError(f"malformed recovery marker {raw[:200]!r}: tid/slot types")
+        if not all(type(lo) is int and type(hi) is int and lo <= hi for lo, hi in pairs):
+            raise ValueError(
+                f"malformed recovery marker {raw[:200]!r}: ranges must be [lo, hi] "
+                "integer pairs with lo <= hi"
+            )
+        return cls(tid, slot, tuple(expand_ranges(pairs)))
 
 
 def jittered(interval: float, spread: float = 0.2) -> float:

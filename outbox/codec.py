@@ -21,12 +21,35 @@ TEXT = "text/plain; charset=utf-8"
 BINARY = "application/octet-stream"
 
 # Kafka's own rule (org.apache.kafka.common.internals.Topic): legal chars, <= 249, not . or ..
-_TOPIC_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
-# Bytes librdkafka adds per record on top of key+value+headers (v2 record overhead, rounded up).
-RECORD_OVERHEAD = 64
+_TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+# librdkafka's RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD: the per-record bytes it adds to key + value
+# + headers before comparing with message.max.bytes (each header adds its two varint lengths).
+RECORD_OVERHEAD = 36
 
 Value = Mapping[str, Any] | list[Any] | str | bytes | None
 Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
+
+
+def _varint_size(n: int) -> int:
+    """Bytes of a zig-zag varint, as Kafka's v2 record format encodes lengths."""
+    zigzag = (n << 1) ^ (n >> 63)
+    size = 1
+    while zigzag >= 0x80:
+        zigzag >>= 7
+        size += 1
+    return size
+
+
+def record_size(
+    key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]]
+) -> int:
+    """The size librdkafka compares with ``message.max.bytes`` (refused when above it)."""
+    size = RECORD_OVERHEAD + len(key or b"") + len(value or b"")
+    for name, raw in headers:
+        name_bytes = name.encode()
+        size += _varint_size(len(name_bytes)) + len(name_bytes)
+        size += _varint_size(-1 if raw is None else len(raw)) + len(raw or b"")
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,18 +67,15 @@ class EncodedEvent:
     @property
     def size(self) -> int:
         """What librdkafka compares against ``message.max.bytes``."""
-        return (
-            len(self.key or b"")
-            + len(self.value or b"")
-            + sum(len(n) + len(v) for n, v in zip(self.header_names, self.header_values, strict=True))
-            + RECORD_OVERHEAD
+        return record_size(
+            self.key, self.value, zip(self.header_names, self.header_values, strict=True)
         )
 
 
 def check_topic(topic: object) -> str:
     if not isinstance(topic, str):
         raise TypeError(f"topic must be a str, got {type(topic).__name__}")
-    if topic in {".", ".."} or not _TOPIC_RE.match(topic):
+    if topic in {".", ".."} or not _TOPIC_RE.fullmatch(topic):
         raise EventError(
             f"topic {topic!r} is not a legal Kafka topic name: use 1-249 characters "
             "from [a-zA-Z0-9._-], not '.' or '..'"
@@ -63,23 +83,39 @@ def check_topic(topic: object) -> str:
     return topic
 
 
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise EventError(
+            f"{what} is not valid Unicode text ({exc.reason} at index {exc.start}); "
+            "pass bytes if it is binary"
+        ) from None
+
+
 def encode_key(key: object) -> bytes | None:
     if key is None or isinstance(key, bytes):
         return key
     if isinstance(key, str):
-        return key.encode()
+        return _utf8(key, "key")
     raise TypeError(f"key must be str, bytes or None, got {type(key).__name__}")
 
 
 def encode_value(value: object) -> tuple[bytes | None, str | None]:
-    """(payload, content type). JSON for dict/list; refuses anything it cannot round-trip."""
+    """(payload, content type): JSON for dict/list, UTF-8 for str, bytes as they are.
+
+    JSON refuses what it cannot represent (NaN, Decimal, sets, objects...). Like
+    ``json.dumps`` it still turns tuples into lists and non-str dict keys into str.
+    """
     if value is None:
         return None, None
     if isinstance(value, bytes):
         return value, BINARY
     if isinstance(value, str):
-        return value.encode(), TEXT
+        return _utf8(value, "value"), TEXT
     if isinstance(value, Mapping | list):
+        if isinstance(value, Mapping) and not isinstance(value, dict):
+            value = dict(value)
         try:
             text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -87,7 +123,7 @@ def encode_value(value: object) -> tuple[bytes | None, str | None]:
                 f"value is not JSON-serialisable ({exc}); convert it to plain "
                 "dict/list/str/int/float/bool/None first (e.g. Decimal -> str)"
             ) from exc
-        return text.encode(), JSON
+        return _utf8(text, "value"), JSON
     raise TypeError(
         f"value must be dict, list, str, bytes or None, got {type(value).__name__}; "
         "serialise it yourself and pass bytes"
@@ -97,16 +133,22 @@ def encode_value(value: object) -> tuple[bytes | None, str | None]:
 def encode_headers(headers: Headers | None) -> tuple[list[str], list[bytes]]:
     if headers is None:
         return [], []
+    if isinstance(headers, str | bytes):
+        raise TypeError("headers must be a mapping or (name, value) pairs, not a single str/bytes")
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     names: list[str] = []
     values: list[bytes] = []
-    for name, raw in pairs:
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise TypeError(f"headers must be (name, value) pairs, got {pair!r}")
+        name, raw = pair
         if not isinstance(name, str) or not name:
             raise TypeError(f"header names must be non-empty str, got {name!r}")
         if name.lower() in RESERVED_HEADERS:
             raise EventError(f"header {name!r} is set by the outbox itself; rename your header")
+        _utf8(name, f"header name {name!r}")
         if isinstance(raw, str):
-            values.append(raw.encode())
+            values.append(_utf8(raw, f"header {name!r}"))
         elif isinstance(raw, bytes):
             values.append(raw)
         else:

@@ -1,4 +1,4 @@
-"""Relay configuration and the producer rules from Kafka's semantics: pure, checked at start-up (I8).
+"""Relay configuration and the producer rules from Kafka's semantics: pure, checked early (I8).
 
 Every librdkafka setting passes through; these rules only refuse combinations
 that would silently break a delivery guarantee, and name the setting and fix.
@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from outbox.errors import ConfigError
+from outbox.codec import check_topic
+from outbox.db import libpq_dsn
+from outbox.errors import ConfigError, EventError
 from outbox.partitioner import SHARD_COUNT
 
 
@@ -53,25 +55,59 @@ _ALIASES = {
     "max.in.flight": "max.in.flight.requests.per.connection",
     "message.send.max.retries": "retries",
     "request.required.acks": "acks",
-    "topic.metadata.refresh.interval.ms": "topic.metadata.refresh.interval.ms",
+    "metadata.broker.list": "bootstrap.servers",
 }
 REPLICA_LAG_TIME_MAX_MS = 30000
 """The broker default that request.timeout.ms should exceed."""
+TRANSACTION_MAX_TIMEOUT_MS = 900000
+"""The broker default transaction.max.timeout.ms: a longer transaction.timeout.ms is refused."""
 
 # Owned by the relay: a user value would break slot fencing or ordering.
-_RELAY_OWNED = ("transactional.id", "partitioner", "bootstrap.servers")
+_RELAY_OWNED = {
+    "transactional.id": "use --transactional-id-prefix",
+    "partitioner": "keys always use murmur2_random (Java-compatible, I3)",
+    "bootstrap.servers": "use --bootstrap-servers",
+}
 
 
 def canonical(name: str) -> str:
+    """librdkafka's alias of a setting mapped to the one name the rules read."""
     return _ALIASES.get(name, name)
+
+
+def _canonical_settings(settings: Mapping[str, object]) -> dict[str, str]:
+    """Settings under their canonical names; of a name and its alias the LAST one wins,
+    as librdkafka applies a configuration dict in order."""
+    return {canonical(k): str(v) for k, v in settings.items()}
 
 
 def _int(settings: Mapping[str, str], name: str) -> int:
     raw = settings.get(name, _DEFAULTS.get(name))
     try:
-        return int(str(raw))
+        return int(str(raw).strip())
     except ValueError:
         raise ConfigError(f"producer setting {name}={raw!r} must be an integer") from None
+
+
+def _bool(settings: Mapping[str, str], name: str, default: bool) -> bool:
+    """A boolean as librdkafka parses it (true/t/1, false/f/0, any case)."""
+    raw = settings.get(name)
+    if raw is None:
+        return default
+    text = str(raw).strip().lower()
+    if text in {"true", "t", "1"}:
+        return True
+    if text in {"false", "f", "0"}:
+        return False
+    raise ConfigError(f"producer setting {name}={raw!r} must be true or false")
+
+
+def _guarantee(value: str) -> Guarantee:
+    try:
+        return Guarantee(value)
+    except ValueError:
+        choices = ", ".join(g.value for g in Guarantee)
+        raise ConfigError(f"--guarantee={value!r} must be one of: {choices}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,19 +131,16 @@ def producer_settings(
     transaction_timeout_ms: int = 60000,
 ) -> ProducerPlan:
     """Build the producer settings for a guarantee and check Kafka's rules on the result."""
+    guarantee = _guarantee(guarantee)
     if not bootstrap_servers.strip():
         raise ConfigError("bootstrap servers are empty: pass --bootstrap-servers host:port[,...]")
-    user = {canonical(k): str(v) for k, v in (overrides or {}).items()}
-    for name in _RELAY_OWNED:
-        if name in user:
+    for name in overrides or {}:
+        fix = _RELAY_OWNED.get(canonical(name))
+        if fix is not None:
             raise ConfigError(
-                f"producer setting {name} is managed by the relay and cannot be overridden: "
-                + {
-                    "transactional.id": "use --transactional-id-prefix",
-                    "partitioner": "keys always use murmur2_random (Java-compatible, I3)",
-                    "bootstrap.servers": "use --bootstrap-servers",
-                }[name]
+                f"producer setting {name} is managed by the relay and cannot be overridden: {fix}"
             )
+    user = _canonical_settings(overrides or {})
     settings: dict[str, str] = {
         "bootstrap.servers": bootstrap_servers,
         "partitioner": "murmur2_random",
@@ -120,8 +153,9 @@ def producer_settings(
     else:
         settings |= {"acks": "all", "enable.idempotence": "true"}
     if guarantee is Guarantee.EXACTLY_ONCE:
-        # librdkafka refuses message.timeout.ms > transaction.timeout.ms.
-        timeout = str(transaction_timeout_ms)
+        # librdkafka refuses message.timeout.ms > transaction.timeout.ms: follow the
+        # transaction timeout, including one given as an override.
+        timeout = user.get("transaction.timeout.ms", str(transaction_timeout_ms))
         settings |= {"transaction.timeout.ms": timeout, "message.timeout.ms": timeout}
     settings |= PROFILES[profile]
     settings |= user
@@ -129,10 +163,16 @@ def producer_settings(
 
 
 def check_producer_rules(settings: Mapping[str, str], guarantee: Guarantee) -> list[str]:
-    """Raise ConfigError for a broken guarantee; return warnings for merely unwise values."""
+    """Raise ConfigError for a broken guarantee; return warnings for merely unwise values.
+
+    Aliases (``delivery.timeout.ms``, ``request.required.acks``...) are read as
+    their canonical names; when both are given the later one wins, as in librdkafka.
+    """
+    guarantee = _guarantee(guarantee)
+    settings = _canonical_settings(settings)
     warnings: list[str] = []
-    acks = settings.get("acks", "all").lower()
-    idempotent = settings.get("enable.idempotence", "false").lower() == "true"
+    acks = str(settings.get("acks", "all")).strip().lower()
+    idempotent = _bool(settings, "enable.idempotence", default=False)
     if guarantee is not Guarantee.AT_MOST_ONCE:
         if acks not in {"all", "-1"}:
             raise ConfigError(
@@ -141,36 +181,58 @@ def check_producer_rules(settings: Mapping[str, str], guarantee: Guarantee) -> l
             )
         if not idempotent:
             raise ConfigError(
-                f"enable.idempotence=false lets retries duplicate and reorder records; "
-                f"--guarantee {guarantee} needs enable.idempotence=true"
+                f"enable.idempotence={settings.get('enable.idempotence', 'false')} lets retries "
+                f"duplicate and reorder records; --guarantee {guarantee} needs "
+                "enable.idempotence=true"
+            )
+    if idempotent:
+        if acks not in {"all", "-1"}:
+            raise ConfigError(
+                f"enable.idempotence=true needs acks=all, got acks={acks}: "
+                "remove -X enable.idempotence=... or -X acks=..."
             )
         if _int(settings, "retries") <= 0:
             raise ConfigError(
-                "retries=0 turns every transient broker error into a failed batch; "
-                "idempotence needs retries > 0 (remove -X retries=...)"
+                f"retries={settings.get('retries')} turns every transient broker error into a "
+                "failed batch; idempotence needs retries > 0 (remove -X retries=...)"
             )
-        if _int(settings, "max.in.flight.requests.per.connection") > 5 and "max.in.flight.requests.per.connection" in settings:
+        # Unset, librdkafka caps it at 5 itself when idempotence is on.
+        in_flight = "max.in.flight.requests.per.connection"
+        if in_flight in settings and _int(settings, in_flight) > 5:
             raise ConfigError(
-                "max.in.flight.requests.per.connection="
-                f"{settings['max.in.flight.requests.per.connection']} can reorder records; "
+                f"{in_flight}={settings[in_flight]} can reorder records; "
                 "idempotence needs a value <= 5"
             )
+    _int(settings, "message.max.bytes")  # read by the relay for every batch: fail here
     linger = _int(settings, "linger.ms")
     request_timeout = _int(settings, "request.timeout.ms")
     delivery_timeout = _int(settings, "message.timeout.ms")
     if delivery_timeout != 0 and delivery_timeout < linger + request_timeout:
+        hint = (
+            " (with --guarantee exactly-once it follows transaction.timeout.ms: raise that)"
+            if guarantee is Guarantee.EXACTLY_ONCE
+            else ""
+        )
         raise ConfigError(
             f"delivery.timeout.ms={delivery_timeout} is shorter than linger.ms + "
             f"request.timeout.ms = {linger + request_timeout}: records would expire before "
-            "their first request could time out; raise delivery.timeout.ms"
+            f"their first request could time out; raise delivery.timeout.ms{hint} or lower "
+            "request.timeout.ms"
         )
     if guarantee is Guarantee.EXACTLY_ONCE:
         txn_timeout = _int(settings, "transaction.timeout.ms")
         if delivery_timeout > txn_timeout or delivery_timeout == 0:
+            shown = "0 (infinite)" if delivery_timeout == 0 else str(delivery_timeout)
             raise ConfigError(
-                f"delivery.timeout.ms={delivery_timeout} exceeds transaction.timeout.ms="
+                f"delivery.timeout.ms={shown} exceeds transaction.timeout.ms="
                 f"{txn_timeout}: a transaction would expire while its records are still being "
                 "retried; set delivery.timeout.ms <= transaction.timeout.ms"
+            )
+        if txn_timeout > TRANSACTION_MAX_TIMEOUT_MS:
+            warnings.append(
+                f"transaction.timeout.ms={txn_timeout} is above the broker's default "
+                f"transaction.max.timeout.ms ({TRANSACTION_MAX_TIMEOUT_MS}): unless the broker "
+                "allows more, init_transactions fails with INVALID_TRANSACTION_TIMEOUT"
             )
     if request_timeout <= REPLICA_LAG_TIME_MAX_MS:
         warnings.append(
@@ -206,6 +268,14 @@ class RelayConfig:
     once: bool = False
 
     def __post_init__(self) -> None:
+        for name, kind in (("guarantee", Guarantee), ("profile", Profile)):
+            raw = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(raw))
+            except ValueError:
+                choices = ", ".join(m.value for m in kind)
+                raise ConfigError(f"--{name}={raw!r} must be one of: {choices}") from None
+        libpq_dsn(self.dsn)  # parse only: a bad --db fails here, without its password
         if not 1 <= self.slots <= SHARD_COUNT:
             raise ConfigError(
                 f"--slots={self.slots} must be between 1 and {SHARD_COUNT} (the shard count); "
@@ -217,12 +287,19 @@ class RelayConfig:
             raise ConfigError(f"--batch-size={self.batch_size} must be between 1 and 100000")
         if self.poll_interval <= 0:
             raise ConfigError(f"--poll-interval={self.poll_interval} must be > 0 seconds")
-        if not self.transactional_id_prefix or not self.transactional_id_prefix.isascii():
+        prefix = self.transactional_id_prefix
+        if not prefix or not prefix.isascii():
+            raise ConfigError(f"--transactional-id-prefix={prefix!r} must be non-empty ASCII")
+        if self.transaction_timeout < 1:
+            # librdkafka's transaction.timeout.ms starts at 1000.
             raise ConfigError(
-                f"--transactional-id-prefix={self.transactional_id_prefix!r} must be non-empty ASCII"
+                f"transaction timeout {self.transaction_timeout} must be at least 1 second"
             )
-        if self.transaction_timeout <= 0:
-            raise ConfigError(f"transaction timeout {self.transaction_timeout} must be > 0 seconds")
+        try:
+            check_topic(self.state_topic)
+        except (EventError, TypeError) as exc:
+            raise ConfigError(f"--state-topic: {exc}") from None
+        self.producer_plan()  # the producer rules too, before anything runs (I8)
 
     def producer_plan(self) -> ProducerPlan:
         return producer_settings(

@@ -26,7 +26,7 @@ _PASSWORD_IN_URL = re.compile(r"(?P<pre>://[^:/?#\s]*:)(?P<secret>[^\n]*)@")
 # quoted values may hold escaped quotes and spaces.
 _PASSWORD_KV = re.compile(
     r"""(?P<pre>password["']?\s*[=:]\s*)"""
-    r"""(?P<secret>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s'"]\S*)""",
+    r"""(?P<secret>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""",
     re.IGNORECASE,
 )
 _BACKENDS = {"postgresql", "postgres"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 
 class Verdict(Enum):
@@ -15,14 +15,16 @@ class Verdict(Enum):
     FATAL = "fatal"  # the producer is unusable: build a new one
 
 
+# Errors about one record that no retry can fix.
 _POISON_CODES = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
         KafkaError.TOPIC_EXCEPTION,  # invalid topic name
         KafkaError.TOPIC_AUTHORIZATION_FAILED,
         KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_RECORD,  # e.g. a null key for a compacted topic
         KafkaError.INVALID_MSG,
+        KafkaError.INVALID_TIMESTAMP,  # created_at outside the topic's timestamp window
         KafkaError._INVALID_ARG,
         KafkaError.POLICY_VIOLATION,
     }
@@ -38,12 +40,18 @@ _FENCED_CODES = frozenset(
 
 
 def classify(err: Any) -> Verdict:
-    """Map a ``KafkaError`` to what the relay should do about it."""
+    """Map a ``KafkaError`` (or a ``KafkaException`` holding one) to the relay's next step.
+
+    Precedence: fenced, then fatal (a fatal producer can send nothing more, so no
+    record can be blamed), then poison, then transient.
+    """
+    if isinstance(err, KafkaException) and err.args:
+        err = err.args[0]
     code = err.code()
     if code in _FENCED_CODES:
         return Verdict.FENCED
-    if code in _POISON_CODES:
-        return Verdict.POISON
     if err.fatal():
         return Verdict.FATAL
+    if code in _POISON_CODES:
+        return Verdict.POISON
     return Verdict.TRANSIENT

@@ -49,6 +49,8 @@ def to_positive(n: int) -> int:
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's Java client (and ``murmur2_random``) picks for ``key``."""
+    if partitions < 1:
+        raise ValueError(f"partitions={partitions} must be at least 1")
     return to_positive(murmur2(key)) % partitions
 
 
@@ -58,7 +60,12 @@ def shard_for(key: bytes | None, event_id: uuid.UUID) -> int:
 
 
 def shards_of_slot(slot: int, slots: int) -> list[int]:
-    """The shards a slot owns: a fixed, disjoint split of all shards."""
+    """The shards a slot owns: a fixed, disjoint split of all shards.
+
+    With ``slots`` above ``SHARD_COUNT`` the extra slots own nothing.
+    """
+    if slots < 1:
+        raise ValueError(f"slots={slots} must be at least 1")
     if not 0 <= slot < slots:
         raise ValueError(f"slot {slot} is outside 0..{slots - 1}")
     return [s for s in range(SHARD_COUNT) if s % slots == slot]

@@ -25,7 +25,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import sql
-from outbox.batching import Marker, jittered, slots_to_release, slots_to_try
+from outbox.batching import Marker, jittered, slots_to_release, slots_to_try, target_share
+from outbox.codec import record_size
 from outbox.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.db import connect, redact
 from outbox.errors import ConfigError, SlotLost, TransientError
@@ -64,12 +65,8 @@ class Row:
 
     @property
     def size(self) -> int:
-        return (
-            len(self.key or b"")
-            + len(self.value or b"")
-            + sum(len(n) + len(v) for n, v in self.headers)
-            + 64
-        )
+        """What librdkafka compares with message.max.bytes."""
+        return record_size(self.key, self.value, self.headers)
 
 
 @dataclass(slots=True)
@@ -504,9 +501,8 @@ class Relay:
             for slot in slots_to_try(
                 owned, self.config.slots, members, start, self.config.max_slots
             ):
-                if self._try_take(slot) and len(self.workers) >= (
-                    self.config.max_slots or SHARD_COUNT
-                ):
+                want = target_share(self.config.slots, members, self.config.max_slots)
+                if self._try_take(slot) and len(self.workers) >= want:
                     break
             if self.config.once:
                 self._finish_once()
