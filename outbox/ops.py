@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from io import StringIO
 
 from rich.console import Console
@@ -14,7 +15,8 @@ from outbox.relay import SLOT_NAMESPACE
 
 def _render(*tables: Table) -> str:
     buf = StringIO()
-    console = Console(file=buf, width=120, color_system=None)
+    width = max(160, shutil.get_terminal_size((160, 24)).columns)
+    console = Console(file=buf, width=width, color_system=None)
     for table in tables:
         console.print(table)
     return buf.getvalue()
@@ -51,8 +53,9 @@ def render_dead(db: str, limit: int) -> str:
     with connect(db, application_name="outbox-dead") as conn:
         rows = conn.execute(sql.LIST_DEAD, {"limit": limit}).fetchall()
     table = Table(title="dead rows (outbox_dead_events)")
-    for col in ("id", "event id", "topic", "value bytes", "attempts", "failed at", "error"):
-        table.add_column(col)
+    for col in ("id", "event id", "topic", "value bytes", "attempts", "failed at"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("error", overflow="fold")
     for r in rows:
         table.add_row(
             str(r["id"]),

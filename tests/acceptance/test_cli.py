@@ -161,3 +161,37 @@ def test_sigterm_finishes_the_batch_and_exits_cleanly(
     counts = Counter(r.event_id for r in kafka.read(topic, total, timeout=60))
     assert set(counts) == set(ids)
     assert max(counts.values()) == 1, "a clean stop published a batch twice"
+
+
+def test_i6_dead_rows_are_listed_and_requeued_after_a_fix(
+    engine: Engine, database_url: str, bootstrap_servers: str, topic: str, kafka: KafkaReader
+) -> None:
+    with Session(engine) as session, session.begin():
+        poison = publish(session, topic=topic, key="k", value=b"x" * 5000)
+        fine = publish(session, topic=topic, key="k", value=b"ok")
+    base = [
+        "relay",
+        "--db",
+        database_url,
+        "-b",
+        bootstrap_servers,
+        "--once",
+        "--transactional-id-prefix",
+        f"dead-{topic}",
+    ]
+    done = run(*base, "-X", "message.max.bytes=2000")
+    assert done.returncode == 0, done.stderr
+    status = run("status", "--db", database_url)
+    assert status.returncode == 0, status.stderr
+    assert "dead rows" in status.stdout
+    listed = run("dead", "list", "--db", database_url)
+    assert str(poison) in listed.stdout
+    assert "message.max.bytes=2000" in listed.stdout
+    assert run("dead", "requeue", "--db", database_url).returncode == 2  # needs ids or --all
+    requeued = run("dead", "requeue", "--db", database_url, "--all")
+    assert "re-queued 1 rows" in requeued.stdout
+    assert _pending(engine) == 1
+    done = run(*base)  # the fix: default message.max.bytes (1 MB)
+    assert done.returncode == 0, done.stderr
+    records = kafka.read(topic, 2)
+    assert [r.event_id for r in records] == [str(fine), str(poison)]

@@ -273,3 +273,31 @@ def test_relay_survives_a_postgres_crash_and_keeps_going(
     handle.stop()
     got = {r.event_id for r in kafka.read(topic, 40)}
     assert got == set(first) | set(second)
+
+
+def test_i4_a_new_owner_fences_the_old_producer_and_the_slot_recovers(
+    engine: Engine,
+    topic: str,
+    bootstrap_servers: str,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+) -> None:
+    """Another producer with the slot's transactional.id fences the relay; the relay fences back."""
+    from confluent_kafka import KafkaException, Producer
+
+    prefix = f"fence-{uuid.uuid4().hex[:6]}"
+    handle = start_relay(slots=1, transactional_id_prefix=prefix)
+    first = _publish_many(engine, topic, 10)
+    wait_for(lambda: _pending(engine) == 0, what="first batch published")
+    intruder = Producer({"bootstrap.servers": bootstrap_servers, "transactional.id": f"{prefix}-0"})
+    intruder.init_transactions(30)  # bumps the epoch: the relay's producer is now a zombie
+    second = _publish_many(engine, topic, 10)
+    wait_for(lambda: handle.relay.stats.fenced >= 1, what="relay notices it was fenced")
+    wait_for(lambda: _pending(engine) == 0, what="relay re-takes the slot and publishes")
+    intruder.begin_transaction()
+    intruder.produce(topic, value=b"zombie")
+    with pytest.raises(KafkaException):
+        intruder.commit_transaction(30)  # fenced in turn by the relay's new producer
+    handle.stop()
+    records = kafka.read(topic, 20)
+    assert {r.event_id for r in records if "outbox-event-id" in r.headers} == set(first + second)
