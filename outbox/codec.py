@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,8 +165,12 @@ def encode_event(
     headers: Headers | None,
     event_id: uuid.UUID | None,
     max_message_bytes: int | None,
+    context_headers: Sequence[tuple[str, bytes]] = (),
 ) -> EncodedEvent:
-    """Validate and encode; raises TypeError/EventError before the caller's transaction sees SQL."""
+    """Validate and encode; raises TypeError/EventError before the caller's transaction sees SQL.
+
+    ``context_headers`` (the trace context) are added unless the caller set the same names.
+    """
     if event_id is None:
         event_id = uuid.uuid4()
     elif not isinstance(event_id, uuid.UUID):
@@ -175,6 +179,10 @@ def encode_event(
     key_bytes = encode_key(key)
     payload, content_type = encode_value(value)
     names, values = encode_headers(headers)
+    for name, raw in context_headers:
+        if name not in names:
+            names.append(name)
+            values.append(raw)
     names.append(EVENT_ID_HEADER)
     values.append(str(event_id).encode())
     if content_type is not None:

@@ -22,6 +22,7 @@ from outbox import sql
 from outbox.codec import EncodedEvent, Headers, encode_event
 from outbox.errors import ConfigError
 from outbox.schema import NOTIFY_CHANNEL
+from outbox.tracing import current_trace_headers
 
 if TYPE_CHECKING:  # the asyncio extension needs greenlet, so only apublish imports it
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -104,6 +105,7 @@ def _prepare(
         headers=headers,
         event_id=event_id,
         max_message_bytes=_settings.max_message_bytes,
+        context_headers=current_trace_headers(),
     )
     return event, _settings.notify if notify is None else notify
 

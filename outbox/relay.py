@@ -31,6 +31,7 @@ from outbox.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.db import connect, redact
 from outbox.errors import ConfigError, SlotLost, TransientError
 from outbox.kafka import Verdict, classify
+from outbox.metrics import RelayMetrics
 from outbox.partitioner import SHARD_COUNT, shards_of_slot
 
 log = logging.getLogger("outbox.relay")
@@ -150,9 +151,19 @@ class SlotWorker(threading.Thread):
         if self._needs_recovery:
             self._recover()
             self._needs_recovery = False
+        started = time.perf_counter()
         rows = self._claim()
         if rows:
             self._publish(rows)
+            self.relay.metrics.batch_size.observe(len(rows))
+            self.relay.metrics.batch_seconds.observe(time.perf_counter() - started)
+            log.debug(
+                "slot %d: published outbox ids %d..%d",
+                self.slot,
+                rows[0].id,
+                rows[-1].id,
+                extra={"slot": self.slot, "batch": f"{self.tid}:{rows[0].id}-{rows[-1].id}"},
+            )
         return bool(rows)
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
@@ -427,7 +438,9 @@ class Relay:
         self._control: psycopg.Connection[dict[str, Any]] | None = None
         self._marker_consumer: Any = None
         self._marker_lock = threading.Lock()
+        self._members = 1
         self.name = f"outbox-relay:{os.getpid()}"
+        self.metrics = RelayMetrics(self)
 
     # -- public ----------------------------------------------------------------
 
@@ -457,6 +470,24 @@ class Relay:
                 listener.join(5)
         return self.stats
 
+    def liveness(self) -> tuple[bool, str]:
+        """Alive while the process runs and has not been told to stop."""
+        return (not self.stop.is_set(), "stopping" if self.stop.is_set() else "running")
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready: database reachable, owning its share of slots, each with a working producer."""
+        if self._control is None or self._control.closed or self._control.broken:
+            return False, "no database connection"
+        with self._lock:
+            workers = list(self.workers.values())
+        want = target_share(self.config.slots, self._members, self.config.max_slots)
+        if len(workers) < want:
+            return False, f"owns {len(workers)} of its {want} slots"
+        starting = [w.slot for w in workers if w.producer is None]
+        if starting:
+            return False, f"slots {starting} are connecting to Kafka"
+        return True, f"owns slots {sorted(w.slot for w in workers)}"
+
     def worker_done(self, worker: SlotWorker) -> None:
         with self._lock:
             if self.workers.get(worker.slot) is worker:
@@ -477,7 +508,7 @@ class Relay:
             )
         self._control.execute(sql.LOCK_SLOT_COUNT, params)
 
-    def _members(self) -> int:
+    def _count_members(self) -> int:
         assert self._control is not None
         row = self._control.execute(
             sql.COUNT_RELAYS, {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
@@ -490,7 +521,7 @@ class Relay:
             with self._lock:
                 owned = sorted(self.workers)
             try:
-                members = self._members()
+                members = self._members = self._count_members()
             except psycopg.OperationalError:
                 log.warning("control connection lost; reconnecting")
                 self._reconnect_control()

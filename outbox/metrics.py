@@ -1,0 +1,110 @@
+"""Prometheus metrics of the relay, read from its counters at scrape time.
+
+Counters live in ``RelayStats`` (plain ints the tests and the demo read too); a
+custom collector exports them, so nothing is counted twice. The backlog (pending
+rows, oldest pending age) is queried on scrape through its own connection and
+cached briefly, so a scrape storm cannot load the database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from outbox import sql
+from outbox.db import connect
+
+if TYPE_CHECKING:
+    from outbox.relay import Relay
+
+BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+# (name, help, RelayStats field): every counter the relay exports.
+RELAY_COUNTERS = (
+    (
+        "outbox_relay_events_published",
+        "Events in committed Kafka transactions (then deleted).",
+        "published",
+    ),
+    ("outbox_relay_batches", "Batches published (one Kafka transaction each).", "batches"),
+    ("outbox_relay_kafka_aborts", "Kafka transactions aborted (the batch is retried).", "aborts"),
+    ("outbox_relay_fenced", "Times a slot's producer was fenced by a newer owner.", "fenced"),
+    ("outbox_relay_dead_rows", "Poison rows moved to outbox_dead_events (I6).", "dead"),
+    (
+        "outbox_relay_recovered_rows",
+        "Rows deleted on takeover: the last marker named them (I4).",
+        "recovered",
+    ),
+    ("outbox_relay_retries", "Transient failures retried with backoff.", "retries"),
+)
+
+
+class RelayMetrics:
+    """The relay's registry: histograms observed by the workers plus the stats collector."""
+
+    def __init__(self, relay: Relay, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.batch_size = Histogram(
+            "outbox_relay_batch_size",
+            "Rows per published batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "outbox_relay_batch_duration_seconds",
+            "Claim + produce + Kafka commit + delete of one batch.",
+            registry=self.registry,
+        )
+        self.registry.register(_RelayCollector(relay))
+
+
+class _RelayCollector(Collector):
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._backlog: tuple[float, list[dict[str, Any]]] = (0.0, [])
+
+    def _pending(self) -> list[dict[str, Any]]:
+        with self._lock:
+            fetched_at, rows = self._backlog
+            if time.monotonic() - fetched_at < 5.0:
+                return rows
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(self.relay.config.dsn, application_name="outbox-metrics")
+                    self._conn.execute("SET statement_timeout = '2s'")
+                rows = self._conn.execute(sql.PENDING_BY_TOPIC).fetchall()
+            except (psycopg.Error, ConnectionError):
+                self._conn = None
+                rows = []
+            self._backlog = (time.monotonic(), rows)
+            return rows
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.relay.stats
+        for name, help_text, field in RELAY_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=getattr(stats, field))
+        yield GaugeMetricFamily(
+            "outbox_relay_slots_owned", "Slots this process owns.", value=len(self.relay.workers)
+        )
+        pending = GaugeMetricFamily(
+            "outbox_pending_rows", "Committed events not yet published.", labels=["topic"]
+        )
+        oldest = GaugeMetricFamily(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending event: the outbox lag.",
+            labels=["topic"],
+        )
+        for row in self._pending():
+            pending.add_metric([row["topic"]], row["pending"])
+            oldest.add_metric([row["topic"]], row["oldest_age_s"] or 0.0)
+        yield pending
+        yield oldest
