@@ -51,11 +51,12 @@ def run(cmd: list[str]) -> int:
 
 
 def test(extra: list[str]) -> int:
-    """Lint, type-check, then the whole pytest suite (it starts its own services)."""
+    """Lint, type-check, validate docker-compose.yml, then the whole pytest suite."""
     for cmd in (
         [str(BIN / "ruff"), "check", "."],
         [str(BIN / "ruff"), "format", "--check", "."],
         [str(BIN / "mypy")],
+        ["bash", "scripts/check-compose.sh"],  # docker compose config, no Docker engine needed
     ):
         if (rc := run(cmd)) != 0:
             return rc

@@ -416,7 +416,14 @@ class SlotWorker(threading.Thread):
         failures: dict[int, Any] = {}
         self._produce(rows, failures)
         self.producer.flush(self.config.transaction_timeout)
-        done = [r.id for r in rows if r.id not in failures]
+        # Rows after a transiently failed one stay too (they are re-sent): per-key order (I3).
+        retry_from = min(
+            (i for i, e in failures.items() if classify(e) is not Verdict.POISON),
+            default=None,
+        )
+        done = [
+            r.id for r in rows if r.id not in failures and (retry_from is None or r.id < retry_from)
+        ]
         if done:
             self._delete_rows(done)
         self.relay.stats.add(published=len(done), batches=1)
