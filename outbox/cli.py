@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from outbox.config import Guarantee, Profile, RelayConfig, parse_overrides
 from outbox.db import redact
 from outbox.errors import ConfigError, OutboxError
+from outbox.logs import setup_logging
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from outbox.health import HealthServer
 
 app = typer.Typer(
     help="Transactional outbox for PostgreSQL + Kafka: migrate, relay, inspect, demo.",
@@ -48,17 +54,49 @@ LogLevel = Annotated[
 ]
 
 
-class _RedactingFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+LogFormat = Annotated[
+    str,
+    typer.Option(
+        "--log-format", envvar="OUTBOX_LOG_FORMAT", help="text, or json (one object per line)."
+    ),
+]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        envvar="OUTBOX_METRICS_PORT",
+        help="Serve /metrics, /healthz and /readyz on this port (off when unset).",
+    ),
+]
+MetricsHost = Annotated[
+    str, typer.Option(envvar="OUTBOX_METRICS_HOST", help="Address for the metrics endpoint.")
+]
 
 
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        _RedactingFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
-    )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    if log_format not in {"text", "json"}:
+        raise _fail(ConfigError(f"--log-format={log_format!r}: use text or json"))
+    setup_logging(level, json_lines=log_format == "json")
+
+
+def _serve_health(
+    host: str, port: int | None, runner: Any, registry: CollectorRegistry
+) -> HealthServer | None:
+    """The per-process HTTP endpoint, when a port is configured."""
+    if port is None:
+        return None
+    from outbox.health import HealthServer
+
+    try:
+        return HealthServer(
+            host=host,
+            port=port,
+            registry=registry,
+            live=runner.liveness,
+            ready=runner.readiness,
+        ).start()
+    except OSError as exc:
+        msg = f"--metrics-port={port}: cannot listen on {host}:{port}: {exc}"
+        raise _fail(ConfigError(msg)) from None
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -161,15 +199,16 @@ def relay(
         str,
         typer.Option(envvar="OUTBOX_STATE_TOPIC", help="Compacted topic of recovery markers."),
     ] = "outbox.relay-state",
-    once: Annotated[
-        bool, typer.Option("--once", help="Drain what is pending, then exit.")
-    ] = False,
+    once: Annotated[bool, typer.Option("--once", help="Drain what is pending, then exit.")] = False,
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = "text",
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "0.0.0.0",  # noqa: S104 - a container's probe port
 ) -> None:
     """Publish committed outbox rows to Kafka, one transaction per batch, then delete them."""
     from outbox.relay import Relay
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     try:
         overrides = _read_properties(producer_config) if producer_config else {}
         overrides |= parse_overrides(producer_setting or [])
@@ -192,10 +231,14 @@ def relay(
     except (ConfigError, ConnectionError) as exc:
         raise _fail(exc) from None
     _stop_on_signals(runner.stop)
+    server = _serve_health(metrics_host, metrics_port, runner, runner.metrics.registry)
     try:
         stats = runner.run()
     except (ConfigError, ConnectionError) as exc:
         raise _fail(exc) from None
+    finally:
+        if server is not None:
+            server.stop()
     logging.getLogger("outbox.relay").info(
         "stopped: %d events published in %d batches, %d dead, %d recovered",
         stats.published,
@@ -249,7 +292,9 @@ def dead_requeue(
 def demo(
     db: Annotated[
         str | None,
-        typer.Option("--db", envvar="OUTBOX_DEMO_DB", help="Use this PostgreSQL (default: embedded)."),
+        typer.Option(
+            "--db", envvar="OUTBOX_DEMO_DB", help="Use this PostgreSQL (default: embedded)."
+        ),
     ] = None,
     bootstrap_servers: Annotated[
         str | None,
@@ -281,9 +326,105 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+def _dedup_window(hours: float) -> timedelta:
+    if hours <= 0:
+        raise ConfigError(f"--dedup-window-hours={hours} must be > 0 (e.g. 168 for a week)")
+    return timedelta(hours=hours)
+
+
+@app.command()
+def consume(
+    consumer_class: Annotated[
+        str,
+        typer.Argument(
+            help="Your IdempotentConsumer subclass, module:Class (e.g. mypkg.projector:Projector).",
+            show_default=False,
+        ),
+    ],
+    db: Db,
+    bootstrap_servers: Bootstrap,
+    topic: Annotated[
+        list[str] | None,
+        typer.Option("--topic", "-t", help="Consume these instead of the class's (repeatable)."),
+    ] = None,
+    group_id: Annotated[
+        str | None,
+        typer.Option(envvar="OUTBOX_CONSUMER_GROUP_ID", help="Instead of the class's group_id."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            envvar="OUTBOX_CONSUMER_BATCH_SIZE",
+            help="Records per database transaction (default: the class's, 100).",
+        ),
+    ] = None,
+    consumer_setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-X",
+            help="Any librdkafka consumer setting, key=value (repeatable), e.g. "
+            "-X session.timeout.ms=10000.",
+        ),
+    ] = None,
+    consumer_config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OUTBOX_CONSUMER_CONFIG",
+            help="File of key=value consumer settings (e.g. SASL/TLS); -X wins over it.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    dedup_window_hours: Annotated[
+        float | None,
+        typer.Option(
+            envvar="OUTBOX_DEDUP_WINDOW_HOURS",
+            help="Keep dedup records this long (default: the class's, 168); must exceed the "
+            "longest time after which an event can be delivered again.",
+        ),
+    ] = None,
+    log_level: LogLevel = "INFO",
+    log_format: LogFormat = "text",
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "0.0.0.0",  # noqa: S104 - a container's probe port
+) -> None:
+    """Run a deduplicating consumer: each event's effects and its dedup record in one DB
+    transaction, the Kafka offset committed after it; failures dead-lettered to <topic>.DLT."""
+    from consumer import DeadLetterError, load_consumer_class
+
+    _setup_logging(log_level, log_format)
+    try:
+        cls = load_consumer_class(consumer_class)
+        settings = _read_properties(consumer_config) if consumer_config else {}
+        settings |= parse_overrides(consumer_setting or [])
+        options: dict[str, Any] = {"settings": settings}
+        if topic:
+            options["topics"] = topic
+        if group_id is not None:
+            options["group_id"] = group_id
+        if batch_size is not None:
+            options["batch_size"] = batch_size
+        if dedup_window_hours is not None:
+            options["dedup_window"] = _dedup_window(dedup_window_hours)
+        runner = cls(db, bootstrap_servers, **options)
+    except (ConfigError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    _stop_on_signals(runner.stop)
+    from outbox.metrics import ConsumerMetrics
+
+    server = _serve_health(metrics_host, metrics_port, runner, ConsumerMetrics(runner).registry)
+    try:
+        runner.run()
+    except (ConfigError, ConnectionError, DeadLetterError) as exc:
+        raise _fail(exc) from None
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def main() -> None:
     app(prog_name="outbox")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -13,16 +14,32 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import Column, Integer, MetaData, String, Table as SATable, create_engine, func, select, text
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    create_engine,
+    func,
+    select,
+    text,
+)
+from sqlalchemy import (
+    Table as SATable,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from consumer import Event, IdempotentConsumer, RetryPolicy
 from outbox.config import RelayConfig
 from outbox.db import sqlalchemy_url
+from outbox.kafka import message_headers
 from outbox.migrate import upgrade
 from outbox.publish import publish
 from outbox.relay import Relay
@@ -35,6 +52,128 @@ orders = SATable(
     Column("customer", String, nullable=False),
     Column("seq", Integer, nullable=False),
 )
+
+effects = SATable(
+    "demo_order_effects",
+    demo_metadata,
+    Column("event_id", String, nullable=False),  # deliberately not unique: doubles would show
+    Column("customer", String, nullable=False),
+    Column("seq", Integer, nullable=False),
+)
+
+REPLAYED = 50
+"""Records the demo sends to the topic a second time (same event id), as a relay replay would."""
+
+CONSUMER_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+"""A short session timeout: the group join takes ~3 s on Tansu instead of ~23 s."""
+
+
+class DemoProjector(IdempotentConsumer):
+    """Applies each order event once: one row in ``demo_order_effects`` per event."""
+
+    group_id = "outbox-demo"
+    retry = RetryPolicy(attempts=3, initial_backoff=0.1, max_backoff=1.0)
+
+    def handle(self, session: Session, event: Event) -> None:
+        order = event.value
+        session.execute(
+            effects.insert().values(event_id=event.id, customer=order["customer"], seq=order["seq"])
+        )
+
+
+@dataclass
+class ConsumerRun:
+    """The deduplicating consumer of the demo, in a thread."""
+
+    projector: DemoProjector
+    thread: threading.Thread
+    error: BaseException | None = None
+    replayed: int = 0
+    applied_rows: int = 0
+    distinct_events: int = 0
+    matches_committed: bool = False
+
+
+def _start_consumer(engine: Engine, bootstrap: str, topic: str) -> ConsumerRun:
+    projector = DemoProjector(
+        engine,
+        bootstrap,
+        topics=[topic],
+        group_id=f"outbox-demo-{topic}",
+        batch_size=500,
+        settings=CONSUMER_SETTINGS,
+    )
+    run = ConsumerRun(projector, threading.Thread(name="consumer", daemon=True))
+
+    def target() -> None:
+        try:
+            projector.run()
+        except BaseException as exc:
+            run.error = exc
+
+    run.thread = threading.Thread(target=target, name="consumer", daemon=True)
+    run.thread.start()
+    return run
+
+
+def _create_topic(bootstrap: str, topic: str) -> None:
+    """Create the topic up front, so the consumer's subscription finds it at once."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive its futures
+    futures = admin.create_topics([NewTopic(topic, 4)], operation_timeout=30)
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+
+def _replay(bootstrap: str, topic: str, count: int) -> int:
+    """Send the first ``count`` records of the topic again, unchanged (a relay replay)."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"outbox-demo-replay-{uuid.uuid4()}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    records: list[Any] = []  # (key, value, headers), as read
+    try:
+        parts = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        reader.assign([TopicPartition(topic, p, 0) for p in parts])
+        deadline = time.monotonic() + 30
+        while len(records) < count and time.monotonic() < deadline:
+            msg = reader.poll(0.5)
+            if msg is not None and not msg.error():
+                records.append((msg.key(), msg.value(), msg.headers() or []))
+    finally:
+        reader.close()
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for key, value, headers in records:
+        producer.produce(topic, key=key, value=value, headers=headers)
+    producer.flush(30)
+    return len(records)
+
+
+def _finish_consumer(run: ConsumerRun, engine: Engine, ledger: Ledger, progress: Progress) -> None:
+    """Wait until every committed event is applied and every replay skipped, then stop."""
+    task = progress.add_task("consumer -> effects (applied)", total=len(ledger.committed_ids))
+    stats = run.projector.stats
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.thread.is_alive():
+        progress.update(task, completed=stats.applied)
+        if stats.applied >= len(ledger.committed_ids) and stats.duplicates >= run.replayed:
+            break
+        time.sleep(0.1)  # progress refresh only
+    run.projector.stop.set()
+    run.thread.join(60)
+    progress.update(task, completed=stats.applied)
+    with engine.connect() as conn:
+        rows = conn.execute(select(effects.c.event_id)).scalars().all()
+    run.applied_rows = len(rows)
+    run.distinct_events = len(set(rows))
+    run.matches_committed = set(rows) == ledger.committed_ids
 
 
 @dataclass
@@ -61,7 +200,9 @@ def _services(console: Console, db: str | None, bootstrap: str | None) -> Iterat
         yield db, bootstrap
 
 
-def _write(engine: Engine, ledger: Ledger, topic: str, writer: int, n: int, ratio: float, tick: Any) -> None:
+def _write(
+    engine: Engine, ledger: Ledger, topic: str, writer: int, n: int, ratio: float, tick: Any
+) -> None:
     rng = random.Random(writer)
     seqs: dict[str, int] = defaultdict(int)
     for i in range(n):
@@ -92,7 +233,9 @@ def _write(engine: Engine, ledger: Ledger, topic: str, writer: int, n: int, rati
         tick()
 
 
-def _read_topic(bootstrap: str, topic: str, expected: int, progress: Progress) -> list[tuple[str, str, int]]:
+def _read_topic(
+    bootstrap: str, topic: str, expected: int, progress: Progress
+) -> list[tuple[str, str, int]]:
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -105,54 +248,80 @@ def _read_topic(bootstrap: str, topic: str, expected: int, progress: Progress) -
     task = progress.add_task("reading the topic back", total=expected)
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in parts
+        }
         consumer.assign([TopicPartition(topic, p, 0) for p in parts])
         seen: list[tuple[str, str, int]] = []
         remaining = {p for p, end in ends.items() if end > 0}
         deadline = time.monotonic() + 60
         while remaining and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
-            if msg is None or msg.error():
+            if msg is None:
+                # A transactional partition ends with a commit marker, never delivered as a
+                # message: the position passing the end offset says the partition is done.
+                for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
+                    if tp.offset >= ends[tp.partition]:
+                        remaining.discard(tp.partition)
                 continue
-            headers = dict(msg.headers() or [])
-            import json
-
-            value = json.loads(msg.value())
-            seen.append((headers["outbox-event-id"].decode(), value["customer"], value["seq"]))
+            if msg.error():
+                continue
+            event_id = message_headers(msg)["outbox-event-id"].decode()
+            value = json.loads(msg.value() or b"{}")
+            seen.append((event_id, value["customer"], value["seq"]))
             progress.advance(task)
-            if msg.offset() >= ends[msg.partition()] - 1:
-                remaining.discard(msg.partition())
+            if (msg.offset() or 0) >= ends[msg.partition() or 0] - 1:
+                remaining.discard(msg.partition() or 0)
         return seen
     finally:
         consumer.close()
 
 
 def run_demo(
-    *, db: str | None, bootstrap_servers: str | None, events: int, writers: int, rollback_ratio: float
+    *,
+    db: str | None,
+    bootstrap_servers: str | None,
+    events: int,
+    writers: int,
+    rollback_ratio: float,
 ) -> bool:
     console = Console()
     topic = f"demo.orders.{uuid.uuid4().hex[:8]}"
     with _services(console, db, bootstrap_servers) as (dsn, bootstrap):
         url = sqlalchemy_url(dsn)
         upgrade(url)
-        engine = create_engine(url, pool_size=writers + 2)
+        engine = create_engine(url, pool_size=writers + 4)
         demo_metadata.create_all(engine)
         ledger = Ledger()
+        _create_topic(bootstrap, topic)
         relay = Relay(RelayConfig(dsn=url, bootstrap_servers=bootstrap, slots=2, poll_interval=0.2))
         relay_thread = threading.Thread(target=relay.run, name="relay", daemon=True)
         relay_thread.start()
+        consumer = _start_consumer(engine, bootstrap, topic)
         started = time.monotonic()
         with Progress(
-            TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description:<34}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             console=console,
         ) as progress:
             write_task = progress.add_task(f"{writers} writers -> outbox", total=events)
             relay_task = progress.add_task("relay -> Kafka (published)", total=None)
-            per_writer = [events // writers + (1 if w < events % writers else 0) for w in range(writers)]
+            per_writer = [
+                events // writers + (1 if w < events % writers else 0) for w in range(writers)
+            ]
             with ThreadPoolExecutor(writers) as pool:
                 futures = [
                     pool.submit(
-                        _write, engine, ledger, topic, w, n, rollback_ratio,
+                        _write,
+                        engine,
+                        ledger,
+                        topic,
+                        w,
+                        n,
+                        rollback_ratio,
                         lambda: progress.advance(write_task),
                     )
                     for w, n in enumerate(per_writer)
@@ -166,7 +335,9 @@ def run_demo(
             deadline = time.monotonic() + 120
             with engine.connect() as conn:
                 while time.monotonic() < deadline:
-                    pending = conn.execute(select(func.count()).select_from(text("outbox_events"))).scalar_one()
+                    pending = conn.execute(
+                        select(func.count()).select_from(text("outbox_events"))
+                    ).scalar_one()
                     progress.update(relay_task, completed=relay.stats.published)
                     if pending == 0:
                         break
@@ -176,11 +347,20 @@ def run_demo(
             relay_thread.join(60)
             drained = time.monotonic() - started
             seen = _read_topic(bootstrap, topic, len(ledger.committed_ids), progress)
+            consumer.replayed = _replay(bootstrap, topic, REPLAYED)
+            _finish_consumer(consumer, engine, ledger, progress)
         engine.dispose()
-    return _report(console, ledger, seen, relay, drained)
+    return _report(console, ledger, seen, relay, drained, consumer)
 
 
-def _report(console: Console, ledger: Ledger, seen: list[tuple[str, str, int]], relay: Relay, seconds: float) -> bool:
+def _report(
+    console: Console,
+    ledger: Ledger,
+    seen: list[tuple[str, str, int]],
+    relay: Relay,
+    seconds: float,
+    consumer: ConsumerRun,
+) -> bool:
     arrived_ids = [s[0] for s in seen]
     arrived = set(arrived_ids)
     duplicates = len(arrived_ids) - len(arrived)
@@ -208,7 +388,28 @@ def _report(console: Console, ledger: Ledger, seen: list[tuple[str, str, int]], 
         table.add_row(name, str(value))
     table.add_row("per-key order preserved", "yes" if order_ok else "NO")
     table.add_row("seconds to drain", f"{seconds:.1f}")
+    stats = consumer.projector.stats
+    for name, value in [
+        ("consumer: records replayed (same event id)", consumer.replayed),
+        ("consumer: duplicates skipped", stats.duplicates),
+        ("consumer: effects applied (rows)", consumer.applied_rows),
+        ("consumer: distinct events applied", consumer.distinct_events),
+    ]:
+        table.add_row(name, str(value))
+    effects_ok = (
+        consumer.error is None
+        and consumer.matches_committed
+        and consumer.applied_rows == consumer.distinct_events == len(ledger.committed_ids)
+    )
+    table.add_row("effects applied == events committed", "yes" if effects_ok else "NO")
     console.print(table)
-    ok = not missing and not phantom and order_ok and duplicates == 0
-    console.print("[bold green]OK[/]: every committed event arrived once, in order" if ok else "[bold red]MISMATCH[/]")
+    if consumer.error is not None:
+        error = consumer.error
+        console.print(f"[bold red]consumer failed[/]: {type(error).__name__}: {error}")
+    ok = not missing and not phantom and order_ok and duplicates == 0 and effects_ok
+    console.print(
+        "[bold green]OK[/]: every committed event arrived once, in order, and was applied once"
+        if ok
+        else "[bold red]MISMATCH[/]"
+    )
     return ok

@@ -55,3 +55,13 @@ def classify(err: Any) -> Verdict:
     if code in _POISON_CODES:
         return Verdict.POISON
     return Verdict.TRANSIENT
+
+
+def message_headers(msg: Any) -> dict[str, bytes]:
+    """A consumed record's headers as ``{name: bytes}`` (the last value wins on repeats)."""
+    raw = msg.headers() or []
+    pairs: list[tuple[str, Any]] = list(raw.items() if isinstance(raw, dict) else raw)
+    return {
+        name: value if isinstance(value, bytes) else str(value or "").encode()
+        for name, value in pairs
+    }

@@ -74,3 +74,16 @@ dead_events = Table(
     Column("attempts", Integer, nullable=False, server_default="1"),
     comment="Poison rows Kafka refused for good (I6), kept with their error until re-queued.",
 )
+
+processed_events = Table(
+    "outbox_processed_events",
+    metadata,
+    Column("group_id", Text, primary_key=True),
+    Column("event_id", Text, primary_key=True),
+    Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("outbox_processed_events_group_processed_at", "group_id", "processed_at"),
+    comment=(
+        "Dedup records of consumers (I5): one row per consumer group and event applied; "
+        "purged after the dedup window."
+    ),
+)

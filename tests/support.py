@@ -7,9 +7,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from confluent_kafka import Consumer, TopicPartition
+
+from outbox.kafka import message_headers
 
 T = TypeVar("T")
 
@@ -76,11 +78,7 @@ class KafkaReader:
             if msg.error():
                 continue
             _ts_type, ts = msg.timestamp()
-            headers: dict[str, bytes] = {}
-            got = msg.headers() or []
-            pairs: list[tuple[str, Any]] = list(got.items() if isinstance(got, dict) else got)
-            for name, raw in pairs:
-                headers[name] = raw if isinstance(raw, bytes) else str(raw).encode()
+            headers = message_headers(msg)
             key, value = msg.key(), msg.value()
             records.append(
                 Record(

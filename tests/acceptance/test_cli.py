@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -195,3 +196,54 @@ def test_i6_dead_rows_are_listed_and_requeued_after_a_fix(
     assert done.returncode == 0, done.stderr
     records = kafka.read(topic, 2)
     assert [r.event_id for r in records] == [str(fine), str(poison)]
+
+
+def test_relay_process_serves_health_and_metrics(
+    database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    from outbox.embedded import free_port
+
+    port = free_port()
+    args = [
+        "relay",
+        "--db",
+        database_url,
+        "-b",
+        bootstrap_servers,
+        "--metrics-port",
+        str(port),
+        "--metrics-host",
+        "127.0.0.1",
+        "--log-format",
+        "json",
+        "--transactional-id-prefix",
+        f"health-{topic}",
+    ]
+    proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    try:
+        wait_for(lambda: status("/readyz") == 200, timeout=60, what="relay ready")
+        assert status("/healthz") == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            body = resp.read().decode()
+        assert "outbox_relay_slots_owned 4.0" in body
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    first = stderr.decode().splitlines()[0]
+    assert json.loads(first)["logger"].startswith("outbox")

@@ -1,0 +1,624 @@
+"""The deduplicating consumer: exactly-once effects from at-least-once delivery (I5, I7).
+
+One loop, one thread: ``consume()`` up to ``batch_size`` records, apply them in
+ONE database transaction that also inserts their dedup records (a duplicate's
+insert finds its row, so its handler is skipped), commit it, and only then
+commit the Kafka offsets, synchronously. A crash anywhere in between re-reads
+records whose effects either rolled back with the transaction or are found in
+the dedup table.
+
+A handler that fails inside a batch rolls the whole batch back; the batch is
+then redone one record at a time, each with the retry policy, so one bad
+record holds back nobody else. A record that keeps failing is dead-lettered
+through the outbox in the same transaction that marks it processed.
+
+Rebalance callbacks only run inside ``consume()``/``close()``, i.e. between
+batches, so the batch in hand is always finished when partitions are revoked;
+the revoke callback commits what is still pending for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from types import EllipsisType
+from typing import Any, ClassVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from sqlalchemy import Engine, create_engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+
+from consumer.config import DEFAULT_DEDUP_WINDOW, ConsumerConfig, parse_topics
+from consumer.deadletter import dead_letter_headers, dead_letter_id
+from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key
+from consumer.event import (
+    Event,
+    EventTypes,
+    Record,
+    UndecodableEvent,
+    decode_event,
+    outbox_event_id,
+)
+from consumer.purge import PurgeSchedule, purge_processed
+from consumer.retry import Action, Reason, RetryPolicy, is_infrastructure_error, sqlstate
+from outbox.codec import JSON
+from outbox.db import redact, sqlalchemy_url
+from outbox.errors import ConfigError, OutboxError
+from outbox.publish import publish
+
+log = logging.getLogger("outbox.consumer")
+
+
+class DeadLetterError(OutboxError):
+    """A record could not even be dead-lettered (e.g. an illegal DLT topic): the consumer stops."""
+
+
+class _Stopped(Exception):
+    """Stop was requested while waiting; the record in hand is left for the next run."""
+
+
+class _HandlerFailed(Exception):
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+class Outcome(Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    DEAD_LETTERED = "dead-lettered"
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters of one consumer (read by the demo, the CLI and tests; written by its loop only)."""
+
+    applied: int = 0  # handler ran and its transaction committed
+    duplicates: int = 0  # skipped: the dedup record was already there
+    dead_lettered: int = 0  # sent to <topic>.DLT through the outbox
+    retries: int = 0  # handler re-runs after a failure of the record
+    outages: int = 0  # database failures retried without counting against the record
+    transactions: int = 0  # database transactions committed
+    fallbacks: int = 0  # batches redone one record at a time
+    offset_commits: int = 0
+    purged: int = 0  # dedup records purged
+
+
+@dataclass(slots=True)
+class _Item:
+    record: Record
+    key: str
+    event: Event | None
+    error: UndecodableEvent | None
+
+
+class IdempotentConsumer:
+    """Subclass it, set ``topics`` and ``group_id``, implement ``handle``, call ``run()``.
+
+    ``handle(session, event)`` runs inside the database transaction that also
+    records ``event.id`` as processed for ``group_id``; write through
+    ``session`` (and ``outbox.publish(session, ...)`` for downstream events) and
+    never commit it yourself. Class attributes give the defaults; the
+    constructor's keyword arguments override them per instance. ``stop`` is a
+    ``threading.Event``: set it (the CLI does on SIGTERM/SIGINT) and ``run()``
+    returns after the record in hand.
+    """
+
+    topics: ClassVar[Sequence[str]] = ()
+    group_id: ClassVar[str] = ""
+    batch_size: ClassVar[int] = 100
+    retry: ClassVar[RetryPolicy] = RetryPolicy()
+    event_types: ClassVar[EventTypes | None] = None
+    dedup_window: ClassVar[timedelta | None] = DEFAULT_DEDUP_WINDOW
+    purge_interval: ClassVar[float] = 600.0
+    consumer_settings: ClassVar[Mapping[str, str]] = {}
+    default_content_type: ClassVar[str] = JSON
+
+    def __init__(
+        self,
+        db: str | Engine,
+        bootstrap_servers: str,
+        *,
+        topics: Sequence[str] | None = None,
+        group_id: str | None = None,
+        batch_size: int | None = None,
+        retry: RetryPolicy | None = None,
+        settings: Mapping[str, str] | None = None,
+        dedup_window: timedelta | EllipsisType | None = ...,
+        purge_interval: float | None = None,
+        poll_timeout: float = 1.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        cls = type(self)
+        if cls.handle is IdempotentConsumer.handle:
+            raise ConfigError(
+                f"{cls.__qualname__} does not implement handle(self, session, event): "
+                "override it with the code that applies one event"
+            )
+        self.config = ConsumerConfig(
+            bootstrap_servers=bootstrap_servers,
+            topics=parse_topics(topics if topics is not None else cls.topics),
+            group_id=group_id if group_id is not None else cls.group_id,
+            batch_size=batch_size if batch_size is not None else cls.batch_size,
+            poll_timeout=poll_timeout,
+            retry=retry if retry is not None else cls.retry,
+            settings={**cls.consumer_settings, **(settings or {})},
+            dedup_window=(
+                cls.dedup_window if isinstance(dedup_window, EllipsisType) else dedup_window
+            ),
+            purge_interval=purge_interval if purge_interval is not None else cls.purge_interval,
+            default_content_type=cls.default_content_type,
+        )
+        if cls.event_types is not None and not isinstance(cls.event_types, EventTypes):
+            raise ConfigError(f"{cls.__qualname__}.event_types must be an EventTypes registry")
+        if isinstance(db, Engine):
+            self.engine, self._owns_engine = db, False
+        else:
+            self.engine = create_engine(sqlalchemy_url(db), pool_pre_ping=True, pool_size=2)
+            self._owns_engine = True
+        self.stop = stop if stop is not None else threading.Event()
+        self.stats = ConsumerStats()
+        self.assignment: frozenset[tuple[str, int]] = frozenset()
+        self.joined = False
+        self._pending: dict[tuple[str, int], int] = {}
+        self._kafka: Any = None
+        self._purge = PurgeSchedule(self.config.purge_interval)
+
+    # -- the user's part ---------------------------------------------------------
+
+    def handle(self, session: Session, event: Event) -> None:
+        """Apply one event through ``session`` (inside the dedup transaction). Override this."""
+        raise NotImplementedError
+
+    def dedup_key(self, record: Record) -> str | None:
+        """The dedup key of a record that did not come through the outbox (no ``outbox-event-id``).
+
+        Override for other producers' records (e.g. return a message-id header);
+        None falls back to ``topic/partition/offset``, which only catches re-reads
+        of the same record, not the same event produced twice.
+        """
+        return None
+
+    def on_committed(self, events: Sequence[Event]) -> None:
+        """Called after the DB transaction that applied ``events`` committed, before the
+        Kafka offsets are committed (metrics, cache invalidation). Must not raise."""
+
+    # -- operations ----------------------------------------------------------------
+
+    def liveness(self) -> tuple[bool, str]:
+        return (not self.stop.is_set(), "stopping" if self.stop.is_set() else "running")
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once it joined its group (a member may legitimately own no partition)."""
+        if self._kafka is None or not self.joined:
+            return False, "joining the consumer group"
+        return True, f"assigned {len(self.assignment)} partitions"
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records behind per assigned partition, from librdkafka's cached watermarks."""
+        kafka = self._kafka
+        if kafka is None:
+            return {}
+        from confluent_kafka import TopicPartition
+
+        out: dict[tuple[str, int], int] = {}
+        try:
+            for tp in kafka.position([TopicPartition(t, p) for t, p in self.assignment]):
+                _low, high = kafka.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        except Exception:
+            return out
+        return out
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> ConsumerStats:
+        """Consume until ``stop`` is set; returns the counters."""
+        plan = self.config.plan()
+        for warning in plan.warnings:
+            log.warning("%s", warning)
+        try:
+            self._check_database()
+            self._kafka = self._new_consumer(plan.settings)
+        except BaseException:
+            if self._owns_engine:
+                self.engine.dispose()
+            raise
+        self._kafka.subscribe(
+            list(self.config.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        log.info(
+            "consumer group %r: consuming %s (batches of %d)",
+            self.config.group_id,
+            ", ".join(self.config.topics),
+            self.config.batch_size,
+        )
+        try:
+            while not self.stop.is_set():
+                self._maybe_purge()
+                messages = self._kafka.consume(
+                    num_messages=self.config.batch_size, timeout=self.config.poll_timeout
+                )
+                records = self._records(messages)
+                if records:
+                    self._process(records)
+                self._commit_offsets()
+        finally:
+            try:
+                self._commit_offsets()  # only records whose DB transaction committed
+            finally:
+                self._kafka.close()  # leaves the group; on_revoke commits anything left
+                self._kafka = None
+                if self._owns_engine:
+                    self.engine.dispose()
+        log.info(
+            "consumer group %r stopped: %d applied, %d duplicates skipped, %d dead-lettered",
+            self.config.group_id,
+            self.stats.applied,
+            self.stats.duplicates,
+            self.stats.dead_lettered,
+        )
+        return self.stats
+
+    def _new_consumer(self, plan_settings: Mapping[str, str]) -> Any:
+        settings: dict[str, Any] = dict(plan_settings)
+        settings["error_cb"] = self._on_kafka_error
+        settings["logger"] = logging.getLogger("outbox.librdkafka")
+        try:
+            return Consumer(settings)
+        except KafkaException as exc:
+            raise ConfigError(
+                f"librdkafka refused the consumer settings: {exc.args[0].str()} "
+                "(check the -X / consumer_settings names and values)"
+            ) from None
+
+    def _check_database(self) -> None:
+        """Fail before joining the group when the database or the dedup table is missing (I8)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(CHECK_TABLE)
+        except sa_exc.ProgrammingError as exc:
+            if sqlstate(exc) == "42P01":  # undefined_table
+                raise ConfigError(
+                    "table outbox_processed_events does not exist in this database: "
+                    "run `outbox migrate --db ...` first"
+                ) from None
+            raise ConfigError(
+                f"cannot read outbox_processed_events: {redact(str(exc.orig))} "
+                "(the consumer's database user needs SELECT, INSERT and DELETE on it)"
+            ) from None
+        except sa_exc.OperationalError as exc:
+            raise ConnectionError(
+                f"cannot connect to PostgreSQL: {redact(str(exc.orig))}"
+            ) from None
+
+    def _records(self, messages: Sequence[Any]) -> list[Record]:
+        records = []
+        for msg in messages:
+            err = msg.error()
+            if err is None:
+                records.append(Record.from_kafka(msg))
+            elif err.fatal():
+                raise KafkaException(err)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("kafka: %s", redact(str(err)))
+        return records
+
+    def _process(self, records: list[Record]) -> None:
+        items = [self._prepare(r) for r in records]
+        first_errors: dict[int, Exception] = {}
+        if len(items) > 1:
+            try:
+                self._apply_batch(items)
+                return
+            except _HandlerFailed as failed:
+                first_errors[failed.index] = failed.error
+                reason = f"{type(failed.error).__name__}: {failed.error}"
+            except Exception as exc:  # the commit or the database failed
+                if not is_infrastructure_error(exc):
+                    log.debug("batch failed", exc_info=True)
+                reason = f"{type(exc).__name__}: {exc}"
+            self.stats.fallbacks += 1
+            log.warning(
+                "a batch of %d failed (%s); redoing it one record at a time",
+                len(items),
+                redact(reason),
+            )
+        try:
+            for i, item in enumerate(items):
+                if self.stop.is_set():
+                    return
+                self._apply_one(item, first_errors.get(i))
+        except _Stopped:
+            return
+
+    def _prepare(self, record: Record) -> _Item:
+        key = outbox_event_id(record)
+        key_error: UndecodableEvent | None = None
+        if key is None:
+            try:
+                key = self.dedup_key(record)
+            except Exception as exc:
+                key_error = UndecodableEvent(f"dedup_key() failed: {type(exc).__name__}: {exc}")
+        key = normalise_key(key or record.position)
+        if key_error is not None:
+            return _Item(record, key, None, key_error)
+        try:
+            event = decode_event(
+                record,
+                key,
+                types=type(self).event_types,
+                default_content_type=self.config.default_content_type,
+            )
+        except UndecodableEvent as exc:
+            return _Item(record, key, None, exc)
+        return _Item(record, key, event, None)
+
+    def _session(self) -> Session:
+        return Session(self.engine)
+
+    def _apply_batch(self, items: list[_Item]) -> None:
+        """All records in ONE transaction with their dedup records (the fast path)."""
+        outcomes: list[Outcome] = []
+        with self._session() as session, session.begin():
+            new = mark_processed(session, self.config.group_id, (i.key for i in items))
+            for index, item in enumerate(items):
+                if item.key not in new:
+                    outcomes.append(Outcome.DUPLICATE)
+                    continue
+                new.discard(item.key)  # a second copy in the same batch is a duplicate
+                if item.event is None:
+                    assert item.error is not None
+                    self._dead_letter(session, item, item.error, 0, Reason.UNDECODABLE)
+                    outcomes.append(Outcome.DEAD_LETTERED)
+                    continue
+                try:
+                    self.handle(session, item.event)
+                except Exception as exc:
+                    raise _HandlerFailed(index, exc) from exc
+                outcomes.append(Outcome.APPLIED)
+        self._committed(items, outcomes)
+
+    def _apply_one(self, item: _Item, first_error: Exception | None) -> None:
+        """One record in its own transaction, with retries, then the dead letter (I7)."""
+        if item.event is None:
+            assert item.error is not None
+            self._dead_letter_alone(item, item.error, 0, Reason.UNDECODABLE)
+            return
+        failures = 0
+        outages = 0
+        error = first_error
+        while True:
+            if error is not None:
+                decision = self.config.retry.decide(error, failures, outages)
+                if decision.counted:
+                    failures += 1
+                    outages = 0
+                else:
+                    outages += 1
+                if decision.action is Action.DEAD_LETTER:
+                    assert decision.reason is not None
+                    self._dead_letter_alone(item, error, failures, decision.reason)
+                    return
+                self._log_retry(item, error, failures, decision.counted, decision.delay)
+                self._sleep(decision.delay)
+            if self.stop.is_set():
+                raise _Stopped()
+            try:
+                with self._session() as session, session.begin():
+                    if mark_processed(session, self.config.group_id, [item.key]):
+                        self.handle(session, item.event)
+                        outcome = Outcome.APPLIED
+                    else:
+                        outcome = Outcome.DUPLICATE
+            except Exception as exc:
+                error = exc
+                continue
+            self._committed([item], [outcome])
+            return
+
+    def _log_retry(
+        self, item: _Item, error: Exception, failures: int, counted: bool, delay: float
+    ) -> None:
+        where = f"{item.record.position} (event {item.key})"
+        if counted:
+            self.stats.retries += 1
+            log.warning(
+                "%s: handler failed (attempt %d of %d): %s: %s; retrying in %.2fs",
+                where,
+                failures,
+                self.config.retry.attempts,
+                type(error).__name__,
+                redact(str(error)),
+                delay,
+            )
+        else:
+            self.stats.outages += 1
+            log.warning(
+                "%s: database unavailable (%s); retrying in %.2fs",
+                where,
+                redact(str(error)).splitlines()[0] if str(error) else type(error).__name__,
+                delay,
+            )
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise _Stopped()
+
+    def _dead_letter_alone(
+        self, item: _Item, error: BaseException, attempts: int, reason: Reason
+    ) -> None:
+        """Dead-letter in a transaction of its own; database outages are waited out."""
+        outages = 0
+        while True:
+            if self.stop.is_set():
+                raise _Stopped()
+            try:
+                with self._session() as session, session.begin():
+                    if mark_processed(session, self.config.group_id, [item.key]):
+                        self._dead_letter(session, item, error, attempts, reason)
+                        outcome = Outcome.DEAD_LETTERED
+                    else:
+                        outcome = Outcome.DUPLICATE
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise DeadLetterError(
+                        f"cannot dead-letter {item.record.position} (event {item.key}): "
+                        f"{type(exc).__name__}: {redact(str(exc))}"
+                    ) from exc
+                outages += 1
+                self._log_retry(item, exc, attempts, False, self.config.retry.backoff(outages))
+                self._sleep(max(0.1, self.config.retry.backoff(outages)))
+                continue
+            self._committed([item], [outcome])
+            return
+
+    def _dead_letter(
+        self, session: Session, item: _Item, error: BaseException, attempts: int, reason: Reason
+    ) -> None:
+        """Publish the dead letter through the outbox, in the transaction marking it processed."""
+        record = item.record
+        topic = self.config.dead_letter_topic(record.topic)
+        publish(
+            session,
+            topic=topic,
+            key=record.key,
+            value=record.value,
+            headers=dead_letter_headers(
+                record,
+                group_id=self.config.group_id,
+                key=item.key,
+                error=error,
+                attempts=attempts,
+                reason=reason,
+            ),
+            event_id=dead_letter_id(self.config.group_id, item.key),
+        )
+        log.error(
+            "%s (event %s) dead-lettered to %s after %d attempt(s), %s: %s: %s",
+            record.position,
+            item.key,
+            topic,
+            attempts,
+            reason.value,
+            type(error).__name__,
+            redact(str(error)),
+        )
+
+    def _committed(self, items: Sequence[_Item], outcomes: Sequence[Outcome]) -> None:
+        """The DB transaction committed: count, remember offsets to commit, tell the hook."""
+        self.stats.transactions += 1
+        applied = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome is Outcome.APPLIED:
+                self.stats.applied += 1
+                assert item.event is not None
+                applied.append(item.event)
+            elif outcome is Outcome.DUPLICATE:
+                self.stats.duplicates += 1
+                log.debug("%s: event %s already processed; skipped", item.record.position, item.key)
+            else:
+                self.stats.dead_lettered += 1
+            tp = (item.record.topic, item.record.partition)
+            self._pending[tp] = max(self._pending.get(tp, 0), item.record.offset + 1)
+        if applied:
+            try:
+                self.on_committed(applied)
+            except Exception:
+                log.exception("on_committed() raised; ignored (the events are committed)")
+
+    # -- offsets and rebalances -------------------------------------------------------
+
+    def _commit_offsets(self, only: Sequence[Any] | None = None) -> None:
+        """Commit the offsets of DB-committed records, synchronously (I5: after the DB commit)."""
+        if self._kafka is None:
+            return
+        wanted = None if only is None else {(tp.topic, tp.partition) for tp in only}
+        pending = {
+            tp: offset for tp, offset in self._pending.items() if wanted is None or tp in wanted
+        }
+        if not pending:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
+        try:
+            result = self._kafka.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning(
+                "offset commit failed (%s); the events are recorded as processed, "
+                "so a re-read skips them",
+                exc.args[0],
+            )
+            return
+        self.stats.offset_commits += 1
+        for tp in result or ():
+            key = (tp.topic, tp.partition)
+            if tp.error is not None:
+                log.warning("offset commit for %s/%d failed: %s", tp.topic, tp.partition, tp.error)
+            elif self._pending.get(key) == tp.offset:
+                del self._pending[key]
+
+    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
+        self.joined = True
+        self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
+        log.info("assigned %s", _names(partitions))
+
+    def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
+        """The batch in hand is finished (callbacks run between batches): commit its offsets."""
+        self._commit_offsets(only=partitions)
+        self._forget(partitions)
+        log.info("revoked %s", _names(partitions))
+
+    def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
+        """Someone else owns these now: their pending offsets cannot be committed (dedup covers)."""
+        self._forget(partitions)
+        log.warning("lost %s without a clean revoke", _names(partitions))
+
+    def _forget(self, partitions: list[Any]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self.assignment = self.assignment - gone
+        for tp in gone:
+            self._pending.pop(tp, None)
+
+    def _on_kafka_error(self, err: Any) -> None:
+        log.warning("kafka: %s", redact(str(err)))
+
+    # -- purge ------------------------------------------------------------------------
+
+    def _maybe_purge(self) -> None:
+        window = self.config.dedup_window
+        now = time.monotonic()
+        if window is None or not self._purge.due(now):
+            return
+        try:
+            deleted, finished = purge_processed(
+                self.engine,
+                self.config.group_id,
+                window,
+                batch_size=self.config.purge_batch_size,
+                max_batches=self.config.purge_max_batches,
+                stop=self.stop,
+            )
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.warning("purge of dedup records skipped: %s", redact(str(exc)).splitlines()[0])
+            deleted, finished = 0, True
+        self.stats.purged += deleted
+        if deleted:
+            log.info("purged %d dedup records older than %s", deleted, window)
+        self._purge.ran(time.monotonic(), finished=finished)
+
+
+def _names(partitions: list[Any]) -> str:
+    return ", ".join(f"{tp.topic}/{tp.partition}" for tp in partitions) or "nothing"

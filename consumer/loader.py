@@ -1,0 +1,46 @@
+"""Finding a consumer class by ``package.module:ClassName``, for ``outbox consume``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from consumer.consumer import IdempotentConsumer
+from outbox.errors import ConfigError
+
+
+def load_consumer_class(path: str) -> type[IdempotentConsumer]:
+    """Import ``module:Class`` and check that it is an ``IdempotentConsumer`` subclass (I8).
+
+    The current directory is importable, as for ``python -m``, so an
+    application's own package works without installing it.
+    """
+    module_name, sep, attr_path = path.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ConfigError(f"{path!r} is not module:Class; pass e.g. mypkg.projector:OrderProjector")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot import module {module_name!r} for {path!r}: {exc}; run from the directory "
+            "that contains the package, or install it"
+        ) from None
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    if not (isinstance(obj, type) and issubclass(obj, IdempotentConsumer)):
+        raise ConfigError(
+            f"{path!r} is {obj!r}, not a subclass of consumer.IdempotentConsumer; "
+            "point at your consumer class"
+        )
+    if obj is IdempotentConsumer:
+        raise ConfigError(
+            f"{path!r} is the IdempotentConsumer base class itself; point at your subclass"
+        )
+    return obj
