@@ -51,6 +51,7 @@ from outbox.codec import JSON
 from outbox.db import redact, sqlalchemy_url
 from outbox.errors import ConfigError, OutboxError
 from outbox.publish import publish
+from outbox.tracing import restored_context
 
 log = logging.getLogger("outbox.consumer")
 
@@ -384,7 +385,8 @@ class IdempotentConsumer:
                     outcomes.append(Outcome.DEAD_LETTERED)
                     continue
                 try:
-                    self.handle(session, item.event)
+                    with restored_context(item.event.headers):
+                        self.handle(session, item.event)
                 except Exception as exc:
                     raise _HandlerFailed(index, exc) from exc
                 outcomes.append(Outcome.APPLIED)
@@ -418,7 +420,8 @@ class IdempotentConsumer:
             try:
                 with self._session() as session, session.begin():
                     if mark_processed(session, self.config.group_id, [item.key]):
-                        self.handle(session, item.event)
+                        with restored_context(item.event.headers):
+                            self.handle(session, item.event)
                         outcome = Outcome.APPLIED
                     else:
                         outcome = Outcome.DUPLICATE

@@ -578,3 +578,32 @@ def test_processed_events_migration_matches_the_schema_metadata(engine: Engine) 
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     mine = [d for d in diff if "outbox_processed_events" in repr(d)]
     assert mine == []
+
+
+class TracedProjector(Projector):
+    """Records the trace id current inside handle()."""
+
+    def handle(self, session: Session, event: Event) -> None:
+        from opentelemetry import trace
+
+        self.trace_ids = [*getattr(self, "trace_ids", []), trace.get_current_span()]
+        super().handle(session, event)
+
+
+def test_trace_context_written_at_publish_is_restored_around_the_handler(
+    env: Fixture, drain: Callable[..., object], start_consumer: Callable[..., Running]
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("request") as span:
+        _publish(env.engine, env.topic, [{"n": 1}])
+        trace_id = span.get_span_context().trace_id
+    drain()
+    running = start_consumer(TracedProjector)
+    wait_for(lambda: running.stats.applied == 1, timeout=60, what="event applied")
+    running.stop()
+    consumer = running.consumer
+    assert isinstance(consumer, TracedProjector)
+    [current] = consumer.trace_ids
+    assert current.get_span_context().trace_id == trace_id
