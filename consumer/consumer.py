@@ -248,9 +248,7 @@ class IdempotentConsumer:
         try:
             while not self.stop.is_set():
                 self._maybe_purge()
-                messages = self._kafka.consume(
-                    num_messages=self.config.batch_size, timeout=self.config.poll_timeout
-                )
+                messages = self._next_batch()
                 records = self._records(messages)
                 if records:
                     self._process(records)
@@ -271,6 +269,21 @@ class IdempotentConsumer:
             self.stats.dead_lettered,
         )
         return self.stats
+
+    def _next_batch(self) -> list[Any]:
+        """Up to batch_size records without waiting for a full batch.
+
+        librdkafka's consume(n, timeout) waits until n records arrived or the
+        timeout ran out, which adds up to poll_timeout of latency at low rates: take
+        what is already fetched, and block only for the first record.
+        """
+        size = self.config.batch_size
+        messages: list[Any] = self._kafka.consume(num_messages=size, timeout=0)
+        if not messages:
+            messages = self._kafka.consume(num_messages=1, timeout=self.config.poll_timeout)
+            if messages and size > 1:
+                messages += self._kafka.consume(num_messages=size - 1, timeout=0)
+        return messages
 
     def _new_consumer(self, plan_settings: Mapping[str, str]) -> Any:
         settings: dict[str, Any] = dict(plan_settings)

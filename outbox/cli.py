@@ -307,6 +307,9 @@ def demo(
     events: Annotated[int, typer.Option(help="Events to attempt (some get rolled back).")] = 3000,
     writers: Annotated[int, typer.Option(help="Concurrent application transactions.")] = 8,
     rollback_ratio: Annotated[float, typer.Option(help="Share of transactions rolled back.")] = 0.1,
+    crash_relay: Annotated[
+        bool, typer.Option(help="SIGKILL the relay half way; a new one takes over.")
+    ] = True,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run the whole pipeline on embedded PostgreSQL + Kafka-API broker and check the result."""
@@ -320,6 +323,7 @@ def demo(
             events=events,
             writers=writers,
             rollback_ratio=rollback_ratio,
+            crash_relay=crash_relay,
         )
     except (OutboxError, ConnectionError) as exc:
         raise _fail(exc) from None
