@@ -13,7 +13,7 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, TextClause, bindparam, text
+from sqlalchemy import Connection, TextClause, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Text
@@ -83,8 +83,18 @@ def _params(event: EncodedEvent) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """What one publish() executes: the statement, its parameters, and whether it notifies."""
+
+    statement: TextClause
+    params: dict[str, Any]
+    event_id: uuid.UUID
+    notifies: bool
+
+
 def _prepare(
-    target: object,
+    target: Session | Connection,
     *,
     topic: str,
     key: str | bytes | None,
@@ -92,12 +102,8 @@ def _prepare(
     headers: Headers | None,
     event_id: uuid.UUID | None,
     notify: bool | None,
-) -> tuple[EncodedEvent, bool]:
-    if isinstance(target, Engine) or type(target).__name__ == "AsyncEngine":
-        raise TypeError(
-            "publish() needs the Session or Connection of your own transaction, not an Engine: "
-            "the event must commit or roll back with your business data"
-        )
+) -> _Write:
+    """Validate and encode (before any SQL), and pick the statement: at most one NOTIFY per tx."""
     event = encode_event(
         topic=topic,
         key=key,
@@ -107,7 +113,11 @@ def _prepare(
         max_message_bytes=_settings.max_message_bytes,
         context_headers=current_trace_headers(),
     )
-    return event, _settings.notify if notify is None else notify
+    wants = _settings.notify if notify is None else notify
+    notifies = wants and _needs_notify(target)
+    return _Write(
+        _INSERT_AND_NOTIFY if notifies else _INSERT, _params(event), event.event_id, notifies
+    )
 
 
 def _info_and_tx(target: Session | Connection) -> tuple[dict[Any, Any], object | None]:
@@ -143,10 +153,11 @@ def publish(
     """
     if not isinstance(session, Session | Connection):
         raise TypeError(
-            f"publish() takes a sqlalchemy Session or Connection, got {type(session).__name__} "
-            "(use apublish() for AsyncSession/AsyncConnection)"
+            "publish() needs the Session or Connection of your own transaction, got "
+            f"{type(session).__name__}: the event must commit or roll back with your business "
+            "data (use apublish() for AsyncSession/AsyncConnection)"
         )
-    event, wants_notify = _prepare(
+    write = _prepare(
         session,
         topic=topic,
         key=key,
@@ -155,12 +166,10 @@ def publish(
         event_id=event_id,
         notify=notify,
     )
-    if wants_notify and _needs_notify(session):
-        session.execute(_INSERT_AND_NOTIFY, _params(event))
+    session.execute(write.statement, write.params)
+    if write.notifies:
         _remember_notify(session)
-    else:
-        session.execute(_INSERT, _params(event))
-    return event.event_id
+    return write.event_id
 
 
 async def apublish(
@@ -178,10 +187,14 @@ async def apublish(
 
     if not isinstance(session, AsyncSession | AsyncConnection):
         raise TypeError(
-            f"apublish() takes an AsyncSession or AsyncConnection, got {type(session).__name__}"
+            "apublish() needs the AsyncSession or AsyncConnection of your own transaction, "
+            f"got {type(session).__name__}"
         )
-    event, wants_notify = _prepare(
-        session,
+    sync: Session | Connection = (
+        session.sync_session if isinstance(session, AsyncSession) else session.sync_connection  # type: ignore[assignment]
+    )
+    write = _prepare(
+        sync,
         topic=topic,
         key=key,
         value=value,
@@ -189,12 +202,7 @@ async def apublish(
         event_id=event_id,
         notify=notify,
     )
-    sync: Session | Connection = (
-        session.sync_session if isinstance(session, AsyncSession) else session.sync_connection  # type: ignore[assignment]
-    )
-    if wants_notify and _needs_notify(sync):
-        await session.execute(_INSERT_AND_NOTIFY, _params(event))
+    await session.execute(write.statement, write.params)
+    if write.notifies:
         _remember_notify(sync)
-    else:
-        await session.execute(_INSERT, _params(event))
-    return event.event_id
+    return write.event_id

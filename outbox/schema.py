@@ -41,17 +41,25 @@ OUTBOX_STORAGE = {
     "autovacuum_vacuum_cost_delay": "0",
 }
 
+
+def _event_columns() -> list[Column[object]]:
+    """The event itself: the same columns in the outbox and among the dead rows."""
+    return [
+        Column("event_id", Uuid, nullable=False, unique=True),
+        Column("topic", Text, nullable=False),
+        Column("shard", SmallInteger, nullable=False),
+        Column("key", LargeBinary),
+        Column("value", LargeBinary),
+        Column("header_names", ARRAY(Text), nullable=False),
+        Column("header_values", ARRAY(LargeBinary), nullable=False),
+    ]
+
+
 outbox_events = Table(
     "outbox_events",
     metadata,
     Column("id", BigInteger, Identity(always=True), primary_key=True),
-    Column("event_id", Uuid, nullable=False, unique=True),
-    Column("topic", Text, nullable=False),
-    Column("shard", SmallInteger, nullable=False),
-    Column("key", LargeBinary),
-    Column("value", LargeBinary),
-    Column("header_names", ARRAY(Text), nullable=False),
-    Column("header_values", ARRAY(LargeBinary), nullable=False),
+    *_event_columns(),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("outbox_events_shard_id", "shard", "id"),
     comment="Committed events waiting for the relay; a row is deleted once Kafka has it.",
@@ -61,13 +69,7 @@ dead_events = Table(
     "outbox_dead_events",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=False),
-    Column("event_id", Uuid, nullable=False, unique=True),
-    Column("topic", Text, nullable=False),
-    Column("shard", SmallInteger, nullable=False),
-    Column("key", LargeBinary),
-    Column("value", LargeBinary),
-    Column("header_names", ARRAY(Text), nullable=False),
-    Column("header_values", ARRAY(LargeBinary), nullable=False),
+    *_event_columns(),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("error", Text, nullable=False),

@@ -32,6 +32,18 @@ def _pending(engine: Engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one())
 
 
+def _fill_outbox(engine: Engine, topic: str, total: int) -> list[str]:
+    """A backlog of ``total`` events over 50 keys, committed 500 per transaction."""
+    ids: list[str] = []
+    for start in range(0, total, 500):
+        with Session(engine) as session, session.begin():
+            ids += [
+                str(publish(session, topic=topic, key=f"k{i % 50}", value={"i": i}))
+                for i in range(start, min(total, start + 500))
+            ]
+    return ids
+
+
 def test_migrate_is_idempotent_and_sql_prints_the_ddl(database_url: str) -> None:
     for _ in range(2):
         done = run("migrate", "--db", database_url)
@@ -81,13 +93,7 @@ def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
     engine: Engine, database_url: str, bootstrap_servers: str, topic: str, kafka: KafkaReader
 ) -> None:
     total = 20_000
-    ids: list[str] = []
-    for start in range(0, total, 500):
-        with Session(engine) as session, session.begin():
-            ids += [
-                str(publish(session, topic=topic, key=f"k{i % 50}", value={"i": i}))
-                for i in range(start, start + 500)
-            ]
+    ids = _fill_outbox(engine, topic, total)
     args = [
         "relay",
         "--db",
@@ -126,13 +132,7 @@ def test_sigterm_finishes_the_batch_and_exits_cleanly(
 ) -> None:
     """A clean stop never leaves a batch half done: no loss and, even on Tansu, no duplicate."""
     total = 10_000
-    ids: list[str] = []
-    for start in range(0, total, 500):
-        with Session(engine) as session, session.begin():
-            ids += [
-                str(publish(session, topic=topic, key=f"k{i % 50}", value={"i": i}))
-                for i in range(start, start + 500)
-            ]
+    ids = _fill_outbox(engine, topic, total)
     args = [
         "relay",
         "--db",
