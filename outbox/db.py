@@ -175,6 +175,16 @@ def _str_or_none(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+# Answers from the server that no retry will change (libpq reports no SQLSTATE for them).
+_REFUSED_FOR_GOOD = (
+    "password authentication failed",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "password is required",
+)
+
+
 def connect(
     db: str, *, application_name: str, autocommit: bool = True
 ) -> psycopg.Connection[dict[str, object]]:
@@ -189,4 +199,10 @@ def connect(
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
-        raise ConnectionError(f"cannot connect to PostgreSQL: {_scrub(str(exc), db)}") from None
+        message = _scrub(str(exc), db)
+        if any(sign in message for sign in _REFUSED_FOR_GOOD):
+            raise ConfigError(
+                f"PostgreSQL refused the connection: {message}; fix --db (user, password, "
+                "database name) or the server's pg_hba.conf"
+            ) from None
+        raise ConnectionError(f"cannot connect to PostgreSQL: {message}") from None

@@ -107,6 +107,7 @@ class SlotWorker(threading.Thread):
         self.shards = shards_of_slot(slot, self.config.slots)
         self.wake = threading.Event()
         self.release = threading.Event()
+        self.interrupt = threading.Event()
         self.drained = threading.Event()
         self.producer: Any = None
         self.tid = self.config.transactional_id(slot)
@@ -181,7 +182,13 @@ class SlotWorker(threading.Thread):
         return None
 
     def _backoff(self, seconds: float) -> None:
-        self.relay.stop.wait(seconds)
+        self.interrupt.wait(seconds)  # cut short by a stop or a hand-over
+
+    def hand_over(self) -> None:
+        """Finish the batch in hand, then give the slot back (rebalancing)."""
+        self.release.set()
+        self.interrupt.set()
+        self.wake.set()
 
     def _log_retry(self, state: RetryCallState) -> None:
         self.relay.stats.add(retries=1)
@@ -241,7 +248,10 @@ class SlotWorker(threading.Thread):
             raise TransientError(f"reading the recovery marker: {exc.args[0]}") from None
         if marker is None or not marker.ids:
             return
-        cur = self.conn.execute(sql.DELETE_EVENTS, {"ids": list(marker.ids)})
+        try:
+            cur = self.conn.execute(sql.DELETE_EVENTS, {"ids": list(marker.ids)})
+        except psycopg.OperationalError as exc:
+            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
         if cur.rowcount:
             log.warning(
                 "slot %d: %d rows of the last committed Kafka transaction were still in the "
@@ -455,7 +465,7 @@ class Relay:
         """Run until ``stop`` is set (or, with ``once``, until the owned slots are drained)."""
         for warning in self.plan.warnings:
             log.warning("%s", warning)
-        self._control = connect(self.config.dsn, application_name=self.name)
+        self._control = self._first_connection()
         self._announce_slot_count()
         if self.config.guarantee is Guarantee.EXACTLY_ONCE:
             self._ensure_state_topic()
@@ -534,8 +544,11 @@ class Relay:
                 self._reconnect_control()
                 continue
             for slot in slots_to_release(owned, self.config.slots, members):
-                log.info("slot %d: handing over to balance %d relays", slot, members)
-                self.workers[slot].release.set()
+                with self._lock:
+                    worker = self.workers.get(slot)
+                if worker is not None and not worker.release.is_set():
+                    log.info("slot %d: handing over to balance %d relays", slot, members)
+                    worker.hand_over()
             for slot in slots_to_try(
                 owned, self.config.slots, members, start, self.config.max_slots
             ):
@@ -558,9 +571,14 @@ class Relay:
         except ConnectionError as exc:
             log.warning("%s", exc)
             return False
-        row = conn.execute(
-            sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}
-        ).fetchone()
+        try:
+            row = conn.execute(
+                sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}
+            ).fetchone()
+        except psycopg.OperationalError as exc:
+            log.warning("slot %d: cannot take it now: %s", slot, redact(str(exc)))
+            conn.close()
+            return False
         if not row or not next(iter(row.values())):
             conn.close()
             return False
@@ -585,6 +603,20 @@ class Relay:
                     sql.LOCK_SLOT_COUNT, {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
                 )
 
+    def _first_connection(self) -> psycopg.Connection[dict[str, Any]]:
+        """A daemon waits for its database (it may start first); ``--once`` fails at once."""
+        attempt = 0
+        while True:
+            try:
+                return connect(self.config.dsn, application_name=self.name)
+            except ConnectionError as exc:
+                if self.config.once or self.stop.is_set():
+                    raise
+                attempt += 1
+                delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                self.stop.wait(delay)
+
     def _pause(self, seconds: float) -> None:
         self.stop.wait(seconds)
 
@@ -592,6 +624,8 @@ class Relay:
         with self._lock:
             for worker in self.workers.values():
                 worker.wake.set()
+                if self.stop.is_set():
+                    worker.interrupt.set()
 
     # -- LISTEN ----------------------------------------------------------------
 

@@ -139,6 +139,10 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
+                if not self._up.is_set():  # cut() ran while we were connecting
+                    client.close()
+                    upstream.close()
+                    continue
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -148,8 +152,8 @@ class TcpProxy:
 
         assert isinstance(src, socket.socket)
         assert isinstance(dst, socket.socket)
-        src.settimeout(None)
         try:
+            src.settimeout(None)
             while data := src.recv(65536):
                 dst.sendall(data)
         except OSError:

@@ -1,0 +1,106 @@
+"""``python -m tests.chaos``: one chaos run from the repository root; exit 0 when every
+invariant held, 1 when one broke, 2 when the run itself could not be carried out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+from tests.chaos.harness import ChaosConfig, Summary, run_chaos
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.chaos",
+        description="Writers, relays and deduplicating consumers under seeded faults "
+        "(SIGKILL, PostgreSQL restarts, broker link cuts), then an exactly-once check.",
+    )
+    parser.add_argument("--events", type=int, default=20000, help="events to attempt")
+    parser.add_argument("--seconds", type=float, default=120.0, help="length of the fault phase")
+    parser.add_argument("--seed", type=int, default=None, help="replay a run (default: random)")
+    parser.add_argument("--relays", type=int, default=3, help="outbox relay processes")
+    parser.add_argument("--consumers", type=int, default=2, help="outbox consume processes")
+    parser.add_argument("--writers", type=int, default=4, help="application writer threads")
+    parser.add_argument("--settle-timeout", type=float, default=180.0, help="seconds to catch up")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep process logs here")
+    parser.add_argument("--keep-logs", action="store_true", help="keep logs of a passing run")
+    parser.add_argument(
+        "--strict", action="store_true", help="also fail on crashed processes and tracebacks"
+    )
+    parser.add_argument("--quiet", action="store_true", help="only the summary")
+    return parser.parse_args(argv)
+
+
+def _print(summary: Summary) -> None:
+    rows = [
+        ("seed", summary.seed),
+        ("events attempted", summary.events_attempted),
+        ("events committed", summary.events_committed),
+        ("events rolled back (on purpose)", summary.events_rolled_back),
+        ("events failed before commit", summary.events_failed_before_commit),
+        ("commits with unknown outcome", summary.events_commit_unknown),
+        *((f"faults: {kind}", n) for kind, n in summary.faults.items()),
+        ("effects applied", summary.effects_applied),
+        ("duplicate effects (must be 0)", summary.duplicate_effects),
+        ("lost (must be 0)", summary.lost),
+        ("phantoms (must be 0)", summary.phantoms),
+        ("order violations (must be 0)", summary.order_violations),
+        ("topic records", summary.topic_records),
+        ("topic duplicates (reported)", summary.topic_duplicates),
+        ("unexpected process exits", len(summary.unexpected_exits)),
+        *((f"logs: {name}", n) for name, n in summary.process_logs.items()),
+        ("elapsed seconds", summary.elapsed_seconds),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print("RESULT: " + ("PASS" if summary.ok else "FAIL"))
+    for failure in summary.failures:
+        print(f"  - {failure}")
+    if summary.log_dir:
+        print(f"logs: {summary.log_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"chaos seed: {seed}  (replay with --seed {seed})", flush=True)
+    try:
+        config = ChaosConfig(
+            seed=seed,
+            events=args.events,
+            seconds=args.seconds,
+            relays=args.relays,
+            consumers=args.consumers,
+            writers=args.writers,
+            settle_timeout=args.settle_timeout,
+            log_dir=args.log_dir,
+            keep_logs=args.keep_logs,
+            strict=args.strict,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_chaos(config)
+    except Exception as exc:
+        logging.getLogger("chaos").exception("the chaos run could not be carried out")
+        print(f"error: {type(exc).__name__}: {exc} (seed {seed})", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    _print(summary)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

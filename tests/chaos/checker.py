@@ -1,0 +1,229 @@
+"""Verdict of a chaos run from what was collected: pure, so its own tests can feed it bad data.
+
+The truth of what committed is the database (``chaos_orders``, written in the
+same transaction as each event), not what the writers believe: a commit that
+was cut by a PostgreSQL restart has an unknown outcome until it is read back.
+Against that truth the checker counts, from the projector's effects table and
+from the topic as read by an independent client:
+
+- effects: each committed event applied exactly once (no loss, no duplicate),
+  nothing applied that did not commit (phantoms), per-key order of effects;
+- topic: each committed event present, nothing uncommitted, one partition per
+  key and per-key order of first appearances. Duplicates on the topic are only
+  reported: a broker that shows records of aborted transactions (Tansu) has
+  them after a relay is killed mid-transaction, and the consumer absorbs them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EXAMPLES = 5
+"""Example ids kept per kind of failure, for the report and the logs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A business row read back from the database: this event committed."""
+
+    event_id: str
+    key: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """One row the projector wrote; ``id`` orders effects as they were applied."""
+
+    id: int
+    event_id: str
+    key: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRecord:
+    partition: int
+    offset: int
+    event_id: str
+    key: str
+    seq: int
+
+
+@dataclass(slots=True)
+class Observations:
+    """Everything collected at the end of a run, once every process has stopped."""
+
+    committed: dict[str, Written]
+    """From the database: the truth."""
+    acknowledged: set[str] = field(default_factory=set)
+    """Events whose commit() returned: all of them must be in ``committed``."""
+    rolled_back: set[str] = field(default_factory=set)
+    """Events of transactions rolled back on purpose."""
+    failed: set[str] = field(default_factory=set)
+    """Events of transactions that failed before their commit was sent."""
+    ambiguous: set[str] = field(default_factory=set)
+    """Events whose commit raised (PostgreSQL restarted under it): either outcome is fine."""
+    effects: list[Effect] = field(default_factory=list)
+    topic: list[TopicRecord] = field(default_factory=list)
+    pending_outbox: int = 0
+    dead_rows: int = 0
+    dead_letters: int = 0
+
+
+@dataclass(slots=True)
+class Report:
+    """Counts that must be zero are listed in ``failures`` when they are not."""
+
+    committed: int = 0
+    acknowledged: int = 0
+    rolled_back: int = 0
+    failed_before_commit: int = 0
+    ambiguous: int = 0
+    ambiguous_committed: int = 0
+    effects_applied: int = 0
+    duplicate_effects: int = 0
+    lost: int = 0
+    phantoms: int = 0
+    phantoms_rolled_back: int = 0
+    order_violations: int = 0
+    mismatched_effects: int = 0
+    topic_records: int = 0
+    topic_duplicates: int = 0
+    topic_lost: int = 0
+    topic_phantoms: int = 0
+    topic_order_violations: int = 0
+    keys_on_several_partitions: int = 0
+    acknowledged_missing: int = 0
+    uncommitted_in_database: int = 0
+    pending_outbox: int = 0
+    dead_rows: int = 0
+    dead_letters: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MUST_BE_ZERO = (
+    ("lost", "committed events without an effect"),
+    ("duplicate_effects", "events applied more than once"),
+    ("phantoms", "effects of events that never committed"),
+    ("order_violations", "effects applied out of per-key order"),
+    ("mismatched_effects", "effects whose key/seq differ from the committed row"),
+    ("topic_lost", "committed events missing from the topic"),
+    ("topic_phantoms", "records on the topic of events that never committed"),
+    ("topic_order_violations", "records on the topic out of per-key order"),
+    ("keys_on_several_partitions", "keys whose records landed on several partitions"),
+    ("acknowledged_missing", "acknowledged commits missing from the database"),
+    ("uncommitted_in_database", "rolled-back or failed transactions found in the database"),
+    ("pending_outbox", "rows still in the outbox at the end"),
+    ("dead_rows", "rows moved to outbox_dead_events (no poison in this run)"),
+    ("dead_letters", "records dead-lettered by the consumers (no poison in this run)"),
+)
+
+
+def _late_in_order(seqs: Iterable[tuple[str, int]]) -> list[str]:
+    """Event ids that came after a higher seq of the same key; repeats of an id are skipped."""
+    seen: set[str] = set()
+    highest: int | None = None
+    late = []
+    for event_id, seq in seqs:
+        if event_id in seen:
+            continue
+        seen.add(event_id)
+        if highest is not None and seq < highest:
+            late.append(event_id)
+        highest = seq if highest is None else max(highest, seq)
+    return late
+
+
+def check(obs: Observations) -> Report:
+    """Compare what was applied and published with what committed."""
+    committed = obs.committed
+    report = Report(
+        committed=len(committed),
+        acknowledged=len(obs.acknowledged),
+        rolled_back=len(obs.rolled_back),
+        failed_before_commit=len(obs.failed),
+        ambiguous=len(obs.ambiguous),
+        ambiguous_committed=len(obs.ambiguous & committed.keys()),
+        effects_applied=len(obs.effects),
+        topic_records=len(obs.topic),
+        pending_outbox=obs.pending_outbox,
+        dead_rows=obs.dead_rows,
+        dead_letters=obs.dead_letters,
+    )
+    examples: dict[str, list[str]] = {}
+
+    def note(kind: str, ids: Iterable[str]) -> int:
+        found = sorted(ids)
+        if found:
+            examples[kind] = found[:EXAMPLES]
+        return len(found)
+
+    # The writers' own view must agree with the database (a harness or durability check).
+    report.acknowledged_missing = note("acknowledged_missing", obs.acknowledged - committed.keys())
+    report.uncommitted_in_database = note(
+        "uncommitted_in_database", (obs.rolled_back | obs.failed) & committed.keys()
+    )
+
+    # Effects: exactly once, nothing uncommitted, in per-key order, with the right payload.
+    applied = Counter(e.event_id for e in obs.effects)
+    report.lost = note("lost", committed.keys() - applied.keys())
+    report.duplicate_effects = sum(n - 1 for n in applied.values())
+    note("duplicate_effects", (i for i, n in applied.items() if n > 1))
+    report.phantoms = note("phantoms", applied.keys() - committed.keys())
+    report.phantoms_rolled_back = len(applied.keys() & obs.rolled_back)
+    report.mismatched_effects = note(
+        "mismatched_effects",
+        {
+            e.event_id
+            for e in obs.effects
+            if e.event_id in committed
+            and (e.key, e.seq) != (committed[e.event_id].key, committed[e.event_id].seq)
+        },
+    )
+    by_key: dict[str, list[Effect]] = defaultdict(list)
+    for e in obs.effects:
+        by_key[e.key].append(e)
+    late: list[str] = []
+    for effects in by_key.values():
+        effects.sort(key=lambda e: e.id)
+        late += _late_in_order((e.event_id, e.seq) for e in effects)
+    report.order_violations = note("order_violations", late)
+
+    # The topic: complete, nothing uncommitted, one partition per key, per-key order.
+    on_topic = Counter(r.event_id for r in obs.topic)
+    report.topic_duplicates = sum(n - 1 for n in on_topic.values())
+    report.topic_lost = note("topic_lost", committed.keys() - on_topic.keys())
+    report.topic_phantoms = note("topic_phantoms", on_topic.keys() - committed.keys())
+    records: dict[str, list[TopicRecord]] = defaultdict(list)
+    for r in obs.topic:
+        records[r.key].append(r)
+    split, late = [], []
+    for key, recs in records.items():
+        if len({r.partition for r in recs}) > 1:
+            split.append(key)
+            continue
+        recs.sort(key=lambda r: r.offset)
+        late += _late_in_order((r.event_id, r.seq) for r in recs)
+    report.keys_on_several_partitions = note("keys_on_several_partitions", split)
+    report.topic_order_violations = note("topic_order_violations", late)
+
+    report.examples = examples
+    for name, meaning in MUST_BE_ZERO:
+        value = getattr(report, name)
+        if value:
+            shown = examples.get(name, [])
+            suffix = f" (e.g. {', '.join(shown)})" if shown else ""
+            report.failures.append(f"{name}={value}: {meaning}{suffix}")
+    return report

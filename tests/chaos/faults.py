@@ -1,0 +1,173 @@
+"""The fault schedule: a pure function of the seed, so a failing run can be replayed exactly.
+
+Timing is the only random part of a chaos run: which process dies when, when
+PostgreSQL restarts, when and for how long the broker link is cut. All of it
+comes from ``schedule(seed, ...)``, which does no I/O; the harness only plays
+the result back (``actions()`` turns it into timed steps).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FaultKind(StrEnum):
+    KILL_RELAY = "kill-relay"
+    KILL_CONSUMER = "kill-consumer"
+    RESTART_POSTGRES = "restart-postgres"
+    CUT_BROKER = "cut-broker"
+
+
+class Step(StrEnum):
+    """What the harness does at one instant; a fault is one or two steps."""
+
+    KILL_RELAY = "kill-relay"
+    START_RELAY = "start-relay"
+    KILL_CONSUMER = "kill-consumer"
+    START_CONSUMER = "start-consumer"
+    RESTART_POSTGRES = "restart-postgres"
+    CUT_BROKER = "cut-broker"
+    RESTORE_BROKER = "restore-broker"
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One fault: ``at`` seconds into the fault phase.
+
+    ``target`` is the index of the relay or consumer to kill; ``duration`` is how
+    long the broker link stays cut, or how long a killed process stays dead
+    before its replacement starts.
+    """
+
+    at: float
+    kind: FaultKind
+    target: int = 0
+    duration: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    at: float
+    step: Step
+    target: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Mean seconds between faults of a kind, and the bounds of the random durations."""
+
+    relay_kill_every: float = 4.0
+    consumer_kill_every: float = 10.0
+    cut_every: float = 10.0
+    cut_seconds: tuple[float, float] = (1.0, 4.0)
+    dead_seconds: tuple[float, float] = (0.0, 2.0)
+    kill_after_cut: float = 0.7
+    """Chance that a relay is also killed just after a cut ends, while it drains the backlog
+    the cut built up: the moment it is most likely to be inside a Kafka transaction."""
+    postgres_restarts: int | None = None
+    """None: one restart for runs under a minute, two for longer ones."""
+
+
+def schedule(
+    seed: int, seconds: float, *, relays: int, consumers: int, rates: Rates | None = None
+) -> list[Fault]:
+    """Every fault of a run of ``seconds``, sorted by time; the same inputs give the same list.
+
+    Faults start after a short quiet period (the processes are still starting)
+    and end early enough that the last replacement is running before the fault
+    phase is over. A process is never killed again before its replacement
+    started; broker cuts never overlap each other (a restore must not end another
+    cut early); PostgreSQL restarts are spread over the middle of the run.
+    """
+    if seconds <= 0:
+        raise ValueError(f"seconds={seconds} must be positive")
+    if relays < 1 or consumers < 1:
+        raise ValueError("a chaos run needs at least one relay and one consumer")
+    rates = rates or Rates()
+    rng = random.Random(seed)
+    start = min(2.0, seconds * 0.1)
+    end = seconds - max(rates.cut_seconds[1], rates.dead_seconds[1]) - 1.5
+    if end <= start:
+        end = start + seconds * 0.5
+    faults: list[Fault] = []
+
+    def every(mean: float) -> list[float]:
+        times, t = [], start + rng.uniform(0, mean)
+        while t < end:
+            times.append(round(t, 3))
+            t += rng.uniform(0.5 * mean, 1.5 * mean)
+        return times
+
+    cut_end = start
+    after_cuts: list[float] = []
+    for planned in every(rates.cut_every) or [round(rng.uniform(start, end), 3)]:
+        at = round(max(planned, cut_end + 1.0), 3)
+        if at >= end:
+            break
+        duration = round(rng.uniform(*rates.cut_seconds), 3)
+        faults.append(Fault(at, FaultKind.CUT_BROKER, 0, duration))
+        cut_end = at + duration
+        kill_at = round(cut_end + rng.uniform(0.2, 1.5), 3)
+        if rng.random() < rates.kill_after_cut and kill_at + rates.dead_seconds[1] < seconds:
+            after_cuts.append(kill_at)
+
+    for kind, count, planned_kills in (
+        (FaultKind.KILL_RELAY, relays, sorted(every(rates.relay_kill_every) + after_cuts)),
+        (FaultKind.KILL_CONSUMER, consumers, every(rates.consumer_kill_every)),
+    ):
+        # A short run still meets every kind of fault once.
+        times = planned_kills or [round(rng.uniform(start, end), 3)]
+        dead_until = [0.0] * count
+        for at in times:
+            alive = [i for i in range(count) if dead_until[i] < at]
+            if not alive:
+                continue
+            target = rng.choice(alive)
+            dead = round(rng.uniform(*rates.dead_seconds), 3)
+            dead_until[target] = at + dead
+            faults.append(Fault(at, kind, target, dead))
+
+    restarts = rates.postgres_restarts
+    if restarts is None:
+        restarts = 1 if seconds < 60 else 2
+    span = (end - start) / max(1, restarts)
+    for i in range(restarts):
+        # One restart in each equal share of the run, away from the share's edges.
+        lo = start + i * span
+        at = round(rng.uniform(lo + 0.2 * span, lo + 0.8 * span), 3)
+        faults.append(Fault(at, FaultKind.RESTART_POSTGRES))
+    return sorted(faults, key=lambda f: (f.at, f.kind))
+
+
+def actions(faults: list[Fault]) -> list[Action]:
+    """The timed steps that play ``faults``: a kill is followed by a start, a cut by a restore."""
+    out: list[Action] = []
+    for f in faults:
+        match f.kind:
+            case FaultKind.KILL_RELAY:
+                out += [
+                    Action(f.at, Step.KILL_RELAY, f.target),
+                    Action(f.at + f.duration, Step.START_RELAY, f.target),
+                ]
+            case FaultKind.KILL_CONSUMER:
+                out += [
+                    Action(f.at, Step.KILL_CONSUMER, f.target),
+                    Action(f.at + f.duration, Step.START_CONSUMER, f.target),
+                ]
+            case FaultKind.CUT_BROKER:
+                out += [
+                    Action(f.at, Step.CUT_BROKER),
+                    Action(f.at + f.duration, Step.RESTORE_BROKER),
+                ]
+            case FaultKind.RESTART_POSTGRES:
+                out.append(Action(f.at, Step.RESTART_POSTGRES))
+    # Stable sort: a zero-length death still kills before it starts.
+    return sorted(out, key=lambda a: a.at)
+
+
+def count_by_kind(faults: list[Fault]) -> dict[str, int]:
+    counts = Counter(f.kind.value for f in faults)
+    return {kind.value: counts.get(kind.value, 0) for kind in FaultKind}
