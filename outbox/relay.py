@@ -371,6 +371,13 @@ class SlotWorker(threading.Thread):
         try:
             self.producer.begin_transaction()
             self._produce(rows, failures)
+            # The marker goes out only once every record of the batch is acknowledged. On a
+            # broker that shows aborted transactions (Tansu), a marker can then never name a
+            # row whose record is missing, so recovery cannot delete an unpublished row.
+            unsent = self.producer.flush(self.config.transaction_timeout)
+            if unsent and not failures:
+                self._abort()
+                raise TransientError(f"{unsent} records not acknowledged in time")
             if not failures:
                 marker = Marker(self.tid, self.slot, tuple(r.id for r in rows))
                 self.producer.produce(
