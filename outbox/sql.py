@@ -48,7 +48,8 @@ WHERE locktype = 'advisory' AND classid::bigint = %(namespace)s AND objid::bigin
 
 # Oldest pending rows of a slot's shards, in id order (index-driven, no sort of the backlog).
 CLAIM_BATCH = """
-SELECT id, event_id, topic, key, value, header_names, header_values, created_at
+SELECT id, event_id, topic, key, value, header_names, header_values,
+       (extract(epoch FROM created_at) * 1000)::int8 AS created_ms
 FROM outbox_events
 WHERE shard = ANY(%(shards)s)
 ORDER BY id
