@@ -10,6 +10,7 @@ transactional producer (``<prefix>-<slot>``, so a new owner fences a zombie).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -110,6 +111,7 @@ class SlotWorker(threading.Thread):
         self.wake = threading.Event()
         self.release = threading.Event()
         self.interrupt = threading.Event()
+        self.failed = False  # ended by an unexpected error: the slot is retried after a pause
         self.drained = threading.Event()
         self.producer: Any = None
         self.tid = self.config.transactional_id(slot)
@@ -124,6 +126,7 @@ class SlotWorker(threading.Thread):
         except SlotLost as exc:
             log.warning("slot %d lost: %s", self.slot, exc)
         except Exception:
+            self.failed = True
             log.exception("slot %d worker failed; the slot is released and retried", self.slot)
         finally:
             self._close()
@@ -267,7 +270,8 @@ class SlotWorker(threading.Thread):
 
     def _claim(self) -> list[Row]:
         try:
-            with self.conn.cursor(row_factory=tuple_row) as cur:
+            # Binary: bytea arrives as bytes, not hex text to decode for every row.
+            with self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
                 cur.execute(
                     sql.CLAIM_BATCH,
                     {"shards": self.shards, "limit": self.config.batch_size},
@@ -466,6 +470,8 @@ class Relay:
         self._marker_consumer: Any = None
         self._marker_lock = threading.Lock()
         self._members = 1
+        self._failures: dict[int, int] = {}
+        self._not_before: dict[int, float] = {}
         self.name = f"outbox-relay:{os.getpid()}"
         self.metrics = RelayMetrics(self)
 
@@ -477,6 +483,9 @@ class Relay:
             log.warning("%s", warning)
         self._control = self._first_connection()
         self._announce_slot_count()
+        # Long-lived start-up objects leave the GC's generations: full collections
+        # otherwise walk them again and again while the slot threads hold the GIL.
+        gc.freeze()
         if self.config.guarantee is Guarantee.EXACTLY_ONCE:
             self._ensure_state_topic()
         listener = None
@@ -519,6 +528,12 @@ class Relay:
         with self._lock:
             if self.workers.get(worker.slot) is worker:
                 del self.workers[worker.slot]
+            if worker.failed:  # a bug or a refused setting must not spin: back off per slot
+                failures = self._failures.get(worker.slot, 0) + 1
+                self._failures[worker.slot] = failures
+                self._not_before[worker.slot] = time.monotonic() + min(60.0, 2.0**failures)
+            else:
+                self._failures.pop(worker.slot, None)
         self._changed.set()
 
     # -- slots -----------------------------------------------------------------
@@ -562,6 +577,8 @@ class Relay:
             for slot in slots_to_try(
                 owned, self.config.slots, members, start, self.config.max_slots
             ):
+                if self._not_before.get(slot, 0.0) > time.monotonic():
+                    continue
                 want = target_share(self.config.slots, members, self.config.max_slots)
                 if self._try_take(slot) and len(self.workers) >= want:
                     break
@@ -701,6 +718,7 @@ class Relay:
                         "isolation.level": "read_committed",
                         "enable.auto.commit": False,
                         "enable.partition.eof": True,
+                        "fetch.wait.max.ms": "10",  # EOF at once: takeover waits on this read
                     }
                 )
             consumer = self._marker_consumer
