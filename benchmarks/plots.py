@@ -1,0 +1,132 @@
+"""PNG plots of one run's JSON, one per figure; matplotlib is optional (extra ``bench``).
+
+Imported lazily and typed as ``Any`` so that the benchmarks, their smoke test
+and ``mypy`` work without matplotlib installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any | None:
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only, no display
+    return importlib.import_module("matplotlib.pyplot")
+
+
+def write_all(results: dict[str, Any], out: Path) -> list[Path] | None:
+    """Write every plot whose figure was measured; None when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    size = results["meta"]["size"]
+    written = []
+    for name, draw in PLOTS.items():
+        fig_data = results["figures"].get(name)
+        if not fig_data or fig_data.get("status") != "measured":
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+        draw(ax, fig_data)
+        ax.set_title(f"{name.replace('_', ' ')} ({size})", fontsize=11)
+        path = out / f"{size}-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _bars(ax: Any, labels: list[str], values: list[float], ylabel: str) -> None:
+    bars = ax.bar(labels, values, color="#4C72B0")
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def _write_overhead(ax: Any, data: dict[str, Any]) -> None:
+    concurrency = data["concurrency"]
+    variants = list(next(iter(concurrency.values()))["ratios"])
+    width = 0.8 / len(concurrency)
+    for i, (writers, detail) in enumerate(concurrency.items()):
+        xs = [j + i * width for j in range(len(variants))]
+        bars = ax.bar(xs, [detail["ratios"][v] for v in variants], width, label=f"{writers} wr.")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks([j + width * (len(concurrency) - 1) / 2 for j in range(len(variants))])
+    ax.set_xticklabels(variants, fontsize=8)
+    ax.axhline(1.15, color="red", linestyle="--", linewidth=1, label="target 1.15")
+    ax.set_ylabel("time per request / without publish")
+    ax.legend(fontsize=8)
+
+
+def _relay_throughput(ax: Any, data: dict[str, Any]) -> None:
+    rounds = data["rounds"]
+    relay = sum(r["relay_events_per_s"] for r in rounds) / len(rounds)
+    raw = sum(r["raw_events_per_s"] for r in rounds) / len(rounds)
+    _bars(ax, ["raw transactional producer", "relay, 1 slot"], [raw, relay], "events/s")
+
+
+def _relay_scaling(ax: Any, data: dict[str, Any]) -> None:
+    labels = ["raw producer"] + [f"{n} slot(s)" for n in data["slots"]]
+    values = [data["raw_events_per_s"]] + [s["events_per_s"] for s in data["slots"].values()]
+    _bars(ax, labels, values, "events/s")
+
+
+def _backlog(ax: Any, data: dict[str, Any]) -> None:
+    for slots, by_backlog in data["backlogs"].items():
+        for backlog, detail in by_backlog.items():
+            batches = detail["batch_ms"]
+            label = f"{slots} slot(s), {int(backlog):,} pending"
+            ax.plot(range(1, len(batches) + 1), batches, marker="o", label=label)
+    ax.set_xlabel("batch (all slots)")
+    ax.set_ylabel("claim + publish + delete (ms)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+
+
+def _latency(ax: Any, data: dict[str, Any]) -> None:
+    phases = data["phases"]
+    labels = [name.replace(" / ", "\n").replace("fetch.wait.max.ms", "fwm") for name in phases]
+    xs = range(len(phases))
+    p50 = [p["commit_to_handler"]["p50_ms"] for p in phases.values()]
+    p99 = [p["commit_to_handler"]["p99_ms"] for p in phases.values()]
+    ax.bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], p99, 0.4, label="p99")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.axhline(50, color="red", linestyle="--", linewidth=1, label="p99 target 50 ms")
+    ax.set_ylabel("commit -> handler (ms, log)")
+    ax.legend(fontsize=8)
+
+
+def _consumer(ax: Any, data: dict[str, Any]) -> None:
+    dedup = sum(data["dedup_msgs_per_s"]) / len(data["dedup_msgs_per_s"])
+    plain = sum(data["plain_msgs_per_s"]) / len(data["plain_msgs_per_s"])
+    _bars(ax, ["plain at-least-once", "deduplicating"], [plain, dedup], "messages/s")
+
+
+def _memory(ax: Any, data: dict[str, Any]) -> None:
+    runs = data["runs"]
+    _bars(
+        ax,
+        [f"{int(n):,} rows" for n in runs],
+        [r["peak_rss_mib"] for r in runs.values()],
+        "peak RSS of outbox relay --once (MiB)",
+    )
+
+
+PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
+    "write_overhead": _write_overhead,
+    "relay_throughput": _relay_throughput,
+    "relay_scaling": _relay_scaling,
+    "backlog_independence": _backlog,
+    "end_to_end_latency": _latency,
+    "consumer_overhead": _consumer,
+    "relay_memory": _memory,
+}

@@ -1,0 +1,150 @@
+"""Relay throughput: events/s drained from a pre-filled outbox vs a raw transactional producer.
+
+The reference is what the relay costs on top of Kafka itself: the same records
+(keys, values, headers; only the event ids differ), the same producer settings
+(the ``throughput`` preset: transactional, idempotent, ``acks=all``) and the
+same number of records per Kafka transaction, with no database in the loop.
+The raw clock runs from the first record to the last commit; the relay clock
+from the commit of the backlog (the relay is already running and idle) to the
+last row published and deleted. Relay start-up is reported on its own.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Producer
+
+from benchmarks.harness import (
+    Database,
+    Drain,
+    Result,
+    RunningRelay,
+    Services,
+    Size,
+    create_topics,
+    drain_burst,
+    figure,
+    fill_outbox,
+    isolated,
+    median,
+    quiet_logging,
+    relay_config,
+    reset_outbox,
+)
+
+TARGET = 0.5
+RAW_CPU: list[float] = []
+
+RawRecord = tuple[bytes | None, bytes | None, list[tuple[str, str | bytes | None]], int]
+
+
+def load_records(db: Database) -> list[RawRecord]:
+    """The pending rows as the relay would send them (key, value, headers, timestamp)."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            "SELECT key, value, header_names, header_values, created_at "
+            "FROM outbox_events ORDER BY id"
+        ).fetchall()
+    return [
+        (k, v, list(zip(names, values, strict=True)), int(ts.timestamp() * 1000))
+        for k, v, names, values, ts in rows
+    ]
+
+
+def raw_producer_seconds(
+    records: list[RawRecord], settings: dict[str, Any], *, topic: str, batch_size: int
+) -> float:
+    """One transactional producer, ``batch_size`` records per transaction; seconds taken.
+
+    ``RAW_CPU`` gets the process CPU seconds it used (its thread and librdkafka's).
+    """
+    producer = Producer({**settings, "transactional.id": f"bench-raw-{uuid.uuid4().hex[:8]}"})
+    producer.init_transactions(60)
+    start, cpu = time.perf_counter(), time.process_time()
+    for lo in range(0, len(records), batch_size):
+        producer.begin_transaction()
+        for key, value, headers, ts in records[lo : lo + batch_size]:
+            while True:
+                try:
+                    producer.produce(topic, value=value, key=key, headers=headers, timestamp=ts)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        producer.commit_transaction(60)
+    seconds = time.perf_counter() - start
+    RAW_CPU.append(time.process_time() - cpu)
+    producer.flush(10)
+    return seconds
+
+
+def raw_records(db: Database, size: Size, *, topic: str) -> list[RawRecord]:
+    """The records a fill with seed 0 commits: fill, read back, empty the table again."""
+    fill_outbox(db, size.relay_rows, topic=topic, value_bytes=size.value_bytes)
+    records = load_records(db)
+    reset_outbox(db)
+    return records
+
+
+def relay_rate(svc: Services, db: Database, size: Size, *, slots: int, topic: str) -> Drain:
+    """``measure_relay`` in a fresh process of its own, like a real relay."""
+    return isolated(measure_relay, svc, db, size, slots, topic)
+
+
+def measure_relay(svc: Services, db: Database, size: Size, slots: int, topic: str) -> Drain:
+    """Start a relay, wait until it is ready, commit the backlog, time the drain."""
+    quiet_logging()
+    config = relay_config(db, svc, slots=slots, batch_size=size.batch_size)
+    with RunningRelay(config) as relay:
+        drained = drain_burst(relay, db, size.relay_rows, topic=topic, value_bytes=size.value_bytes)
+    reset_outbox(db)  # no dead rows left for the next measurement
+    return drained
+
+
+def run(svc: Services, size: Size) -> Result:
+    db = svc.database("throughput")
+    topic = f"bench.throughput.{uuid.uuid4().hex[:6]}"
+    create_topics(svc, topic, f"{topic}.raw")
+    rounds = []
+    try:
+        records = raw_records(db, size, topic=topic)
+        settings = dict(relay_config(db, svc, slots=1, batch_size=1).producer_plan().settings)
+        for _ in range(size.relay_rounds):
+            raw_s = raw_producer_seconds(
+                records, settings, topic=f"{topic}.raw", batch_size=size.batch_size
+            )
+            relay = relay_rate(svc, db, size, slots=1, topic=topic)
+            raw_rate = len(records) / raw_s
+            raw_cpu = RAW_CPU[-1] / len(records) * 1e6
+            rounds.append(
+                {
+                    "relay_events_per_s": round(relay.events_per_s),
+                    "raw_events_per_s": round(raw_rate),
+                    "ratio": round(relay.events_per_s / raw_rate, 3),
+                    "relay_cpu_us_per_event": round(relay.cpu_us_per_event, 1),
+                    "raw_cpu_us_per_event": round(raw_cpu, 1),
+                    "relay_startup_s": round(relay.startup_s, 3),
+                }
+            )
+    finally:
+        svc.drop(db)
+    ratio = median([r["ratio"] for r in rounds])
+    return figure(
+        summary=(
+            f"relay (1 slot) {median([r['relay_events_per_s'] for r in rounds]):,.0f} events/s "
+            f"vs raw transactional producer {median([r['raw_events_per_s'] for r in rounds]):,.0f}"
+            f" events/s ({size.relay_rows:,} rows x {size.value_bytes} B, "
+            f"{size.batch_size} per transaction)"
+        ),
+        value=ratio,
+        unit="relay / raw",
+        target=f">= {TARGET}",
+        met=ratio >= TARGET,
+        rows=size.relay_rows,
+        value_bytes=size.value_bytes,
+        batch_size=size.batch_size,
+        profile="throughput",
+        rounds=rounds,
+    )
