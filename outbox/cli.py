@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -200,6 +201,14 @@ def relay(
         typer.Option(envvar="OUTBOX_STATE_TOPIC", help="Compacted topic of recovery markers."),
     ] = "outbox.relay-state",
     once: Annotated[bool, typer.Option("--once", help="Drain what is pending, then exit.")] = False,
+    processes: Annotated[
+        int,
+        typer.Option(
+            envvar="OUTBOX_PROCESSES",
+            help="Relay processes to run; they split the slots (one process is GIL-bound). "
+            "With --metrics-port P, process i serves on P+i.",
+        ),
+    ] = 1,
     log_level: LogLevel = "INFO",
     log_format: LogFormat = "text",
     metrics_port: MetricsPort = None,
@@ -209,6 +218,12 @@ def relay(
     from outbox.relay import Relay
 
     _setup_logging(log_level, log_format)
+    if processes < 1 or processes > slots:
+        raise _fail(ConfigError(f"--processes={processes} must be between 1 and --slots={slots}"))
+    if processes > 1:
+        from outbox.supervise import supervise
+
+        raise typer.Exit(supervise(sys.argv[1:], processes, metrics_port, once))
     try:
         overrides = _read_properties(producer_config) if producer_config else {}
         overrides |= parse_overrides(producer_setting or [])

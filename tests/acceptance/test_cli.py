@@ -247,3 +247,46 @@ def test_relay_process_serves_health_and_metrics(
     assert proc.returncode == 0
     first = stderr.decode().splitlines()[0]
     assert json.loads(first)["logger"].startswith("outbox")
+
+
+def test_processes_split_the_slots_and_stop_together(
+    engine: Engine, database_url: str, bootstrap_servers: str, topic: str, kafka: KafkaReader
+) -> None:
+    """``--processes 2``: two relay processes (both cores) share the 4 slots."""
+    from outbox.db import connect
+    from outbox.relay import SLOT_NAMESPACE
+    from outbox.sql import SLOT_OWNERS
+
+    args = [
+        "relay",
+        "--db",
+        database_url,
+        "-b",
+        bootstrap_servers,
+        "--slots",
+        "4",
+        "--processes",
+        "2",
+        "--transactional-id-prefix",
+        f"procs-{topic}",
+    ]
+    proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def owners() -> set[str]:
+        """Relay processes holding the 4 slots (application_name is outbox-relay:<pid>:slot-N)."""
+        with connect(database_url, application_name="test") as conn:
+            rows = conn.execute(SLOT_OWNERS, {"namespace": SLOT_NAMESPACE}).fetchall()
+        names = {str(r["application_name"]).rsplit(":", 1)[0] for r in rows}
+        return names if len(rows) == 4 else set()
+
+    try:
+        wait_for(lambda: len(owners()) == 2, timeout=90, what="4 slots held by 2 processes")
+        ids = _fill_outbox(engine, topic, 1000)
+        wait_for(lambda: _pending(engine) == 0, timeout=60, what="both processes drain")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert {r.event_id for r in kafka.read(topic, 1000)} == set(ids)
