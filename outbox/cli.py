@@ -220,6 +220,13 @@ def relay(
     _setup_logging(log_level, log_format)
     if processes < 1 or processes > slots:
         raise _fail(ConfigError(f"--processes={processes} must be between 1 and --slots={slots}"))
+    if processes > 1 and once:
+        raise _fail(
+            ConfigError(
+                "--once drains in one process (the first would take every slot before the "
+                "others start): drop --processes, or run the daemon without --once"
+            )
+        )
     if processes > 1:
         from outbox.supervise import supervise
 
