@@ -56,6 +56,10 @@ from outbox.tracing import restored_context
 log = logging.getLogger("outbox.consumer")
 
 
+BATCH_LINGER = 0.005
+"""Seconds a started batch waits for more records: the consumer's linger.ms."""
+
+
 class DeadLetterError(OutboxError):
     """A record could not even be dead-lettered (e.g. an illegal DLT topic): the consumer stops."""
 
@@ -281,8 +285,10 @@ class IdempotentConsumer:
         messages: list[Any] = self._kafka.consume(num_messages=size, timeout=0)
         if not messages:
             messages = self._kafka.consume(num_messages=1, timeout=self.config.poll_timeout)
-            if messages and size > 1:
-                messages += self._kafka.consume(num_messages=size - 1, timeout=0)
+        if messages and len(messages) < size:
+            # A short linger fills the batch under load (throughput) and costs at most
+            # BATCH_LINGER of latency when the topic is quiet.
+            messages += self._kafka.consume(num_messages=size - len(messages), timeout=BATCH_LINGER)
         return messages
 
     def _new_consumer(self, plan_settings: Mapping[str, str]) -> Any:
