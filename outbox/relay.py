@@ -112,6 +112,7 @@ class SlotWorker(threading.Thread):
         self.release = threading.Event()
         self.interrupt = threading.Event()
         self.failed = False  # ended by an unexpected error: the slot is retried after a pause
+        self.drained = threading.Event()
         self.producer: Any = None
         self.tid = self.config.transactional_id(slot)
         self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
@@ -137,7 +138,9 @@ class SlotWorker(threading.Thread):
         log.info("slot %d: publishing shards %s as %s", self.slot, self.shards, self.tid)
         while not self._stopping():
             if self._retrying(self._step):
+                self.drained.clear()
                 continue
+            self.drained.set()
             if self.config.once:
                 return
             self.wake.wait(jittered(self.config.poll_interval))
