@@ -32,6 +32,11 @@ def _pending(engine: Engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one())
 
 
+def _relay_args(db: str, bootstrap: str, prefix: str, *extra: str) -> list[str]:
+    """``outbox relay`` against the test services, with a transactional.id prefix of its own."""
+    return ["relay", "--db", db, "-b", bootstrap, "--transactional-id-prefix", prefix, *extra]
+
+
 def _fill_outbox(engine: Engine, topic: str, total: int) -> list[str]:
     """A backlog of ``total`` events over 50 keys, committed 500 per transaction."""
     ids: list[str] = []
@@ -94,19 +99,15 @@ def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
 ) -> None:
     total = 20_000
     ids = _fill_outbox(engine, topic, total)
-    args = [
-        "relay",
-        "--db",
+    args = _relay_args(
         database_url,
-        "-b",
         bootstrap_servers,
+        f"kill-{topic}",
         "--batch-size",
         "200",
-        "--transactional-id-prefix",
-        f"kill-{topic}",
         "--log-level",
         "WARNING",
-    ]
+    )
     proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: _pending(engine) < total - 2000, timeout=60, what="relay progress")
@@ -133,19 +134,15 @@ def test_sigterm_finishes_the_batch_and_exits_cleanly(
     """A clean stop never leaves a batch half done: no loss and, even on Tansu, no duplicate."""
     total = 10_000
     ids = _fill_outbox(engine, topic, total)
-    args = [
-        "relay",
-        "--db",
+    args = _relay_args(
         database_url,
-        "-b",
         bootstrap_servers,
+        f"term-{topic}",
         "--batch-size",
         "100",
-        "--transactional-id-prefix",
-        f"term-{topic}",
         "--log-level",
         "INFO",
-    ]
+    )
     proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: _pending(engine) < total - 1000, timeout=60, what="relay progress")
@@ -170,16 +167,7 @@ def test_i6_dead_rows_are_listed_and_requeued_after_a_fix(
     with Session(engine) as session, session.begin():
         poison = publish(session, topic=topic, key="k", value=b"x" * 5000)
         fine = publish(session, topic=topic, key="k", value=b"ok")
-    base = [
-        "relay",
-        "--db",
-        database_url,
-        "-b",
-        bootstrap_servers,
-        "--once",
-        "--transactional-id-prefix",
-        f"dead-{topic}",
-    ]
+    base = _relay_args(database_url, bootstrap_servers, f"dead-{topic}", "--once")
     done = run(*base, "-X", "message.max.bytes=2000")
     assert done.returncode == 0, done.stderr
     status = run("status", "--db", database_url)
@@ -207,21 +195,17 @@ def test_relay_process_serves_health_and_metrics(
     from outbox.embedded import free_port
 
     port = free_port()
-    args = [
-        "relay",
-        "--db",
+    args = _relay_args(
         database_url,
-        "-b",
         bootstrap_servers,
+        f"health-{topic}",
         "--metrics-port",
         str(port),
         "--metrics-host",
         "127.0.0.1",
         "--log-format",
         "json",
-        "--transactional-id-prefix",
-        f"health-{topic}",
-    ]
+    )
     proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def status(path: str) -> int:
@@ -257,19 +241,9 @@ def test_processes_split_the_slots_and_stop_together(
     from outbox.relay import SLOT_NAMESPACE
     from outbox.sql import SLOT_OWNERS
 
-    args = [
-        "relay",
-        "--db",
-        database_url,
-        "-b",
-        bootstrap_servers,
-        "--slots",
-        "4",
-        "--processes",
-        "2",
-        "--transactional-id-prefix",
-        f"procs-{topic}",
-    ]
+    args = _relay_args(
+        database_url, bootstrap_servers, f"procs-{topic}", "--slots", "4", "--processes", "2"
+    )
     proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def owners() -> set[str]:
@@ -290,3 +264,18 @@ def test_processes_split_the_slots_and_stop_together(
             proc.kill()
     assert proc.returncode == 0
     assert {r.event_id for r in kafka.read(topic, 1000)} == set(ids)
+
+
+def test_i8_producer_config_file_is_read_and_x_settings_win_over_it(
+    database_url: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "producer.properties"
+    config.write_text("# credentials and tuning live here\nacks=1\n")
+    base = ["relay", "--db", database_url, "-b", bootstrap_servers, "--once"]
+    done = run(*base, "--producer-config", str(config))
+    assert done.returncode == 2
+    assert "acks=1" in done.stderr
+    done = run(*base, "--producer-config", str(config), "-X", "acks=all", "-X", "retries=0")
+    assert done.returncode == 2
+    assert "retries=0" in done.stderr
+    assert "acks=1" not in done.stderr
