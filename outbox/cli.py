@@ -116,14 +116,13 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _read_properties(path: Path) -> dict[str, str]:
-    """``key=value`` lines (librdkafka/Java .properties style); # comments ignored."""
-    pairs = [
-        line.strip()
-        for line in path.read_text().splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
+def _client_settings(path: Path | None, pairs: list[str] | None) -> dict[str, str]:
+    """A settings file (``key=value`` lines, # comments) overridden by ``-X key=value`` pairs."""
+    lines = path.read_text().splitlines() if path is not None else []
+    from_file = [
+        line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
     ]
-    return parse_overrides(pairs)
+    return parse_overrides(from_file) | parse_overrides(pairs or [])
 
 
 @app.command()
@@ -232,8 +231,7 @@ def relay(
 
         raise typer.Exit(supervise(sys.argv[1:], processes, metrics_port, once))
     try:
-        overrides = _read_properties(producer_config) if producer_config else {}
-        overrides |= parse_overrides(producer_setting or [])
+        overrides = _client_settings(producer_config, producer_setting)
         config = RelayConfig(
             dsn=db,
             bootstrap_servers=bootstrap_servers,
@@ -421,8 +419,7 @@ def consume(
     _setup_logging(log_level, log_format)
     try:
         cls = load_consumer_class(consumer_class)
-        settings = _read_properties(consumer_config) if consumer_config else {}
-        settings |= parse_overrides(consumer_setting or [])
+        settings = _client_settings(consumer_config, consumer_setting)
         options: dict[str, Any] = {"settings": settings}
         if topic:
             options["topics"] = topic
