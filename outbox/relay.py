@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -43,25 +43,26 @@ SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
 COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One claimed outbox row."""
+class Row(NamedTuple):
+    """One claimed outbox row, in CLAIM_BATCH's column order.
+
+    A tuple built by ``Row._make`` (C speed) rather than a dataclass: one is
+    made for every relayed row, and a frozen dataclass's ``__init__`` cost
+    ~1.5 µs of the relay's ~11 µs of CPU per event.
+    """
 
     id: int
     event_id: Any
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    header_names: list[str]
+    header_values: list[bytes]
     created_ms: int  # the record's timestamp: when the event was written
 
-    @classmethod
-    def from_row(cls, r: tuple[Any, ...]) -> Row:
-        """From a CLAIM_BATCH tuple (tuples, not dicts: this runs for every relayed row)."""
-        id_, event_id, topic, key, value, names, values, created_ms = r
-        return cls(
-            id_, event_id, topic, key, value, list(zip(names, values, strict=True)), created_ms
-        )
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        return list(zip(self.header_names, self.header_values, strict=True))
 
     @property
     def size(self) -> int:
@@ -277,7 +278,7 @@ class SlotWorker(threading.Thread):
                     {"shards": self.shards, "limit": self.config.batch_size},
                     prepare=True,
                 )
-                rows = [Row.from_row(r) for r in cur.fetchall()]
+                rows = list(map(Row._make, cur.fetchall()))
             self.relay.stats.add(claimed=len(rows))
             return rows
         except psycopg.OperationalError as exc:

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 # -- write path (runs inside the caller's transaction) ------------------------
 
-# Insert one event; an event_id still pending is ignored (idempotency key).
-INSERT_EVENT = """
+# Insert one event whose id publish() generated (a fresh uuid4 cannot collide).
+INSERT_NEW_EVENT = """
 INSERT INTO outbox_events (event_id, topic, shard, key, value, header_names, header_values)
 VALUES (:event_id, :topic, :shard, :key, :value, :header_names, :header_values)
+"""
+
+# Insert one event with the caller's event_id; one still pending is ignored (idempotency key).
+INSERT_EVENT = f"""
+{INSERT_NEW_EVENT.strip()}
 ON CONFLICT (event_id) DO NOTHING
 """
 
-# The same insert plus one wake-up for the relay, in a single round trip.
+# Either insert plus one wake-up for the relay, in a single round trip.
+INSERT_NEW_EVENT_AND_NOTIFY = f"""
+WITH inserted AS ({INSERT_NEW_EVENT.strip()} RETURNING 1)
+SELECT pg_notify(:channel, '')
+"""
 INSERT_EVENT_AND_NOTIFY = f"""
 WITH inserted AS ({INSERT_EVENT.strip()} RETURNING 1)
 SELECT pg_notify(:channel, '')

@@ -238,7 +238,12 @@ def test_i8_connect_refuses_a_bad_dsn_before_connecting() -> None:
 # -- the SQL statements ----------------------------------------------------------------------
 
 STATEMENTS = {name: value for name, value in vars(sql).items() if name.isupper()}
-WRITE_PATH = {"INSERT_EVENT", "INSERT_EVENT_AND_NOTIFY"}  # SQLAlchemy text(): ':name'
+WRITE_PATH = {
+    "INSERT_EVENT",
+    "INSERT_EVENT_AND_NOTIFY",
+    "INSERT_NEW_EVENT",
+    "INSERT_NEW_EVENT_AND_NOTIFY",
+}  # SQLAlchemy text(): ':name'
 COLON_BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")  # ':name', not '::int' casts
 PYFORMAT = re.compile(r"%\((\w+)\)s")
 
@@ -263,5 +268,12 @@ def test_sql_statements_use_one_placeholder_style(name: str) -> None:
 
 def test_insert_event_binds_exactly_the_encoded_event_columns() -> None:
     columns = set(EncodedEvent.__dataclass_fields__) - {"size"}
-    assert set(COLON_BIND.findall(sql.INSERT_EVENT)) == columns
-    assert set(COLON_BIND.findall(sql.INSERT_EVENT_AND_NOTIFY)) == columns | {"channel"}
+    for name in ("INSERT_EVENT", "INSERT_NEW_EVENT"):
+        assert set(COLON_BIND.findall(STATEMENTS[name])) == columns
+        assert set(COLON_BIND.findall(STATEMENTS[f"{name}_AND_NOTIFY"])) == columns | {"channel"}
+
+
+def test_only_caller_given_event_ids_pay_for_on_conflict() -> None:
+    assert "ON CONFLICT" in sql.INSERT_EVENT
+    assert "ON CONFLICT" in sql.INSERT_EVENT_AND_NOTIFY
+    assert "ON CONFLICT" not in sql.INSERT_NEW_EVENT + sql.INSERT_NEW_EVENT_AND_NOTIFY
