@@ -40,7 +40,7 @@ TARGET = 1.2
 def per_batch_ms(
     svc: Services, db: Database, size: Size, backlog: int, topic: str, slots: int
 ) -> list[float]:
-    """Each slot's batch durations (ms) after the backlog commits, all slots together.
+    """Each slot's batch durations (ms per ``batch_size`` rows) after the backlog commits.
 
     A slot's first batch only starts its clock; the relay's own counter notes
     which slot thread finished each batch, so slots running side by side do not
@@ -55,10 +55,12 @@ def per_batch_ms(
         relay.stats.reached.wait(600)
         with relay.stats.lock:
             ends = {slot: list(times) for slot, times in relay.stats.by_slot.items()}
+    # Per batch_size rows: a slot's last batch of a small backlog is often a partial one.
     return [
-        (b - a) * 1000
-        for times in ends.values()
-        for a, b in itertools.pairwise(times[: size.backlog_batches + 1])
+        (b - a) * 1000 * size.batch_size / rows
+        for batches in ends.values()
+        for (a, _), (b, rows) in itertools.pairwise(batches[: size.backlog_batches + 1])
+        if rows
     ]
 
 

@@ -22,6 +22,7 @@ def run(svc: Services, size: Size) -> Result:
     create_topics(svc, topic, f"{topic}.raw")
     rates: dict[int, list[float]] = {n: [] for n in slot_counts}
     startup: dict[int, list[float]] = {n: [] for n in slot_counts}
+    machine_cpu: dict[int, list[float]] = {n: [] for n in slot_counts}
     raw_rates: list[float] = []
     try:
         records = raw_records(db, size, topic=topic)
@@ -37,6 +38,7 @@ def run(svc: Services, size: Size) -> Result:
                 measured = relay_rate(svc, db, size, slots=slots, topic=topic)
                 rates[slots].append(measured.events_per_s)
                 startup[slots].append(measured.startup_s)
+                machine_cpu[slots].append(measured.machine_cpu_us_per_event)
     finally:
         svc.drop(db)
     raw = median(raw_rates)
@@ -46,6 +48,8 @@ def run(svc: Services, size: Size) -> Result:
             "vs_raw": round(median(rates[n]) / raw, 3),
             "vs_1_slot": round(median(rates[n]) / median(rates[1]), 3),
             "startup_s": round(median(startup[n]), 3),
+            # relay + PostgreSQL + broker: more slots on few cores cost more CPU per event
+            "machine_cpu_us_per_event": round(median(machine_cpu[n]), 1),
         }
         for n in slot_counts
     }

@@ -29,6 +29,7 @@ from benchmarks.harness import (
     figure,
     fill_outbox,
     isolated,
+    machine_cpu_seconds,
     median,
     quiet_logging,
     relay_config,
@@ -36,7 +37,7 @@ from benchmarks.harness import (
 )
 
 TARGET = 0.5
-RAW_CPU: list[float] = []
+RAW_CPU: list[tuple[float, float]] = []  # (this process, whole machine) CPU seconds
 
 RawRecord = tuple[bytes | None, bytes | None, list[tuple[str, str | bytes | None]], int]
 
@@ -59,11 +60,12 @@ def raw_producer_seconds(
 ) -> float:
     """One transactional producer, ``batch_size`` records per transaction; seconds taken.
 
-    ``RAW_CPU`` gets the process CPU seconds it used (its thread and librdkafka's).
+    ``RAW_CPU`` gets the process CPU seconds it used (its thread and librdkafka's) and the
+    whole machine's (the broker's included).
     """
     producer = Producer({**settings, "transactional.id": f"bench-raw-{uuid.uuid4().hex[:8]}"})
     producer.init_transactions(60)
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, machine = time.perf_counter(), time.process_time(), machine_cpu_seconds()
     for lo in range(0, len(records), batch_size):
         producer.begin_transaction()
         for key, value, headers, ts in records[lo : lo + batch_size]:
@@ -75,7 +77,7 @@ def raw_producer_seconds(
                     producer.poll(0.05)
         producer.commit_transaction(60)
     seconds = time.perf_counter() - start
-    RAW_CPU.append(time.process_time() - cpu)
+    RAW_CPU.append((time.process_time() - cpu, machine_cpu_seconds() - machine))
     producer.flush(10)
     return seconds
 
@@ -103,6 +105,10 @@ def measure_relay(svc: Services, db: Database, size: Size, slots: int, topic: st
     return drained
 
 
+def _median_of(rounds: list[dict[str, Any]], name: str) -> float:
+    return round(median([r[name] for r in rounds]), 3)
+
+
 def run(svc: Services, size: Size) -> Result:
     db = svc.database("throughput")
     topic = f"bench.throughput.{uuid.uuid4().hex[:6]}"
@@ -117,7 +123,7 @@ def run(svc: Services, size: Size) -> Result:
             )
             relay = relay_rate(svc, db, size, slots=1, topic=topic)
             raw_rate = len(records) / raw_s
-            raw_cpu = RAW_CPU[-1] / len(records) * 1e6
+            raw_cpu, raw_machine = (seconds / len(records) * 1e6 for seconds in RAW_CPU[-1])
             rounds.append(
                 {
                     "relay_events_per_s": round(relay.events_per_s),
@@ -125,6 +131,10 @@ def run(svc: Services, size: Size) -> Result:
                     "ratio": round(relay.events_per_s / raw_rate, 3),
                     "relay_cpu_us_per_event": round(relay.cpu_us_per_event, 1),
                     "raw_cpu_us_per_event": round(raw_cpu, 1),
+                    "relay_machine_cpu_us_per_event": round(relay.machine_cpu_us_per_event, 1),
+                    "raw_machine_cpu_us_per_event": round(raw_machine, 1),
+                    # What the ratio could be if the path were CPU-bound on this machine alone.
+                    "cpu_bound_ratio": round(raw_machine / relay.machine_cpu_us_per_event, 3),
                     "relay_startup_s": round(relay.startup_s, 3),
                 }
             )
@@ -136,7 +146,10 @@ def run(svc: Services, size: Size) -> Result:
             f"relay (1 slot) {median([r['relay_events_per_s'] for r in rounds]):,.0f} events/s "
             f"vs raw transactional producer {median([r['raw_events_per_s'] for r in rounds]):,.0f}"
             f" events/s ({size.relay_rows:,} rows x {size.value_bytes} B, "
-            f"{size.batch_size} per transaction)"
+            f"{size.batch_size} per transaction); CPU of the whole machine per event "
+            f"{_median_of(rounds, 'relay_machine_cpu_us_per_event')} us (relay path: relay, "
+            f"PostgreSQL, broker) vs {_median_of(rounds, 'raw_machine_cpu_us_per_event')} us "
+            f"(raw): {_median_of(rounds, 'cpu_bound_ratio')} if CPU-bound here"
         ),
         value=ratio,
         unit="relay / raw",
