@@ -173,8 +173,13 @@ class ArrivalReader(threading.Thread):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the latency consumer and the arrival reader until SIGTERM."""
+    """Run the latency consumer, or the arrival reader, until SIGTERM.
+
+    Two processes, not two threads: the reader's periodic bulk insert would
+    otherwise hold the GIL while the consumer under test waits for it.
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmarks.consumers")
+    parser.add_argument("--role", choices=("consumer", "arrivals"), default="consumer")
     parser.add_argument("--db", required=True)
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--topic", required=True)
@@ -183,25 +188,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--poll-timeout", type=float, default=1.0)
     parser.add_argument("-X", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    engine = create_engine(args.db, pool_size=3)
-    reader = ArrivalReader(engine, args.bootstrap_servers, args.topic)
-    consumer = LatencyConsumer(
-        engine,
-        args.bootstrap_servers,
-        topics=[args.topic],
-        group_id=args.group,
-        batch_size=args.batch_size,
-        poll_timeout=args.poll_timeout,
-        settings={**GROUP_SETTINGS, **dict(kv.split("=", 1) for kv in args.settings)},
-    )
+    engine = create_engine(args.db, pool_size=2)
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: consumer.stop.set())
-    reader.start()
+        signal.signal(sig, lambda *_: stop.set())
     try:
+        if args.role == "arrivals":
+            reader = ArrivalReader(engine, args.bootstrap_servers, args.topic)
+            reader.stop = stop
+            reader.run()
+            return
+        consumer = LatencyConsumer(
+            engine,
+            args.bootstrap_servers,
+            topics=[args.topic],
+            group_id=args.group,
+            batch_size=args.batch_size,
+            poll_timeout=args.poll_timeout,
+            settings={**GROUP_SETTINGS, **dict(kv.split("=", 1) for kv in args.settings)},
+            stop=stop,
+        )
         consumer.run()
     finally:
-        reader.stop.set()
-        reader.join(30)
         engine.dispose()
 
 

@@ -4,8 +4,8 @@ Writers in this process commit one event per transaction on an open-loop
 schedule (a slow commit does not slow the schedule down) and note the wall
 clock when each commit returned. A relay (``outbox relay``, its own process,
 default slots and profile) publishes them; a deduplicating consumer in a third
-process notes the wall clock at handler entry, and a plain reader in that
-process notes when each record became readable in Kafka, which separates the
+process notes the wall clock at handler entry, and a plain reader in a fourth
+notes when each record became readable in Kafka, which separates the
 relay's share from the consumer's batching.
 
 The steady rate is the size's (1000/s by default) and, with the second consumer
@@ -29,11 +29,13 @@ long poll; the second setting approximates Kafka's behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
@@ -150,28 +152,20 @@ def relay_process(db: Database, svc: Services, mode: str) -> Process:
     return Process(outbox_command(*args))
 
 
-def consumer_process(
+@contextlib.contextmanager
+def consumer_processes(
     db: Database, svc: Services, topic: str, poll_timeout: float, settings: dict[str, str]
-) -> Process:
+) -> Iterator[None]:
+    """The consumer under test and the arrival reader, each in a process of its own."""
     extra = [arg for key, value in settings.items() for arg in ("-X", f"{key}={value}")]
-    return Process(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.consumers",
-            "--db",
-            db.url,
-            "--bootstrap-servers",
-            svc.bootstrap_servers,
-            "--topic",
-            topic,
-            "--group",
-            f"bench-latency-{uuid.uuid4().hex[:8]}",
-            "--poll-timeout",
-            str(poll_timeout),
-            *extra,
-        ]
-    )
+    common = [sys.executable, "-m", "benchmarks.consumers", "--db", db.url]
+    common += ["--bootstrap-servers", svc.bootstrap_servers, "--topic", topic]
+    common += ["--group", f"bench-latency-{uuid.uuid4().hex[:8]}"]
+    with (
+        Process([*common, "--role", "arrivals"]),
+        Process([*common, "--poll-timeout", str(poll_timeout), *extra]),
+    ):
+        yield
 
 
 def probe_keys() -> list[str]:
@@ -197,7 +191,8 @@ def warm_up(engine: Engine, topic: str, *, timeout: float = 120.0) -> None:
         with Session(engine) as session, session.begin():
             for key in probe_keys():
                 ids.add(str(publish(session, topic=topic, key=key, value={"probe": True})))
-        if len(arrivals(engine, ids, "handler", timeout=5)) == len(ids):
+        handled = len(arrivals(engine, ids, "handler", timeout=5)) == len(ids)
+        if handled and len(arrivals(engine, ids, "kafka", timeout=5)) == len(ids):
             return
     raise TimeoutError("the latency consumer did not handle a probe of every shard in 120 s")
 
@@ -239,7 +234,7 @@ def run(svc: Services, size: Size) -> Result:
                 topic = f"bench.latency.{uuid.uuid4().hex[:6]}"
                 create_topics(svc, topic)
                 with (
-                    consumer_process(db, svc, topic, poll_timeout, settings),
+                    consumer_processes(db, svc, topic, poll_timeout, settings),
                     relay_process(db, svc, mode),
                 ):
                     warm_up(engine, topic)
