@@ -71,4 +71,7 @@ def render_dead(db: str, limit: int) -> str:
 
 def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
     with connect(db, application_name="outbox-requeue") as conn:
-        return len(conn.execute(sql.REQUEUE_DEAD, {"all": all_rows, "ids": ids}).fetchall())
+        moved = len(conn.execute(sql.REQUEUE_DEAD, {"all": all_rows, "ids": ids}).fetchall())
+        if moved:
+            conn.execute(sql.WAKE_ALL_SLOTS)  # a relay publishes them now, not at its next poll
+        return moved

@@ -69,3 +69,12 @@ def shards_of_slot(slot: int, slots: int) -> list[int]:
     if not 0 <= slot < slots:
         raise ValueError(f"slot {slot} is outside 0..{slots - 1}")
     return [s for s in range(SHARD_COUNT) if s % slots == slot]
+
+
+def slot_of_shard(shard: int, slots: int) -> int:
+    """The slot that owns ``shard`` (the inverse of ``shards_of_slot``)."""
+    if slots < 1:
+        raise ValueError(f"slots={slots} must be at least 1")
+    if not 0 <= shard < SHARD_COUNT:
+        raise ValueError(f"shard {shard} is outside 0..{SHARD_COUNT - 1}")
+    return shard % slots

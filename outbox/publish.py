@@ -2,8 +2,8 @@
 
 Nothing here opens a connection, commits, or talks to Kafka: the event commits
 or rolls back with the business data. The relay is woken by at most one
-``NOTIFY`` per transaction (a notifying commit takes a global lock, so fewer is
-cheaper); with ``notify=False`` the relay finds rows by polling instead.
+``NOTIFY`` per transaction and shard, whose payload is the shard, so only the
+slot owning it wakes up; with ``notify=False`` the relay finds rows by polling.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class _Write:
     statement: TextClause
     params: dict[str, Any]
     event_id: uuid.UUID
+    shard: int
     notifies: bool
 
 
@@ -109,7 +110,7 @@ def _prepare(
     event_id: uuid.UUID | None,
     notify: bool | None,
 ) -> _Write:
-    """Validate and encode (before any SQL), and pick the statement: at most one NOTIFY per tx."""
+    """Validate and encode (before any SQL), and pick the statement: one NOTIFY per tx and shard."""
     event = encode_event(
         topic=topic,
         key=key,
@@ -120,25 +121,31 @@ def _prepare(
         context_headers=current_trace_headers(),
     )
     wants = _settings.notify if notify is None else notify
-    notifies = wants and _needs_notify(target)
+    notifies = wants and _needs_notify(target, event.shard)
     statement = _STATEMENTS[event_id is not None, notifies]
-    return _Write(statement, _params(event), event.event_id, notifies)
+    return _Write(statement, _params(event), event.event_id, event.shard, notifies)
 
 
 def _info_and_tx(target: Session | Connection) -> tuple[dict[Any, Any], object | None]:
     return target.info, target.get_transaction()
 
 
-def _needs_notify(target: Session | Connection) -> bool:
+def _needs_notify(target: Session | Connection, shard: int) -> bool:
     info, tx = _info_and_tx(target)
     seen = info.get(_KEY)
-    return tx is None or seen is None or seen() is not tx
+    return tx is None or seen is None or seen[0]() is not tx or shard not in seen[1]
 
 
-def _remember_notify(target: Session | Connection) -> None:
+def _remember_notify(target: Session | Connection, shard: int) -> None:
+    """Note the shard as notified in this transaction (a weak reference: no leak after it)."""
     info, tx = _info_and_tx(target)
-    if tx is not None:
-        info[_KEY] = weakref.ref(tx)
+    if tx is None:
+        return
+    seen = info.get(_KEY)
+    if seen is None or seen[0]() is not tx:
+        info[_KEY] = (weakref.ref(tx), {shard})
+    else:
+        seen[1].add(shard)
 
 
 def publish(
@@ -173,7 +180,7 @@ def publish(
     )
     session.execute(write.statement, write.params)
     if write.notifies:
-        _remember_notify(session)
+        _remember_notify(session, write.shard)
     return write.event_id
 
 
@@ -209,5 +216,5 @@ async def apublish(
     )
     await session.execute(write.statement, write.params)
     if write.notifies:
-        _remember_notify(sync)
+        _remember_notify(sync, write.shard)
     return write.event_id

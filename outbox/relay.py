@@ -33,7 +33,7 @@ from outbox.db import connect, redact
 from outbox.errors import ConfigError, SlotLost, TransientError
 from outbox.kafka import Verdict, classify
 from outbox.metrics import RelayMetrics
-from outbox.partitioner import SHARD_COUNT, shards_of_slot
+from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
 
 log = logging.getLogger("outbox.relay")
 
@@ -92,6 +92,13 @@ class RelayStats:
         with self.lock:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
+
+
+def notified_slot(payload: str, slots: int) -> int | None:
+    """The slot a NOTIFY payload (``publish()`` sends the shard) wakes; None: every slot."""
+    if payload.isdecimal() and int(payload) < SHARD_COUNT:
+        return slot_of_shard(int(payload), slots)
+    return None
 
 
 class SlotWorker(threading.Thread):
@@ -648,6 +655,17 @@ class Relay:
     def _pause(self, seconds: float) -> None:
         self.stop.wait(seconds)
 
+    def wake_for(self, payload: str) -> None:
+        """Wake the slot owning the notified shard (here, if this process owns it)."""
+        slot = notified_slot(payload, self.config.slots)
+        if slot is None:
+            self.wake_all()
+            return
+        with self._lock:
+            worker = self.workers.get(slot)
+            if worker is not None:
+                worker.wake.set()
+
     def wake_all(self) -> None:
         with self._lock:
             for worker in self.workers.values():
@@ -666,8 +684,8 @@ class Relay:
                     conn.execute(sql.LISTEN)
                     failures = 0
                     while not self.stop.is_set():
-                        for _ in conn.notifies(timeout=0.5, stop_after=1):
-                            self.wake_all()
+                        for note in conn.notifies(timeout=0.5, stop_after=1):
+                            self.wake_for(note.payload)
             except (psycopg.Error, ConnectionError) as exc:
                 failures += 1
                 log.warning(

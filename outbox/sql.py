@@ -20,14 +20,14 @@ INSERT_EVENT = f"""
 ON CONFLICT (event_id) DO NOTHING
 """
 
-# Either insert plus one wake-up for the relay, in a single round trip.
+# Either insert plus a wake-up for the relay slot owning the shard, in a single round trip.
 INSERT_NEW_EVENT_AND_NOTIFY = f"""
 WITH inserted AS ({INSERT_NEW_EVENT.strip()} RETURNING 1)
-SELECT pg_notify(:channel, '')
+SELECT pg_notify(:channel, CAST(:shard AS text))
 """
 INSERT_EVENT_AND_NOTIFY = f"""
 WITH inserted AS ({INSERT_EVENT.strip()} RETURNING 1)
-SELECT pg_notify(:channel, '')
+SELECT pg_notify(:channel, CAST(:shard AS text))
 """
 
 # -- relay ------------------------------------------------------------------------
@@ -82,6 +82,9 @@ ON CONFLICT (event_id) DO UPDATE
 
 # Subscribe this session to publish()'s wake-ups.
 LISTEN = "LISTEN outbox_events"
+
+# Wake every relay slot, e.g. after re-queuing rows of any shard (an empty payload).
+WAKE_ALL_SLOTS = "SELECT pg_notify('outbox_events', '')"
 
 # -- operations -------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from outbox import publish
 from outbox.config import Guarantee, RelayConfig
 from outbox.embedded import EmbeddedBroker, free_port
 from outbox.errors import ConfigError, SlotLost
-from outbox.partitioner import partition_for
+from outbox.partitioner import partition_for, shard_for, slot_of_shard
 from outbox.relay import Relay, SlotWorker
 from tests.conftest import RelayHandle, Services
 from tests.support import KafkaReader, TcpProxy, wait_for
@@ -114,15 +114,24 @@ def test_other_guarantees_deliver_everything_on_a_healthy_broker(
     assert sorted(r.event_id for r in kafka.read(topic, 50)) == sorted(ids)
 
 
-def test_relay_wakes_on_notify_and_keeps_running(
+def test_notify_wakes_the_slot_owning_each_shard(
     engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
 ) -> None:
-    handle = start_relay(poll_interval=30.0)  # polling alone would take 30 s
-    wait_for(lambda: len(handle.relay.workers) == 2, what="relay owns both slots")
-    ids = _publish_many(engine, topic, 20)
-    wait_for(lambda: _pending(engine) == 0, timeout=10, what="NOTIFY wake-up drains the outbox")
+    handle = start_relay(slots=4, poll_interval=30.0)  # polling alone would take 30 s
+    wait_for(lambda: len(handle.relay.workers) == 4, what="relay owns all slots")
+    keys: dict[int, str] = {}  # one key per slot: each wake-up must reach its own slot
+    for i in range(1000):
+        key = f"key-{i}"
+        keys.setdefault(slot_of_shard(shard_for(key.encode(), uuid.uuid4()), 4), key)
+    assert sorted(keys) == [0, 1, 2, 3]
+    ids = []
+    for _ in range(3):
+        for key in keys.values():
+            with Session(engine) as session, session.begin():
+                ids.append(str(publish(session, topic=topic, key=key, value="v")))
+        wait_for(lambda: _pending(engine) == 0, timeout=10, what="NOTIFY wakes the owning slot")
     handle.stop()
-    assert sorted(r.event_id for r in kafka.read(topic, 20)) == sorted(ids)
+    assert sorted(r.event_id for r in kafka.read(topic, len(ids))) == sorted(ids)
 
 
 @pytest.fixture

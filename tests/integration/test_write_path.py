@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from outbox import EventError, configure, publish
 from outbox.codec import EVENT_ID_HEADER
+from outbox.partitioner import shard_for
 
 
 def _pending(engine: Engine) -> int:
@@ -102,23 +103,27 @@ def test_event_id_is_an_idempotency_key_while_pending(engine: Engine) -> None:
     assert [bytes(r.value) for r in rows] == [b"first"]
 
 
-def test_one_notify_per_transaction_and_none_when_disabled(
+def test_one_notify_per_transaction_and_shard_and_none_when_disabled(
     engine: Engine, database_url: str
 ) -> None:
     dsn = database_url.replace("postgresql+psycopg", "postgresql")
+    keys = [f"key-{i}" for i in range(6)] * 2  # each key twice: its shard is notified once
+    shards = {shard_for(k.encode(), uuid.uuid4()) for k in keys}
+    assert 1 < len(shards) < len(keys)
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN outbox_events")
         with Session(engine) as session, session.begin():
-            for i in range(5):
-                publish(session, topic="t", key=str(i), value="v")
-        got = list(listener.notifies(timeout=2, stop_after=5))
-        assert len(got) == 1
+            for key in keys:
+                publish(session, topic="t", key=key, value="v")
+        got = list(listener.notifies(timeout=2, stop_after=len(keys)))
+        assert sorted(int(n.payload) for n in got) == sorted(shards)
         with Session(engine) as session, session.begin():
             publish(session, topic="t", key="k", value="v", notify=False)
         assert list(listener.notifies(timeout=0.5)) == []
         with Session(engine) as session, session.begin():
             publish(session, topic="t", key="k", value="v")
-        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+        (note,) = listener.notifies(timeout=2, stop_after=1)
+        assert int(note.payload) == shard_for(b"k", uuid.uuid4())
 
 
 async def _apublish_and_rollback(url: str) -> tuple[int, uuid.UUID]:

@@ -14,8 +14,10 @@ from outbox.partitioner import (
     partition_for,
     shard_for,
     shards_of_slot,
+    slot_of_shard,
     to_positive,
 )
+from outbox.relay import notified_slot
 
 # org.apache.kafka.common.utils.UtilsTest#testMurmur2
 JAVA_VECTORS = [
@@ -138,3 +140,22 @@ def test_shards_of_slot_is_stable() -> None:
 def test_shards_of_slot_refuses_slots_out_of_range(slot: int, slots: int) -> None:
     with pytest.raises(ValueError, match="slot"):
         shards_of_slot(slot, slots)
+
+
+@pytest.mark.parametrize("slots", range(1, SHARD_COUNT + 5))
+def test_a_notified_shard_wakes_the_slot_that_owns_it(slots: int) -> None:
+    for slot in range(slots):
+        for shard in shards_of_slot(slot, slots):
+            assert slot_of_shard(shard, slots) == slot
+            assert notified_slot(str(shard), slots) == slot
+
+
+@pytest.mark.parametrize("payload", ["", "x", "-1", str(SHARD_COUNT), "1.5"])
+def test_a_payload_that_names_no_shard_wakes_every_slot(payload: str) -> None:
+    assert notified_slot(payload, 4) is None
+
+
+@pytest.mark.parametrize(("shard", "slots"), [(-1, 4), (SHARD_COUNT, 4), (0, 0)])
+def test_slot_of_shard_refuses_values_out_of_range(shard: int, slots: int) -> None:
+    with pytest.raises(ValueError, match=r"shard|slots"):
+        slot_of_shard(shard, slots)
