@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import uuid
 
-from benchmarks.harness import Result, Services, Size, create_topics, figure, median, relay_config
-from benchmarks.relay_throughput import raw_producer_seconds, raw_records, relay_rate
+from benchmarks.harness import Result, Services, Size, create_topics, figure, median
+from benchmarks.relay_throughput import raw_producer_run, raw_records, raw_settings, relay_rate
 
 
 def run(svc: Services, size: Size) -> Result:
@@ -26,12 +26,12 @@ def run(svc: Services, size: Size) -> Result:
     raw_rates: list[float] = []
     try:
         records = raw_records(db, size, topic=topic)
-        settings = dict(relay_config(db, svc, slots=1, batch_size=1).producer_plan().settings)
+        settings = raw_settings(db, svc)
         for round_no in range(size.relay_rounds):
-            raw_s = raw_producer_seconds(
+            raw_run = raw_producer_run(
                 records, settings, topic=f"{topic}.raw", batch_size=size.batch_size
             )
-            raw_rates.append(len(records) / raw_s)
+            raw_rates.append(raw_run.events_per_s)
             # Alternate the order between rounds so drift does not favour one slot count.
             order = slot_counts if round_no % 2 == 0 else tuple(reversed(slot_counts))
             for slots in order:

@@ -37,7 +37,6 @@ from benchmarks.harness import (
 )
 
 TARGET = 0.5
-RAW_CPU: list[tuple[float, float]] = []  # (this process, whole machine) CPU seconds
 
 RawRecord = tuple[bytes | None, bytes | None, list[tuple[str, str | bytes | None]], int]
 
@@ -55,13 +54,18 @@ def load_records(db: Database) -> list[RawRecord]:
     ]
 
 
-def raw_producer_seconds(
-    records: list[RawRecord], settings: dict[str, Any], *, topic: str, batch_size: int
-) -> float:
-    """One transactional producer, ``batch_size`` records per transaction; seconds taken.
+def raw_settings(db: Database, svc: Services) -> dict[str, Any]:
+    """The relay's own librdkafka settings (``throughput`` preset), for the raw producer."""
+    return dict(relay_config(db, svc, slots=1, batch_size=1).producer_plan().settings)
 
-    ``RAW_CPU`` gets the process CPU seconds it used (its thread and librdkafka's) and the
-    whole machine's (the broker's included).
+
+def raw_producer_run(
+    records: list[RawRecord], settings: dict[str, Any], *, topic: str, batch_size: int
+) -> Drain:
+    """One transactional producer, ``batch_size`` records per transaction, measured like a drain.
+
+    CPU is this process's (its thread and librdkafka's) and the whole machine's
+    (the broker's included); there is no start-up to report.
     """
     producer = Producer({**settings, "transactional.id": f"bench-raw-{uuid.uuid4().hex[:8]}"})
     producer.init_transactions(60)
@@ -77,9 +81,10 @@ def raw_producer_seconds(
                     producer.poll(0.05)
         producer.commit_transaction(60)
     seconds = time.perf_counter() - start
-    RAW_CPU.append((time.process_time() - cpu, machine_cpu_seconds() - machine))
+    cpu, machine = time.process_time() - cpu, machine_cpu_seconds() - machine
     producer.flush(10)
-    return seconds
+    n = len(records)
+    return Drain(n / seconds, cpu / n * 1e6, 0.0, machine / n * 1e6)
 
 
 def raw_records(db: Database, size: Size, *, topic: str) -> list[RawRecord]:
@@ -116,25 +121,25 @@ def run(svc: Services, size: Size) -> Result:
     rounds = []
     try:
         records = raw_records(db, size, topic=topic)
-        settings = dict(relay_config(db, svc, slots=1, batch_size=1).producer_plan().settings)
+        settings = raw_settings(db, svc)
         for _ in range(size.relay_rounds):
-            raw_s = raw_producer_seconds(
+            raw = raw_producer_run(
                 records, settings, topic=f"{topic}.raw", batch_size=size.batch_size
             )
             relay = relay_rate(svc, db, size, slots=1, topic=topic)
-            raw_rate = len(records) / raw_s
-            raw_cpu, raw_machine = (seconds / len(records) * 1e6 for seconds in RAW_CPU[-1])
             rounds.append(
                 {
                     "relay_events_per_s": round(relay.events_per_s),
-                    "raw_events_per_s": round(raw_rate),
-                    "ratio": round(relay.events_per_s / raw_rate, 3),
+                    "raw_events_per_s": round(raw.events_per_s),
+                    "ratio": round(relay.events_per_s / raw.events_per_s, 3),
                     "relay_cpu_us_per_event": round(relay.cpu_us_per_event, 1),
-                    "raw_cpu_us_per_event": round(raw_cpu, 1),
+                    "raw_cpu_us_per_event": round(raw.cpu_us_per_event, 1),
                     "relay_machine_cpu_us_per_event": round(relay.machine_cpu_us_per_event, 1),
-                    "raw_machine_cpu_us_per_event": round(raw_machine, 1),
+                    "raw_machine_cpu_us_per_event": round(raw.machine_cpu_us_per_event, 1),
                     # What the ratio could be if the path were CPU-bound on this machine alone.
-                    "cpu_bound_ratio": round(raw_machine / relay.machine_cpu_us_per_event, 3),
+                    "cpu_bound_ratio": round(
+                        raw.machine_cpu_us_per_event / relay.machine_cpu_us_per_event, 3
+                    ),
                     "relay_startup_s": round(relay.startup_s, 3),
                 }
             )
