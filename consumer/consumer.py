@@ -500,8 +500,9 @@ class IdempotentConsumer:
                         f"{type(exc).__name__}: {redact(str(exc))}"
                     ) from exc
                 outages += 1
-                self._log_retry(item, exc, attempts, False, self.config.retry.backoff(outages))
-                self._sleep(max(0.1, self.config.retry.backoff(outages)))
+                delay = max(0.1, self.config.retry.backoff(outages))  # drawn once: jittered
+                self._log_retry(item, exc, attempts, False, delay)
+                self._sleep(delay)
                 continue
             self._committed([item], [outcome])
             return
