@@ -728,19 +728,18 @@ class Relay:
             return self._read_marker(slot, tid)
 
     def _read_marker(self, slot: int, tid: str) -> Marker | None:
-        if True:
-            if self._marker_consumer is None:
-                self._marker_consumer = Consumer(
-                    {
-                        "bootstrap.servers": self.config.bootstrap_servers,
-                        "group.id": f"{self.config.transactional_id_prefix}-marker-reader",
-                        "isolation.level": "read_committed",
-                        "enable.auto.commit": False,
-                        "enable.partition.eof": True,
-                        "fetch.wait.max.ms": "10",  # EOF at once: takeover waits on this read
-                    }
-                )
-            consumer = self._marker_consumer
+        if self._marker_consumer is None:
+            self._marker_consumer = Consumer(
+                {
+                    "bootstrap.servers": self.config.bootstrap_servers,
+                    "group.id": f"{self.config.transactional_id_prefix}-marker-reader",
+                    "isolation.level": "read_committed",
+                    "enable.auto.commit": False,
+                    "enable.partition.eof": True,
+                    "fetch.wait.max.ms": "10",  # EOF at once: takeover waits on this read
+                }
+            )
+        consumer = self._marker_consumer
         tp = TopicPartition(self.config.state_topic, slot)
         low, high = consumer.get_watermark_offsets(tp, timeout=30)
         window = 16
