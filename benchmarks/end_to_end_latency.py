@@ -19,6 +19,12 @@ time instead of four smaller ones) and ``polling`` (``notify=False``,
 setting gets a fresh topic, relay and consumer process: Tansu's memory storage
 slows down as a partition fills, which would otherwise charge each phase for
 the ones before it. The low rate runs before the high one on the same topic.
+
+The broker's floor runs beside them: the relay's producer settings and loop
+(take every record waiting, one Kafka transaction, commit) with no database,
+fed at the same rate, with 1 and with 4 producers (``--slots 1`` and the
+default 4 slots). Hand-over -> readable is what the broker alone costs; no
+relay's commit -> Kafka can be shorter.
 Consumer settings: its defaults (batches of up to 100: it blocks for the first
 record only, then takes what is already fetched), and the same with
 ``fetch.wait.max.ms=5``. Tansu answers a fetch only when ``fetch.wait.max.ms``
@@ -30,6 +36,7 @@ long poll; the second setting approximates Kafka's behaviour.
 from __future__ import annotations
 
 import contextlib
+import queue
 import subprocess
 import sys
 import threading
@@ -38,6 +45,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from confluent_kafka import Producer
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
@@ -50,10 +58,15 @@ from benchmarks.harness import (
     Size,
     create_topics,
     figure,
+    isolated,
+    machine_busy,
     outbox_command,
     percentile,
+    relay_config,
 )
 from outbox import publish
+from outbox.codec import EVENT_ID_HEADER
+from outbox.config import Profile
 from outbox.partitioner import SHARD_COUNT, shard_for
 
 TARGET_P99_MS = 50.0
@@ -67,6 +80,8 @@ CONSUMER_SETTINGS: dict[str, tuple[float, dict[str, str]]] = {
     KAFKA_LIKE: (1.0, {"fetch.wait.max.ms": "5"}),
 }
 LOW_RATE = 100
+FLOOR = "broker floor"
+FLOOR_PRODUCERS = (1, 4)  # as --slots 1 and the relay's default of 4 slots
 
 
 def phase(mode: str, consumer: str, rate: int) -> str:
@@ -106,6 +121,85 @@ def write_steadily(
     for thread in threads:
         thread.join()
     return committed
+
+
+def raw_steadily(
+    settings: dict[str, Any],
+    topic: str,
+    *,
+    rate: float,
+    seconds: float,
+    producers: int,
+    partitions: int = 4,
+) -> dict[str, float]:
+    """The broker's floor: the relay's Kafka loop without PostgreSQL; event id -> hand-over time.
+
+    Records are handed to ``producers`` transactional producers (threads, as
+    slots are) on the open-loop schedule the writers use; each producer takes
+    every record waiting, produces them in one transaction and commits.
+    """
+    handed: dict[str, float] = {}
+    queues: list[queue.SimpleQueue[str | None]] = [queue.SimpleQueue() for _ in range(producers)]
+    value = b'{"seq": 0, "note": "latency probe"}'
+    ready = threading.Barrier(producers + 1)
+
+    def produce(index: int) -> None:
+        producer = Producer({**settings, "transactional.id": f"bench-floor-{uuid.uuid4().hex}"})
+        producer.init_transactions(60)
+        producer.begin_transaction()  # warm-up: every partition joins a transaction once
+        for partition in range(partitions):
+            producer.produce(topic, b"warm-up", partition=partition)
+        producer.commit_transaction(60)
+        ready.wait()
+        inbox = queues[index]
+        while True:
+            batch: list[str] = []
+            item = inbox.get()
+            while item is not None:
+                batch.append(item)
+                if inbox.empty():
+                    break
+                item = inbox.get()
+            if batch:
+                producer.begin_transaction()
+                for event_id in batch:
+                    producer.produce(
+                        topic, value, event_id.encode(), headers=[(EVENT_ID_HEADER, event_id)]
+                    )
+                producer.commit_transaction(60)
+            if item is None:
+                return
+
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    total = int(rate * seconds)
+    start = time.time()
+    for seq in range(total):
+        if (wait := start + seq / rate - time.time()) > 0:
+            time.sleep(wait)
+        event_id = str(uuid.uuid4())
+        handed[event_id] = time.time()
+        queues[seq % producers].put(event_id)
+    for inbox in queues:
+        inbox.put(None)
+    for thread in threads:
+        thread.join()
+    return handed
+
+
+def wait_for_reader(engine: Engine, svc: Services, topic: str, *, timeout: float = 60.0) -> None:
+    """Probe ``topic`` until the arrival reader noted a probe: it reads from the end."""
+    producer = Producer({"bootstrap.servers": svc.bootstrap_servers})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = str(uuid.uuid4())
+        producer.produce(topic, b"probe", headers=[(EVENT_ID_HEADER, probe)])
+        producer.flush(30)
+        if arrivals(engine, {probe}, "kafka", timeout=5):
+            return
+    raise TimeoutError(f"the arrival reader saw no probe on {topic} in {timeout:.0f} s")
 
 
 def arrivals(engine: Engine, ids: set[str], kind: str, *, timeout: float) -> dict[str, float]:
@@ -152,20 +246,60 @@ def relay_process(db: Database, svc: Services, mode: str) -> Process:
     return Process(outbox_command(*args))
 
 
+def consumer_command(db: Database, svc: Services, topic: str, *args: str) -> list[str]:
+    common = [sys.executable, "-m", "benchmarks.consumers", "--db", db.url]
+    common += ["--bootstrap-servers", svc.bootstrap_servers, "--topic", topic]
+    return [*common, "--group", f"bench-latency-{uuid.uuid4().hex[:8]}", *args]
+
+
 @contextlib.contextmanager
 def consumer_processes(
     db: Database, svc: Services, topic: str, poll_timeout: float, settings: dict[str, str]
 ) -> Iterator[None]:
     """The consumer under test and the arrival reader, each in a process of its own."""
     extra = [arg for key, value in settings.items() for arg in ("-X", f"{key}={value}")]
-    common = [sys.executable, "-m", "benchmarks.consumers", "--db", db.url]
-    common += ["--bootstrap-servers", svc.bootstrap_servers, "--topic", topic]
-    common += ["--group", f"bench-latency-{uuid.uuid4().hex[:8]}"]
     with (
-        Process([*common, "--role", "arrivals"]),
-        Process([*common, "--poll-timeout", str(poll_timeout), *extra]),
+        Process(consumer_command(db, svc, topic, "--role", "arrivals")),
+        Process(consumer_command(db, svc, topic, "--poll-timeout", str(poll_timeout), *extra)),
     ):
         yield
+
+
+def broker_floor(
+    db: Database, svc: Services, engine: Engine, size: Size
+) -> dict[str, dict[str, Any]]:
+    """Hand-over -> readable for 1 and 4 raw transactional producers, at the size's rate."""
+    settings = dict(
+        relay_config(db, svc, slots=1, batch_size=1, profile=Profile.BALANCED)
+        .producer_plan()
+        .settings
+    )
+    phases: dict[str, dict[str, Any]] = {}
+    for producers in FLOOR_PRODUCERS:
+        topic = f"bench.floor.{uuid.uuid4().hex[:6]}"
+        create_topics(svc, topic)
+        with Process(consumer_command(db, svc, topic, "--role", "arrivals")):
+            wait_for_reader(engine, svc, topic)
+            with machine_busy() as busy:
+                handed = isolated(
+                    raw_steadily,
+                    settings,
+                    topic,
+                    rate=size.latency_rate,
+                    seconds=size.latency_seconds,
+                    producers=producers,
+                )
+            in_kafka = arrivals(engine, set(handed), "kafka", timeout=30)
+        plural = "s" if producers > 1 else ""
+        phases[f"{FLOOR}, {producers} producer{plural} / {size.latency_rate}/s"] = {
+            "relay": f"no relay: {producers} raw producer{plural}, no database",
+            "rate": size.latency_rate,
+            "topic": topic,
+            "commit_to_kafka": summarise(handed, in_kafka),
+            "achieved_rate": round(len(handed) / size.latency_seconds),
+            "machine_cpu_busy": round(busy["share"], 2),
+        }
+    return phases
 
 
 def probe_keys() -> list[str]:
@@ -239,13 +373,14 @@ def run(svc: Services, size: Size) -> Result:
                 ):
                     warm_up(engine, topic)
                     for rate in rates if mode != ONE_SLOT else [size.latency_rate]:
-                        committed = write_steadily(
-                            engine,
-                            topic,
-                            rate=rate,
-                            seconds=size.latency_seconds,
-                            notify=mode != POLLING,
-                        )
+                        with machine_busy() as busy:
+                            committed = write_steadily(
+                                engine,
+                                topic,
+                                rate=rate,
+                                seconds=size.latency_seconds,
+                                notify=mode != POLLING,
+                            )
                         ids = set(committed)
                         handled = arrivals(engine, ids, "handler", timeout=60)
                         in_kafka = arrivals(engine, ids, "kafka", timeout=10)
@@ -257,7 +392,10 @@ def run(svc: Services, size: Size) -> Result:
                             "commit_to_handler": summarise(committed, handled),
                             "commit_to_kafka": summarise(committed, in_kafka),
                             "achieved_rate": round(len(committed) / size.latency_seconds),
+                            "machine_cpu_busy": round(busy["share"], 2),
                         }
+        floor = broker_floor(db, svc, engine, size)
+        phases.update(floor)
     finally:
         engine.dispose()
         svc.drop(db)
@@ -280,6 +418,16 @@ def run(svc: Services, size: Size) -> Result:
             f" With --slots 1 (fewer, larger Kafka transactions): {_p50_p99(one_slot)} "
             f"(commit->Kafka p99 {one_slot['commit_to_kafka']['p99_ms']} ms)."
         )
+    floors = [
+        f"{p['commit_to_kafka']['p50_ms']} / {p['commit_to_kafka']['p99_ms']} ms"
+        for p in floor.values()
+    ]
+    summary += (
+        f" Broker floor (the relay's Kafka loop, no database; 1 / 4 producers): "
+        f"hand-over->readable p50/p99 {floors[0]} and {floors[-1]}. "
+        f"Machine CPU busy (all cores): {best['machine_cpu_busy']:.0%} in the NOTIFY phase, "
+        f"{next(iter(floor.values()))['machine_cpu_busy']:.0%} for the 1-producer floor."
+    )
     if low and low_polling and rate > LOW_RATE:
         summary += (
             f" At {LOW_RATE} events/s: NOTIFY {_p50_p99(low)}; polling {_p50_p99(low_polling)}."

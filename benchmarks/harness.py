@@ -449,6 +449,20 @@ def machine_cpu_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def machine_busy() -> Iterator[dict[str, float]]:
+    """Yields a dict whose ``share`` is, after the block, the fraction of all cores busy in it.
+
+    Every process counts (other users of a shared machine too): near 1.0, a
+    latency measures waiting for a core as much as the code under test.
+    """
+    out: dict[str, float] = {}
+    wall, cpu = time.perf_counter(), machine_cpu_seconds()
+    yield out
+    cores = os.cpu_count() or 1
+    out["share"] = (machine_cpu_seconds() - cpu) / ((time.perf_counter() - wall) * cores)
+
+
 # -- small utilities ---------------------------------------------------------------------
 
 
@@ -510,7 +524,7 @@ def create_topics(svc: Services, *names: str, partitions: int = 4) -> None:
             fut.result()
 
 
-def isolated(fn: Callable[..., T], *args: Any) -> T:
+def isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn(*args)`` in a fresh interpreter (spawned), as a relay runs in its own process.
 
     The driver's heap, threads and leftover librdkafka clients then cost the
@@ -519,4 +533,4 @@ def isolated(fn: Callable[..., T], *args: Any) -> T:
     """
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(fn, *args, **kwargs).result()
