@@ -393,6 +393,7 @@ def run(svc: Services, size: Size) -> Result:
                             "commit_to_kafka": summarise(committed, in_kafka),
                             "achieved_rate": round(len(committed) / size.latency_seconds),
                             "machine_cpu_busy": round(busy["share"], 2),
+                            "writers_cpu_share": round(busy["this_process"], 2),
                         }
         floor = broker_floor(db, svc, engine, size)
         phases.update(floor)
@@ -425,7 +426,8 @@ def run(svc: Services, size: Size) -> Result:
     summary += (
         f" Broker floor (the relay's Kafka loop, no database; 1 / 4 producers): "
         f"hand-over->readable p50/p99 {floors[0]} and {floors[-1]}. "
-        f"Machine CPU busy (all cores): {best['machine_cpu_busy']:.0%} in the NOTIFY phase, "
+        f"Machine CPU busy (all cores): {best['machine_cpu_busy']:.0%} in the NOTIFY phase "
+        f"({best['writers_cpu_share']:.0%} the writers' own process), "
         f"{next(iter(floor.values()))['machine_cpu_busy']:.0%} for the 1-producer floor."
     )
     if low and low_polling and rate > LOW_RATE:

@@ -455,12 +455,14 @@ def machine_busy() -> Iterator[dict[str, float]]:
 
     Every process counts (other users of a shared machine too): near 1.0, a
     latency measures waiting for a core as much as the code under test.
+    ``this_process`` is the part the calling process used (e.g. the writers).
     """
     out: dict[str, float] = {}
-    wall, cpu = time.perf_counter(), machine_cpu_seconds()
+    wall, cpu, own = time.perf_counter(), machine_cpu_seconds(), time.process_time()
     yield out
-    cores = os.cpu_count() or 1
-    out["share"] = (machine_cpu_seconds() - cpu) / ((time.perf_counter() - wall) * cores)
+    capacity = (time.perf_counter() - wall) * (os.cpu_count() or 1)
+    out["share"] = (machine_cpu_seconds() - cpu) / capacity
+    out["this_process"] = (time.process_time() - own) / capacity
 
 
 # -- small utilities ---------------------------------------------------------------------
