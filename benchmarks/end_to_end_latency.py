@@ -20,17 +20,18 @@ setting gets a fresh topic, relay and consumer process: Tansu's memory storage
 slows down as a partition fills, which would otherwise charge each phase for
 the ones before it. The low rate runs before the high one on the same topic.
 
-The broker's floor runs beside them: the relay's producer settings and loop
-(take every record waiting, one Kafka transaction, commit) with no database,
-fed at the same rate, with 1 and with 4 producers (``--slots 1`` and the
-default 4 slots). Hand-over -> readable is what the broker alone costs; no
-relay's commit -> Kafka can be shorter.
 Consumer settings: its defaults (batches of up to 100: it blocks for the first
 record only, then takes what is already fetched), and the same with
 ``fetch.wait.max.ms=5``. Tansu answers a fetch only when ``fetch.wait.max.ms``
 (500 ms by default) has passed, not as soon as a record arrives as Apache Kafka
 does (``fetch.min.bytes=1``), so on Tansu the defaults measure the broker's
 long poll; the second setting approximates Kafka's behaviour.
+
+The broker's floor runs beside them: the relay's producer settings and loop
+(take every record waiting, one Kafka transaction, commit) with no database,
+fed at the same rate, with 1 and with 4 producers (``--slots 1`` and the
+default 4 slots). Hand-over -> readable is what the broker alone costs; no
+relay's commit -> Kafka can be shorter.
 """
 
 from __future__ import annotations
@@ -143,14 +144,23 @@ def raw_steadily(
     value = b'{"seq": 0, "note": "latency probe"}'
     ready = threading.Barrier(producers + 1)
 
+    errors: list[BaseException] = []
+
     def produce(index: int) -> None:
+        try:
+            loop(index)
+        except BaseException as exc:
+            errors.append(exc)
+            ready.abort()  # the schedule must not wait for a producer that is gone
+
+    def loop(index: int) -> None:
         producer = Producer({**settings, "transactional.id": f"bench-floor-{uuid.uuid4().hex}"})
         producer.init_transactions(60)
         producer.begin_transaction()  # warm-up: every partition joins a transaction once
         for partition in range(partitions):
             producer.produce(topic, b"warm-up", partition=partition)
         producer.commit_transaction(60)
-        ready.wait()
+        ready.wait(120)
         inbox = queues[index]
         while True:
             batch: list[str] = []
@@ -173,7 +183,12 @@ def raw_steadily(
     threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
     for thread in threads:
         thread.start()
-    ready.wait()
+    try:
+        ready.wait(120)
+    except threading.BrokenBarrierError:
+        for thread in threads:
+            thread.join(60)
+        raise RuntimeError(f"a raw producer failed to start: {errors[:1]}") from None
     total = int(rate * seconds)
     start = time.time()
     for seq in range(total):
@@ -186,6 +201,8 @@ def raw_steadily(
         inbox.put(None)
     for thread in threads:
         thread.join()
+    if errors:
+        raise RuntimeError(f"a raw producer failed: {errors[0]!r}")
     return handed
 
 
