@@ -272,14 +272,16 @@ def consumer_command(db: Database, svc: Services, topic: str, *args: str) -> lis
 @contextlib.contextmanager
 def consumer_processes(
     db: Database, svc: Services, topic: str, poll_timeout: float, settings: dict[str, str]
-) -> Iterator[None]:
+) -> Iterator[Process]:
     """The consumer under test and the arrival reader, each in a process of its own."""
     extra = [arg for key, value in settings.items() for arg in ("-X", f"{key}={value}")]
     with (
         Process(consumer_command(db, svc, topic, "--role", "arrivals")),
-        Process(consumer_command(db, svc, topic, "--poll-timeout", str(poll_timeout), *extra)),
+        Process(
+            consumer_command(db, svc, topic, "--poll-timeout", str(poll_timeout), *extra)
+        ) as consumer,
     ):
-        yield
+        yield consumer
 
 
 def broker_floor(
@@ -385,12 +387,13 @@ def run(svc: Services, size: Size) -> Result:
                 topic = f"bench.latency.{uuid.uuid4().hex[:6]}"
                 create_topics(svc, topic)
                 with (
-                    consumer_processes(db, svc, topic, poll_timeout, settings),
-                    relay_process(db, svc, mode),
+                    consumer_processes(db, svc, topic, poll_timeout, settings) as consumer,
+                    relay_process(db, svc, mode) as relay,
                 ):
+                    pids = {"relay": relay.proc.pid, "consumer": consumer.proc.pid}
                     warm_up(engine, topic)
                     for rate in rates if mode != ONE_SLOT else [size.latency_rate]:
-                        with machine_busy() as busy:
+                        with machine_busy(pids) as busy:
                             committed = write_steadily(
                                 engine,
                                 topic,
@@ -411,6 +414,8 @@ def run(svc: Services, size: Size) -> Result:
                             "achieved_rate": round(len(committed) / size.latency_seconds),
                             "machine_cpu_busy": round(busy["share"], 2),
                             "writers_cpu_share": round(busy["this_process"], 2),
+                            "relay_cpu_share": round(busy["relay"], 3),
+                            "consumer_cpu_share": round(busy["consumer"], 3),
                         }
         floor = broker_floor(db, svc, engine, size)
         phases.update(floor)
@@ -444,7 +449,8 @@ def run(svc: Services, size: Size) -> Result:
         f" Broker floor (the relay's Kafka loop, no database; 1 / 4 producers): "
         f"hand-over->readable p50/p99 {floors[0]} and {floors[-1]}. "
         f"Machine CPU busy (all cores): {best['machine_cpu_busy']:.0%} in the NOTIFY phase "
-        f"({best['writers_cpu_share']:.0%} the writers' own process), "
+        f"(the writers' process {best['writers_cpu_share']:.0%}, the relay's "
+        f"{best['relay_cpu_share']:.0%}, the consumer's {best['consumer_cpu_share']:.0%}), "
         f"{next(iter(floor.values()))['machine_cpu_busy']:.0%} for the 1-producer floor."
     )
     if low and low_polling and rate > LOW_RATE:

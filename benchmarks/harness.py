@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -449,20 +449,35 @@ def machine_cpu_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a live process has used; NaN if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def machine_busy() -> Iterator[dict[str, float]]:
+def machine_busy(processes: Mapping[str, int] | None = None) -> Iterator[dict[str, float]]:
     """Yields a dict whose ``share`` is, after the block, the fraction of all cores busy in it.
 
     Every process counts (other users of a shared machine too): near 1.0, a
     latency measures waiting for a core as much as the code under test.
-    ``this_process`` is the part the calling process used (e.g. the writers).
+    ``this_process`` is the part the calling process used (e.g. the writers),
+    and each name of ``processes`` (name -> pid) gets that process's part.
     """
+    pids = dict(processes or {})
     out: dict[str, float] = {}
     wall, cpu, own = time.perf_counter(), machine_cpu_seconds(), time.process_time()
+    before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
     yield out
     capacity = (time.perf_counter() - wall) * (os.cpu_count() or 1)
     out["share"] = (machine_cpu_seconds() - cpu) / capacity
     out["this_process"] = (time.process_time() - own) / capacity
+    for name, pid in pids.items():
+        out[name] = (process_cpu_seconds(pid) - before[name]) / capacity
 
 
 # -- small utilities ---------------------------------------------------------------------
