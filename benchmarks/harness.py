@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 import psycopg
 from sqlalchemy.engine import make_url
 
+from outbox import sql
 from outbox.config import RelayConfig
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for
 from outbox.relay import Relay, RelayStats
-from outbox.schema import NOTIFY_CHANNEL
 
 T = TypeVar("T")
 Result = dict[str, Any]
@@ -269,7 +269,7 @@ def fill_outbox(db: Database, rows: int, *, topic: str, value_bytes: int, seed: 
         for lo in range(0, rows, step):
             params = {"topic": topic, "shards": shards, "keys": keys, "values": values}
             conn.execute(_FILL, {**params, "lo": lo, "hi": min(rows, lo + step) - 1})
-        conn.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+        conn.execute(sql.WAKE_ALL_SLOTS)
         checkpoint(db)
     return time.perf_counter() - start
 

@@ -6,6 +6,8 @@ through SQLAlchemy ``text()`` with ``:name`` (see ``publish.py``).
 
 from __future__ import annotations
 
+from outbox.schema import NOTIFY_CHANNEL as _CHANNEL
+
 # -- write path (runs inside the caller's transaction) ------------------------
 
 # Insert one event whose id publish() generated (a fresh uuid4 cannot collide).
@@ -81,10 +83,10 @@ ON CONFLICT (event_id) DO UPDATE
 """
 
 # Subscribe this session to publish()'s wake-ups.
-LISTEN = "LISTEN outbox_events"
+LISTEN = f"LISTEN {_CHANNEL}"
 
 # Wake every relay slot, e.g. after re-queuing rows of any shard (an empty payload).
-WAKE_ALL_SLOTS = "SELECT pg_notify('outbox_events', '')"
+WAKE_ALL_SLOTS = f"SELECT pg_notify('{_CHANNEL}', '')"
 
 # -- operations -------------------------------------------------------------------
 

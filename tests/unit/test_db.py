@@ -237,7 +237,11 @@ def test_i8_connect_refuses_a_bad_dsn_before_connecting() -> None:
 
 # -- the SQL statements ----------------------------------------------------------------------
 
-STATEMENTS = {name: value for name, value in vars(sql).items() if name.isupper()}
+STATEMENTS = {
+    name: value
+    for name, value in vars(sql).items()
+    if name.isupper() and not name.startswith("_")  # _CHANNEL is a name, not a statement
+}
 WRITE_PATH = {
     "INSERT_EVENT",
     "INSERT_EVENT_AND_NOTIFY",
