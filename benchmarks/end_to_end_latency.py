@@ -65,7 +65,7 @@ from benchmarks.harness import (
     machine_busy,
     outbox_command,
     percentile,
-    relay_config,
+    raw_settings,
 )
 from outbox import publish
 from outbox.codec import EVENT_ID_HEADER
@@ -290,11 +290,7 @@ def broker_floor(
     db: Database, svc: Services, engine: Engine, size: Size
 ) -> dict[str, dict[str, Any]]:
     """Hand-over -> readable for 1 and 4 raw transactional producers, at the size's rate."""
-    settings = dict(
-        relay_config(db, svc, slots=1, batch_size=1, profile=Profile.BALANCED)
-        .producer_plan()
-        .settings
-    )
+    settings = raw_settings(db, svc, profile=Profile.BALANCED)  # the latency relay's preset
     phases: dict[str, dict[str, Any]] = {}
     for producers in FLOOR_PRODUCERS:
         topic = f"bench.floor.{uuid.uuid4().hex[:6]}"

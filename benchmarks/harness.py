@@ -309,6 +309,11 @@ def relay_config(
     return RelayConfig(**fields)
 
 
+def raw_settings(db: Database, svc: Services, **overrides: Any) -> dict[str, Any]:
+    """The relay's librdkafka settings (``throughput`` preset unless overridden): raw producers."""
+    return dict(relay_config(db, svc, slots=1, batch_size=1, **overrides).producer_plan().settings)
+
+
 RELAY_PREFIX = f"bench-{uuid.uuid4().hex[:6]}"
 
 

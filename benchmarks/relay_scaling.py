@@ -11,8 +11,16 @@ from __future__ import annotations
 import itertools
 import uuid
 
-from benchmarks.harness import Result, Services, Size, create_topics, figure, median
-from benchmarks.relay_throughput import raw_producer_run, raw_records, raw_settings, relay_rate
+from benchmarks.harness import (
+    Result,
+    Services,
+    Size,
+    create_topics,
+    figure,
+    median,
+    raw_settings,
+)
+from benchmarks.relay_throughput import raw_producer_run, raw_records, relay_rate
 
 
 def run(svc: Services, size: Size) -> Result:

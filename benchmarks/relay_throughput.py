@@ -32,6 +32,7 @@ from benchmarks.harness import (
     machine_cpu_seconds,
     median,
     quiet_logging,
+    raw_settings,
     relay_config,
     reset_outbox,
 )
@@ -52,11 +53,6 @@ def load_records(db: Database) -> list[RawRecord]:
         (k, v, list(zip(names, values, strict=True)), int(ts.timestamp() * 1000))
         for k, v, names, values, ts in rows
     ]
-
-
-def raw_settings(db: Database, svc: Services) -> dict[str, Any]:
-    """The relay's own librdkafka settings (``throughput`` preset), for the raw producer."""
-    return dict(relay_config(db, svc, slots=1, batch_size=1).producer_plan().settings)
 
 
 def raw_producer_run(
