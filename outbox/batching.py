@@ -42,6 +42,16 @@ def slots_to_try(
     return [s for s in order if s not in owned_set]
 
 
+def claim_ahead(batch_rows: int, batch_size: int, stopping: bool) -> bool:
+    """Claim the next batch while this one is in flight? Only in a backlog.
+
+    A full batch says more rows are waiting, so the claim overlaps the broker's
+    acknowledgements instead of following them; a partial batch (a steady low
+    rate) claims after the commit as before, so an idle relay does no extra work.
+    """
+    return batch_rows >= batch_size and not stopping
+
+
 def id_ranges(ids: Iterable[int]) -> list[tuple[int, int]]:
     """Compress sorted-ish ids into inclusive ranges: a batch is mostly contiguous."""
     out: list[tuple[int, int]] = []

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -26,7 +26,14 @@ from psycopg.rows import tuple_row
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import sql
-from outbox.batching import Marker, jittered, slots_to_release, slots_to_try, target_share
+from outbox.batching import (
+    Marker,
+    claim_ahead,
+    jittered,
+    slots_to_release,
+    slots_to_try,
+    target_share,
+)
 from outbox.codec import record_size
 from outbox.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.db import connect, redact
@@ -125,6 +132,7 @@ class SlotWorker(threading.Thread):
         self.tid = self.config.transactional_id(slot)
         self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
         self._needs_recovery = self.transactional
+        self._ahead: list[Row] = []  # the next batch, claimed while this one was in flight
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -166,9 +174,13 @@ class SlotWorker(threading.Thread):
             self._recover()
             self._needs_recovery = False
         started = time.perf_counter()
-        rows = self._claim()
+        rows, self._ahead = self._ahead or self._claim(), []
         if rows:
-            self._publish(rows)
+            try:
+                self._publish(rows)
+            except BaseException:
+                self._ahead = []  # a failed batch is claimed afresh, in id order
+                raise
             self.relay.metrics.batch_size.observe(len(rows))
             self.relay.metrics.batch_seconds.observe(time.perf_counter() - started)
             log.debug(
@@ -295,10 +307,20 @@ class SlotWorker(threading.Thread):
         try:
             self.conn.execute(sql.DELETE_EVENTS, {"ids": ids}, prepare=True)
         except psycopg.OperationalError as exc:
-            # The Kafka transaction committed: the next owner's recovery deletes these rows.
-            raise SlotLost(
-                f"database connection lost after publishing: {redact(str(exc))}"
-            ) from None
+            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
+
+    @contextlib.contextmanager
+    def _db_transaction(self) -> Iterator[None]:
+        """A transaction on the slot's connection (``psycopg.Rollback`` ends it quietly).
+
+        If the connection is lost, the slot is lost with it; when that happens at the
+        COMMIT after a Kafka commit, the next owner's recovery deletes the rows (I4).
+        """
+        try:
+            with self.conn.transaction():
+                yield
+        except psycopg.OperationalError as exc:
+            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
 
     def _bury(self, row: Row, error: str) -> None:
         """Move a poison row aside so its shard moves on (I6)."""
@@ -381,19 +403,31 @@ class SlotWorker(threading.Thread):
             raise TransientError(f"{len(others)} records failed: {others[0]}")
 
     def _publish_transaction(self, rows: list[Row]) -> None:
-        """One Kafka transaction: the rows, then the slot's recovery marker; delete after commit."""
+        """One Kafka transaction: the rows, then the slot's recovery marker.
+
+        While the broker acknowledges the records, a database transaction deletes
+        the rows (and, in a backlog, claims the next batch, which no longer sees
+        them); it commits only after the Kafka transaction did, so a row leaves the
+        outbox only once its record is committed (I2), and the database's work
+        overlaps the broker's instead of following it.
+        """
         failures: dict[int, Any] = {}
+        unsent = 0
+        committed = False
         try:
             self.producer.begin_transaction()
             self._produce(rows, failures)
-            # The marker goes out only once every record of the batch is acknowledged. On a
-            # broker that shows aborted transactions (Tansu), a marker can then never name a
-            # row whose record is missing, so recovery cannot delete an unpublished row.
-            unsent = self.producer.flush(self.config.transaction_timeout)
-            if unsent and not failures:
-                self._abort()
-                raise TransientError(f"{unsent} records not acknowledged in time")
-            if not failures:
+            with self._db_transaction():
+                self._delete_rows([r.id for r in rows])
+                if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
+                    self._ahead = self._claim()
+                # The marker goes out only once every record of the batch is acknowledged. On
+                # a broker that shows aborted transactions (Tansu), a marker can then never
+                # name a row whose record is missing, so recovery cannot delete an unpublished
+                # row.
+                unsent = self.producer.flush(self.config.transaction_timeout)
+                if failures or unsent:
+                    raise psycopg.Rollback  # the rows stay in the outbox
                 marker = Marker(self.tid, self.slot, tuple(r.id for r in rows))
                 self.producer.produce(
                     self.config.state_topic,
@@ -402,6 +436,12 @@ class SlotWorker(threading.Thread):
                     partition=self.slot,
                 )
                 self._commit()
+                committed = True
+        except SlotLost:
+            if not committed:  # nothing of this batch may commit now; if it did, recovery
+                with contextlib.suppress(KafkaException):  # deletes its rows (I4)
+                    self.producer.abort_transaction(5)
+            raise
         except KafkaException as exc:
             # The transaction's fate may be unknown: rebuild the producer (init_transactions
             # settles it) and let the marker tell whether these rows were committed.
@@ -411,11 +451,13 @@ class SlotWorker(threading.Thread):
                 raise SlotLost(f"fenced: another relay took transactional.id {self.tid}") from None
             self._handle_failures(rows, failures)
             raise TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
-        if failures:
+        if failures or unsent:
+            self._ahead = []
             self._abort()
+            if not failures:
+                raise TransientError(f"{unsent} records not acknowledged in time")
             self._handle_failures(rows, failures)
             return
-        self._delete_rows([r.id for r in rows])
         self.relay.stats.add(published=len(rows), batches=1)
 
     def _commit(self) -> None:

@@ -6,17 +6,19 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish
 from outbox.config import Guarantee, RelayConfig
 from outbox.embedded import EmbeddedBroker, free_port
-from outbox.errors import ConfigError, SlotLost
+from outbox.errors import ConfigError
 from outbox.partitioner import partition_for, shard_for, slot_of_shard
-from outbox.relay import Relay, SlotWorker
+from outbox.relay import Relay, Row, SlotWorker
 from tests.conftest import RelayHandle, Services
 from tests.support import KafkaReader, TcpProxy, wait_for
 
@@ -191,24 +193,80 @@ def test_i4_crash_between_kafka_commit_and_delete_is_not_published_again(
 ) -> None:
     """The recovery marker: the next owner deletes the rows instead of publishing them again."""
     crashed: list[int] = []
-    real_delete = SlotWorker._delete_rows
+    real_commit = SlotWorker._commit
 
-    def lose_connection_once(self: SlotWorker, ids: list[int]) -> None:
+    def lose_connection_after_the_kafka_commit(self: SlotWorker) -> None:
+        real_commit(self)
         if not crashed:
-            crashed.extend(ids)
-            self.conn.close()  # the DB connection dies right after the Kafka commit
-            raise SlotLost("injected: connection lost after the Kafka commit")
-        real_delete(self, ids)
+            crashed.append(self.slot)
+            self.conn.close()  # the DB transaction that deleted the rows never commits
 
-    monkeypatch.setattr(SlotWorker, "_delete_rows", lose_connection_once)
+    monkeypatch.setattr(SlotWorker, "_commit", lose_connection_after_the_kafka_commit)
     ids = _publish_many(engine, topic, 40, per_tx=40)
     handle = start_relay(slots=1)
     wait_for(lambda: _pending(engine) == 0, what="new owner recovers and drains")
     handle.stop()
     assert crashed, "the fault was not injected"
-    assert handle.relay.stats.recovered == len(crashed)
+    assert handle.relay.stats.recovered == 40
     records = kafka.read(topic, 40)
     assert sorted(r.event_id for r in records) == sorted(ids)  # each exactly once
+
+
+def test_i2_a_batch_leaves_the_outbox_only_after_its_kafka_commit(
+    engine: Engine,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The delete runs while the broker acknowledges the batch but commits after Kafka's."""
+    pending_at_kafka_commit: list[int] = []
+    real_commit = SlotWorker._commit
+
+    def look_from_another_session(self: SlotWorker) -> None:
+        pending_at_kafka_commit.append(_pending(engine))
+        real_commit(self)
+
+    monkeypatch.setattr(SlotWorker, "_commit", look_from_another_session)
+    ids = _publish_many(engine, topic, 30)
+    drain(slots=1, batch_size=10)
+    assert pending_at_kafka_commit == [30, 20, 10]
+    assert _pending(engine) == 0
+    assert sorted(r.event_id for r in kafka.read(topic, 30)) == sorted(ids)
+
+
+def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
+    engine: Engine,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a backlog the next batch is claimed while one is in flight; a failure drops it."""
+    failed: list[int] = []
+    real_produce = SlotWorker._produce
+
+    def second_batch_fails_once(
+        self: SlotWorker, rows: list[Row], failures: dict[int, Any]
+    ) -> None:
+        real_produce(self, rows, failures)
+        if not failed and self.relay.stats.batches == 1:  # the 2nd batch; the 3rd is claimed
+            failed.append(rows[0].id)  # while it is in flight, then dropped with it
+            failures[rows[0].id] = KafkaError(KafkaError._MSG_TIMED_OUT)
+
+    monkeypatch.setattr(SlotWorker, "_produce", second_batch_fails_once)
+    ids = _publish_many(engine, topic, 40, keys=3, per_tx=40)
+    relay = drain(slots=1, batch_size=10)
+    assert failed, "the fault was not injected"
+    assert relay.stats.aborts == 1
+    assert relay.stats.published == 40
+    # Tansu shows the aborted attempt's records too: each event's last copy is its committed one.
+    committed = {r.event_id: r for r in sorted(kafka.read(topic, 40), key=lambda r: r.offset)}
+    assert sorted(committed) == sorted(ids)
+    by_key: dict[bytes | None, list[int]] = defaultdict(list)
+    for r in sorted(committed.values(), key=lambda r: (r.partition, r.offset)):
+        by_key[r.key].append(json.loads(r.value or b"")["i"])
+    assert all(values == sorted(values) for values in by_key.values())
 
 
 def test_i6_poison_row_is_moved_aside_and_its_shard_moves_on(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from outbox.batching import (
     Marker,
+    claim_ahead,
     expand_ranges,
     fair_share,
     id_ranges,
@@ -21,6 +22,25 @@ from outbox.batching import (
     target_share,
 )
 from outbox.partitioner import SHARD_COUNT
+
+# -- pipelining ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch_size", "stopping", "ahead"),
+    [
+        (1000, 1000, False, True),  # a full batch: a backlog, claim the next one now
+        (999, 1000, False, False),  # a partial batch: nothing more waits, claim after commit
+        (1, 1, False, True),
+        (0, 1000, False, False),
+        (1000, 1000, True, False),  # stopping or handing over: take nothing new
+    ],
+)
+def test_the_next_batch_is_claimed_in_flight_only_in_a_backlog(
+    rows: int, batch_size: int, stopping: bool, ahead: bool
+) -> None:
+    assert claim_ahead(rows, batch_size, stopping) is ahead
+
 
 # -- shares --------------------------------------------------------------------------------
 

@@ -300,8 +300,10 @@ def test_profiles_follow_the_design_presets() -> None:
     latency = PROFILES[Profile.LATENCY]
     assert throughput["compression.type"] == "zstd"
     assert latency["compression.type"] == "lz4"
-    assert int(throughput["linger.ms"]) > int(PROFILES[Profile.BALANCED]["linger.ms"])
-    assert 0 <= int(latency["linger.ms"]) <= 5
+    # Every batch ends with a flush: a longer linger would only hold records back while the
+    # slot claims its next batch instead of letting the broker work meanwhile.
+    assert all(int(p["linger.ms"]) <= 5 for p in PROFILES.values())
+    assert 0 <= int(latency["linger.ms"]) < int(throughput["linger.ms"])
     assert int(throughput["batch.size"]) > int(latency["batch.size"])
 
 
