@@ -69,8 +69,8 @@ def claim_plans(db: Database, size: Size) -> dict[str, Any]:
     plans: dict[str, Any] = {}
     with db.connect() as conn:
         for slots in (1, 4):
-            params = {"shards": shards_of_slot(0, slots), "limit": size.batch_size}
-            rows = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql.CLAIM_BATCH, params)
+            claim = "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.claim_batch(shards_of_slot(0, slots))
+            rows = conn.execute(claim, {"limit": size.batch_size})
             doc = rows.fetchone()[0][0]  # type: ignore[index]
             node = doc["Plan"]
             while node.get("Plans") and node["Node Type"] == "Limit":

@@ -123,6 +123,7 @@ class SlotWorker(threading.Thread):
         self.slot = slot
         self.conn = conn
         self.shards = shards_of_slot(slot, self.config.slots)
+        self.claim_statement = sql.claim_batch(self.shards)
         self.wake = threading.Event()
         self.release = threading.Event()
         self.interrupt = threading.Event()
@@ -292,11 +293,7 @@ class SlotWorker(threading.Thread):
         try:
             # Binary: bytea arrives as bytes, not hex text to decode for every row.
             with self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
-                cur.execute(
-                    sql.CLAIM_BATCH,
-                    {"shards": self.shards, "limit": self.config.batch_size},
-                    prepare=True,
-                )
+                cur.execute(self.claim_statement, {"limit": self.config.batch_size}, prepare=True)
                 rows = list(map(Row._make, cur.fetchall()))
             self.relay.stats.add(claimed=len(rows))
             return rows

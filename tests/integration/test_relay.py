@@ -13,11 +13,11 @@ from confluent_kafka import KafkaError
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from outbox import publish
+from outbox import publish, sql
 from outbox.config import Guarantee, RelayConfig
 from outbox.embedded import EmbeddedBroker, free_port
 from outbox.errors import ConfigError
-from outbox.partitioner import partition_for, shard_for, slot_of_shard
+from outbox.partitioner import partition_for, shard_for, shards_of_slot, slot_of_shard
 from outbox.relay import Relay, Row, SlotWorker
 from tests.conftest import RelayHandle, Services
 from tests.support import KafkaReader, TcpProxy, wait_for
@@ -368,3 +368,46 @@ def test_i4_a_new_owner_fences_the_old_producer_and_the_slot_recovers(
     handle.stop()
     records = kafka.read(topic, 20)
     assert {r.event_id for r in records if "outbox-event-id" in r.headers} == set(first + second)
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_a_slots_claim_reads_none_of_the_rows_of_a_slot_that_lags(engine: Engine) -> None:
+    """Backlog independence: 4000 rows of a lagging slot wait in front of the others' rows."""
+    lagging, claiming = shards_of_slot(0, 4), shards_of_slot(1, 4)
+    with engine.begin() as conn:
+        for shards, n in ((lagging, 4000), (claiming, 50)):
+            conn.execute(
+                text(
+                    "INSERT INTO outbox_events (event_id, topic, shard, key, value, "
+                    "header_names, header_values) SELECT gen_random_uuid(), 't', "
+                    "(CAST(:shards AS smallint[]))[1 + i % cardinality(CAST(:shards AS "
+                    "smallint[]))], NULL, 'v', '{}', '{}' FROM generate_series(1, :n) AS i"
+                ),
+                {"shards": shards, "n": n},
+            )
+        conn.execute(text("ANALYZE outbox_events"))
+        plan = conn.exec_driver_sql(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.claim_batch(claiming), {"limit": 20}
+        ).scalar_one()[0]["Plan"]
+        claimed = conn.exec_driver_sql(sql.claim_batch(claiming), {"limit": 20}).all()
+    nodes = list(_plan_nodes(plan))
+    scans = [n for n in nodes if n["Node Type"] == "Index Scan"]
+    assert {n["Index Name"] for n in scans} == {"outbox_events_shard_id"}
+    assert len(scans) == len(claiming)
+    # It reads what it returns (plus one look-ahead row per shard), not the lagging slot's rows.
+    assert sum(n["Actual Rows"] for n in scans) <= 20 + len(claiming)
+    assert not any(n.get("Rows Removed by Filter") for n in nodes)
+    ids = [row.id for row in claimed]
+    assert len(ids) == 20
+    assert ids == sorted(ids)
+    with engine.connect() as conn:
+        first = conn.execute(
+            text("SELECT id FROM outbox_events WHERE shard = ANY(:s) ORDER BY id LIMIT 20"),
+            {"s": claiming},
+        ).scalars()
+        assert ids == list(first)

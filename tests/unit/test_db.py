@@ -15,6 +15,7 @@ from outbox import sql
 from outbox.codec import EncodedEvent
 from outbox.db import connect, libpq_dsn, redact, sqlalchemy_url
 from outbox.errors import ConfigError
+from outbox.partitioner import shards_of_slot
 
 # -- redact ----------------------------------------------------------------------------------
 
@@ -275,6 +276,22 @@ def test_insert_event_binds_exactly_the_encoded_event_columns() -> None:
     for name in ("INSERT_EVENT", "INSERT_NEW_EVENT"):
         assert set(COLON_BIND.findall(STATEMENTS[name])) == columns
         assert set(COLON_BIND.findall(STATEMENTS[f"{name}_AND_NOTIFY"])) == columns | {"channel"}
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 4, 5, 7, 32])
+def test_a_slots_claim_scans_each_of_its_shards_and_merges_them_in_id_order(slots: int) -> None:
+    for slot in range(slots):
+        shards = shards_of_slot(slot, slots)
+        claim = sql.claim_batch(shards)
+        if slots == 1:  # one slot owns every shard: the primary key, no filter at all
+            assert claim == sql.CLAIM_BATCH
+            assert "shard" not in claim
+            continue
+        found = [int(s) for s in re.findall(r"WHERE shard = (\d+) ORDER BY id", claim)]
+        assert found == sorted(shards)
+        assert claim.count("UNION ALL") == len(found) - 1
+        assert claim.rstrip().endswith("ORDER BY id\nLIMIT %(limit)s")
+        assert set(PYFORMAT.findall(claim)) == {"limit"}
 
 
 def test_only_caller_given_event_ids_pay_for_on_conflict() -> None:
