@@ -1,4 +1,4 @@
-"""End-to-end latency: commit -> handler entry at a steady rate, NOTIFY wake-up vs pure polling.
+"""End-to-end latency: commit -> handler entry at a steady rate, NOTIFY wake-up vs polling.
 
 Writers in this process commit one event per transaction on an open-loop
 schedule (a slow commit does not slow the schedule down) and note the wall
@@ -15,7 +15,8 @@ another claim), so NOTIFY vs polling only shows when it has idle moments.
 Relay modes: ``notify`` (``publish()`` notifies, the relay LISTENs),
 ``notify, 1 slot`` (the same with ``--slots 1``: one Kafka transaction at a
 time instead of four smaller ones) and ``polling`` (``notify=False``,
-``--no-listen``, the default 1 s poll interval). Each relay mode and consumer
+``--no-listen``: the adaptive poll, 10 ms after rows were found, growing to
+the default 1 s interval while claims find nothing). Each relay mode and consumer
 setting gets a fresh topic, relay and consumer process: Tansu's memory storage
 slows down as a partition fills, which would otherwise charge each phase for
 the ones before it. The low rate runs before the high one on the same topic.
@@ -432,7 +433,8 @@ def run(svc: Services, size: Size) -> Result:
     summary = (
         f"NOTIFY: commit->handler {_p50_p99(best)} (consumer fetch.wait.max.ms=5{defaults}); "
         f"commit->Kafka p99 {best['commit_to_kafka']['p99_ms']} ms. "
-        f"Pure polling (1 s): {_p50_p99(polling)}. At {rate} events/s."
+        f"Polling, no NOTIFY (adaptive, 10 ms to 1 s): {_p50_p99(polling)}. "
+        f"At {rate} events/s."
     )
     if one_slot:
         summary += (

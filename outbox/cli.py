@@ -186,11 +186,19 @@ def relay(
     batch_size: Annotated[int, typer.Option(envvar="OUTBOX_BATCH_SIZE")] = 1000,
     poll_interval: Annotated[
         float,
-        typer.Option(envvar="OUTBOX_POLL_INTERVAL", help="Seconds between polls when idle."),
+        typer.Option(
+            envvar="OUTBOX_POLL_INTERVAL",
+            help="Seconds between polls when idle; without LISTEN, 10 ms after rows were "
+            "found, growing x1.5 per empty poll up to this.",
+        ),
     ] = 1.0,
     listen: Annotated[
         bool,
-        typer.Option(envvar="OUTBOX_LISTEN", help="Wake on NOTIFY (needs a direct session)."),
+        typer.Option(
+            envvar="OUTBOX_LISTEN",
+            help="Wake on NOTIFY (needs a direct session); --no-listen for writers that "
+            "publish with notify=False.",
+        ),
     ] = True,
     transactional_id_prefix: Annotated[
         str, typer.Option(envvar="OUTBOX_TRANSACTIONAL_ID_PREFIX")

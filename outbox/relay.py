@@ -30,6 +30,7 @@ from outbox.batching import (
     Marker,
     claim_ahead,
     jittered,
+    poll_delay,
     slots_to_release,
     slots_to_try,
     target_share,
@@ -153,15 +154,21 @@ class SlotWorker(threading.Thread):
 
     def _run(self) -> None:
         log.info("slot %d: publishing shards %s as %s", self.slot, self.shards, self.tid)
+        empty_polls = 0  # claims in a row that found nothing
         while not self._stopping():
             if self._retrying(self._step):
                 self.drained.clear()
+                empty_polls = 0
                 continue
             self.drained.set()
             if self.config.once:
                 return
-            self.wake.wait(jittered(self.config.poll_interval))
+            delay = poll_delay(
+                empty_polls, self.config.poll_interval, listening=self.relay.listening.is_set()
+            )
+            self.wake.wait(jittered(delay))
             self.wake.clear()
+            empty_polls += 1
 
     def _step(self) -> bool:
         """Claim and publish one batch; False when there was nothing to do.
@@ -516,6 +523,7 @@ class Relay:
         self._control: psycopg.Connection[dict[str, Any]] | None = None
         self._marker_consumer: Any = None
         self._marker_lock = threading.Lock()
+        self.listening = threading.Event()  # a LISTEN session is up: NOTIFY wakes the slots
         self._members = 1
         self._failures: dict[int, int] = {}
         self._not_before: dict[int, float] = {}
@@ -721,15 +729,18 @@ class Relay:
             try:
                 with connect(self.config.dsn, application_name=f"{self.name}:listen") as conn:
                     conn.execute(sql.LISTEN)
+                    self.listening.set()
                     failures = 0
                     while not self.stop.is_set():
                         for note in conn.notifies(timeout=0.5, stop_after=1):
                             self.wake_for(note.payload)
             except (psycopg.Error, ConnectionError) as exc:
+                self.listening.clear()  # the slots poll adaptively until it is back
                 failures += 1
                 log.warning(
-                    "LISTEN connection failed (%s); relying on polling every %.1fs until it "
-                    "is back. LISTEN needs a direct session, not a transaction-pooling PgBouncer",
+                    "LISTEN connection failed (%s); polling (10 ms after rows were found, "
+                    "backing off to every %.1fs) until it is back. LISTEN needs a direct "
+                    "session, not a transaction-pooling PgBouncer",
                     redact(str(exc)),
                     self.config.poll_interval,
                 )

@@ -136,6 +136,21 @@ def test_notify_wakes_the_slot_owning_each_shard(
     assert sorted(r.event_id for r in kafka.read(topic, len(ids))) == sorted(ids)
 
 
+def test_without_notify_a_busy_relay_polls_again_within_milliseconds(
+    engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
+) -> None:
+    """The adaptive poll: no LISTEN, a 30 s interval, yet a busy outbox is relayed at once."""
+    ids = _publish_many(engine, topic, 5)
+    handle = start_relay(slots=1, listen=False, poll_interval=30.0)
+    for _ in range(3):
+        wait_for(lambda: _pending(engine) == 0, timeout=10, what="the relay found the rows")
+        ids += _publish_many(engine, topic, 5)  # a 30 s poll would find these 30 s later
+    wait_for(lambda: _pending(engine) == 0, timeout=10, what="the relay polled again at once")
+    handle.stop()
+    assert not handle.relay.listening.is_set()
+    assert sorted(r.event_id for r in kafka.read(topic, len(ids))) == sorted(ids)
+
+
 @pytest.fixture
 def proxied_broker() -> Iterator[tuple[EmbeddedBroker, TcpProxy]]:
     """A broker that clients reach only through a proxy we can cut (it advertises the proxy)."""

@@ -11,12 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outbox.batching import (
+    ACTIVE_POLL,
     Marker,
     claim_ahead,
     expand_ranges,
     fair_share,
     id_ranges,
     jittered,
+    poll_delay,
     slots_to_release,
     slots_to_try,
     target_share,
@@ -40,6 +42,25 @@ def test_the_next_batch_is_claimed_in_flight_only_in_a_backlog(
     rows: int, batch_size: int, stopping: bool, ahead: bool
 ) -> None:
     assert claim_ahead(rows, batch_size, stopping) is ahead
+
+
+@pytest.mark.parametrize(
+    ("empty_polls", "interval", "listening", "delay"),
+    [
+        (0, 1.0, True, 1.0),  # NOTIFY wakes the slot: the poll is only a safety net
+        (7, 1.0, True, 1.0),
+        (0, 1.0, False, ACTIVE_POLL),  # rows were just found: look again in 10 ms
+        (1, 1.0, False, 1.5 * ACTIVE_POLL),
+        (3, 1.0, False, 1.5**3 * ACTIVE_POLL),
+        (12, 1.0, False, 1.0),  # idle: back off to the interval
+        (10_000, 30.0, False, 30.0),
+        (0, 0.005, False, 0.005),  # never above the interval
+    ],
+)
+def test_without_wake_ups_the_poll_comes_back_fast_after_rows_and_backs_off_when_idle(
+    empty_polls: int, interval: float, listening: bool, delay: float
+) -> None:
+    assert poll_delay(empty_polls, interval, listening=listening) == pytest.approx(delay)
 
 
 # -- shares --------------------------------------------------------------------------------
