@@ -281,10 +281,8 @@ class SlotWorker(threading.Thread):
             raise TransientError(f"reading the recovery marker: {exc.args[0]}") from None
         if marker is None or not marker.ids:
             return
-        try:
+        with self._connection_held():
             cur = self.conn.execute(sql.DELETE_EVENTS, {"ids": list(marker.ids)})
-        except psycopg.OperationalError as exc:
-            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
         if cur.rowcount:
             log.warning(
                 "slot %d: %d rows of the last committed Kafka transaction were still in the "
@@ -296,35 +294,36 @@ class SlotWorker(threading.Thread):
 
     # -- database --------------------------------------------------------------
 
-    def _claim(self) -> list[Row]:
+    @contextlib.contextmanager
+    def _connection_held(self) -> Iterator[None]:
+        """Database work on the slot's connection: if the connection is lost, so is the slot
+        (its advisory lock and any open transaction went with it)."""
         try:
-            # Binary: bytea arrives as bytes, not hex text to decode for every row.
-            with self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
-                cur.execute(self.claim_statement, {"limit": self.config.batch_size}, prepare=True)
-                rows = list(map(Row._make, cur.fetchall()))
-            self.relay.stats.add(claimed=len(rows))
-            return rows
+            yield
         except psycopg.OperationalError as exc:
             raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
 
+    def _claim(self) -> list[Row]:
+        # Binary: bytea arrives as bytes, not hex text to decode for every row.
+        with self._connection_held(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
+            cur.execute(self.claim_statement, {"limit": self.config.batch_size}, prepare=True)
+            rows = list(map(Row._make, cur.fetchall()))
+        self.relay.stats.add(claimed=len(rows))
+        return rows
+
     def _delete_rows(self, ids: list[int]) -> None:
-        try:
+        with self._connection_held():
             self.conn.execute(sql.DELETE_EVENTS, {"ids": ids}, prepare=True)
-        except psycopg.OperationalError as exc:
-            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
 
     @contextlib.contextmanager
     def _db_transaction(self) -> Iterator[None]:
         """A transaction on the slot's connection (``psycopg.Rollback`` ends it quietly).
 
-        If the connection is lost, the slot is lost with it; when that happens at the
-        COMMIT after a Kafka commit, the next owner's recovery deletes the rows (I4).
+        A connection lost at the COMMIT after a Kafka commit loses the slot; the next
+        owner's recovery deletes the rows (I4).
         """
-        try:
-            with self.conn.transaction():
-                yield
-        except psycopg.OperationalError as exc:
-            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
+        with self._connection_held(), self.conn.transaction():
+            yield
 
     def _bury(self, row: Row, error: str) -> None:
         """Move a poison row aside so its shard moves on (I6)."""
@@ -336,10 +335,8 @@ class SlotWorker(threading.Thread):
             row.topic,
             error,
         )
-        try:
+        with self._connection_held():
             self.conn.execute(sql.MOVE_TO_DEAD, {"id": row.id, "error": error})
-        except psycopg.OperationalError as exc:
-            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
         self.relay.stats.add(dead=1)
 
     # -- one batch -------------------------------------------------------------
