@@ -134,7 +134,9 @@ class SlotWorker(threading.Thread):
         self.tid = self.config.transactional_id(slot)
         self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
         self._needs_recovery = self.transactional
-        self._ahead: list[Row] = []  # the next batch, claimed while this one was in flight
+        # The next batch, claimed while the last one was in flight; kept only if that one
+        # committed, so a failed batch is claimed afresh, ahead of it, in id order (I3).
+        self._ahead: list[Row] = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -184,11 +186,7 @@ class SlotWorker(threading.Thread):
         started = time.perf_counter()
         rows, self._ahead = self._ahead or self._claim(), []
         if rows:
-            try:
-                self._publish(rows)
-            except BaseException:
-                self._ahead = []  # a failed batch is claimed afresh, in id order
-                raise
+            self._publish(rows)
             self.relay.metrics.batch_size.observe(len(rows))
             self.relay.metrics.batch_seconds.observe(time.perf_counter() - started)
             log.debug(
@@ -412,16 +410,18 @@ class SlotWorker(threading.Thread):
         outbox only once its record is committed (I2), and the database's work
         overlaps the broker's instead of following it.
         """
+        ids = [r.id for r in rows]
         failures: dict[int, Any] = {}
         unsent = 0
+        ahead: list[Row] = []
         committed = False
         try:
             self.producer.begin_transaction()
             self._produce(rows, failures)
             with self._db_transaction():
-                self._delete_rows([r.id for r in rows])
+                self._delete_rows(ids)
                 if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
-                    self._ahead = self._claim()
+                    ahead = self._claim()
                 # The marker goes out only once every record of the batch is acknowledged. On
                 # a broker that shows aborted transactions (Tansu), a marker can then never
                 # name a row whose record is missing, so recovery cannot delete an unpublished
@@ -429,7 +429,7 @@ class SlotWorker(threading.Thread):
                 unsent = self.producer.flush(self.config.transaction_timeout)
                 if failures or unsent:
                     raise psycopg.Rollback  # the rows stay in the outbox
-                marker = Marker(self.tid, self.slot, tuple(r.id for r in rows))
+                marker = Marker(self.tid, self.slot, tuple(ids))
                 self.producer.produce(
                     self.config.state_topic,
                     key=self.tid.encode(),
@@ -453,12 +453,12 @@ class SlotWorker(threading.Thread):
             self._handle_failures(rows, failures)
             raise TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
         if failures or unsent:
-            self._ahead = []
             self._abort()
             if not failures:
                 raise TransientError(f"{unsent} records not acknowledged in time")
             self._handle_failures(rows, failures)
             return
+        self._ahead = ahead
         self.relay.stats.add(published=len(rows), batches=1)
 
     def _commit(self) -> None:
