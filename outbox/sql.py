@@ -150,3 +150,19 @@ OVERRIDING SYSTEM VALUE
 SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at FROM moved
 RETURNING id
 """
+
+# One dead row whole, for ``outbox dead show``.
+SHOW_DEAD = """
+SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at,
+       failed_at, attempts, error
+FROM outbox_dead_events WHERE id = %(id)s
+"""
+
+# Lock the named dead rows, so re-queue and discard act on all of them or on none.
+LOCK_DEAD = "SELECT id FROM outbox_dead_events WHERE id = ANY(%(ids)s) FOR UPDATE"
+
+# Drop dead rows for good (the event is never published).
+DISCARD_DEAD = "DELETE FROM outbox_dead_events WHERE id = ANY(%(ids)s) RETURNING id"
+
+# How many rows were moved aside, for ``outbox status``.
+COUNT_DEAD = "SELECT count(*) AS n FROM outbox_dead_events"
