@@ -166,3 +166,16 @@ DISCARD_DEAD = "DELETE FROM outbox_dead_events WHERE id = ANY(%(ids)s) RETURNING
 
 # How many rows were moved aside, for ``outbox status``.
 COUNT_DEAD = "SELECT count(*) AS n FROM outbox_dead_events"
+
+# -- testing (outbox.testing) ------------------------------------------------------------
+
+# Outbox rows after a given id, of one topic or all, oldest first: what a test published.
+PUBLISHED_AFTER = """
+SELECT id, event_id, topic, key, value, header_names, header_values
+FROM outbox_events
+WHERE id > :after AND (CAST(:topic AS text) IS NULL OR topic = CAST(:topic AS text))
+ORDER BY id
+"""
+
+# The newest outbox row id the transaction sees (0 when empty), where a recorder starts.
+LAST_EVENT_ID = "SELECT coalesce(max(id), 0) FROM outbox_events"
