@@ -245,6 +245,18 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _check_schema(db: str) -> None:
+    """Fail with "run outbox migrate" before a daemon starts on an unmigrated database."""
+    from outbox.ops import check_schema
+
+    try:
+        check_schema(db)
+    except ConnectionError:
+        return  # an unreachable server is the daemon's own start-up to handle
+    except OutboxError as exc:
+        raise _fail(exc) from None
+
+
 def _client_settings(path: Path | None, pairs: list[str] | None) -> dict[str, str]:
     """A settings file (``key=value`` lines, # comments) overridden by ``-X key=value`` pairs."""
     lines = path.read_text().splitlines() if path is not None else []
@@ -417,6 +429,7 @@ def relay(
                 "others start): drop --processes, or run the daemon without --once"
             )
         )
+    _check_schema(db)
     if processes > 1:
         from outbox.supervise import supervise
 

@@ -60,6 +60,12 @@ def _iso(value: object) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else None
 
 
+def check_schema(db: str) -> None:
+    """Raise NotMigrated when the outbox tables are missing (before a daemon starts)."""
+    with _session(db, "outbox-check") as conn:
+        conn.execute(sql.CHECK_SCHEMA)
+
+
 # -- status ------------------------------------------------------------------------------
 
 

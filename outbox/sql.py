@@ -164,6 +164,9 @@ LOCK_DEAD = "SELECT id FROM outbox_dead_events WHERE id = ANY(%(ids)s) FOR UPDAT
 # Drop dead rows for good (the event is never published).
 DISCARD_DEAD = "DELETE FROM outbox_dead_events WHERE id = ANY(%(ids)s) RETURNING id"
 
+# Fail when the relay's tables are missing (migrations not run), reading no row.
+CHECK_SCHEMA = "SELECT 1 FROM outbox_events, outbox_dead_events LIMIT 0"
+
 # How many rows were moved aside, for ``outbox status``.
 COUNT_DEAD = "SELECT count(*) AS n FROM outbox_dead_events"
 

@@ -347,3 +347,27 @@ def test_exit_codes_are_listed_in_the_readme() -> None:
     section = readme.split("### Exit codes", 1)[1].split("\n#", 1)[0]
     for code in ExitCode:
         assert f"| {code.value} |" in section, f"exit code {code.value} ({code.name}) undocumented"
+
+
+def test_consume_on_an_unmigrated_database_says_run_outbox_migrate(
+    empty_database_url: str, bootstrap_servers: str
+) -> None:
+    done = run(
+        "consume",
+        "examples.order_projector:OrderProjector",
+        "--db",
+        empty_database_url,
+        "-b",
+        bootstrap_servers,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == ExitCode.NOT_MIGRATED
+    assert "run `outbox migrate" in one_line_error(done)
+
+
+def test_relay_on_an_unmigrated_database_says_run_outbox_migrate(
+    empty_database_url: str, bootstrap_servers: str
+) -> None:
+    done = run("relay", "--db", empty_database_url, "-b", bootstrap_servers, "--once")
+    assert done.returncode == ExitCode.NOT_MIGRATED, done.stderr
+    assert "run `outbox migrate" in one_line_error(done)
