@@ -371,3 +371,32 @@ def test_relay_on_an_unmigrated_database_says_run_outbox_migrate(
     done = run("relay", "--db", empty_database_url, "-b", bootstrap_servers, "--once")
     assert done.returncode == ExitCode.NOT_MIGRATED, done.stderr
     assert "run `outbox migrate" in one_line_error(done)
+
+
+# -- 5. the demo's latency --------------------------------------------------------------------
+
+
+def test_demo_measures_latency_at_a_steady_rate_after_the_burst_and_labels_it(
+    database_url: str, bootstrap_servers: str
+) -> None:
+    done = run(
+        "demo",
+        "--db",
+        database_url,
+        "--bootstrap-servers",
+        bootstrap_servers,
+        "--events",
+        "200",
+        "--writers",
+        "2",
+        "--no-crash-relay",
+        "--steady-rate",
+        "20",
+        "--steady-seconds",
+        "1",
+        columns=120,
+    )
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    assert "latency commit -> handler at a steady 20 events/s p50" in done.stdout
+    assert "queueing of the 200-event burst (not the steady latency) p99" in done.stdout
+    assert "transactions committed (events)" in done.stdout
