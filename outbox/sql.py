@@ -176,7 +176,7 @@ COUNT_DEAD = "SELECT count(*) AS n FROM outbox_dead_events"
 PUBLISHED_AFTER = """
 SELECT id, event_id, topic, key, value, header_names, header_values
 FROM outbox_events
-WHERE id > :after AND (CAST(:topic AS text) IS NULL OR topic = CAST(:topic AS text))
+WHERE id > %(after)s AND (%(topic)s::text IS NULL OR topic = %(topic)s::text)
 ORDER BY id
 """
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from outbox import sql
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
     from outbox.relay import RelayStats
 
 Bind = Session | Connection | Engine
-
-_PUBLISHED = text(sql.PUBLISHED_AFTER)
-_LAST_ID = text(sql.LAST_EVENT_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +80,13 @@ class PublishedEvent:
         )
 
 
-def _execute(bind: Bind, statement: Any, params: dict[str, Any]) -> list[Any]:
+def _execute(bind: Bind, statement: str, params: dict[str, Any]) -> list[Any]:
+    """``statement`` (psycopg placeholders) in ``bind``'s transaction (an Engine: a new one)."""
     if isinstance(bind, Engine):
         with bind.connect() as conn:
-            return list(conn.execute(statement, params))
-    return list(bind.execute(statement, params))
+            return list(conn.exec_driver_sql(statement, params))
+    conn = bind.connection() if isinstance(bind, Session) else bind
+    return list(conn.exec_driver_sql(statement, params))
 
 
 def _decode(row: Any) -> PublishedEvent:
@@ -119,7 +118,7 @@ def published(bind: Bind, *, topic: str | None = None, after: int = 0) -> list[P
     uncommitted events too; an Engine sees what committed. ``after`` skips
     rows up to that row id (see ``recorder()``).
     """
-    rows = _execute(bind, _PUBLISHED, {"after": after, "topic": topic})
+    rows = _execute(bind, sql.PUBLISHED_AFTER, {"after": after, "topic": topic})
     return [_decode(row) for row in rows]
 
 
@@ -128,7 +127,7 @@ class Recorder:
 
     def __init__(self, bind: Bind) -> None:
         self.bind = bind
-        self.after = int(_execute(bind, _LAST_ID, {})[0][0])
+        self.after = int(_execute(bind, sql.LAST_EVENT_ID, {})[0][0])
 
     def events(self, topic: str | None = None) -> list[PublishedEvent]:
         return published(self.bind, topic=topic, after=self.after)
