@@ -8,20 +8,15 @@ import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
 from outbox.cli import ExitCode
 from outbox.db import connect
-from tests.conftest import Services
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
 ENV_WITHOUT_OUTBOX = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
@@ -52,19 +47,6 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: "), done.stderr
     return lines[0]
-
-
-@pytest.fixture
-def empty_database_url(services: Services) -> Iterator[str]:
-    """A database nobody ran ``outbox migrate`` on."""
-    name = f"outbox_empty_{uuid.uuid4().hex[:12]}"
-    admin = make_url(services.admin_url)
-    libpq = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield admin.set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _dead_row(engine: Engine, database_url: str, topic: str) -> int:
@@ -101,9 +83,9 @@ def _dead_row(engine: Engine, database_url: str, topic: str) -> int:
     ],
 )
 def test_unmigrated_database_says_run_outbox_migrate(
-    empty_database_url: str, args: tuple[str, ...]
+    unmigrated_database_url: str, args: tuple[str, ...]
 ) -> None:
-    done = run(*args, "--db", empty_database_url)
+    done = run(*args, "--db", unmigrated_database_url)
     assert done.returncode == ExitCode.NOT_MIGRATED
     assert "run `outbox migrate" in one_line_error(done)
 
@@ -173,12 +155,14 @@ def test_consumer_module_whose_own_import_fails_gets_the_real_error(tmp_path: Pa
 # -- 2. operations and scripting ------------------------------------------------------------
 
 
-def test_migrate_says_what_it_applied_then_that_nothing_was_left(empty_database_url: str) -> None:
-    first = run("migrate", "--db", empty_database_url)
+def test_migrate_says_what_it_applied_then_that_nothing_was_left(
+    unmigrated_database_url: str,
+) -> None:
+    first = run("migrate", "--db", unmigrated_database_url)
     assert first.returncode == ExitCode.OK, first.stderr
     assert "applied 0001: Outbox and dead-row tables." in first.stdout
     assert "applied 0002" in first.stdout
-    again = run("migrate", "--db", empty_database_url)
+    again = run("migrate", "--db", unmigrated_database_url)
     assert again.returncode == ExitCode.OK
     assert "applied" not in again.stdout.replace("nothing applied", "")
     assert "already up to date" in again.stdout
@@ -350,13 +334,13 @@ def test_exit_codes_are_listed_in_the_readme() -> None:
 
 
 def test_consume_on_an_unmigrated_database_says_run_outbox_migrate(
-    empty_database_url: str, bootstrap_servers: str
+    unmigrated_database_url: str, bootstrap_servers: str
 ) -> None:
     done = run(
         "consume",
         "examples.order_projector:OrderProjector",
         "--db",
-        empty_database_url,
+        unmigrated_database_url,
         "-b",
         bootstrap_servers,
         cwd=Path(__file__).parents[2],
@@ -366,9 +350,9 @@ def test_consume_on_an_unmigrated_database_says_run_outbox_migrate(
 
 
 def test_relay_on_an_unmigrated_database_says_run_outbox_migrate(
-    empty_database_url: str, bootstrap_servers: str
+    unmigrated_database_url: str, bootstrap_servers: str
 ) -> None:
-    done = run("relay", "--db", empty_database_url, "-b", bootstrap_servers, "--once")
+    done = run("relay", "--db", unmigrated_database_url, "-b", bootstrap_servers, "--once")
     assert done.returncode == ExitCode.NOT_MIGRATED, done.stderr
     assert "run `outbox migrate" in one_line_error(done)
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import ClassVar
 
-import psycopg
 import pytest
 from sqlalchemy import Column, Engine, MetaData, String, Table, create_engine, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
@@ -21,7 +18,6 @@ from consumer import Event, IdempotentConsumer, Record, UndecodableEvent
 from consumer.testing import consumer_for_tests, deliver, record
 from outbox import NotMigrated, apublish, configure, publish
 from outbox.testing import drain, published, recorder
-from tests.conftest import Services
 from tests.support import KafkaReader
 
 effects_metadata = MetaData()
@@ -145,20 +141,10 @@ def test_custom_encoder_per_call_and_through_configure(engine: Engine, topic: st
     assert values == {"call": {"p": "5 cents"}, "configured": {"p": 5}, "call wins": ["5 cents"]}
 
 
-@pytest.fixture
-def unmigrated_url(services: Services) -> Iterator[str]:
-    name = f"outbox_bare_{uuid.uuid4().hex[:12]}"
-    admin = make_url(services.admin_url)
-    libpq = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield admin.set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def test_publish_on_an_unmigrated_database_raises_the_librarys_error(unmigrated_url: str) -> None:
-    engine = create_engine(unmigrated_url)
+def test_publish_on_an_unmigrated_database_raises_the_librarys_error(
+    unmigrated_database_url: str,
+) -> None:
+    engine = create_engine(unmigrated_database_url)
     try:
         with Session(engine) as session, session.begin():
             with pytest.raises(NotMigrated, match="run `outbox migrate"):
@@ -169,12 +155,12 @@ def test_publish_on_an_unmigrated_database_raises_the_librarys_error(unmigrated_
 
 
 def test_apublish_on_an_unmigrated_database_raises_the_librarys_error(
-    unmigrated_url: str,
+    unmigrated_database_url: str,
 ) -> None:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     async def attempt() -> None:
-        engine = create_async_engine(unmigrated_url)
+        engine = create_async_engine(unmigrated_database_url)
         try:
             async with AsyncSession(engine) as session, session.begin():
                 with pytest.raises(NotMigrated, match="run `outbox migrate"):
