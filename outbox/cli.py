@@ -27,7 +27,14 @@ from typer._click.globals import get_current_context
 
 from outbox.config import Guarantee, Profile, RelayConfig, parse_overrides
 from outbox.db import redact
-from outbox.errors import ConfigError, NotFound, NotMigrated, OutboxError, SlotLost
+from outbox.errors import (
+    ConfigError,
+    NotFound,
+    NotMigrated,
+    OutboxError,
+    SlotLost,
+    TransientError,
+)
 from outbox.logs import setup_logging
 from outbox.partitioner import SHARD_COUNT
 
@@ -60,6 +67,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         (NotFound, ExitCode.NOT_FOUND),
         (ConfigError, ExitCode.USAGE),
         (ConnectionError, ExitCode.UNAVAILABLE),
+        (TransientError, ExitCode.UNAVAILABLE),
         (SlotLost, ExitCode.FAILED),
     ]
     return next((code for kind, code in table if isinstance(exc, kind)), ExitCode.FAILED)

@@ -8,7 +8,14 @@ import pytest
 from consumer.loader import _is_the_module_itself
 from outbox.cli import ExitCode, exit_code_for, name_sources
 from outbox.demo import latency_rows
-from outbox.errors import ConfigError, NotFound, NotMigrated, OutboxError, SlotLost
+from outbox.errors import (
+    ConfigError,
+    NotFound,
+    NotMigrated,
+    OutboxError,
+    SlotLost,
+    TransientError,
+)
 from outbox.migrate import head, revisions_between
 from outbox.ops import status_problems
 
@@ -20,6 +27,7 @@ from outbox.ops import status_problems
         (NotFound("no dead row with id 9"), ExitCode.NOT_FOUND),
         (ConfigError("--slots=0"), ExitCode.USAGE),
         (ConnectionError("cannot connect"), ExitCode.UNAVAILABLE),
+        (TransientError("broker down"), ExitCode.UNAVAILABLE),
         (SlotLost("slot 1"), ExitCode.FAILED),
         (OutboxError("anything else"), ExitCode.FAILED),
         (RuntimeError("a bug"), ExitCode.FAILED),
