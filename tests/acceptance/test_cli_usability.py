@@ -322,7 +322,10 @@ def test_version_short_help_python_m_and_completion() -> None:
         env={"_OUTBOX_COMPLETE": "complete_bash", "COMP_WORDS": "outbox de", "COMP_CWORD": "1"}
     )
     assert set(completion.stdout.split()) == {"dead", "demo"}
-    script = run(command=["bash", "-c", f"{OUTBOX} --show-completion"])  # detects the shell
+    # Typer's own switch to name the shell instead of detecting it from the parent process.
+    script = run(
+        "--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    )
     assert "_OUTBOX_COMPLETE" in script.stdout
 
 
