@@ -200,3 +200,14 @@ def drain(relay_config: Callable[..., RelayConfig]) -> Callable[..., Relay]:
 
 
 __all__ = ["RelayHandle", "Services", "wait_for"]
+
+
+@pytest.fixture
+def unmigrated_database_url(services: Services) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh database nobody ran ``outbox migrate`` on."""
+    name = f"outbox_bare_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -173,9 +173,9 @@ def test_i6_dead_rows_are_listed_and_requeued_after_a_fix(
     status = run("status", "--db", database_url)
     assert status.returncode == 0, status.stderr
     assert "dead rows" in status.stdout
-    listed = run("dead", "list", "--db", database_url)
-    assert str(poison) in listed.stdout
-    assert "message.max.bytes=2000" in listed.stdout
+    listed = json.loads(run("dead", "list", "--db", database_url, "--json").stdout)
+    assert [row["event_id"] for row in listed] == [str(poison)]
+    assert "message.max.bytes=2000" in listed[0]["error"]
     assert run("dead", "requeue", "--db", database_url).returncode == 2  # needs ids or --all
     requeued = run("dead", "requeue", "--db", database_url, "--all")
     assert "re-queued 1 rows" in requeued.stdout
