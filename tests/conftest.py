@@ -1,28 +1,43 @@
 """Real services for the whole test session: PostgreSQL and a Kafka-protocol broker.
 
-By default both are started here (embedded PostgreSQL, run as an unprivileged
-user under root; the Tansu broker from its wheel). Point the suite at servers
-you already run with:
+PostgreSQL is started here (embedded, run as an unprivileged user under root). Every test
+that talks to Kafka runs once per broker, its id saying which (``[tansu]``, ``[kafka]``):
 
+- ``tansu``: the Tansu broker from its wheel, the zero-setup default;
+- ``kafka``: a 3-node Apache Kafka 4.x KRaft cluster (outbox.kafka_cluster), wherever
+  ``java`` (and, for the first fetch of its jars, ``mvn``) are present; elsewhere those
+  runs are skipped, and the reason is printed in the header and the skip summary.
+
+Environment (read here only):
+
+- ``OUTBOX_TEST_BROKER=tansu|kafka``: run on that broker only;
 - ``OUTBOX_TEST_DB``: a PostgreSQL URL whose user may CREATE DATABASE;
-- ``OUTBOX_TEST_BOOTSTRAP_SERVERS``: a Kafka cluster (Apache Kafka filters
-  aborted transactions, so the tests marked ``needs_abort_filtering`` run too);
-- ``OUTBOX_TEST_BROKER_FILTERS_ABORTS=1`` to say the broker there does that.
+- ``OUTBOX_TEST_BOOTSTRAP_SERVERS``: a Kafka cluster you run (test id ``[external]``);
+  with ``OUTBOX_TEST_BROKER_FILTERS_ABORTS=1`` (or ``OUTBOX_TEST_BROKER=kafka``) it is
+  taken to hide aborted transactions from read_committed readers, like Apache Kafka;
+- ``OUTBOX_KAFKA_CACHE``: where the Kafka jars are cached (default ~/.cache/kafka-outbox).
 
-Each test gets a fresh database cloned from a migrated template (fast, isolated).
+Tests marked ``needs_abort_filtering`` run only on such a broker (Apache Kafka: yes; Tansu
+shows records of aborted transactions). Each test gets a fresh database cloned from a
+migrated template (fast, isolated) and, on brokers that do not auto-create topics, its
+``topic`` created with 4 partitions at the cluster's replication factor.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
@@ -31,53 +46,140 @@ from outbox.migrate import upgrade
 from outbox.relay import Relay
 from tests.support import KafkaReader, wait_for
 
+BROKERS = ("tansu", "kafka")
+TOPIC_PARTITIONS = 4  # what Tansu auto-creates; tests that compute partitions rely on it
+
 
 @dataclass(frozen=True)
 class Services:
     admin_url: str  # SQLAlchemy URL of the maintenance database (postgres)
-    bootstrap_servers: str
-    filters_aborts: bool
     pg: Any  # EmbeddedPostgres or None
 
 
+@dataclass(frozen=True)
+class Broker:
+    """The broker a test runs on (one per value of the session-scoped ``broker`` param)."""
+
+    name: str  # tansu | kafka | external
+    bootstrap_servers: str
+    filters_aborts: bool  # read_committed readers never see records of aborted transactions
+    auto_creates_topics: bool
+    cluster: Any = None  # outbox.kafka_cluster.KafkaCluster for name == "kafka"
+
+
+def _kafka_cache() -> Path | None:
+    cache = os.environ.get("OUTBOX_KAFKA_CACHE")
+    return Path(cache) if cache else None
+
+
+def _kafka_skip_reason() -> str | None:
+    from outbox.kafka_cluster import kafka_unavailable_reason
+
+    return kafka_unavailable_reason(_kafka_cache())
+
+
+def _broker_params() -> list[str]:
+    if os.environ.get("OUTBOX_TEST_BOOTSTRAP_SERVERS"):
+        return ["external"]
+    chosen = os.environ.get("OUTBOX_TEST_BROKER")
+    if not chosen:
+        return list(BROKERS)
+    if chosen not in BROKERS:
+        raise pytest.UsageError(f"OUTBOX_TEST_BROKER={chosen!r}: pick one of {', '.join(BROKERS)}")
+    if chosen == "kafka" and (reason := _kafka_skip_reason()):
+        raise pytest.UsageError(f"OUTBOX_TEST_BROKER=kafka, but Apache Kafka cannot run: {reason}")
+    return [chosen]
+
+
+_STARTUPS: list[str] = []
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    params = _broker_params()
+    line = f"brokers: {', '.join(params)}"
+    if "kafka" in params and (reason := _kafka_skip_reason()):
+        line += f" (Apache Kafka runs SKIPPED: {reason})"
+    return line
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _STARTUPS:
+        terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1":
-        return
-    skip = pytest.mark.skip(
-        reason="the embedded Tansu broker shows records of aborted transactions to "
-        "read_committed consumers; run with OUTBOX_TEST_BOOTSTRAP_SERVERS=<Apache Kafka> "
-        "and OUTBOX_TEST_BROKER_FILTERS_ABORTS=1"
+    skip_tansu = pytest.mark.skip(
+        reason="Tansu shows records of aborted transactions to read_committed consumers; "
+        "this test runs on Apache Kafka"
     )
+    external_filters = _external_filters_aborts()
     for item in items:
-        if "needs_abort_filtering" in item.keywords:
-            item.add_marker(skip)
+        if "needs_abort_filtering" not in item.keywords:
+            continue
+        param = getattr(item, "callspec", None)
+        name = param.params.get("broker") if param is not None else None
+        if name == "tansu" or (name == "external" and not external_filters):
+            item.add_marker(skip_tansu)
+
+
+def _external_filters_aborts() -> bool:
+    return (
+        os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1"
+        or os.environ.get("OUTBOX_TEST_BROKER") == "kafka"
+    )
 
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
-    from outbox.embedded import EmbeddedBroker, EmbeddedPostgres
+    """PostgreSQL for the session (no broker: tests that need none are not run per broker)."""
+    from outbox.embedded import EmbeddedPostgres
 
-    pg = None
-    broker = None
+    db = os.environ.get("OUTBOX_TEST_DB")
+    if db:
+        admin_url = make_url(db).set(drivername="postgresql+psycopg", database="postgres")
+        yield Services(admin_url.render_as_string(hide_password=False), None)
+        return
+    pg = EmbeddedPostgres(database="postgres").start()
     try:
-        db = os.environ.get("OUTBOX_TEST_DB")
-        if db:
-            admin_url = make_url(db).set(drivername="postgresql+psycopg", database="postgres")
-            admin = admin_url.render_as_string(hide_password=False)
-        else:
-            pg = EmbeddedPostgres(database="postgres").start()
-            admin = pg.sqlalchemy_url
-        bootstrap = os.environ.get("OUTBOX_TEST_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = EmbeddedBroker().start()
-            bootstrap = broker.bootstrap_servers
-        filters = os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1"
-        yield Services(admin, bootstrap, filters, pg)
+        yield Services(pg.sqlalchemy_url, pg)
     finally:
-        if broker is not None:
-            broker.stop()
-        if pg is not None:
-            pg.stop()
+        pg.stop()
+
+
+@pytest.fixture(scope="session", params=_broker_params())
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """The session's broker; pytest groups the tests per broker, so one runs at a time."""
+    name: str = request.param
+    if name == "external":
+        yield Broker(
+            name,
+            os.environ["OUTBOX_TEST_BOOTSTRAP_SERVERS"],
+            filters_aborts=_external_filters_aborts(),
+            auto_creates_topics=False,
+        )
+        return
+    if name == "tansu":
+        from outbox.embedded import EmbeddedBroker
+
+        with EmbeddedBroker() as tansu:
+            yield Broker(name, tansu.bootstrap_servers, False, True)
+        return
+    from outbox.kafka_cluster import KafkaCluster, KafkaUnavailableError
+
+    if reason := _kafka_skip_reason():
+        pytest.skip(f"Apache Kafka runs skipped: {reason}")
+    try:
+        cluster = KafkaCluster(cache_dir=_kafka_cache()).start()
+    except KafkaUnavailableError as exc:  # Maven Central unreachable, JVM unusable
+        pytest.skip(f"Apache Kafka runs skipped: {exc}")
+    _STARTUPS.append(
+        f"Apache Kafka {cluster.version}: {cluster.node_count}-node KRaft cluster started "
+        f"in {cluster.startup_seconds:.1f}s"
+    )
+    try:
+        yield Broker(name, cluster.bootstrap_servers, True, False, cluster)
+    finally:
+        cluster.close()
 
 
 def _libpq(url: str) -> str:
@@ -114,14 +216,66 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def bootstrap_servers(services: Services) -> str:
-    return services.bootstrap_servers
+def bootstrap_servers(broker: Broker) -> str:
+    return broker.bootstrap_servers
+
+
+def create_topic(
+    bootstrap_servers: str,
+    name: str,
+    partitions: int = TOPIC_PARTITIONS,
+    config: dict[str, str] | None = None,
+) -> str:
+    """Create a topic at the cluster's default replication factor; an existing one is fine."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    futures = admin.create_topics(
+        [NewTopic(name, partitions, config=config or {})], operation_timeout=30
+    )
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    # Metadata reaches every broker a moment later; clients asking another one would see
+    # UNKNOWN_TOPIC_OR_PART.
+    deadline = time.monotonic() + 30
+    wait_for(
+        lambda: _has_leaders(admin, name, partitions),
+        timeout=max(1.0, deadline - time.monotonic()),
+        what=f"topic {name} has a leader for every partition",
+    )
+    return name
+
+
+def _has_leaders(admin: AdminClient, name: str, partitions: int) -> bool:
+    md = admin.list_topics(name, timeout=5).topics.get(name)
+    if md is None or md.error is not None or len(md.partitions) != partitions:
+        return False
+    return all(p.leader >= 0 for p in md.partitions.values())
 
 
 @pytest.fixture
-def topic() -> str:
+def make_topic(broker: Broker) -> Callable[..., str]:
+    """Create a topic on brokers that do not auto-create them (a no-op name on Tansu)."""
+
+    def make(
+        name: str | None = None,
+        partitions: int = TOPIC_PARTITIONS,
+        config: dict[str, str] | None = None,
+    ) -> str:
+        name = name or f"test.{uuid.uuid4().hex[:12]}"
+        if broker.auto_creates_topics and not config:
+            return name
+        return create_topic(broker.bootstrap_servers, name, partitions, config)
+
+    return make
+
+
+@pytest.fixture
+def topic(make_topic: Callable[..., str]) -> str:
     """A topic no other test uses (the broker lives for the whole session)."""
-    return f"test.{uuid.uuid4().hex[:12]}"
+    return make_topic()
 
 
 @pytest.fixture
@@ -199,4 +353,4 @@ def drain(relay_config: Callable[..., RelayConfig]) -> Callable[..., Relay]:
     return run
 
 
-__all__ = ["RelayHandle", "Services", "wait_for"]
+__all__ = ["Broker", "RelayHandle", "Services", "create_topic", "wait_for"]

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(900)
-def test_smoke_run_writes_every_figure(services: Services, tmp_path: Path) -> None:
+def test_smoke_run_writes_every_figure(
+    services: Services, bootstrap_servers: str, tmp_path: Path
+) -> None:
     from benchmarks.plots import write_all
     from benchmarks.run import FIGURES
 
@@ -39,7 +41,7 @@ def test_smoke_run_writes_every_figure(services: Services, tmp_path: Path) -> No
             "--db",
             services.admin_url,
             "--bootstrap-servers",
-            services.bootstrap_servers,
+            bootstrap_servers,
         ],
         cwd=ROOT,
         capture_output=True,
