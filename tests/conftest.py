@@ -108,18 +108,29 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_tansu = pytest.mark.skip(
-        reason="Tansu shows records of aborted transactions to read_committed consumers; "
-        "this test runs on Apache Kafka"
-    )
+    """Skip, before any broker starts, the runs a broker cannot give (decided by `skip_reason`)."""
     external_filters = _external_filters_aborts()
     for item in items:
-        if "needs_abort_filtering" not in item.keywords:
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("broker") if callspec is not None else None
+        if name is None:
             continue
-        param = getattr(item, "callspec", None)
-        name = param.params.get("broker") if param is not None else None
-        if name == "tansu" or (name == "external" and not external_filters):
-            item.add_marker(skip_tansu)
+        markers = {m for m in ("needs_abort_filtering", "needs_apache_kafka") if m in item.keywords}
+        if reason := skip_reason(name, markers, external_filters=external_filters):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def skip_reason(broker: str, markers: set[str], *, external_filters: bool) -> str | None:
+    """Why a test with these markers cannot run on this broker, or None."""
+    if "needs_apache_kafka" in markers and broker != "kafka":
+        return "needs the Apache Kafka test cluster (outbox.kafka_cluster)"
+    filters = broker == "kafka" or (broker == "external" and external_filters)
+    if "needs_abort_filtering" in markers and not filters:
+        return (
+            "Tansu shows records of aborted transactions to read_committed consumers; "
+            "this test runs on Apache Kafka"
+        )
+    return None
 
 
 def _external_filters_aborts() -> bool:

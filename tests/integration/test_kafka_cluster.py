@@ -14,11 +14,11 @@ from outbox.kafka_cluster import KafkaCluster, pinned_kafka_version
 from tests.conftest import Broker, create_topic
 from tests.support import wait_for
 
+pytestmark = pytest.mark.needs_apache_kafka
+
 
 @pytest.fixture
 def cluster(broker: Broker) -> KafkaCluster:
-    if broker.cluster is None:
-        pytest.skip("a property of the Apache Kafka test cluster")
     assert isinstance(broker.cluster, KafkaCluster)
     return broker.cluster
 
