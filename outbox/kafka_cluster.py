@@ -36,8 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from outbox.embedded import (
     _QUIET_LOGGER,
@@ -51,6 +51,7 @@ from outbox.embedded import (
 __all__ = [
     "KafkaCluster",
     "KafkaUnavailableError",
+    "create_topic",
     "default_cache_dir",
     "fetch_kafka",
     "kafka_unavailable_reason",
@@ -612,6 +613,42 @@ class KafkaCluster:
             if self._dir_watchdog is not None:
                 self._dir_watchdog.disarm()
                 self._dir_watchdog = None
+
+
+def create_topic(
+    bootstrap_servers: str,
+    name: str,
+    partitions: int = 4,
+    config: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 30.0,
+) -> str:
+    """Create a topic at the cluster's default replication factor (an existing one is fine),
+    then wait until every partition has a leader: with auto-create off, a client that asks
+    a broker the new metadata has not reached yet would see UNKNOWN_TOPIC_OR_PART."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers}, logger=_QUIET_LOGGER)
+    futures = admin.create_topics(
+        [NewTopic(name, partitions, config=dict(config or {}))], operation_timeout=timeout
+    )
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    deadline = time.monotonic() + timeout
+    while True:
+        md = admin.list_topics(name, timeout=5).topics.get(name)
+        if (
+            md is not None
+            and md.error is None
+            and len(md.partitions) == partitions
+            and all(p.leader >= 0 for p in md.partitions.values())
+        ):
+            return name
+        if time.monotonic() >= deadline:
+            raise EmbeddedServiceError(f"topic {name!r} has no leader for every partition yet")
+        _sleep_until_next_poll(deadline, 0.1)
 
 
 def _cluster_id() -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,12 +35,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
 from outbox.config import RelayConfig
+from outbox.kafka_cluster import create_topic
 from outbox.migrate import upgrade
 from outbox.relay import Relay
 from tests.support import KafkaReader, wait_for
@@ -231,41 +229,6 @@ def bootstrap_servers(broker: Broker) -> str:
     return broker.bootstrap_servers
 
 
-def create_topic(
-    bootstrap_servers: str,
-    name: str,
-    partitions: int = TOPIC_PARTITIONS,
-    config: dict[str, str] | None = None,
-) -> str:
-    """Create a topic at the cluster's default replication factor; an existing one is fine."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    futures = admin.create_topics(
-        [NewTopic(name, partitions, config=config or {})], operation_timeout=30
-    )
-    for future in futures.values():
-        try:
-            future.result()
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-    # Metadata reaches every broker a moment later; clients asking another one would see
-    # UNKNOWN_TOPIC_OR_PART.
-    deadline = time.monotonic() + 30
-    wait_for(
-        lambda: _has_leaders(admin, name, partitions),
-        timeout=max(1.0, deadline - time.monotonic()),
-        what=f"topic {name} has a leader for every partition",
-    )
-    return name
-
-
-def _has_leaders(admin: AdminClient, name: str, partitions: int) -> bool:
-    md = admin.list_topics(name, timeout=5).topics.get(name)
-    if md is None or md.error is not None or len(md.partitions) != partitions:
-        return False
-    return all(p.leader >= 0 for p in md.partitions.values())
-
-
 @pytest.fixture
 def make_topic(broker: Broker) -> Callable[..., str]:
     """Create a topic on brokers that do not auto-create them (a no-op name on Tansu)."""
@@ -364,4 +327,4 @@ def drain(relay_config: Callable[..., RelayConfig]) -> Callable[..., Relay]:
     return run
 
 
-__all__ = ["Broker", "RelayHandle", "Services", "create_topic", "wait_for"]
+__all__ = ["Broker", "RelayHandle", "Services", "wait_for"]

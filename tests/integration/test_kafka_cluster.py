@@ -10,8 +10,8 @@ import pytest
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
-from outbox.kafka_cluster import KafkaCluster, pinned_kafka_version
-from tests.conftest import Broker, create_topic
+from outbox.kafka_cluster import KafkaCluster, create_topic, pinned_kafka_version
+from tests.conftest import Broker
 from tests.support import wait_for
 
 pytestmark = pytest.mark.needs_apache_kafka
