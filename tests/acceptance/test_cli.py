@@ -15,6 +15,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish
+from tests.conftest import Broker
 from tests.support import KafkaReader, wait_for
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
@@ -95,8 +96,9 @@ def test_env_vars_are_documented_in_help() -> None:
 
 
 def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
-    engine: Engine, database_url: str, bootstrap_servers: str, topic: str, kafka: KafkaReader
+    engine: Engine, database_url: str, broker: Broker, topic: str, kafka: KafkaReader
 ) -> None:
+    bootstrap_servers = broker.bootstrap_servers
     total = 20_000
     ids = _fill_outbox(engine, topic, total)
     args = _relay_args(
@@ -124,7 +126,7 @@ def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
     duplicates = sum(n - 1 for n in counts.values())
     # Tansu shows records of transactions aborted by the kill; Apache Kafka hides them.
     print(f"duplicates visible after SIGKILL: {duplicates}")
-    if os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1":
+    if broker.filters_aborts:
         assert duplicates == 0
 
 
