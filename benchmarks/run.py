@@ -183,10 +183,10 @@ def comparison_table(tansu: dict[str, Any], kafka: dict[str, Any]) -> str:
         f"{tansu['meta'].get('runtime_s', '?')} s; {tansu['meta'].get('broker', '?')})  ",
         f"Apache Kafka: `{kafka['meta']['command']}` ({kafka['meta'].get('started', '?')}, "
         f"{kafka['meta'].get('runtime_s', '?')} s; {kafka['meta'].get('broker', '?')})",
-        "",
-        "| figure | target | Tansu | Apache Kafka |",
-        "|---|---|---|---|",
     ]
+    for broker, run in (("Tansu", tansu), ("Apache Kafka", kafka)):
+        lines += [f"\n{broker}: {note}" for note in run["meta"].get("notes", ())]
+    lines += ["", "| figure | target | Tansu | Apache Kafka |", "|---|---|---|---|"]
     names = list(dict.fromkeys([*tansu["figures"], *kafka["figures"]]))
     for name in names:
         t, k = tansu["figures"].get(name), kafka["figures"].get(name)
