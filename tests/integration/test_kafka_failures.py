@@ -21,6 +21,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytest
@@ -157,6 +158,7 @@ class Writers:
             self.error = exc
 
     def stop(self) -> list[str]:
+        """Stop writing (again is fine); the ids of every committed event."""
         self._stop.set()
         self.thread.join(30)
         if self.error is not None:
@@ -216,14 +218,32 @@ def _leaders(cluster: KafkaCluster, topic: str) -> dict[int, int]:
     return {p: md.leader for p, md in partitions.items()}
 
 
-def test_a_node_killed_mid_transaction_loses_and_repeats_nothing_and_nobody_restarts(
-    cluster: KafkaCluster,
+@dataclass
+class Pipeline:
+    """Writers -> outbox -> relay -> topic -> consumer, all running, events flowing."""
+
+    relay: RelayHandle
+    member: Member
+    writers: Writers
+    group: str
+    topic: str
+
+    def check(self, engine: Engine, kafka: KafkaReader) -> None:
+        """Stop writing; nothing was restarted, and every event went through exactly once."""
+        ids = self.writers.stop()
+        _assert_still_running(self.relay, self.member)
+        _assert_exactly_once(engine, kafka, self.topic, self.group, ids)
+        self.relay.stop()
+        self.member.stop()
+
+
+@pytest.fixture
+def pipeline(
     effects: Engine,
     topic: str,
     start_relay: Callable[..., RelayHandle],
     start_member: Callable[..., Member],
-    kafka: KafkaReader,
-) -> None:
+) -> Iterator[Pipeline]:
     group = f"g-{uuid.uuid4().hex[:8]}"
     relay = start_relay(slots=2, poll_interval=0.05)
     member = start_member(Effects, "consumer", topics=[topic], group_id=group)
@@ -231,9 +251,24 @@ def test_a_node_killed_mid_transaction_loses_and_repeats_nothing_and_nobody_rest
     writers = Writers(effects, topic)
     try:
         wait_for(lambda: relay.relay.stats.published >= 200, timeout=60, what="a steady flow")
+        yield Pipeline(relay, member, writers, group, topic)
+    finally:
+        writers.stop()
+
+
+def _restart_stopped(cluster: KafkaCluster) -> None:
+    if len(cluster.running_nodes()) < cluster.node_count:
+        cluster.start_all()
+
+
+def test_a_node_killed_mid_transaction_loses_and_repeats_nothing_and_nobody_restarts(
+    cluster: KafkaCluster, pipeline: Pipeline, effects: Engine, kafka: KafkaReader
+) -> None:
+    stats = pipeline.relay.relay.stats
+    consumed = pipeline.member.consumer.stats
+    try:
         # The node leading most of the topic's partitions: killing it moves leaders.
-        victim = Counter(_leaders(cluster, topic).values()).most_common(1)[0][0]
-        stats = relay.relay.stats
+        victim = Counter(_leaders(cluster, pipeline.topic).values()).most_common(1)[0][0]
         # A batch is claimed and not yet committed to Kafka: the kill lands in a transaction.
         wait_for(
             lambda: stats.claimed > stats.published + stats.dead,
@@ -241,9 +276,9 @@ def test_a_node_killed_mid_transaction_loses_and_repeats_nothing_and_nobody_rest
             what="a batch in flight",
         )
         cluster.kill_node(victim)
-        published_at_kill = stats.published
+        published_at_kill, applied_at_kill = stats.published, consumed.applied
         wait_for(
-            lambda: victim not in _leaders(cluster, topic).values(),
+            lambda: victim not in _leaders(cluster, pipeline.topic).values(),
             timeout=60,
             what=f"leaders moved off killed node {victim}",
         )
@@ -252,38 +287,21 @@ def test_a_node_killed_mid_transaction_loses_and_repeats_nothing_and_nobody_rest
             timeout=120,
             what="the relay publishing again with a node down",
         )
-        applied = member.consumer.stats.applied
         wait_for(
-            lambda: member.consumer.stats.applied >= applied + 100,
+            lambda: consumed.applied >= applied_at_kill + 100,
             timeout=120,
             what="the consumer applying again with a node down",
         )
     finally:
-        ids = writers.stop()
-        for node in cluster.node_ids:
-            if node not in cluster.running_nodes():
-                cluster.start_node(node)
-    _assert_still_running(relay, member)
-    _assert_exactly_once(effects, kafka, topic, group, ids)
-    relay.stop()
-    member.stop()
+        _restart_stopped(cluster)
+    pipeline.check(effects, kafka)
 
 
 def test_the_whole_cluster_restarted_under_load_loses_and_repeats_nothing(
-    cluster: KafkaCluster,
-    effects: Engine,
-    topic: str,
-    start_relay: Callable[..., RelayHandle],
-    start_member: Callable[..., Member],
-    kafka: KafkaReader,
+    cluster: KafkaCluster, pipeline: Pipeline, effects: Engine, kafka: KafkaReader
 ) -> None:
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    relay = start_relay(slots=2, poll_interval=0.05)
-    member = start_member(Effects, "consumer", topics=[topic], group_id=group)
-    wait_for(lambda: member.consumer.joined, timeout=60, what="the consumer joined its group")
-    writers = Writers(effects, topic)
+    stats = pipeline.relay.relay.stats
     try:
-        wait_for(lambda: relay.relay.stats.published >= 200, timeout=60, what="a steady flow")
         cluster.stop_all()
         backlog = _outbox_rows(effects)
         wait_for(
@@ -292,20 +310,15 @@ def test_the_whole_cluster_restarted_under_load_loses_and_repeats_nothing(
             what="writers committing while the cluster is down",
         )
         cluster.start_all()
-        published = relay.relay.stats.published
+        published = stats.published
         wait_for(
-            lambda: relay.relay.stats.published >= published + 200,
+            lambda: stats.published >= published + 200,
             timeout=180,
             what="the relay publishing again after the restart",
         )
     finally:
-        ids = writers.stop()
-        if len(cluster.running_nodes()) < cluster.node_count:
-            cluster.start_all()
-    _assert_still_running(relay, member)
-    _assert_exactly_once(effects, kafka, topic, group, ids)
-    relay.stop()
-    member.stop()
+        _restart_stopped(cluster)
+    pipeline.check(effects, kafka)
 
 
 class Stalling(Effects):
