@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from io import StringIO
 
 from rich.console import Console
 from rich.table import Table
 
 from outbox import sql
+from outbox.config import default_tid_prefix
 from outbox.db import connect
 from outbox.relay import SLOT_NAMESPACE
 
@@ -27,6 +29,18 @@ def render_status(db: str) -> str:
         pending = conn.execute(sql.PENDING_BY_TOPIC).fetchall()
         owners = conn.execute(sql.SLOT_OWNERS, {"namespace": SLOT_NAMESPACE}).fetchall()
         dead = conn.execute("SELECT count(*) AS n FROM outbox_dead_events").fetchone()
+        identity = conn.execute(sql.READ_IDENTITY).fetchone()
+    t0 = Table(title="outbox identity")
+    for col in ("outbox id", "default transactional.id prefix", "slot layout"):
+        t0.add_column(col, no_wrap=True)
+    if identity is None:  # tables from outbox.metadata: the first relay creates it
+        t0.add_row("(none yet: created by `outbox migrate` or the first relay)", "", "")
+    else:
+        t0.add_row(
+            str(identity["outbox_id"]),
+            default_tid_prefix(uuid.UUID(str(identity["outbox_id"]))),
+            f"{identity['slot_count']} slots" if identity["slot_count"] else "(no relay yet)",
+        )
     t1 = Table(title="pending events")
     for col in ("topic", "pending", "oldest age (s)"):
         t1.add_column(col)
@@ -46,7 +60,7 @@ def render_status(db: str) -> str:
     t3 = Table(title="dead rows")
     t3.add_column("count")
     t3.add_row(str(dead["n"] if dead else 0))
-    return _render(t1, t2, t3)
+    return _render(t0, t1, t2, t3)
 
 
 def render_dead(db: str, limit: int) -> str:
