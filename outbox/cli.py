@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -98,6 +99,17 @@ def _serve_health(
     except OSError as exc:
         msg = f"--metrics-port={port}: cannot listen on {host}:{port}: {exc}"
         raise _fail(ConfigError(msg)) from None
+
+
+def _outbox_id(value: str | None) -> uuid.UUID | None:
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ConfigError(
+            f"--replaces-outbox={value!r} is not an outbox id (a uuid, as `outbox status` shows it)"
+        ) from None
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -201,8 +213,23 @@ def relay(
         ),
     ] = True,
     transactional_id_prefix: Annotated[
-        str, typer.Option(envvar="OUTBOX_TRANSACTIONAL_ID_PREFIX")
-    ] = "outbox-relay",
+        str | None,
+        typer.Option(
+            envvar="OUTBOX_TRANSACTIONAL_ID_PREFIX",
+            help="transactional.id = <prefix>-<slot>; default outbox-<12 hex digits of the "
+            "outbox identity> (see `outbox status`). Unique per outbox.",
+            show_default=False,
+        ),
+    ] = None,
+    replaces_outbox: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OUTBOX_REPLACES_OUTBOX",
+            help="With an explicit --transactional-id-prefix once used by another outbox "
+            "identity (this outbox was re-created): ignore that identity's markers.",
+            show_default=False,
+        ),
+    ] = None,
     state_topic: Annotated[
         str,
         typer.Option(envvar="OUTBOX_STATE_TOPIC", help="Compacted topic of recovery markers."),
@@ -254,6 +281,7 @@ def relay(
             transactional_id_prefix=transactional_id_prefix,
             state_topic=state_topic,
             once=once,
+            replaces_outbox=_outbox_id(replaces_outbox),
         )
         runner = Relay(config)
     except (ConfigError, ConnectionError) as exc:
