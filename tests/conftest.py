@@ -101,6 +101,11 @@ def database_url(services: Services, template_db: str) -> Iterator[str]:
     name = f"outbox_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    url = make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
+    # A clone would share the template's identity; each test's outbox is one of its own,
+    # as if migrated afresh (I9).
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute("UPDATE outbox_identity SET outbox_id = gen_random_uuid()")
     yield make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
