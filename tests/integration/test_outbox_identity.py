@@ -11,13 +11,12 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pytest
 from confluent_kafka import Producer
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
@@ -27,27 +26,19 @@ from outbox.errors import ConfigError
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for, slot_of_shard
 from outbox.relay import Relay, SlotWorker
-from tests.conftest import RelayHandle, Services
+from tests.conftest import RelayHandle, Services, create_database, drop_database
 from tests.support import KafkaReader, wait_for
 
 STATE_TOPIC = "outbox.relay-state"  # the default
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture
 def other_db(services: Services) -> Iterator[str]:
     """A second service's database, migrated by `outbox migrate`'s code (its own identity)."""
-    name = f"outbox_other_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
+    url = create_database(services, "outbox_other")
     upgrade(url)
     yield url
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(services, url)
 
 
 @pytest.fixture
@@ -55,6 +46,24 @@ def other_engine(other_db: str) -> Iterator[Engine]:
     eng = create_engine(other_db)
     yield eng
     eng.dispose()
+
+
+@dataclass(frozen=True)
+class Two:
+    """Two services' outboxes (databases of their own) on one Kafka cluster."""
+
+    a: Engine
+    b: Engine
+    a_url: str
+    b_url: str
+    bootstrap_servers: str
+
+
+@pytest.fixture
+def two(
+    engine: Engine, other_engine: Engine, database_url: str, other_db: str, bootstrap_servers: str
+) -> Two:
+    return Two(engine, other_engine, database_url, other_db, bootstrap_servers)
 
 
 def _config(dsn: str, bootstrap_servers: str, **overrides: Any) -> RelayConfig:
@@ -120,19 +129,14 @@ def test_i9_migrate_gives_every_outbox_its_own_identity_shown_by_status(
 
 
 def test_i9_two_outboxes_with_default_settings_relayed_one_after_the_other_lose_nothing(
-    engine: Engine,
-    other_engine: Engine,
-    database_url: str,
-    other_db: str,
-    bootstrap_servers: str,
-    kafka: KafkaReader,
+    two: Two, kafka: KafkaReader
 ) -> None:
     """The issue's smallest case: B's relay used to delete B's rows named by A's marker."""
     topic_a, topic_b = f"a.{uuid.uuid4().hex[:8]}", f"b.{uuid.uuid4().hex[:8]}"
-    ids_a = _publish_many(engine, topic_a, 200)
-    ids_b = _publish_many(other_engine, topic_b, 200)
-    relay_a = _drain(database_url, bootstrap_servers)
-    relay_b = _drain(other_db, bootstrap_servers)
+    ids_a = _publish_many(two.a, topic_a, 200)
+    ids_b = _publish_many(two.b, topic_b, 200)
+    relay_a = _drain(two.a_url, two.bootstrap_servers)
+    relay_b = _drain(two.b_url, two.bootstrap_servers)
     assert (relay_a.stats.published, relay_b.stats.published) == (200, 200)
     assert relay_b.stats.recovered == 0
     assert _on_topic(kafka, topic_a, 200) == Counter(ids_a)
@@ -140,16 +144,11 @@ def test_i9_two_outboxes_with_default_settings_relayed_one_after_the_other_lose_
 
 
 def test_i9_two_outboxes_with_default_settings_side_by_side_lose_nothing_and_never_fence(
-    engine: Engine,
-    other_engine: Engine,
-    database_url: str,
-    other_db: str,
-    bootstrap_servers: str,
-    kafka: KafkaReader,
+    two: Two, kafka: KafkaReader
 ) -> None:
     topic_a, topic_b = f"a.{uuid.uuid4().hex[:8]}", f"b.{uuid.uuid4().hex[:8]}"
     handles = [
-        RelayHandle(Relay(_config(dsn, bootstrap_servers))) for dsn in (database_url, other_db)
+        RelayHandle(Relay(_config(dsn, two.bootstrap_servers))) for dsn in (two.a_url, two.b_url)
     ]
     for h in handles:
         h.thread.start()
@@ -160,10 +159,10 @@ def test_i9_two_outboxes_with_default_settings_side_by_side_lose_nothing_and_nev
         ids_a: list[str] = []
         ids_b: list[str] = []
         for _ in range(8):  # both services write while both relays run
-            ids_a += _publish_many(engine, topic_a, 100)
-            ids_b += _publish_many(other_engine, topic_b, 100)
+            ids_a += _publish_many(two.a, topic_a, 100)
+            ids_b += _publish_many(two.b, topic_b, 100)
         wait_for(
-            lambda: _pending(engine) == 0 and _pending(other_engine) == 0,
+            lambda: _pending(two.a) == 0 and _pending(two.b) == 0,
             timeout=60,
             what="both outboxes drained",
         )
@@ -274,38 +273,34 @@ def test_i9_a_forged_or_malformed_marker_deletes_nothing_and_stalls_nothing(
 
 
 def test_i9_two_outboxes_given_the_same_prefix_are_refused_before_fencing_the_other(
-    engine: Engine,
-    other_engine: Engine,
-    database_url: str,
-    other_db: str,
-    bootstrap_servers: str,
-    kafka: KafkaReader,
+    two: Two, kafka: KafkaReader
 ) -> None:
     prefix = f"shared-{uuid.uuid4().hex[:6]}"
     topic_a, topic_b = f"a.{uuid.uuid4().hex[:8]}", f"b.{uuid.uuid4().hex[:8]}"
-    a = RelayHandle(Relay(_config(database_url, bootstrap_servers, transactional_id_prefix=prefix)))
+    config = _config(two.a_url, two.bootstrap_servers, transactional_id_prefix=prefix)
+    a = RelayHandle(Relay(config))
     a.thread.start()
     try:
-        ids_a = _publish_many(engine, topic_a, 50)
-        wait_for(lambda: _pending(engine) == 0, what="A publishes (its markers name A)")
-        ids_b = _publish_many(other_engine, topic_b, 50)
+        ids_a = _publish_many(two.a, topic_a, 50)
+        wait_for(lambda: _pending(two.a) == 0, what="A publishes (its markers name A)")
+        ids_b = _publish_many(two.b, topic_b, 50)
         with pytest.raises(ConfigError) as refused:
-            _drain(other_db, bootstrap_servers, transactional_id_prefix=prefix)
-        ids_a += _publish_many(engine, topic_a, 50)
-        wait_for(lambda: _pending(engine) == 0, what="A goes on publishing")
+            _drain(two.b_url, two.bootstrap_servers, transactional_id_prefix=prefix)
+        ids_a += _publish_many(two.a, topic_a, 50)
+        wait_for(lambda: _pending(two.a) == 0, what="A goes on publishing")
     finally:
         a.stop()
     assert a.relay.stats.fenced == 0  # B refused before its init_transactions
     message = str(refused.value)
     assert f"--transactional-id-prefix={prefix}" in message
-    assert str(_identity(engine)) in message
-    assert f"--replaces-outbox {_identity(engine)}" in message
-    assert _pending(other_engine) == 50  # nothing deleted, nothing published
+    assert str(_identity(two.a)) in message
+    assert f"--replaces-outbox {_identity(two.a)}" in message
+    assert _pending(two.b) == 50  # nothing deleted, nothing published
     assert _on_topic(kafka, topic_a, 100) == Counter(ids_a)
     # Deliberately taking the prefix over (e.g. A's outbox was re-created as B's):
-    gone = _identity(engine)
+    gone = _identity(two.a)
     relay = _drain(
-        other_db, bootstrap_servers, transactional_id_prefix=prefix, replaces_outbox=gone
+        two.b_url, two.bootstrap_servers, transactional_id_prefix=prefix, replaces_outbox=gone
     )
     assert relay.stats.recovered == 0
     assert _on_topic(kafka, topic_b, 50) == Counter(ids_b)
