@@ -307,6 +307,10 @@ class SlotWorker(threading.Thread):
             raw = self.relay.read_marker(self.slot, self.tid, self.interrupt)
         except KafkaException as exc:
             raise TransientError(f"reading the recovery marker: {exc.args[0]}") from None
+        except TransientError:
+            if self._stopping():  # never publish before recovery: the next owner does it
+                raise SlotLost("released before its recovery marker was read") from None
+            raise
         if raw is None:
             return
         reading = self.relay.judge(raw, self.slot, self.tid, self.config.slots)
@@ -729,7 +733,10 @@ class Relay:
                 producer.flush(0)
             if raw is None:
                 continue
-            reading = self.judge(raw, slot, tid, before)
+            try:
+                reading = self.judge(raw, slot, tid, before)
+            except SlotLost:  # another outbox's marker under an explicit prefix
+                raise self.fatal or ConfigError(f"{tid}: another outbox's marker") from None
             if reading.marker is not None:
                 deleted = delete_recovered(
                     self._control, reading.marker, shards_of_slot(slot, before)
@@ -1053,7 +1060,9 @@ class Relay:
         last: bytes | None = None
         position = start
         while position < end:
-            if time.monotonic() > deadline or interrupt.is_set():
+            if interrupt.is_set():
+                raise TransientError(f"slot {slot}: marker read interrupted (stopping)")
+            if time.monotonic() > deadline:
                 raise TransientError(
                     f"slot {slot}: the state topic was not readable up to offset {end} within "
                     f"{MARKER_READ_TIMEOUT:.0f} s (an open transaction of another producer?)"
