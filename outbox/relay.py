@@ -568,9 +568,9 @@ class Relay:
         self.listening = threading.Event()  # a LISTEN session is up: NOTIFY wakes the slots
         self.outbox_id = uuid.UUID(int=0)  # read from the database when the relay starts
         self.fatal: BaseException | None = None  # a refusal found by a worker: run() raises it
-        # The outbox's first relay with default transactional ids: no marker can exist under
-        # them but those this process writes, so takeovers skip reading (a state topic
-        # shared with other outboxes would be read back to its start).
+        # The outbox's first relay with default transactional ids, alone: no marker can
+        # exist under them but those this process writes, so takeovers skip reading (a
+        # state topic shared with other outboxes would be read back to its start).
         self.first_run = False
         self.wrote_marker: set[int] = set()
         self._members = 1
@@ -840,6 +840,8 @@ class Relay:
                 owned = sorted(self.workers)
             try:
                 members = self._members = self._count_members()
+                if members > 1:  # another relay may write markers for slots this one takes
+                    self.first_run = False
             except psycopg.OperationalError:
                 log.warning("control connection lost; reconnecting")
                 self._reconnect_control()

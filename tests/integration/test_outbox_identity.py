@@ -450,3 +450,36 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
         handle.stop()
     assert handle.relay.stats.recovered == 10
     assert _on_topic(kafka, topic, 20) == Counter(first + second)  # each exactly once
+
+
+def test_i4_the_first_relay_of_a_new_outbox_still_recovers_the_batches_it_wrote(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new outbox's first relay skips reading markers (none exist under its new default
+    ids) only until it wrote one: a slot it takes again recovers as always."""
+    crashed: list[int] = []
+    real_commit = SlotWorker._commit
+
+    def lose_the_delete(self: SlotWorker) -> None:
+        real_commit(self)
+        if not crashed:
+            crashed.append(self.slot)
+            self.conn.close()
+
+    monkeypatch.setattr(SlotWorker, "_commit", lose_the_delete)
+    ids = _publish_many(engine, topic, 40)
+    handle = RelayHandle(Relay(_config(database_url, bootstrap_servers, slots=1)))
+    handle.thread.start()
+    try:
+        wait_for(lambda: _pending(engine) == 0, what="the slot is taken again and recovered")
+    finally:
+        handle.stop()
+    assert handle.relay.first_run
+    assert crashed
+    assert handle.relay.stats.recovered == 40
+    assert _on_topic(kafka, topic, 40) == Counter(ids)  # each exactly once
