@@ -515,3 +515,15 @@ def test_parse_overrides_reads_key_value_pairs() -> None:
 def test_i8_parse_overrides_refuses_what_is_not_key_value(pair: str) -> None:
     with pytest.raises(ConfigError, match=r"is not key=value \(e.g. -X linger.ms=10\)"):
         parse_overrides([pair])
+
+
+def test_i8_replaces_outbox_must_be_an_outbox_id() -> None:
+    from typer.testing import CliRunner
+
+    from outbox.cli import app
+
+    args = ["relay", "--db", "postgresql://relay:secret@db/app", "-b", "broker:9092"]
+    result = CliRunner().invoke(app, [*args, "--replaces-outbox", "not-a-uuid"])
+    assert result.exit_code == 2
+    assert "--replaces-outbox='not-a-uuid' is not an outbox id" in result.output
+    assert "secret" not in result.output
