@@ -306,6 +306,26 @@ def test_i9_two_outboxes_given_the_same_prefix_are_refused_before_fencing_the_ot
     assert _on_topic(kafka, topic_b, 50) == Counter(ids_b)
 
 
+def _lose_the_first_delete(
+    monkeypatch: pytest.MonkeyPatch, *, slot: int | None = None, stop_the_relay: bool = False
+) -> list[int]:
+    """The first batch (of ``slot``) committed to Kafka loses its database delete, as if the
+    relay died in between; returns the slots it happened to, once it did."""
+    crashed: list[int] = []
+    real_commit = SlotWorker._commit
+
+    def commit_then_lose_the_connection(self: SlotWorker) -> None:
+        real_commit(self)
+        if not crashed and slot in (None, self.slot):
+            crashed.append(self.slot)
+            if stop_the_relay:
+                self.relay.stop.set()
+            self.conn.close()  # the delete never commits
+
+    monkeypatch.setattr(SlotWorker, "_commit", commit_then_lose_the_connection)
+    return crashed
+
+
 def _keys_of_slot(slot: int, slots: int, n: int) -> list[str]:
     keys: list[str] = []
     i = 0
@@ -327,24 +347,14 @@ def test_i4_a_slot_count_change_with_a_batch_in_flight_loses_and_duplicates_noth
 ) -> None:
     """A 4-slot relay dies between slot 3's Kafka commit and its delete; the operator
     restarts with --slots=2, whose slots never use slot 3's transactional id."""
-    crashed: list[int] = []
-    real_commit = SlotWorker._commit
-
-    def die_after_the_kafka_commit(self: SlotWorker) -> None:
-        real_commit(self)
-        if self.slot == 3 and not crashed:
-            crashed.append(self.slot)
-            self.relay.stop.set()
-            self.conn.close()  # the delete never commits
-
-    monkeypatch.setattr(SlotWorker, "_commit", die_after_the_kafka_commit)
+    crashed = _lose_the_first_delete(monkeypatch, slot=3, stop_the_relay=True)
     ids: list[str] = []
     for key in _keys_of_slot(3, 4, 5):
         ids += _publish_many(engine, topic, 8, key=key)
     _drain(database_url, bootstrap_servers, slots=4)
     assert crashed
     assert _pending(engine) == 40
-    monkeypatch.setattr(SlotWorker, "_commit", real_commit)
+    monkeypatch.undo()
     relay = _drain(database_url, bootstrap_servers, slots=2)
     assert relay.stats.markers_ignored == 0  # the old layout's markers are expected
     assert relay.stats.recovered == 40
@@ -427,16 +437,7 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
         intruder.begin_transaction()
         intruder.produce(STATE_TOPIC, key=b"intruder", value=b"open", partition=0)
         assert intruder.flush(30) == 0
-        crashed: list[int] = []
-        real_commit = SlotWorker._commit
-
-        def lose_the_delete(self: SlotWorker) -> None:
-            real_commit(self)  # marker 2, after the intruder's open transaction
-            if not crashed:
-                crashed.append(self.slot)
-                self.conn.close()
-
-        monkeypatch.setattr(SlotWorker, "_commit", lose_the_delete)
+        crashed = _lose_the_first_delete(monkeypatch)  # marker 2 follows the open transaction
         second = _publish_many(engine, topic, 10)
         wait_for(lambda: crashed, what="second batch committed to Kafka, its delete lost")
         wait_for(
@@ -462,16 +463,7 @@ def test_i4_the_first_relay_of_a_new_outbox_still_recovers_the_batches_it_wrote(
 ) -> None:
     """A new outbox's first relay skips reading markers (none exist under its new default
     ids) only until it wrote one: a slot it takes again recovers as always."""
-    crashed: list[int] = []
-    real_commit = SlotWorker._commit
-
-    def lose_the_delete(self: SlotWorker) -> None:
-        real_commit(self)
-        if not crashed:
-            crashed.append(self.slot)
-            self.conn.close()
-
-    monkeypatch.setattr(SlotWorker, "_commit", lose_the_delete)
+    crashed = _lose_the_first_delete(monkeypatch)
     ids = _publish_many(engine, topic, 40)
     handle = RelayHandle(Relay(_config(database_url, bootstrap_servers, slots=1)))
     handle.thread.start()
