@@ -126,18 +126,16 @@ def status_problems(report: Row, *, max_lag: float | None) -> list[str]:
 
 
 def render_status(report: Row) -> str:
-    t0 = Table(title="outbox identity")
-    for col in ("outbox id", "default transactional.id prefix", "slot layout"):
-        t0.add_column(col, overflow="fold")
+    t0 = Table(title="outbox identity", show_header=False)
+    t0.add_column("field", no_wrap=True)
+    t0.add_column("value", no_wrap=True)
     if report["outbox_id"] is None:  # tables from outbox.metadata: the first relay creates it
-        t0.add_row("(none yet: created by `outbox migrate` or the first relay)", "", "")
+        t0.add_row("outbox id", "none yet: `outbox migrate` or the first relay creates it")
     else:
         slots = report["slot_count"]
-        t0.add_row(
-            report["outbox_id"],
-            report["default_transactional_id_prefix"],
-            f"{slots} slots" if slots else "(no relay yet)",
-        )
+        t0.add_row("outbox id", report["outbox_id"])
+        t0.add_row("default transactional.id prefix", report["default_transactional_id_prefix"])
+        t0.add_row("slot layout", f"{slots} slots" if slots else "no relay yet")
     t1 = Table(title="pending events")
     for col in ("topic", "pending", "oldest age (s)"):
         t1.add_column(col, overflow="fold")
