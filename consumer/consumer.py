@@ -35,7 +35,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from consumer.config import DEFAULT_DEDUP_WINDOW, ConsumerConfig, parse_topics
-from consumer.deadletter import dead_letter_headers, dead_letter_id
+from consumer.deadletter import dead_letter_headers, dead_letter_id, describe
 from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key
 from consumer.event import (
     Event,
@@ -344,16 +344,14 @@ class IdempotentConsumer:
                 return
             except _HandlerFailed as failed:
                 first_errors[failed.index] = failed.error
-                reason = f"{type(failed.error).__name__}: {failed.error}"
+                reason = describe(failed.error)
             except Exception as exc:  # the commit or the database failed
                 if not is_infrastructure_error(exc):
                     log.debug("batch failed", exc_info=True)
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = describe(exc)
             self.stats.fallbacks += 1
             log.warning(
-                "a batch of %d failed (%s); redoing it one record at a time",
-                len(items),
-                redact(reason),
+                "a batch of %d failed (%s); redoing it one record at a time", len(items), reason
             )
         try:
             for i, item in enumerate(items):
@@ -364,13 +362,29 @@ class IdempotentConsumer:
             return
 
     def _prepare(self, record: Record) -> _Item:
+        """Dedup key and decoded event; never raises: whatever a record's bytes make the
+        decoders do, the item carries it as its error and is dead-lettered (I10)."""
+        try:
+            return self._decode(record)
+        except Exception as exc:
+            error = UndecodableEvent(f"cannot decode the record: {describe(exc)}")
+            return _Item(record, normalise_key(record.position), None, error)
+
+    def _decode(self, record: Record) -> _Item:
         key = outbox_event_id(record)
         key_error: UndecodableEvent | None = None
-        if key is None:
+        if record.defect is not None:
+            key_error = UndecodableEvent(record.defect)
+        elif key is None:
             try:
                 key = self.dedup_key(record)
             except Exception as exc:
-                key_error = UndecodableEvent(f"dedup_key() failed: {type(exc).__name__}: {exc}")
+                key_error = UndecodableEvent(f"dedup_key() failed: {describe(exc)}")
+            if key is not None and not isinstance(key, str):
+                key_error = UndecodableEvent(
+                    f"dedup_key() returned {type(key).__name__}, not str or None"
+                )
+                key = None
         key = normalise_key(key or record.position)
         if key_error is not None:
             return _Item(record, key, None, key_error)
@@ -457,12 +471,11 @@ class IdempotentConsumer:
         if counted:
             self.stats.retries += 1
             log.warning(
-                "%s: handler failed (attempt %d of %d): %s: %s; retrying in %.2fs",
+                "%s: handler failed (attempt %d of %d): %s; retrying in %.2fs",
                 where,
                 failures,
                 self.config.retry.attempts,
-                type(error).__name__,
-                redact(str(error)),
+                describe(error),
                 delay,
             )
         else:
@@ -470,7 +483,7 @@ class IdempotentConsumer:
             log.warning(
                 "%s: database unavailable (%s); retrying in %.2fs",
                 where,
-                redact(str(error)).splitlines()[0] if str(error) else type(error).__name__,
+                describe(error).splitlines()[0],
                 delay,
             )
 
@@ -497,7 +510,7 @@ class IdempotentConsumer:
                 if not is_infrastructure_error(exc):
                     raise DeadLetterError(
                         f"cannot dead-letter {item.record.position} (event {item.key}): "
-                        f"{type(exc).__name__}: {redact(str(exc))}"
+                        f"{describe(exc)}"
                     ) from exc
                 outages += 1
                 delay = max(0.1, self.config.retry.backoff(outages))  # drawn once: jittered
@@ -529,14 +542,13 @@ class IdempotentConsumer:
             event_id=dead_letter_id(self.config.group_id, item.key),
         )
         log.error(
-            "%s (event %s) dead-lettered to %s after %d attempt(s), %s: %s: %s",
+            "%s (event %s) dead-lettered to %s after %d attempt(s), %s: %s",
             record.position,
             item.key,
             topic,
             attempts,
             reason.value,
-            type(error).__name__,
-            redact(str(error)),
+            describe(error),
         )
 
     def _committed(self, items: Sequence[_Item], outcomes: Sequence[Outcome]) -> None:
@@ -635,7 +647,7 @@ class IdempotentConsumer:
         except Exception as exc:
             if not is_infrastructure_error(exc):
                 raise
-            log.warning("purge of dedup records skipped: %s", redact(str(exc)).splitlines()[0])
+            log.warning("purge of dedup records skipped: %s", describe(exc).splitlines()[0])
             deleted, finished = 0, True
         self.stats.purged += deleted
         if deleted:
