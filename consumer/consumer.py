@@ -34,6 +34,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
+from consumer.attempts import CHECK_ATTEMPTS_TABLE, mark_batch, start_attempt
 from consumer.config import DEFAULT_DEDUP_WINDOW, ConsumerConfig, parse_topics
 from consumer.deadletter import dead_letter_headers, dead_letter_id, describe
 from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key
@@ -62,6 +63,10 @@ BATCH_LINGER = 0.005
 
 class DeadLetterError(OutboxError):
     """A record could not even be dead-lettered (e.g. an illegal DLT topic): the consumer stops."""
+
+
+class ConsumerDied(Exception):
+    """The error of a record whose attempts were used up by runs that never finished."""
 
 
 class _Stopped(Exception):
@@ -305,18 +310,25 @@ class IdempotentConsumer:
 
     def _check_database(self) -> None:
         """Fail before joining the group when the database or the dedup table is missing (I8)."""
+        for table, check in (
+            ("outbox_processed_events", CHECK_TABLE),
+            ("outbox_consumer_attempts", CHECK_ATTEMPTS_TABLE),
+        ):
+            self._check_table(table, check)
+
+    def _check_table(self, table: str, check: Any) -> None:
         try:
             with self.engine.connect() as conn:
-                conn.execute(CHECK_TABLE)
+                conn.execute(check)
         except sa_exc.ProgrammingError as exc:
             if sqlstate(exc) == "42P01":  # undefined_table
                 raise ConfigError(
-                    "table outbox_processed_events does not exist in this database: "
+                    f"table {table} does not exist in this database: "
                     "run `outbox migrate --db ...` first"
                 ) from None
             raise ConfigError(
-                f"cannot read outbox_processed_events: {redact(str(exc.orig))} "
-                "(the consumer's database user needs SELECT, INSERT and DELETE on it)"
+                f"cannot read {table}: {redact(str(exc.orig))} "
+                "(the consumer's database user needs SELECT, INSERT, UPDATE and DELETE on it)"
             ) from None
         except sa_exc.OperationalError as exc:
             raise ConnectionError(
@@ -338,7 +350,14 @@ class IdempotentConsumer:
     def _process(self, records: list[Record]) -> None:
         items = [self._prepare(r) for r in records]
         first_errors: dict[int, Exception] = {}
-        if len(items) > 1:
+        unfinished = self._mark(items)
+        if unfinished:
+            log.warning(
+                "records of %s were being handled when a consumer stopped without finishing "
+                "them (killed, out of memory?): handling them one at a time",
+                ", ".join(f"{t}/{p}" for t, p in sorted(unfinished)),
+            )
+        if unfinished == set():
             try:
                 self._apply_batch(items)
                 return
@@ -349,10 +368,13 @@ class IdempotentConsumer:
                 if not is_infrastructure_error(exc):
                     log.debug("batch failed", exc_info=True)
                 reason = describe(exc)
-            self.stats.fallbacks += 1
-            log.warning(
-                "a batch of %d failed (%s); redoing it one record at a time", len(items), reason
-            )
+            if len(items) > 1:
+                self.stats.fallbacks += 1
+                log.warning(
+                    "a batch of %d failed (%s); redoing it one record at a time",
+                    len(items),
+                    reason,
+                )
         try:
             for i, item in enumerate(items):
                 if self.stop.is_set():
@@ -360,6 +382,26 @@ class IdempotentConsumer:
                 self._apply_one(item, first_errors.get(i))
         except _Stopped:
             return
+
+    def _mark(self, items: list[_Item]) -> set[tuple[str, int]] | None:
+        """Mark the batch as started (it survives a process death); returns the partitions
+        where an earlier run never finished, or None when the database is unavailable."""
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        for item in items:
+            tp, offset = (item.record.topic, item.record.partition), item.record.offset
+            first, last = ranges.get(tp, (offset, offset))
+            ranges[tp] = (min(first, offset), max(last, offset))
+        try:
+            return mark_batch(
+                self.engine,
+                self.config.group_id,
+                [(t, p, first, last) for (t, p), (first, last) in ranges.items()],
+            )
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.warning("cannot mark a batch as started (%s)", describe(exc).splitlines()[0])
+            return None
 
     def _prepare(self, record: Record) -> _Item:
         """Dedup key and decoded event; never raises: whatever a record's bytes make the
@@ -431,9 +473,11 @@ class IdempotentConsumer:
             assert item.error is not None
             self._dead_letter_alone(item, item.error, 0, Reason.UNDECODABLE)
             return
-        failures = 0
+        failures = 0  # attempts that failed or never finished (earlier runs included)
         outages = 0
+        given_back = 0  # the last attempt ended by a database fault: not charged
         error = first_error
+        record = item.record
         while True:
             if error is not None:
                 decision = self.config.retry.decide(error, failures, outages)
@@ -451,6 +495,30 @@ class IdempotentConsumer:
             if self.stop.is_set():
                 raise _Stopped()
             try:
+                started = start_attempt(
+                    self.engine,
+                    self.config.group_id,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    given_back,
+                )
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                error = exc
+                continue
+            given_back = 0
+            earlier = started - 1
+            if earlier > failures and earlier >= self.config.retry.attempts:
+                died = ConsumerDied(
+                    f"{earlier} attempt(s) at this record started and never finished "
+                    "(the consumer process died or was stopped in them)"
+                )
+                self._dead_letter_alone(item, died, earlier, Reason.CONSUMER_DIED)
+                return
+            failures = max(failures, earlier)
+            try:
                 with self._session() as session, session.begin():
                     if mark_processed(session, self.config.group_id, [item.key]):
                         with restored_context(item.event.headers):
@@ -459,6 +527,7 @@ class IdempotentConsumer:
                     else:
                         outcome = Outcome.DUPLICATE
             except Exception as exc:
+                given_back = int(is_infrastructure_error(exc))
                 error = exc
                 continue
             self._committed([item], [outcome])

@@ -68,6 +68,8 @@ class Reason(StrEnum):
     RETRIES_EXHAUSTED = "retries-exhausted"
     NON_RETRYABLE = "non-retryable"
     UNDECODABLE = "undecodable"
+    CONSUMER_DIED = "consumer-died"
+    """Its attempts were used up by runs that never finished: the process died in them."""
 
 
 @dataclass(frozen=True, slots=True)
