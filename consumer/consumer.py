@@ -12,9 +12,11 @@ then redone one record at a time, each with the retry policy, so one bad
 record holds back nobody else. A record that keeps failing is dead-lettered
 through the outbox in the same transaction that marks it processed.
 
-Rebalance callbacks only run inside ``consume()``/``close()``, i.e. between
-batches, so the batch in hand is always finished when partitions are revoked;
-the revoke callback commits what is still pending for them.
+Rebalance callbacks only run inside ``consume()``/``close()``: the revoke
+callback commits what is still pending for the revoked partitions, and records
+of theirs fetched by an earlier ``consume()`` of the same batch are dropped
+before anything is applied, so nothing of a revoked partition is processed or
+committed after the revoke (I10).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from consumer.event import (
 )
 from consumer.purge import PurgeSchedule, purge_processed
 from consumer.retry import Action, Reason, RetryPolicy, is_infrastructure_error, sqlstate
+from consumer.throttle import ThrottledLog
 from outbox.codec import JSON
 from outbox.db import redact, sqlalchemy_url
 from outbox.errors import ConfigError, OutboxError
@@ -180,6 +183,9 @@ class IdempotentConsumer:
         self._pending: dict[tuple[str, int], int] = {}
         self._kafka: Any = None
         self._purge = PurgeSchedule(self.config.purge_interval)
+        # A broker outage: one line per backoff step, not one per failed connection.
+        self._librdkafka_log = ThrottledLog(logging.getLogger("outbox.librdkafka"))
+        self._kafka_errors = ThrottledLog(log)
 
     # -- the user's part ---------------------------------------------------------
 
@@ -249,7 +255,7 @@ class IdempotentConsumer:
             on_lost=self._on_lost,
         )
         log.info(
-            "consumer group %r: consuming %s (batches of %d)",
+            "consumer group %r: consuming %s (batches of %d); waiting for a partition assignment",
             self.config.group_id,
             ", ".join(self.config.topics),
             self.config.batch_size,
@@ -258,7 +264,7 @@ class IdempotentConsumer:
             while not self.stop.is_set():
                 self._maybe_purge()
                 messages = self._next_batch()
-                records = self._records(messages)
+                records = self._owned(self._records(messages))
                 if records:
                     self._process(records)
                 self._commit_offsets()
@@ -299,7 +305,7 @@ class IdempotentConsumer:
     def _new_consumer(self, plan_settings: Mapping[str, str]) -> Any:
         settings: dict[str, Any] = dict(plan_settings)
         settings["error_cb"] = self._on_kafka_error
-        settings["logger"] = logging.getLogger("outbox.librdkafka")
+        settings["logger"] = self._librdkafka_log
         try:
             return Consumer(settings)
         except KafkaException as exc:
@@ -344,8 +350,20 @@ class IdempotentConsumer:
             elif err.fatal():
                 raise KafkaException(err)
             elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("kafka: %s", redact(str(err)))
+                self._kafka_errors.log(logging.WARNING, "kafka: %s", redact(str(err)))
         return records
+
+    def _owned(self, records: list[Record]) -> list[Record]:
+        """Only records of partitions still assigned: a revoke during one of the batch's
+        consume() calls hands the others to another member, whose offsets ours would move
+        backwards (I10). They are delivered again to whoever owns them now."""
+        owned = [r for r in records if (r.topic, r.partition) in self.assignment]
+        if len(owned) < len(records):
+            log.info(
+                "dropped %d fetched records of partitions revoked meanwhile",
+                len(records) - len(owned),
+            )
+        return owned
 
     def _process(self, records: list[Record]) -> None:
         items = [self._prepare(r) for r in records]
@@ -635,7 +653,8 @@ class IdempotentConsumer:
             else:
                 self.stats.dead_lettered += 1
             tp = (item.record.topic, item.record.partition)
-            self._pending[tp] = max(self._pending.get(tp, 0), item.record.offset + 1)
+            if tp in self.assignment:  # else revoked: the new owner commits its own offsets
+                self._pending[tp] = max(self._pending.get(tp, 0), item.record.offset + 1)
         if applied:
             try:
                 self.on_committed(applied)
@@ -675,10 +694,16 @@ class IdempotentConsumer:
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         self.joined = True
         self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
-        log.info("assigned %s", _names(partitions))
+        if self.assignment:
+            log.info("assigned %s", _names(partitions))
+        else:
+            log.info(
+                "assigned no partition (more members than partitions?); waiting for an assignment"
+            )
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
-        """The batch in hand is finished (callbacks run between batches): commit its offsets."""
+        """Commit what was applied of these partitions; fetched records of theirs still in
+        hand are dropped by ``_owned`` (callbacks run inside consume())."""
         self._commit_offsets(only=partitions)
         self._forget(partitions)
         log.info("revoked %s", _names(partitions))
@@ -695,7 +720,7 @@ class IdempotentConsumer:
             self._pending.pop(tp, None)
 
     def _on_kafka_error(self, err: Any) -> None:
-        log.warning("kafka: %s", redact(str(err)))
+        self._kafka_errors.log(logging.WARNING, "kafka: %s", redact(str(err)))
 
     # -- purge ------------------------------------------------------------------------
 

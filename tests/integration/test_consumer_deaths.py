@@ -114,8 +114,12 @@ def test_i10_a_record_that_kills_the_process_is_dead_lettered_after_n_deaths(
     proc = None
     for _ in range(ATTEMPTS + 3):
         proc = _launch(database_url, bootstrap_servers, topic, group, log)
+
+        def died_or_settled(p: Any = proc) -> bool:
+            return p.poll() is not None or settled()
+
         wait_for(
-            lambda p=proc: p.poll() is not None or settled(),
+            died_or_settled,
             timeout=90,
             what="the consumer to die or to get past the killer record",
         )

@@ -342,3 +342,50 @@ def test_i10_timeouts_and_read_only_are_never_charged_to_the_record(error: Excep
     decision = RetryPolicy(attempts=1).decide(wrapped, failures=50, outages=50)
     assert decision.action is Action.RETRY
     assert not decision.counted
+
+
+# -- a broker outage: one line per backoff step ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("times", "admitted"),
+    [
+        ([0.0], [0]),
+        ([0.0, 0.1, 0.5, 0.9], [0, None, None, None]),
+        ([0.0, 0.5, 1.0, 2.0, 3.0], [0, None, 1, None, 1]),  # steps of 1, 2, 4 ... seconds
+        (  # a failure every 10 ms for 10 s: lines at 0, 1, 3 and 7 s, with what was held back
+            [i / 100 for i in range(1000)],
+            [0] + [None] * 99 + [99] + [None] * 199 + [199] + [None] * 399 + [399] + [None] * 299,
+        ),
+        ([0.0, 500.0], [0, 0]),  # quiet for long: a new outage starts over
+    ],
+)
+def test_i10_a_repeating_message_is_let_through_once_per_backoff_step(
+    times: list[float], admitted: list[int | None]
+) -> None:
+    from consumer.throttle import Throttle
+
+    throttle = Throttle(first_interval=1.0, max_interval=60.0)
+    got = [throttle.admit("Connect to ipv4#127.0.0.1:9 failed (after 3ms)", t) for t in times]
+    assert got == admitted
+
+
+def test_i10_an_outage_of_ten_minutes_writes_a_handful_of_lines_per_message() -> None:
+    from consumer.throttle import Throttle
+
+    throttle = Throttle()
+    lines = [
+        t
+        for t in range(0, 600_000, 5)  # a failure every 5 ms for 10 minutes
+        if throttle.admit(f"Connect failed (after {t % 97}ms)", t / 1000) is not None
+    ]
+    assert len(lines) < 20  # 1, 2, 4 ... 60 s steps; 120 000 without the throttle
+
+
+def test_i10_different_messages_are_not_held_back_by_each_other() -> None:
+    from consumer.throttle import Throttle
+
+    throttle = Throttle()
+    assert throttle.admit("broker 1 down", 0.0) == 0
+    assert throttle.admit("group coordinator moved", 0.1) == 0
+    assert throttle.admit("broker 1 down", 0.2) is None
