@@ -37,7 +37,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from consumer.attempts import CHECK_ATTEMPTS_TABLE, mark_batch, start_attempt
-from consumer.config import DEFAULT_DEDUP_WINDOW, ConsumerConfig, parse_topics
+from consumer.config import (
+    DEFAULT_DEDUP_WINDOW,
+    ConsumerConfig,
+    admin_settings,
+    horizon_warning,
+    parse_topics,
+)
 from consumer.deadletter import dead_letter_headers, dead_letter_id, describe
 from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key
 from consumer.event import (
@@ -59,6 +65,9 @@ from outbox.tracing import restored_context
 
 log = logging.getLogger("outbox.consumer")
 
+
+HORIZON_TIMEOUT = 5.0
+"""Seconds to wait for the broker's topic configs at start (the dedup window check)."""
 
 BATCH_LINGER = 0.005
 """Seconds a started batch waits for more records: the consumer's linger.ms."""
@@ -244,6 +253,7 @@ class IdempotentConsumer:
         try:
             self._check_database()
             self._kafka = self._new_consumer(plan.settings)
+            self._check_horizon(plan.settings)
         except BaseException:
             if self._owns_engine:
                 self.engine.dispose()
@@ -321,6 +331,39 @@ class IdempotentConsumer:
             ("outbox_consumer_attempts", CHECK_ATTEMPTS_TABLE),
         ):
             self._check_table(table, check)
+
+    def _check_horizon(self, settings: Mapping[str, str]) -> None:
+        """Warn when the dedup window is shorter than a topic's redelivery horizon, as the
+        broker reports it; a broker that does not say (or is down) is logged, not fatal."""
+        topics = [t for t in self.config.topics if not t.startswith("^")]
+        if self.config.dedup_window is None or not topics:
+            return
+        from confluent_kafka.admin import AdminClient
+        from confluent_kafka.admin._config import ConfigResource
+
+        admin_config: dict[str, Any] = admin_settings(settings)
+        admin_config["logger"] = self._librdkafka_log
+        try:
+            admin = AdminClient(admin_config)
+            futures = admin.describe_configs([ConfigResource("topic", t) for t in topics])
+            for resource, future in futures.items():
+                entries = future.result(timeout=HORIZON_TIMEOUT)
+                configs = {name: entry.value for name, entry in entries.items()}
+                warning = horizon_warning(resource.name, self.config.dedup_window, configs)
+                if warning is not None:
+                    log.warning("%s", warning)
+                elif "retention.ms" not in configs:
+                    log.info(
+                        "the broker did not report retention.ms of topic %r: "
+                        "dedup_window=%s not checked against it",
+                        resource.name,
+                        self.config.dedup_window,
+                    )
+        except Exception as exc:
+            log.info(
+                "cannot read the topics' retention from the broker (%s): dedup_window not checked",
+                describe(exc),
+            )
 
     def _check_table(self, table: str, check: Any) -> None:
         try:

@@ -1,6 +1,7 @@
 """I10 around the consumer group: after a revoke nothing of the revoked partitions is
 processed or committed; the logs say what is assigned and revoked; a broker outage
-writes one line per backoff step."""
+writes one line per backoff step; the dedup window is checked against the topics'
+redelivery horizon the broker reports."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -210,3 +213,32 @@ def test_i10_a_broker_outage_writes_one_line_per_backoff_step(
     ]
     assert lines  # the outage is reported ...
     assert len(lines) <= 15, "\n".join(lines)  # ... once per backoff step of each message
+
+
+@pytest.mark.parametrize(
+    ("window", "warned"), [(timedelta(minutes=30), True), (timedelta(hours=2), False)]
+)
+def test_i10_the_dedup_window_is_checked_against_the_horizon_the_broker_reports(
+    members: Callable[..., Running],
+    bootstrap_servers: str,
+    topic: str,
+    caplog: pytest.LogCaptureFixture,
+    window: timedelta,
+    warned: bool,
+) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    config = {"retention.ms": "3600000", "segment.ms": "600000"}
+    for future in admin.create_topics([NewTopic(topic, 1, 1, config=config)]).values():
+        future.result(30)
+    caplog.set_level(logging.INFO, logger="outbox.consumer")
+    running = members(dedup_window=window)
+    wait_for(lambda: running.consumer.joined, timeout=60, what="the consumer to join")
+    running.stop()
+    warnings = [r.getMessage() for r in caplog.records if "redelivery horizon" in r.getMessage()]
+    if warned:
+        (warning,) = warnings
+        assert "retention.ms=3600000 + segment.ms=600000" in warning
+        assert "dedup_window=0:30:00" in warning
+        assert "1:10:00" in warning
+    else:
+        assert warnings == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -389,3 +390,48 @@ def test_i10_different_messages_are_not_held_back_by_each_other() -> None:
     assert throttle.admit("broker 1 down", 0.0) == 0
     assert throttle.admit("group coordinator moved", 0.1) == 0
     assert throttle.admit("broker 1 down", 0.2) is None
+
+
+# -- the dedup window against the broker's redelivery horizon -------------------------------------
+
+DAY_MS = 86_400_000
+KAFKA_DEFAULTS = {"retention.ms": str(7 * DAY_MS), "segment.ms": str(7 * DAY_MS)}
+
+
+@pytest.mark.parametrize(
+    ("window", "configs", "expected"),
+    [
+        (
+            timedelta(days=7),
+            {"retention.ms": str(7 * DAY_MS), "segment.ms": str(7 * DAY_MS)},
+            "14 days",
+        ),
+        (
+            timedelta(days=14),
+            {"retention.ms": str(7 * DAY_MS), "segment.ms": str(7 * DAY_MS)},
+            None,
+        ),
+        (timedelta(hours=1), {"retention.ms": "3600000", "segment.ms": "600000"}, "1:10:00"),
+        (timedelta(hours=2), {"retention.ms": "3600000", "segment.ms": "600000"}, None),
+        (timedelta(days=30), {"retention.ms": "-1"}, "forever"),
+        (None, {"retention.ms": "-1"}, None),  # dedup records kept forever
+        (timedelta(hours=1), {}, None),  # the broker did not say: nothing to compare
+        (timedelta(hours=1), {"retention.ms": "x"}, None),
+        (timedelta(minutes=30), {"retention.ms": "3600000"}, "segment.ms=None"),
+    ],
+)
+def test_i10_a_dedup_window_shorter_than_the_redelivery_horizon_is_named_with_both_values(
+    window: timedelta | None, configs: dict[str, str], expected: str | None
+) -> None:
+    from consumer.config import horizon_warning
+
+    warning = horizon_warning("orders.v1", window, configs)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None
+        assert expected in warning
+        assert "orders.v1" in warning
+        assert f"retention.ms={configs['retention.ms']}" in warning
+        if window is not None:
+            assert str(window) in warning
