@@ -151,7 +151,7 @@ def _settled(env: Env, running: Running, positions: list[str]) -> bool:
 
 def assert_rule_one(env: Env, running: Running, positions: list[str], sent: list[Any]) -> None:
     """Every record applied once or dead-lettered once, with its reason; originals kept."""
-    wait_for(lambda: _settled(env, running, positions), timeout=60, what="every record settled")
+    wait_for(lambda: _settled(env, running, positions), timeout=120, what="every record settled")
     effects, letters = env.effects(), env.dead_letters()
     for position, (value, headers) in zip(positions, sent, strict=True):
         outcome = (effects[position], len(letters.get(position, [])))
