@@ -106,3 +106,19 @@ identity = Table(
         "transactional.id prefix derives from it; slot_count is the relays' slot layout."
     ),
 )
+
+consumer_attempts = Table(
+    "outbox_consumer_attempts",
+    metadata,
+    Column("group_id", Text, primary_key=True),
+    Column("topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("first_offset", BigInteger, nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    comment=(
+        "Records a consumer group started handling, per partition, and how many handler "
+        "attempts one record has used across process deaths (I10)."
+    ),
+)
