@@ -23,8 +23,9 @@ MAX_TOPIC_LENGTH = 249
 MAX_POLL_INTERVAL_MS = 300000
 """librdkafka's default ``max.poll.interval.ms``."""
 
-DEFAULT_DEDUP_WINDOW = timedelta(days=7)
-"""Kafka's default ``retention.ms``: a replay from the start of a topic is still deduplicated."""
+DEFAULT_DEDUP_WINDOW = timedelta(days=14)
+"""Kafka's default redelivery horizon, ``retention.ms`` + ``segment.ms`` (7 days each): a replay
+from the start of a topic with default settings is still deduplicated."""
 
 _SUFFIX_RE = re.compile(r"^[a-zA-Z0-9._-]{1,32}$")
 _TRUE = frozenset({"true", "1", "t", "yes", "on"})
