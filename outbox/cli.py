@@ -758,7 +758,7 @@ def consume(
         typer.Option(
             envvar="OUTBOX_DEDUP_WINDOW_HOURS",
             metavar="HOURS",
-            help="Keep dedup records this long (default: the class's, 168); must exceed the "
+            help="Keep dedup records this long (default: the class's, 336); must exceed the "
             "longest time after which an event can be delivered again.",
         ),
     ] = None,
