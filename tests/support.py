@@ -111,13 +111,14 @@ def read_topic(
             return records
         partitions = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
         consumer.assign([TopicPartition(topic, p.partition, OFFSET_BEGINNING) for p in partitions])
-        eof: dict[int, int | None] = dict.fromkeys((p.partition for p in partitions))
+        # Offset of the PARTITION_EOF last seen on each partition; -1: a record came after it.
+        eof = dict.fromkeys((p.partition for p in partitions), -1)
         while True:
             ends = {
                 p.partition: consumer.get_watermark_offsets(p, timeout=10, cached=False)[1]
                 for p in partitions
             }
-            while not all(eof[p] is not None and eof[p] >= end for p, end in ends.items()):
+            while not all(eof[p] >= end for p, end in ends.items()):
                 if time.monotonic() > deadline:
                     raise TopicReadError(
                         f"reading {topic}: partitions not read to their end within "
@@ -131,7 +132,7 @@ def read_topic(
                 p = int(msg.partition() or 0)
                 if err is None:
                     records.append(_record(msg))
-                    eof[p] = None
+                    eof[p] = -1
                 elif err.code() == KafkaError._PARTITION_EOF:
                     eof[p] = int(msg.offset() or 0)
                 else:
@@ -183,7 +184,7 @@ def assert_exactly_once(
     missing = sorted(wanted - counts.keys())
     unexpected = sorted(counts.keys() - wanted)
     assert not missing, f"{len(missing)} events missing from the topic, e.g. {missing[:5]}"
-    assert not unexpected, f"{len(unexpected)} unexpected events on the topic, e.g. {unexpected[:5]}"
+    assert not unexpected, f"{len(unexpected)} events on the topic not expected: {unexpected[:5]}"
     repeated = {e: n for e, n in counts.items() if n > 1}
     extra = sum(n - 1 for n in repeated.values())
     if aborted_copies_visible:
