@@ -44,15 +44,27 @@ def test_i2_the_marker_of_an_aborted_batch_deletes_nothing(
             real_commit(self)
             return
         aborted.append(self.slot)
-        self.producer.abort_transaction(30)  # the batch and its marker: aborted
+        assert self.producer.flush(30) == 0  # the marker reaches the broker ...
+        self.producer.abort_transaction(30)  # ... in a transaction that aborts
         self.conn.close()  # the slot is lost; its next owner runs recovery
 
+    recoveries: list[int] = []
+    real_recover = SlotWorker._recover
+
+    def count_recoveries(self: SlotWorker) -> None:
+        recoveries.append(self.slot)
+        real_recover(self)
+
     monkeypatch.setattr(SlotWorker, "_commit", abort_instead_then_lose_the_connection)
+    monkeypatch.setattr(SlotWorker, "_recover", count_recoveries)
     with Session(engine) as session, session.begin():
-        ids = [str(publish(session, topic=topic, key=f"k{i % 3}", value=i)) for i in range(40)]
+        ids = [
+            str(publish(session, topic=topic, key=f"k{i % 3}", value={"i": i})) for i in range(40)
+        ]
     handle = start_relay(slots=1)
     wait_for(lambda: _pending(engine) == 0, timeout=60, what="the slot's next owner drains")
     handle.stop()
     assert aborted, "the fault was not injected"
+    assert len(recoveries) >= 2, "the slot's next owner did not read the marker"
     assert handle.relay.stats.recovered == 0, "recovery trusted the marker of an aborted batch"
     assert_exactly_once(kafka.read(topic, 40), ids)
