@@ -591,6 +591,10 @@ def _prepare(svc: Services, spec: OutboxSpec, relay_commit_delay: float) -> None
             f'ALTER DATABASE "{spec.database}" SET chaos.relay_commit_delay = '
             f"'{float(relay_commit_delay)}'"
         )
+        # A backend notices within 10 ms that its client died, even while it sleeps in the
+        # commit trigger: the kill then aborts the DB transaction, as a relay that died before
+        # sending COMMIT would. Without it PostgreSQL finishes a COMMIT already sent.
+        conn.execute(f'ALTER DATABASE "{spec.database}" SET client_connection_check_interval = 10')
     admin = AdminClient({"bootstrap.servers": svc.bootstrap})
     for future in admin.create_topics(
         [NewTopic(spec.topic, PARTITIONS)], operation_timeout=30
@@ -683,16 +687,21 @@ SELECT (SELECT count(*) FROM chaos_orders),
 
 
 RELAY_MID_BATCH_SQL = """
-SELECT DISTINCT split_part(application_name, ':', 2) FROM pg_stat_activity
+SELECT split_part(application_name, ':', 2), bool_or(wait_event = 'PgSleep')
+  FROM pg_stat_activity
  WHERE application_name LIKE 'outbox-relay:%:slot-%' AND backend_xid IS NOT NULL
+ GROUP BY 1
 """
-"""A relay's slot connections that hold a transaction id: a claimed batch is in flight
-(its rows locked FOR UPDATE, or deleted and waiting for the DB commit)."""
+"""Relays (by pid) whose slot connections hold a transaction id: a claimed batch is in flight
+(its rows locked FOR UPDATE, or deleted and waiting for the DB commit); the second column says
+whether one sleeps in ``chaos_slow_commit``, i.e. its Kafka transaction committed and its DB
+commit has not: the moment a kill leaves work for the recovery marker."""
 
-AIM_SECONDS = 0.5
-"""How long a relay kill may wait for its target to have a batch in flight."""
+AIM_SECONDS = 1.0
+"""How long a relay kill may wait for a relay inside its commit window (else with a batch in
+flight)."""
 
-CONSUMER_AIM_SECONDS = 3.0
+CONSUMER_AIM_SECONDS = 6.0
 """How long a consumer kill may wait for its target to be inside its offset-commit window (a
 consumer that just joined the group may need a few seconds to get records)."""
 
@@ -826,6 +835,7 @@ class Summary:
     faults: dict[str, int]
     faults_scheduled: dict[str, int]
     relay_kills_mid_batch: int
+    relay_kills_in_commit_window: int
     effects_applied: int
     duplicate_effects: int
     lost: int
@@ -882,6 +892,7 @@ class Run:
         )
         self.injected: Counter[str] = Counter()
         self.mid_batch = 0
+        self.in_commit_window = 0
         self.timeline: list[dict[str, Any]] = []
         self.stop_writers = threading.Event()
         self.phases: dict[str, float] = {}
@@ -1045,30 +1056,38 @@ class Run:
             index -= len(fleet.members)
         raise IndexError(f"no {role} {index}")
 
-    def _aim_relay_kill(self, fleet: Fleet, index: int) -> tuple[int, bool]:
-        """The relay to kill and whether it has a batch in flight (from pg_stat_activity).
+    def _aim_relay_kill(self, fleet: Fleet, index: int) -> tuple[int, str]:
+        """The relay to kill and the moment it is at: ``commit`` (its Kafka transaction committed,
+        its DB commit pending), ``batch`` (a batch in flight) or ``""``.
 
-        For up to ``AIM_SECONDS``, look for a moment when the scheduled target, or else another
-        live relay of its fleet, has one: a relay that owns no slot (it lost the race for them
-        after its restart) can never be killed mid-batch. The kill lands a little after its
-        schedule; without such a moment it hits the scheduled target anyway.
+        For up to ``AIM_SECONDS``, look for the scheduled target, or else another live relay of
+        its fleet, inside its commit window; failing that, take one with a batch in flight. A
+        relay that owns no slot (it lost the race for them after its restart) can never be
+        killed mid-batch. The kill lands a little after its schedule; without such a moment it
+        hits the scheduled target anyway.
         """
         alive = [i for i, m in enumerate(fleet.members) if m is not None and m.proc.poll() is None]
         candidates = sorted(alive, key=lambda i: i != index)
         deadline = time.monotonic() + AIM_SECONDS
+        in_batch: int | None = None
         while candidates:
             rows = self.services[0].probe.query(RELAY_MID_BATCH_SQL) or []
-            busy = {str(r[0]) for r in rows}
+            state = {str(pid): bool(sleeping) for pid, sleeping in rows}
             for i in candidates:
                 member = fleet.members[i]
-                if member is not None and str(member.proc.pid) in busy:
-                    return i, True
+                pid = str(member.proc.pid) if member is not None else ""
+                if state.get(pid):
+                    return i, "commit"
+                if pid in state and in_batch is None:
+                    in_batch = i
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.01)  # polling for the moment to strike, bounded by AIM_SECONDS
+        if in_batch is not None:
+            return in_batch, "batch"
         if index not in alive and alive:
-            return alive[0], False  # the target is down (killed in another's place): a live one
-        return index, False
+            return alive[0], ""  # the target is down (killed in another's place): a live one
+        return index, ""
 
     def _in_window(self, fleet: Fleet, index: int, *, aim: float) -> bool:
         """Wait up to ``aim`` seconds for the consumer to be between a batch's DB commit and its
@@ -1089,9 +1108,10 @@ class Run:
         match action.step:
             case Step.KILL_RELAY:
                 fleet, index = self._target("relay", action.target)
-                victim, in_batch = self._aim_relay_kill(fleet, index)
+                victim, moment = self._aim_relay_kill(fleet, index)
                 done = fleet.kill(victim)
-                self.mid_batch += int(done and in_batch)
+                self.mid_batch += int(done and moment != "")
+                self.in_commit_window += int(done and moment == "commit")
                 self.substitutes[action.target] = victim - index + action.target
             case Step.START_RELAY:
                 target = self.substitutes.pop(action.target, action.target)
@@ -1214,6 +1234,7 @@ class Run:
             faults={k: self.injected.get(k, 0) for k in count_by_kind(self.faults)},
             faults_scheduled=count_by_kind(self.faults),
             relay_kills_mid_batch=self.mid_batch,
+            relay_kills_in_commit_window=self.in_commit_window,
             effects_applied=total("effects_applied"),
             duplicate_effects=total("duplicate_effects"),
             lost=total("lost"),
