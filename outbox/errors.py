@@ -24,3 +24,17 @@ class SlotLost(OutboxError):
 
 class TransientError(OutboxError):
     """A failure worth retrying with backoff: broker down, leader change, DB restart."""
+
+
+class NotMigrated(ConfigError):
+    """The outbox tables are missing, or older than this version of the library (I8)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the outbox tables are missing or out of date in this database ({detail}): "
+            "run `outbox migrate --db URL` (or apply the DDL of `outbox sql` by hand)"
+        )
+
+
+class NotFound(OutboxError, LookupError):
+    """An operator named a row that does not exist (e.g. a dead row id)."""

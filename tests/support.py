@@ -175,7 +175,7 @@ def assert_exactly_once(
     """Each expected event is on the topic, nothing else is, and (normally) exactly once.
 
     ``aborted_copies_visible``: the test aborted Kafka transactions and the broker shows their
-    records to read_committed readers (Tansu: ``not services.filters_aborts``). Extra copies are
+    records to read_committed readers (Tansu: ``not broker.filters_aborts``). Extra copies are
     then reported as an ``AbortedCopiesVisible`` warning instead of failing. Returns the number of
     extra copies.
     """

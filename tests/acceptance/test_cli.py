@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish
-from tests.conftest import Services
+from tests.conftest import Broker
 from tests.support import KafkaReader, assert_exactly_once, wait_for
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
@@ -95,13 +95,9 @@ def test_env_vars_are_documented_in_help() -> None:
 
 
 def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
-    engine: Engine,
-    database_url: str,
-    bootstrap_servers: str,
-    topic: str,
-    kafka: KafkaReader,
-    services: Services,
+    engine: Engine, database_url: str, broker: Broker, topic: str, kafka: KafkaReader
 ) -> None:
+    bootstrap_servers = broker.bootstrap_servers
     total = 20_000
     ids = _fill_outbox(engine, topic, total)
     args = _relay_args(
@@ -126,7 +122,7 @@ def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
     # Every event, each once; Tansu shows records of transactions aborted by the kill (those
     # extra copies are reported), Apache Kafka hides them (asserted 0).
     records = kafka.read(topic, total, timeout=60)
-    assert_exactly_once(records, ids, aborted_copies_visible=not services.filters_aborts)
+    assert_exactly_once(records, ids, aborted_copies_visible=not broker.filters_aborts)
 
 
 def test_sigterm_finishes_the_batch_and_exits_cleanly(
@@ -173,9 +169,9 @@ def test_i6_dead_rows_are_listed_and_requeued_after_a_fix(
     status = run("status", "--db", database_url)
     assert status.returncode == 0, status.stderr
     assert "dead rows" in status.stdout
-    listed = run("dead", "list", "--db", database_url)
-    assert str(poison) in listed.stdout
-    assert "message.max.bytes=2000" in listed.stdout
+    listed = json.loads(run("dead", "list", "--db", database_url, "--json").stdout)
+    assert [row["event_id"] for row in listed] == [str(poison)]
+    assert "message.max.bytes=2000" in listed[0]["error"]
     assert run("dead", "requeue", "--db", database_url).returncode == 2  # needs ids or --all
     requeued = run("dead", "requeue", "--db", database_url, "--all")
     assert "re-queued 1 rows" in requeued.stdout

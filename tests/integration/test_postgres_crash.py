@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from outbox import publish
 from outbox.embedded import EmbeddedPostgres
 from outbox.migrate import upgrade
-from tests.conftest import RelayHandle, Services
+from tests.conftest import Broker, RelayHandle, Services
 from tests.support import KafkaReader, assert_exactly_once, wait_for
 
 DURABLE = {"synchronous_commit": "on", "fsync": "on"}
@@ -49,7 +49,7 @@ def _publish_many(engine: Engine, topic: str, n: int) -> list[str]:
 def test_relay_survives_a_postgres_crash_and_keeps_going(
     durable_pg: EmbeddedPostgres,
     topic: str,
-    services: Services,
+    broker: Broker,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
 ) -> None:
@@ -74,4 +74,4 @@ def test_relay_survives_a_postgres_crash_and_keeps_going(
         engine.dispose()
     # A transaction cut by the crash may have been aborted: Tansu shows its records.
     records = kafka.read(topic, 40)
-    assert_exactly_once(records, first + second, aborted_copies_visible=not services.filters_aborts)
+    assert_exactly_once(records, first + second, aborted_copies_visible=not broker.filters_aborts)
