@@ -113,6 +113,20 @@ def read_topic(
         consumer.assign([TopicPartition(topic, p.partition, OFFSET_BEGINNING) for p in partitions])
         # Offset of the PARTITION_EOF last seen on each partition; -1: a record came after it.
         eof = dict.fromkeys((p.partition for p in partitions), -1)
+
+        def take(msg: Message | None) -> None:
+            if msg is None:
+                return
+            err = msg.error()
+            p = int(msg.partition() or 0)
+            if err is None:
+                records.append(_record(msg))
+                eof[p] = -1
+            elif err.code() == KafkaError._PARTITION_EOF:
+                eof[p] = int(msg.offset() or 0)
+            else:
+                raise TopicReadError(f"reading {topic}[{p}]: {err}")
+
         while True:
             ends = {
                 p.partition: consumer.get_watermark_offsets(p, timeout=10, cached=False)[1]
@@ -125,21 +139,12 @@ def read_topic(
                         f"{timeout:.0f}s (partition: (end-of-partition offset, watermark)) "
                         f"{ {p: (eof[p], e) for p, e in ends.items()} }"
                     )
-                msg = consumer.poll(0.2)
-                if msg is None:
-                    continue
-                err = msg.error()
-                p = int(msg.partition() or 0)
-                if err is None:
-                    records.append(_record(msg))
-                    eof[p] = -1
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    eof[p] = int(msg.offset() or 0)
-                else:
-                    raise TopicReadError(f"reading {topic}[{p}]: {err}")
+                take(consumer.poll(0.2))
             if expected is None or len(records) >= expected or time.monotonic() > deadline:
                 return records
-            time.sleep(0.1)  # polling interval of a deadline-bounded wait for more records
+            # Fewer than expected so far: keep reading (a record that arrives resets its
+            # partition's end-of-partition, so the loop above reads on to the new end).
+            take(consumer.poll(0.2))
     finally:
         consumer.close()
 

@@ -95,3 +95,22 @@ def test_exactly_once_counts_copies(
             assert assert_exactly_once(records, expected, aborted_copies_visible=True) == outcome
     else:
         assert assert_exactly_once(records, expected, aborted_copies_visible=aborted_visible) == 0
+
+
+def test_the_reader_waits_for_records_that_land_after_its_first_pass(
+    bootstrap_servers: str, topic: str
+) -> None:
+    """``expected``: records produced while the read is under way are read too, also on a
+    partition already read to its end (Tansu under-reports its end, so only reading on sees
+    them)."""
+    import threading
+
+    early, late = [f"early-{i}" for i in range(5)], [f"late-{i}" for i in range(5)]
+    _produce(bootstrap_servers, topic, early, partition=0)
+    producing = threading.Timer(2.0, _produce, (bootstrap_servers, topic, late, 0))
+    producing.start()
+    try:
+        records = read_topic(bootstrap_servers, topic, expected=10, timeout=30)
+    finally:
+        producing.join()
+    assert [r.event_id for r in records] == early + late
