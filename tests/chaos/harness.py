@@ -358,7 +358,7 @@ class Exit:
     log_path: str
     tail: str
     refused_start_during_db_restart: bool = False
-    """It exited 2 with "cannot connect to PostgreSQL" after a PostgreSQL restart began during
+    """It exited with "cannot connect to PostgreSQL" after a PostgreSQL restart began during
     its start-up: the CLI refuses to start without a database, as documented, and the harness
     restarts it as an init system would. Not a crash, even with --strict."""
 
@@ -442,7 +442,7 @@ class Fleet:
                     int(member.proc.returncode),
                     str(member.log_path),
                     tail,
-                    member.proc.returncode == 2
+                    member.proc.returncode > 0
                     and "cannot connect to PostgreSQL" in tail
                     and any(t >= member.started_at for t in self.db_restarts),
                 )
