@@ -462,7 +462,21 @@ class Fleet:
         return sum(1 for m in self.members if m is not None and m.proc.poll() is None)
 
     def stop(self, timeout: float) -> None:
-        """SIGTERM all, wait; a process still running after ``timeout`` is a hang: SIGKILL it."""
+        """SIGTERM all, wait; a process still running after ``timeout`` is a hang: SIGKILL it.
+
+        A process started a moment ago (by the supervision of the settle phase) may not have
+        installed its SIGTERM handler yet and would die of the signal: first wait, within
+        ``timeout``, until each has written its first log line.
+        """
+        deadline = time.monotonic() + timeout
+        for m in self.members:
+            while (
+                m is not None
+                and m.proc.poll() is None
+                and m.log_path.stat().st_size == 0
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)  # polling for the process to be up, bounded by ``timeout``
         running = [m for m in self.members if m is not None and m.proc.poll() is None]
         for m in running:
             m.killed = True  # stopping on purpose
@@ -697,7 +711,7 @@ SELECT split_part(application_name, ':', 2), bool_or(wait_event = 'PgSleep')
 whether one sleeps in ``chaos_slow_commit``, i.e. its Kafka transaction committed and its DB
 commit has not: the moment a kill leaves work for the recovery marker."""
 
-AIM_SECONDS = 1.0
+AIM_SECONDS = 2.0
 """How long a relay kill may wait for a relay inside its commit window (else with a batch in
 flight)."""
 
