@@ -26,11 +26,10 @@ import pytest
 from tests.chaos.faults import FaultKind
 from tests.chaos.harness import ChaosConfig, run_chaos
 
-SECOND_OUTBOX = "0"
-"""Off in CI until the fix of issue 12 (recovery markers keyed by the shared default
-transactional id) is on main: with it off, two outboxes with default settings fence each other
-and one deletes the other's rows (a run on main lost 110 of 432 events of outbox b). Switch to
-"1" once it is merged; ``python -m tests.chaos`` runs both by default."""
+SECOND_OUTBOX = "1"
+"""A second outbox (own database, default relay settings) beside the first on one broker: before
+issue 12's fix the two fenced each other and one deleted the other's rows (a run lost 110 of 432
+events of outbox b)."""
 
 
 @pytest.mark.timeout(420)
