@@ -55,7 +55,6 @@ from sqlalchemy.orm import Session
 
 from benchmarks.consumers import RECEIVED_DDL
 from benchmarks.harness import (
-    RELAY_PREFIX,
     Database,
     Result,
     Services,
@@ -257,7 +256,6 @@ class Process:
 
 def relay_process(db: Database, svc: Services, mode: str) -> Process:
     args = ["relay", "--db", db.url, "-b", svc.bootstrap_servers, "--log-level", "WARNING"]
-    args += ["--transactional-id-prefix", f"{RELAY_PREFIX}-lat"]
     args += ["-X", "request.timeout.ms=40000"]
     if mode == POLLING:
         args.append("--no-listen")
@@ -313,7 +311,7 @@ def broker_floor(
             "relay": f"no relay: {producers} raw producer{plural}, no database",
             "rate": size.latency_rate,
             "topic": topic,
-            "commit_to_kafka": summarise(handed, in_kafka),
+            "commit_to_kafka": summarise(handed, in_kafka, f"floor, {producers} producers"),
             "achieved_rate": round(len(handed) / size.latency_seconds),
             "machine_cpu_busy": round(busy["share"], 2),
         }
@@ -349,7 +347,17 @@ def warm_up(engine: Engine, topic: str, *, timeout: float = 120.0) -> None:
     raise TimeoutError("the latency consumer did not handle a probe of every shard in 120 s")
 
 
-def summarise(committed: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
+class LostEvents(RuntimeError):
+    """A phase's events did not all arrive: its latencies would describe only the lucky ones."""
+
+
+def summarise(committed: dict[str, float], got: dict[str, float], where: str) -> dict[str, Any]:
+    """Latency figures of one phase; ``LostEvents`` when an event never arrived (``where``)."""
+    missing = len(committed.keys() - got.keys())
+    if missing or not committed:
+        raise LostEvents(
+            f"{where}: {missing} of {len(committed)} events never arrived; the phase is void"
+        )
     lat = [(got[i] - at) * 1000 for i, at in committed.items() if i in got]
     return {
         "events": len(committed),
@@ -403,13 +411,14 @@ def run(svc: Services, size: Size) -> Result:
                         ids = set(committed)
                         handled = arrivals(engine, ids, "handler", timeout=60)
                         in_kafka = arrivals(engine, ids, "kafka", timeout=10)
-                        phases[phase(mode, consumer_name, rate)] = {
+                        name = phase(mode, consumer_name, rate)
+                        phases[name] = {
                             "relay": mode,
                             "consumer": consumer_name,
                             "rate": rate,
                             "topic": topic,
-                            "commit_to_handler": summarise(committed, handled),
-                            "commit_to_kafka": summarise(committed, in_kafka),
+                            "commit_to_handler": summarise(committed, handled, f"{name}, handler"),
+                            "commit_to_kafka": summarise(committed, in_kafka, f"{name}, Kafka"),
                             "achieved_rate": round(len(committed) / size.latency_seconds),
                             "machine_cpu_busy": round(busy["share"], 2),
                             "writers_cpu_share": round(busy["this_process"], 2),

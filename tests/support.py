@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from outbox.kafka import message_headers
 
@@ -45,59 +47,162 @@ class Record:
         return self.headers["outbox-event-id"].decode()
 
 
+class TopicReadError(AssertionError):
+    """A topic could not be read to the end of every partition: the caller saw only part of it."""
+
+
+def _record(msg: Message) -> Record:
+    _ts_type, ts = msg.timestamp()
+    key, value = msg.key(), msg.value()
+    return Record(
+        topic=str(msg.topic()),
+        partition=int(msg.partition() or 0),
+        offset=int(msg.offset() or 0),
+        key=key if isinstance(key, bytes) else None,
+        value=value if isinstance(value, bytes) else None,
+        headers=message_headers(msg),
+        timestamp_ms=ts,
+    )
+
+
+def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    expected: int | None = None,
+    timeout: float = 30.0,
+    isolation_level: str = "read_committed",
+) -> list[Record]:
+    """Every copy of every record of ``topic``, read from the start to the end of each partition.
+
+    "The end" of a partition: the reader got PARTITION_EOF there (nothing came after it), at
+    an offset no lower than the end queried before the read. Both are queried with the
+    reader's isolation level: for ``read_committed`` the end is the last stable offset (LSO),
+    the first offset of a still open transaction, not the high watermark, so nothing this
+    reader could ever see is left behind. (Tansu 0.6 under-reports ListOffsets for
+    idempotent batches, so the EOF, which follows the fetch responses, is what ends a read;
+    on Apache Kafka both agree.)
+
+    With ``expected``, the ends are queried again until at least that many records were read
+    (records that are still being produced); the read returns what it has at ``timeout``, the
+    caller's count assert says what is missing. Any error other than PARTITION_EOF, or a
+    partition not read to its end in time, raises ``TopicReadError``. A topic that does not
+    exist has no records.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"test-reader-{uuid.uuid4().hex}",
+            "isolation.level": isolation_level,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    records: list[Record] = []
+    deadline = time.monotonic() + timeout
+    try:
+        meta = consumer.list_topics(topic, timeout=max(1.0, timeout)).topics.get(topic)
+        if meta is not None and meta.error is not None:
+            if meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return records
+            raise TopicReadError(f"reading {topic}: metadata error {meta.error}")
+        if meta is None:
+            return records
+        partitions = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        consumer.assign([TopicPartition(topic, p.partition, OFFSET_BEGINNING) for p in partitions])
+        # Offset of the PARTITION_EOF last seen on each partition; -1: a record came after it.
+        eof = dict.fromkeys((p.partition for p in partitions), -1)
+
+        def take(msg: Message | None) -> None:
+            if msg is None:
+                return
+            err = msg.error()
+            p = int(msg.partition() or 0)
+            if err is None:
+                records.append(_record(msg))
+                eof[p] = -1
+            elif err.code() == KafkaError._PARTITION_EOF:
+                eof[p] = int(msg.offset() or 0)
+            else:
+                raise TopicReadError(f"reading {topic}[{p}]: {err}")
+
+        while True:
+            ends = {
+                p.partition: consumer.get_watermark_offsets(p, timeout=10, cached=False)[1]
+                for p in partitions
+            }
+            while not all(eof[p] >= end for p, end in ends.items()):
+                if time.monotonic() > deadline:
+                    raise TopicReadError(
+                        f"reading {topic}: partitions not read to their end within "
+                        f"{timeout:.0f}s (partition: (end-of-partition offset, watermark)) "
+                        f"{ {p: (eof[p], e) for p, e in ends.items()} }"
+                    )
+                take(consumer.poll(0.2))
+            if expected is None or len(records) >= expected or time.monotonic() > deadline:
+                return records
+            # Fewer than expected so far: keep reading (a record that arrives resets its
+            # partition's end-of-partition, so the loop above reads on to the new end).
+            take(consumer.poll(0.2))
+    finally:
+        consumer.close()
+
+
 class KafkaReader:
-    """An independent read_committed client: what really landed on a topic."""
+    """An independent client (read_committed by default): what really landed on a topic."""
 
     def __init__(self, bootstrap_servers: str) -> None:
         self.bootstrap_servers = bootstrap_servers
-        self._consumers: list[Consumer] = []
 
-    def read(self, topic: str, expected: int, *, timeout: float = 30.0) -> list[Record]:
-        """Read from the beginning until ``expected`` records arrived (then a short extra look)."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap_servers,
-                "group.id": f"test-reader-{uuid.uuid4().hex}",
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-            }
-        )
-        self._consumers.append(consumer)
-        md = consumer.list_topics(topic, timeout=10)
-        partitions = list(md.topics[topic].partitions) if topic in md.topics else []
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        records: list[Record] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is None:
-                if len(records) >= expected:
-                    break  # nothing more within a poll after reaching the count
-                continue
-            if msg.error():
-                continue
-            _ts_type, ts = msg.timestamp()
-            headers = message_headers(msg)
-            key, value = msg.key(), msg.value()
-            records.append(
-                Record(
-                    topic=str(msg.topic()),
-                    partition=int(msg.partition() or 0),
-                    offset=int(msg.offset() or 0),
-                    key=key if isinstance(key, bytes) else None,
-                    value=value if isinstance(value, bytes) else None,
-                    headers=headers,
-                    timestamp_ms=ts,
-                )
-            )
-        consumer.close()
-        self._consumers.remove(consumer)
-        return records
+    def read(
+        self, topic: str, expected: int | None = None, *, timeout: float = 30.0
+    ) -> list[Record]:
+        """Every copy on ``topic``, to the end of each partition (see ``read_topic``)."""
+        return read_topic(self.bootstrap_servers, topic, expected=expected, timeout=timeout)
 
     def close(self) -> None:
-        for c in self._consumers:
-            c.close()
+        """Nothing stays open between reads; kept for the fixture's teardown."""
+
+
+class AbortedCopiesVisible(UserWarning):
+    """Copies of events from aborted Kafka transactions were read (a broker that shows them)."""
+
+
+def copies(records: Iterable[Record]) -> Counter[str]:
+    """How many times each event id is on the topic."""
+    return Counter(r.event_id for r in records)
+
+
+def assert_exactly_once(
+    records: Iterable[Record], expected: Iterable[str], *, aborted_copies_visible: bool = False
+) -> int:
+    """Each expected event is on the topic, nothing else is, and (normally) exactly once.
+
+    ``aborted_copies_visible``: the test aborted Kafka transactions and the broker shows their
+    records to read_committed readers (Tansu: ``not broker.filters_aborts``). Extra copies are
+    then reported as an ``AbortedCopiesVisible`` warning instead of failing. Returns the number of
+    extra copies.
+    """
+    counts = copies(records)
+    wanted = set(expected)
+    missing = sorted(wanted - counts.keys())
+    unexpected = sorted(counts.keys() - wanted)
+    assert not missing, f"{len(missing)} events missing from the topic, e.g. {missing[:5]}"
+    assert not unexpected, f"{len(unexpected)} events on the topic not expected: {unexpected[:5]}"
+    repeated = {e: n for e, n in counts.items() if n > 1}
+    extra = sum(n - 1 for n in repeated.values())
+    if aborted_copies_visible:
+        if extra:
+            warnings.warn(
+                f"{extra} extra copies of {len(repeated)} events (aborted transactions shown "
+                "by this broker)",
+                AbortedCopiesVisible,
+                stacklevel=2,
+            )
+    else:
+        assert extra == 0, f"{extra} extra copies: {dict(list(repeated.items())[:5])}"
+    return extra
 
 
 class TcpProxy:

@@ -26,6 +26,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--consumers", type=int, default=2, help="outbox consume processes")
     parser.add_argument("--writers", type=int, default=4, help="application writer threads")
     parser.add_argument("--settle-timeout", type=float, default=180.0, help="seconds to catch up")
+    parser.add_argument(
+        "--no-second-outbox",
+        action="store_true",
+        help="run one outbox only (default: a second service on the same broker, both with "
+        "default relay settings)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep process logs here")
     parser.add_argument("--keep-logs", action="store_true", help="keep logs of a passing run")
@@ -44,7 +50,11 @@ def _print(summary: Summary) -> None:
         ("events rolled back (on purpose)", summary.events_rolled_back),
         ("events failed before commit", summary.events_failed_before_commit),
         ("commits with unknown outcome", summary.events_commit_unknown),
+        ("events left out of the check (bounded)", summary.events_excluded),
+        *((f"  cut by: {reason}", n) for reason, n in summary.excluded_reasons.items()),
         *((f"faults: {kind}", n) for kind, n in summary.faults.items()),
+        ("relay kills with a batch in flight", summary.relay_kills_mid_batch),
+        ("  of which between Kafka and DB commit", summary.relay_kills_in_commit_window),
         ("effects applied", summary.effects_applied),
         ("duplicate effects (must be 0)", summary.duplicate_effects),
         ("lost (must be 0)", summary.lost),
@@ -52,6 +62,13 @@ def _print(summary: Summary) -> None:
         ("order violations (must be 0)", summary.order_violations),
         ("topic records", summary.topic_records),
         ("topic duplicates (reported)", summary.topic_duplicates),
+        *(
+            (
+                f"outbox {name}: committed / lost / topic lost",
+                f"{r['committed']} / {r['lost']} / {r['topic_lost']}",
+            )
+            for name, r in summary.outboxes.items()
+        ),
         ("unexpected process exits", len(summary.unexpected_exits)),
         *((f"logs: {name}", n) for name, n in summary.process_logs.items()),
         ("elapsed seconds", summary.elapsed_seconds),
@@ -86,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             log_dir=args.log_dir,
             keep_logs=args.keep_logs,
             strict=args.strict,
+            second_outbox=not args.no_second_outbox,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,9 +9,14 @@ from the topic as read by an independent client:
 - effects: each committed event applied exactly once (no loss, no duplicate),
   nothing applied that did not commit (phantoms), per-key order of effects;
 - topic: each committed event present, nothing uncommitted, one partition per
-  key and per-key order of first appearances. Duplicates on the topic are only
-  reported: a broker that shows records of aborted transactions (Tansu) has
-  them after a relay is killed mid-transaction, and the consumer absorbs them.
+  key, and per-key order judged on every copy (see ``_topic_order``). Duplicates
+  on the topic are only reported on a broker that shows records of aborted
+  transactions (Tansu): it has them after a relay is killed mid-transaction, and
+  the consumer absorbs them. On a broker that filters aborts they must be 0.
+- the run itself: events left out of the check (a transaction that failed
+  before its commit, a commit whose outcome stayed unknown and did not commit)
+  are counted and bounded, and a run that committed too little of what it
+  planned fails: a check of nothing proves nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ from typing import Any
 
 EXAMPLES = 5
 """Example ids kept per kind of failure, for the report and the logs."""
+
+MAX_EXCLUDED_SHARE = 0.05
+"""At most this share of the events that did not roll back on purpose may be left out of the
+check as "failed before commit" or "commit outcome unknown" (a PostgreSQL restart cuts a few
+transactions; a publish() bug under concurrency would cut many)."""
+
+MIN_COMMITTED_SHARE = 0.5
+"""A run must commit at least this share of the events it planned (10 % roll back on purpose),
+or it checked too little to prove anything."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +86,12 @@ class Observations:
     pending_outbox: int = 0
     dead_rows: int = 0
     dead_letters: int = 0
+    planned: int = 0
+    """Events the writers were asked to attempt (0: not known, no near-empty check)."""
+    filters_aborts: bool = False
+    """The broker hides records of aborted transactions: every copy is a committed one."""
+    excluded_reasons: dict[str, int] = field(default_factory=dict)
+    """Why transactions failed before or during their commit: error class -> events."""
 
 
 @dataclass(slots=True)
@@ -84,6 +104,13 @@ class Report:
     failed_before_commit: int = 0
     ambiguous: int = 0
     ambiguous_committed: int = 0
+    excluded: int = 0
+    """Events left out of the check: failed before commit, or unknown and not committed."""
+    excluded_share: float = 0.0
+    excluded_over_limit: int = 0
+    excluded_reasons: dict[str, int] = field(default_factory=dict)
+    planned: int = 0
+    too_few_committed: int = 0
     effects_applied: int = 0
     duplicate_effects: int = 0
     lost: int = 0
@@ -93,6 +120,8 @@ class Report:
     mismatched_effects: int = 0
     topic_records: int = 0
     topic_duplicates: int = 0
+    topic_duplicates_filtered: int = 0
+    """The extra copies, counted as a failure, when the broker filters aborts."""
     topic_lost: int = 0
     topic_phantoms: int = 0
     topic_order_violations: int = 0
@@ -125,6 +154,9 @@ MUST_BE_ZERO = (
     ("keys_on_several_partitions", "keys whose records landed on several partitions"),
     ("acknowledged_missing", "acknowledged commits missing from the database"),
     ("uncommitted_in_database", "rolled-back or failed transactions found in the database"),
+    ("topic_duplicates_filtered", "extra copies on a broker that hides aborted transactions"),
+    ("excluded_over_limit", f"events left out of the check above {MAX_EXCLUDED_SHARE:.0%}"),
+    ("too_few_committed", f"committed events short of {MIN_COMMITTED_SHARE:.0%} of the plan"),
     ("pending_outbox", "rows still in the outbox at the end"),
     ("dead_rows", "rows moved to outbox_dead_events (no poison in this run)"),
     ("dead_letters", "records dead-lettered by the consumers (no poison in this run)"),
@@ -146,6 +178,36 @@ def _late_in_order(seqs: Iterable[tuple[str, int]]) -> list[str]:
     return late
 
 
+def _topic_order(copies: list[TopicRecord], committed_seqs: list[int], strict: bool) -> list[str]:
+    """Event ids of one key's copies (in offset order) that break per-key order.
+
+    Every copy is judged, not only first appearances:
+
+    - first appearances ascend (a new event never comes before an older one);
+    - every ascending run of copies is a stretch of the key's committed seqs with none
+      skipped: the relay publishes a key's pending events oldest first, so a batch sent again
+      after an abort replays a stretch from its start. A run that skips a committed event
+      (``3, 5`` while 4 committed) is a reordering or a loss that an earlier aborted copy of 4
+      would otherwise hide;
+    - ``strict`` (a broker that filters aborts): every copy is a committed one, so the copies
+      ascend as a whole: any repeat or step back is a violation.
+    """
+    late = _late_in_order((r.event_id, r.seq) for r in copies)
+    rank = {seq: i for i, seq in enumerate(committed_seqs)}
+    previous: TopicRecord | None = None
+    for r in copies:
+        if r.seq not in rank:
+            previous = None  # a phantom: counted on its own
+            continue
+        if previous is not None:
+            if r.seq > previous.seq and rank[r.seq] != rank[previous.seq] + 1:
+                late.append(r.event_id)  # skipped a committed event of the key
+            elif r.seq <= previous.seq and strict:
+                late.append(r.event_id)
+        previous = r
+    return sorted(set(late))
+
+
 def check(obs: Observations) -> Report:
     """Compare what was applied and published with what committed."""
     committed = obs.committed
@@ -156,6 +218,8 @@ def check(obs: Observations) -> Report:
         failed_before_commit=len(obs.failed),
         ambiguous=len(obs.ambiguous),
         ambiguous_committed=len(obs.ambiguous & committed.keys()),
+        excluded_reasons=dict(obs.excluded_reasons),
+        planned=obs.planned,
         effects_applied=len(obs.effects),
         topic_records=len(obs.topic),
         pending_outbox=obs.pending_outbox,
@@ -175,6 +239,18 @@ def check(obs: Observations) -> Report:
     report.uncommitted_in_database = note(
         "uncommitted_in_database", (obs.rolled_back | obs.failed) & committed.keys()
     )
+
+    # The run checked enough: few events left out, most of the plan committed.
+    excluded = obs.failed | (obs.ambiguous - committed.keys())
+    report.excluded = len(excluded)
+    checked = len(committed) + report.excluded
+    report.excluded_share = round(report.excluded / checked, 4) if checked else 0.0
+    if report.excluded > MAX_EXCLUDED_SHARE * checked:
+        report.excluded_over_limit = note("excluded_over_limit", excluded)
+    if obs.planned and len(committed) < MIN_COMMITTED_SHARE * obs.planned:
+        report.too_few_committed = obs.planned - len(committed)
+    if not committed:
+        report.too_few_committed = max(1, obs.planned)
 
     # Effects: exactly once, nothing uncommitted, in per-key order, with the right payload.
     applied = Counter(e.event_id for e in obs.effects)
@@ -204,18 +280,26 @@ def check(obs: Observations) -> Report:
     # The topic: complete, nothing uncommitted, one partition per key, per-key order.
     on_topic = Counter(r.event_id for r in obs.topic)
     report.topic_duplicates = sum(n - 1 for n in on_topic.values())
+    if obs.filters_aborts:
+        report.topic_duplicates_filtered = note(
+            "topic_duplicates_filtered", (i for i, n in on_topic.items() if n > 1)
+        )
+        report.topic_duplicates_filtered = report.topic_duplicates
     report.topic_lost = note("topic_lost", committed.keys() - on_topic.keys())
     report.topic_phantoms = note("topic_phantoms", on_topic.keys() - committed.keys())
     records: dict[str, list[TopicRecord]] = defaultdict(list)
     for r in obs.topic:
         records[r.key].append(r)
+    committed_seqs: dict[str, list[int]] = defaultdict(list)
+    for w in committed.values():
+        committed_seqs[w.key].append(w.seq)
     split, late = [], []
     for key, recs in records.items():
         if len({r.partition for r in recs}) > 1:
             split.append(key)
             continue
         recs.sort(key=lambda r: r.offset)
-        late += _late_in_order((r.event_id, r.seq) for r in recs)
+        late += _topic_order(recs, sorted(committed_seqs[key]), obs.filters_aborts)
     report.keys_on_several_partitions = note("keys_on_several_partitions", split)
     report.topic_order_violations = note("topic_order_violations", late)
 

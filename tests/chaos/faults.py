@@ -60,7 +60,7 @@ class Rates:
     """Mean seconds between faults of a kind, and the bounds of the random durations."""
 
     relay_kill_every: float = 4.0
-    consumer_kill_every: float = 10.0
+    consumer_kill_every: float = 6.0
     cut_every: float = 10.0
     cut_seconds: tuple[float, float] = (1.0, 4.0)
     dead_seconds: tuple[float, float] = (0.0, 2.0)

@@ -2,7 +2,8 @@
 
 Layout of one run (``run_chaos``):
 
-- PostgreSQL (``EmbeddedPostgres``, ``synchronous_commit=on`` so an immediate
+- PostgreSQL (``EmbeddedPostgres`` with ``synchronous_commit=on`` and
+  ``fsync=on``, what users run when they care about loss, so an immediate
   restart never loses an acknowledged commit) and the Tansu broker, which
   advertises a ``TcpProxy``: every Kafka connection of every client, bootstrap
   and broker alike, goes through the proxy, so cutting it cuts them all.
@@ -10,14 +11,20 @@ Layout of one run (``run_chaos``):
   ``publish()`` its event in ONE transaction; some roll back on purpose. Each
   writer owns its keys and numbers their events, so per-key order is defined.
 - ``outbox relay`` and ``outbox consume tests.chaos.projector:ChaosProjector``
-  run as subprocesses, as in production.
+  run as subprocesses, as in production, with default relay settings.
+- Two outboxes (``OutboxSpec``): two services, each with its own database,
+  topic, writers, relays and consumers, on the same broker with default
+  settings, the most common production layout. Loss is counted per outbox.
 - The main thread plays the fault schedule (``faults.schedule(seed)``): SIGKILL
   a relay or a consumer and start a replacement, restart PostgreSQL
   (immediate), cut the broker link for a few seconds.
 - Then nothing fails any more: the run waits (on a condition, with a
   deadline) until the outbox is empty and every committed event has an effect,
-  stops every process with SIGTERM, reads the topic back with an independent
-  client and hands everything to ``checker.check``.
+  stops every process with SIGTERM, reads every topic back to the end of each
+  partition with an independent client and hands everything to ``checker.check``.
+- The run then asserts that the faults struck what they aim at: at least one
+  relay recovery from the marker, one redelivery skipped by a consumer's dedup
+  table, one relay killed with a batch in flight.
 """
 
 from __future__ import annotations
@@ -45,19 +52,18 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 
 from outbox import publish
 from outbox.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError, free_port
-from outbox.kafka import message_headers
 from outbox.migrate import upgrade
 from tests.chaos.checker import Effect, Observations, Report, TopicRecord, Written, check
 from tests.chaos.faults import Action, Rates, Step, actions, count_by_kind, schedule
-from tests.chaos.projector import OFFSET_COMMIT_DELAY_ENV, TABLES
-from tests.support import TcpProxy
+from tests.chaos.projector import OFFSET_COMMIT_DELAY_ENV, TABLES, WINDOW_DIR_ENV
+from tests.support import TcpProxy, TopicReadError, read_topic
 
 log = logging.getLogger("chaos")
 
@@ -91,9 +97,16 @@ class ChaosConfig:
     stop_timeout: float = 30.0
     log_dir: Path | None = None
     keep_logs: bool = False
-    offset_commit_delay: float = 0.05
+    offset_commit_delay: float = 0.3
     """Seconds each consumer waits between a batch's DB commit and its offset commit, so
     that consumer kills land in that window and the dedup path is exercised."""
+    relay_commit_delay: float = 0.1
+    """Seconds each relay batch's DB commit takes on purpose (a deferred trigger on
+    ``outbox_events``): the window between the Kafka commit and the DB commit, where a
+    relay kill leaves rows that only the recovery marker may delete."""
+    second_outbox: bool = True
+    """A second service (database, topic, writers, relays, consumers) on the same broker,
+    both with default relay settings: loss is counted per outbox (I9)."""
     strict: bool = False
     """Also fail on processes that crashed and on tracebacks in their logs."""
     rates: Rates = field(default_factory=Rates)
@@ -111,6 +124,40 @@ class ChaosConfig:
     @property
     def topic(self) -> str:
         return f"chaos.orders.{self.seed}"
+
+    def outboxes(self) -> list[OutboxSpec]:
+        """The services of the run: ``a`` at full size, ``b`` (if on) a third of it."""
+        specs = [
+            OutboxSpec(
+                "a", "chaos", self.topic, self.events, self.relays, self.consumers, self.writers
+            )
+        ]
+        if self.second_outbox:
+            specs.append(
+                OutboxSpec(
+                    "b",
+                    "chaos_b",
+                    f"chaos.orders-b.{self.seed}",
+                    max(1, self.events // 3),
+                    max(1, self.relays - 1),
+                    1,
+                    max(1, self.writers // 2),
+                )
+            )
+        return specs
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSpec:
+    """One service of the run: its own database and topic; relays with default settings."""
+
+    name: str
+    database: str
+    topic: str
+    events: int
+    relays: int
+    consumers: int
+    writers: int
 
 
 # --------------------------------------------------------------------------- writers
@@ -133,24 +180,44 @@ class Ledger:
         default_factory=lambda: {outcome: set() for outcome in Outcome}
     )
     errors: list[str] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+    """Events of transactions that failed or whose commit was cut, by error class."""
 
-    def record(self, ids: list[str], outcome: Outcome) -> None:
+    def record(self, ids: list[str], outcome: Outcome, reason: str | None = None) -> None:
         with self.lock:
             self.attempted += len(ids)
             self.by_outcome[outcome].update(ids)
+            if reason is not None:
+                self.reasons[reason] += len(ids)
 
 
 _INSERT_ORDER = text("INSERT INTO chaos_orders (event_id, key, seq) VALUES (:event_id, :key, :seq)")
 
 
+CONNECTION_LOST = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.PendingRollbackError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+"""What a PostgreSQL restart does to a writer: its connection dies. Any other database error
+(an integrity error, a deadlock, an SQL error from ``publish()``) is a bug, not a fault."""
+
+
+class WriteError(Exception):
+    """A transaction failed for another reason than a lost connection."""
+
+
 def write_transaction(
     engine: Engine, topic: str, batch: list[tuple[uuid.UUID, str, int]], rollback: bool
-) -> Outcome:
+) -> tuple[Outcome, str | None]:
     """One application transaction: business rows and their events, committed or rolled back.
 
-    A database error before the commit was sent means nothing committed; an error
-    during the commit (PostgreSQL restarted under it) leaves the outcome unknown
-    until the database is read back.
+    A lost connection before the commit was sent means nothing committed; one during the
+    commit (PostgreSQL restarted under it) leaves the outcome unknown until the database is
+    read back. Either way the reason (the error class) comes back with the outcome. Any
+    other database error raises ``WriteError``: the run fails on it.
     """
     committing = False
     try:
@@ -162,14 +229,17 @@ def write_transaction(
                 publish(conn, topic=topic, key=key, value=value, event_id=event_id)
             if rollback:
                 tx.rollback()
-                return Outcome.ROLLED_BACK
+                return Outcome.ROLLED_BACK, None
             committing = True
             tx.commit()
-            return Outcome.COMMITTED
-    except (sa_exc.DBAPIError, sa_exc.InvalidRequestError, psycopg.Error):
+            return Outcome.COMMITTED, None
+    except CONNECTION_LOST as exc:
         if rollback:
-            return Outcome.ROLLED_BACK
-        return Outcome.AMBIGUOUS if committing else Outcome.FAILED
+            return Outcome.ROLLED_BACK, None
+        cause = getattr(exc, "orig", None) or exc
+        return (Outcome.AMBIGUOUS if committing else Outcome.FAILED), type(cause).__name__
+    except (sa_exc.DBAPIError, sa_exc.InvalidRequestError, psycopg.Error) as exc:
+        raise WriteError(f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
 class Writer(threading.Thread):
@@ -179,20 +249,22 @@ class Writer(threading.Thread):
         self,
         index: int,
         config: ChaosConfig,
+        spec: OutboxSpec,
         engine: Engine,
         ledger: Ledger,
         quota: int,
         pace_seconds: float,
         stop: threading.Event,
     ) -> None:
-        super().__init__(name=f"chaos-writer-{index}", daemon=True)
+        super().__init__(name=f"chaos-writer-{spec.name}{index}", daemon=True)
         self.config = config
+        self.spec = spec
         self.engine = engine
         self.ledger = ledger
         self.quota = quota
         self.pace_seconds = pace_seconds
         self.stop = stop
-        self.rng = random.Random(f"{config.seed}-writer-{index}")
+        self.rng = random.Random(f"{config.seed}-writer-{spec.name}-{index}")
         self.keys = [f"w{index}-k{j}" for j in range(config.keys_per_writer)]
         self.next_seq = dict.fromkeys(self.keys, 0)
 
@@ -219,11 +291,29 @@ class Writer(threading.Thread):
                 self.next_seq[key] += 1  # numbers are never reused, whatever the outcome
                 batch.append((uuid.uuid4(), key, self.next_seq[key]))
             rollback = self.rng.random() < self.config.rollback_ratio
-            outcome = write_transaction(self.engine, self.config.topic, batch, rollback)
-            self.ledger.record([str(e) for e, _, _ in batch], outcome)
+            ids = [str(e) for e, _, _ in batch]
+            try:
+                outcome, reason = write_transaction(self.engine, self.spec.topic, batch, rollback)
+            except WriteError as exc:  # not a fault: fail the run, keep writing
+                with self.ledger.lock:
+                    self.ledger.errors.append(f"{self.name}: {exc}")
+                outcome, reason = Outcome.FAILED, "WriteError"
+            self.ledger.record(ids, outcome, reason)
             written += n
             if outcome in (Outcome.FAILED, Outcome.AMBIGUOUS):
-                self.stop.wait(0.2)  # the database is restarting: back off instead of spinning
+                self._wait_for_database()
+
+    def _wait_for_database(self) -> None:
+        """The database is restarting: wait until it answers again before the next transaction,
+        so only transactions really cut by the restart are left out of the check, not every
+        attempt made while the server was down."""
+        while not self.stop.is_set():
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                return
+            except CONNECTION_LOST:
+                self.stop.wait(0.2)  # backing off while the server is down
 
 
 # --------------------------------------------------------------------------- processes
@@ -267,6 +357,10 @@ class Exit:
     returncode: int
     log_path: str
     tail: str
+    refused_start_during_db_restart: bool = False
+    """It exited with "cannot connect to PostgreSQL" after a PostgreSQL restart began during
+    its start-up: the CLI refuses to start without a database, as documented, and the harness
+    restarts it as an init system would. Not a crash, even with --strict."""
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -300,6 +394,8 @@ class Fleet:
         self.exits: list[Exit] = []
         self.unclean_stops: list[str] = []
         self._last_restart = [0.0] * count
+        self.db_restarts: list[float] = []
+        """Monotonic times of PostgreSQL restarts (shared by every fleet of a run)."""
 
     def start(self, index: int) -> bool:
         member = self.members[index]
@@ -338,13 +434,17 @@ class Fleet:
             if member is None or member.killed or member.proc.poll() is None:
                 continue
             if not any(e.generation == member.generation for e in self.exits):
+                tail = _tail(member.log_path)
                 exit_ = Exit(
                     self.role,
                     index,
                     member.generation,
                     int(member.proc.returncode),
                     str(member.log_path),
-                    _tail(member.log_path),
+                    tail,
+                    member.proc.returncode > 0
+                    and "cannot connect to PostgreSQL" in tail
+                    and any(t >= member.started_at for t in self.db_restarts),
                 )
                 self.exits.append(exit_)
                 log.warning(
@@ -362,7 +462,21 @@ class Fleet:
         return sum(1 for m in self.members if m is not None and m.proc.poll() is None)
 
     def stop(self, timeout: float) -> None:
-        """SIGTERM all, wait; a process still running after ``timeout`` is a hang: SIGKILL it."""
+        """SIGTERM all, wait; a process still running after ``timeout`` is a hang: SIGKILL it.
+
+        A process started a moment ago (by the supervision of the settle phase) may not have
+        installed its SIGTERM handler yet and would die of the signal: first wait, within
+        ``timeout``, until each has written its first log line.
+        """
+        deadline = time.monotonic() + timeout
+        for m in self.members:
+            while (
+                m is not None
+                and m.proc.poll() is None
+                and m.log_path.stat().st_size == 0
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)  # polling for the process to be up, bounded by ``timeout``
         running = [m for m in self.members if m is not None and m.proc.poll() is None]
         for m in running:
             m.killed = True  # stopping on purpose
@@ -410,13 +524,19 @@ class Services:
         return self.broker.bootstrap_servers  # the proxy's address
 
 
+DURABLE_SETTINGS = {"synchronous_commit": "on", "fsync": "on"}
+"""What users run when they care about loss (the embedded server's defaults are off, for speed):
+with ``synchronous_commit=off`` an immediate restart can lose acknowledged commits, and the run
+would report the test server's losses, not the library's."""
+
+
 @contextlib.contextmanager
 def services(log_dir: Path) -> Iterator[Services]:
     """PostgreSQL and the broker behind a proxy that every Kafka client goes through.
 
     Both servers' logs end up in ``log_dir`` next to the processes' logs.
     """
-    pg = EmbeddedPostgres(database="chaos", extra_settings={"synchronous_commit": "on"})
+    pg = EmbeddedPostgres(database="chaos", extra_settings=DURABLE_SETTINGS)
     broker: EmbeddedBroker | None = None
     proxy: TcpProxy | None = None
     try:
@@ -447,12 +567,52 @@ def services(log_dir: Path) -> Iterator[Services]:
         pg.stop()
 
 
-def _prepare(svc: Services, topic: str) -> None:
-    upgrade(svc.db_url)
-    with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
+SLOW_COMMIT_SQL = """
+CREATE OR REPLACE FUNCTION chaos_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('chaos.slowed', true) IS DISTINCT FROM 'yes' THEN
+        PERFORM set_config('chaos.slowed', 'yes', true);
+        PERFORM pg_sleep(current_setting('chaos.relay_commit_delay')::float);
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS chaos_slow_commit ON outbox_events;
+CREATE CONSTRAINT TRIGGER chaos_slow_commit AFTER DELETE ON outbox_events
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION chaos_slow_commit();
+"""
+"""Each transaction that deletes outbox rows (a relay's batch, after its Kafka commit) sleeps
+once at its DB commit: a relay killed in that window leaves published rows in the outbox, and
+only the recovery marker stands between them and a second publication."""
+
+
+def _dsn(svc: Services, spec: OutboxSpec) -> str:
+    return svc.pg.dsn_for(spec.database)
+
+
+def _url(svc: Services, spec: OutboxSpec) -> str:
+    return "postgresql+psycopg" + _dsn(svc, spec).removeprefix("postgresql")
+
+
+def _prepare(svc: Services, spec: OutboxSpec, relay_commit_delay: float) -> None:
+    if spec.database != svc.pg.database:
+        with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{spec.database}"')
+    upgrade(_url(svc, spec))
+    with psycopg.connect(_dsn(svc, spec), autocommit=True) as conn:
         conn.execute(TABLES)  # a constant holding several statements
+        conn.execute(SLOW_COMMIT_SQL)
+        conn.execute(
+            f'ALTER DATABASE "{spec.database}" SET chaos.relay_commit_delay = '
+            f"'{float(relay_commit_delay)}'"
+        )
+        # A backend notices within 10 ms that its client died, even while it sleeps in the
+        # commit trigger: the kill then aborts the DB transaction, as a relay that died before
+        # sending COMMIT would. Without it PostgreSQL finishes a COMMIT already sent.
+        conn.execute(f'ALTER DATABASE "{spec.database}" SET client_connection_check_interval = 10')
     admin = AdminClient({"bootstrap.servers": svc.bootstrap})
-    for future in admin.create_topics([NewTopic(topic, PARTITIONS)], operation_timeout=30).values():
+    for future in admin.create_topics(
+        [NewTopic(spec.topic, PARTITIONS)], operation_timeout=30
+    ).values():
         try:
             future.result()
         except KafkaException as exc:
@@ -460,7 +620,9 @@ def _prepare(svc: Services, topic: str) -> None:
                 raise
 
 
-def relay_command(svc: Services, config: ChaosConfig) -> list[str]:
+def relay_command(svc: Services, spec: OutboxSpec) -> list[str]:
+    """``outbox relay`` with default settings (no transactional-id prefix, default state topic),
+    as two services deployed side by side would run it."""
     settings = [arg for k, v in RELAY_PRODUCER_SETTINGS.items() for arg in ("-X", f"{k}={v}")]
     return [
         sys.executable,
@@ -468,7 +630,7 @@ def relay_command(svc: Services, config: ChaosConfig) -> list[str]:
         "outbox.cli",
         "relay",
         "--db",
-        svc.db_url,
+        _url(svc, spec),
         "-b",
         svc.bootstrap,
         "--slots",
@@ -477,15 +639,13 @@ def relay_command(svc: Services, config: ChaosConfig) -> list[str]:
         "100",
         "--poll-interval",
         "0.5",
-        "--transactional-id-prefix",
-        f"chaos-{config.seed}",
         *settings,
         "--log-level",
         "INFO",
     ]
 
 
-def consumer_command(svc: Services, config: ChaosConfig) -> list[str]:
+def consumer_command(svc: Services, config: ChaosConfig, spec: OutboxSpec) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -493,13 +653,13 @@ def consumer_command(svc: Services, config: ChaosConfig) -> list[str]:
         "consume",
         "tests.chaos.projector:ChaosProjector",
         "--db",
-        svc.db_url,
+        _url(svc, spec),
         "-b",
         svc.bootstrap,
         "--topic",
-        config.topic,
+        spec.topic,
         "--group-id",
-        f"chaos-{config.seed}",
+        f"chaos-{spec.name}-{config.seed}",
         "--log-level",
         "INFO",
     ]
@@ -515,11 +675,11 @@ class Probe:
         self.dsn = dsn
         self._conn: psycopg.Connection[Any] | None = None
 
-    def query(self, sql: str) -> list[tuple[Any, ...]] | None:
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]] | None:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=3)
-            return self._conn.execute(sql).fetchall()
+            return self._conn.execute(sql, params or None).fetchall()
         except psycopg.Error:
             if self._conn is not None:
                 self._conn.close()
@@ -540,62 +700,52 @@ SELECT (SELECT count(*) FROM chaos_orders),
 """
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[list[TopicRecord], bool]:
-    """Every record of ``topic`` (read_committed, from the start, to the end of each partition).
+RELAY_MID_BATCH_SQL = """
+SELECT split_part(application_name, ':', 2), bool_or(wait_event = 'PgSleep')
+  FROM pg_stat_activity
+ WHERE application_name LIKE 'outbox-relay:%:slot-%' AND backend_xid IS NOT NULL
+ GROUP BY 1
+"""
+"""Relays (by pid) whose slot connections hold a transaction id: a claimed batch is in flight
+(its rows locked FOR UPDATE, or deleted and waiting for the DB commit); the second column says
+whether one sleeps in ``chaos_slow_commit``, i.e. its Kafka transaction committed and its DB
+commit has not: the moment a kill leaves work for the recovery marker."""
 
-    Returns the records and whether every partition was read to its end in time.
-    """
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"chaos-checker-{uuid.uuid4().hex}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-    records: list[TopicRecord] = []
-    try:
-        md = consumer.list_topics(topic, timeout=10)
-        meta = md.topics.get(topic)
-        if meta is None or meta.error is not None:
-            return records, True
-        partitions = sorted(meta.partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        at_end: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while len(at_end) < len(partitions) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            err = msg.error()
-            partition = int(msg.partition() or 0)
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    at_end.add(partition)
-                else:
-                    log.warning("reading %s: %s", topic, err)
-                continue
-            at_end.discard(partition)
-            headers = message_headers(msg)
-            raw = msg.value()
-            value = json.loads(raw) if isinstance(raw, bytes) and raw else {}
-            records.append(
-                TopicRecord(
-                    partition=partition,
-                    offset=int(msg.offset() or 0),
-                    event_id=headers.get("outbox-event-id", b"?").decode(),
-                    key=str(value.get("key", "")) if isinstance(value, dict) else "",
-                    seq=int(value.get("seq", -1)) if isinstance(value, dict) else -1,
-                )
+AIM_SECONDS = 2.0
+"""How long a relay kill may wait for a relay inside its commit window (else with a batch in
+flight)."""
+
+CONSUMER_AIM_SECONDS = 6.0
+"""How long a consumer kill may wait for its target to be inside its offset-commit window (a
+consumer that just joined the group may need a few seconds to get records)."""
+
+
+def _topic_records(bootstrap: str, topic: str, timeout: float) -> list[TopicRecord]:
+    """Every copy on ``topic``, every partition read to its end (``TopicReadError`` if not)."""
+    out = []
+    for r in read_topic(bootstrap, topic, timeout=timeout):
+        try:
+            value = json.loads(r.value) if r.value else {}
+        except ValueError:
+            value = {}
+        if not isinstance(value, dict):
+            value = {}
+        out.append(
+            TopicRecord(
+                partition=r.partition,
+                offset=r.offset,
+                event_id=r.headers.get("outbox-event-id", b"?").decode(errors="replace"),
+                key=str(value.get("key", "")),
+                seq=int(value.get("seq", -1)),
             )
-        return records, len(at_end) == len(partitions)
-    finally:
-        consumer.close()
+        )
+    return out
 
 
-def collect(svc: Services, config: ChaosConfig, ledger: Ledger) -> tuple[Observations, bool]:
-    with psycopg.connect(svc.pg.dsn, autocommit=True) as conn:
+def collect(svc: Services, spec: OutboxSpec, ledger: Ledger) -> tuple[Observations, list[str]]:
+    """What one outbox committed, applied and published; the second value lists the topics
+    that could not be read to their end (each one fails the run)."""
+    with psycopg.connect(_dsn(svc, spec), autocommit=True) as conn:
         committed = {
             str(e): Written(str(e), k, s)
             for e, k, s in conn.execute("SELECT event_id, key, seq FROM chaos_orders")
@@ -606,10 +756,17 @@ def collect(svc: Services, config: ChaosConfig, ledger: Ledger) -> tuple[Observa
         ]
         pending = conn.execute("SELECT count(*) FROM outbox_events").fetchone()
         dead = conn.execute("SELECT count(*) FROM outbox_dead_events").fetchone()
-    topic, complete = read_topic(svc.bootstrap, config.topic)
-    dead_letters, _ = read_topic(svc.bootstrap, f"{config.topic}.DLT", timeout=10)
+    unread: list[str] = []
+    copies: dict[str, list[TopicRecord]] = {}
+    for topic in (spec.topic, f"{spec.topic}.DLT"):
+        try:
+            copies[topic] = _topic_records(svc.bootstrap, topic, timeout=60)
+        except TopicReadError as exc:
+            unread.append(str(exc))
+            copies[topic] = []
     with ledger.lock:
         outcomes = {k: set(v) for k, v in ledger.by_outcome.items()}
+        reasons = dict(ledger.reasons)
     obs = Observations(
         committed=committed,
         acknowledged=outcomes[Outcome.COMMITTED],
@@ -617,12 +774,15 @@ def collect(svc: Services, config: ChaosConfig, ledger: Ledger) -> tuple[Observa
         failed=outcomes[Outcome.FAILED],
         ambiguous=outcomes[Outcome.AMBIGUOUS],
         effects=effects,
-        topic=topic,
+        topic=copies[spec.topic],
         pending_outbox=int(pending[0]) if pending else -1,
         dead_rows=int(dead[0]) if dead else -1,
-        dead_letters=len(dead_letters),
+        dead_letters=len(copies[f"{spec.topic}.DLT"]),
+        planned=spec.events,
+        filters_aborts=False,  # the chaos run's broker is Tansu
+        excluded_reasons=reasons,
     )
-    return obs, complete
+    return obs, unread
 
 
 # --------------------------------------------------------------------------- the run
@@ -651,9 +811,31 @@ def scan_logs(log_dir: Path) -> dict[str, int]:
     return counts
 
 
+STRUCK = (
+    (
+        "relay_recoveries",
+        "no relay recovery from the marker: no relay kill landed between a Kafka commit and "
+        "its DB commit (log line 'rows of the last committed Kafka transaction were still')",
+    ),
+    (
+        "consumer_duplicates_skipped",
+        "no redelivery skipped by a consumer's dedup table: no consumer kill landed between a "
+        "batch's DB commit and its offset commit (log line 'already processed; skipped')",
+    ),
+    (
+        "relay_kills_mid_batch",
+        "no relay was killed with a batch in flight (a slot transaction holding an xid)",
+    ),
+)
+"""What each scheduled fault class is there to hit; a run where one never struck fails."""
+
+
 @dataclass
 class Summary:
-    """The JSON summary of a run (``--json``); ``ok`` says whether every invariant held."""
+    """The JSON summary of a run (``--json``); ``ok`` says whether every invariant held.
+
+    Event counts are summed over the outboxes; ``outboxes`` has each one's own report.
+    """
 
     seed: int
     ok: bool
@@ -662,8 +844,12 @@ class Summary:
     events_rolled_back: int
     events_failed_before_commit: int
     events_commit_unknown: int
+    events_excluded: int
+    excluded_reasons: dict[str, int]
     faults: dict[str, int]
     faults_scheduled: dict[str, int]
+    relay_kills_mid_batch: int
+    relay_kills_in_commit_window: int
     effects_applied: int
     duplicate_effects: int
     lost: int
@@ -678,7 +864,7 @@ class Summary:
     failures: list[str]
     unexpected_exits: list[dict[str, Any]]
     process_logs: dict[str, int]
-    report: dict[str, Any]
+    outboxes: dict[str, dict[str, Any]]
     log_dir: str | None
 
     def as_dict(self) -> dict[str, Any]:
@@ -692,25 +878,45 @@ TANSU_NOTE = (
 )
 
 
+@dataclass
+class Service:
+    """One outbox while the run lasts: its spec, ledger, processes and connections."""
+
+    spec: OutboxSpec
+    ledger: Ledger
+    relays: Fleet
+    consumers: Fleet
+    engine: Engine
+    probe: Probe
+    writers: list[Writer] = field(default_factory=list)
+
+
 class Run:
     """One chaos run; ``execute()`` returns its summary. Everything started is stopped."""
 
     def __init__(self, config: ChaosConfig) -> None:
         self.config = config
+        self.specs = config.outboxes()
         self.faults = schedule(
             config.seed,
             config.seconds,
-            relays=config.relays,
-            consumers=config.consumers,
+            relays=sum(o.relays for o in self.specs),
+            consumers=sum(o.consumers for o in self.specs),
             rates=config.rates,
         )
         self.injected: Counter[str] = Counter()
+        self.mid_batch = 0
+        self.in_commit_window = 0
         self.timeline: list[dict[str, Any]] = []
-        self.ledger = Ledger()
         self.stop_writers = threading.Event()
         self.phases: dict[str, float] = {}
         self.failures: list[str] = []
         self.cut = False
+        self.services: list[Service] = []
+        self.db_restarts: list[float] = []
+        self.substitutes: dict[int, int] = {}
+        """Scheduled relay target -> the relay killed in its place (started again in its place)."""
+        self.window_dir = Path(tempfile.mkdtemp(prefix="outbox-chaos-window-"))
 
     def execute(self) -> Summary:
         config = self.config
@@ -718,75 +924,98 @@ class Run:
         log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix=f"outbox-chaos-{config.seed}-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         log.info(
-            "chaos run: seed=%d events=%d seconds=%.0f relays=%d consumers=%d logs=%s",
+            "chaos run: seed=%d outboxes=%s seconds=%.0f logs=%s",
             config.seed,
-            config.events,
+            ", ".join(
+                f"{o.name}: {o.events} events, {o.relays} relays, {o.consumers} consumers"
+                for o in self.specs
+            ),
             config.seconds,
-            config.relays,
-            config.consumers,
             log_dir,
         )
-        report: Report | None = None
+        reports: dict[str, Report] = {}
         with services(log_dir) as svc:
-            _prepare(svc, config.topic)
-            relays = Fleet("relay", config.relays, relay_command(svc, config), log_dir)
-            consumers = Fleet(
-                "consumer",
-                config.consumers,
-                consumer_command(svc, config),
-                log_dir,
-                env={OFFSET_COMMIT_DELAY_ENV: str(config.offset_commit_delay)},
-            )
-            engine = create_engine(
-                svc.db_url,
-                pool_pre_ping=True,
-                pool_size=config.writers,
-                max_overflow=2,
-                connect_args={"connect_timeout": 5},
-            )
-            probe = Probe(svc.pg.dsn)
-            writers: list[Writer] = []
             try:
-                for fleet in (relays, consumers):
-                    for i in range(len(fleet.members)):
-                        fleet.start(i)
+                for spec in self.specs:
+                    _prepare(svc, spec, config.relay_commit_delay)
+                    suffix = "" if spec.name == "a" else f"-{spec.name}"
+                    self.services.append(
+                        Service(
+                            spec,
+                            Ledger(),
+                            Fleet(f"relay{suffix}", spec.relays, relay_command(svc, spec), log_dir),
+                            Fleet(
+                                f"consumer{suffix}",
+                                spec.consumers,
+                                consumer_command(svc, config, spec),
+                                log_dir,
+                                env={
+                                    OFFSET_COMMIT_DELAY_ENV: str(config.offset_commit_delay),
+                                    WINDOW_DIR_ENV: str(self.window_dir),
+                                },
+                            ),
+                            create_engine(
+                                _url(svc, spec),
+                                pool_pre_ping=True,
+                                pool_size=spec.writers,
+                                max_overflow=2,
+                                connect_args={"connect_timeout": 5},
+                            ),
+                            Probe(_dsn(svc, spec)),
+                        )
+                    )
+                for service in self.services:
+                    for fleet in (service.relays, service.consumers):
+                        fleet.db_restarts = self.db_restarts
+                        for i in range(len(fleet.members)):
+                            fleet.start(i)
                 self.phases["setup"] = time.monotonic() - started
-                writers = self._start_writers(engine)
-                self._fault_phase(svc, relays, consumers, probe)
-                settled = self._settle(svc, relays, consumers, probe, writers)
+                for service in self.services:
+                    service.writers = self._start_writers(service)
+                self._fault_phase(svc)
+                settled = self._settle(svc)
                 t = time.monotonic()
-                consumers.stop(config.stop_timeout)
-                relays.stop(config.stop_timeout)
+                for service in self.services:
+                    service.consumers.stop(config.stop_timeout)
+                for service in self.services:
+                    service.relays.stop(config.stop_timeout)
                 self.phases["stop"] = time.monotonic() - t
                 t = time.monotonic()
-                obs, complete = collect(svc, config, self.ledger)
-                report = check(obs)
+                for service in self.services:
+                    obs, unread = collect(svc, service.spec, service.ledger)
+                    reports[service.spec.name] = check(obs)
+                    self.failures += [f"outbox {service.spec.name}: {u}" for u in unread]
                 self.phases["check"] = time.monotonic() - t
                 if not settled:
                     self.failures.append(
                         f"not settled within {config.settle_timeout:.0f}s after the faults: "
-                        "the outbox was not empty or committed events had no effect"
+                        "an outbox was not empty or committed events had no effect"
                     )
-                if not complete:
-                    self.failures.append("the topic could not be read to its end")
-                for fleet in (relays, consumers):
-                    if fleet.unclean_stops:
+                for service in self.services:
+                    for fleet in (service.relays, service.consumers):
+                        if fleet.unclean_stops:
+                            self.failures.append(
+                                f"{fleet.role}s that did not stop cleanly on SIGTERM: "
+                                + "; ".join(fleet.unclean_stops)
+                            )
+                    if service.ledger.errors:
                         self.failures.append(
-                            f"{fleet.role}s that did not stop cleanly on SIGTERM: "
-                            + "; ".join(fleet.unclean_stops)
+                            f"outbox {service.spec.name} writer errors: "
+                            + "; ".join(service.ledger.errors[:5])
                         )
-                if self.ledger.errors:
-                    self.failures.append("writer errors: " + "; ".join(self.ledger.errors))
             finally:
                 self.stop_writers.set()
-                for w in writers:
-                    w.join(10)
-                consumers.kill_all()
-                relays.kill_all()
-                probe.close()
-                engine.dispose()
-        assert report is not None
-        summary = self._summary(report, relays, consumers, started, log_dir)
+                for service in self.services:
+                    for w in service.writers:
+                        w.join(10)
+                for service in self.services:
+                    service.consumers.kill_all()
+                    service.relays.kill_all()
+                    service.probe.close()
+                    service.engine.dispose()
+                shutil.rmtree(self.window_dir, ignore_errors=True)
+        assert len(reports) == len(self.specs)
+        summary = self._summary(reports, started, log_dir)
         (log_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
         (log_dir / "timeline.json").write_text(
             json.dumps({"schedule": [asdict(f) for f in self.faults], "done": self.timeline})
@@ -796,15 +1025,15 @@ class Run:
             summary.log_dir = None
         return summary
 
-    def _start_writers(self, engine: Engine) -> list[Writer]:
-        config = self.config
+    def _start_writers(self, service: Service) -> list[Writer]:
+        config, spec = self.config, service.spec
         pace = config.seconds * 0.85  # the last writes still meet a few faults
         quotas = [
-            config.events // config.writers + (1 if i < config.events % config.writers else 0)
-            for i in range(config.writers)
+            spec.events // spec.writers + (1 if i < spec.events % spec.writers else 0)
+            for i in range(spec.writers)
         ]
         writers = [
-            Writer(i, config, engine, self.ledger, q, pace, self.stop_writers)
+            Writer(i, config, spec, service.engine, service.ledger, q, pace, self.stop_writers)
             for i, q in enumerate(quotas)
             if q > 0
         ]
@@ -812,36 +1041,105 @@ class Run:
             w.start()
         return writers
 
-    def _fault_phase(self, svc: Services, relays: Fleet, consumers: Fleet, probe: Probe) -> None:
+    def _supervise(self) -> None:
+        for service in self.services:
+            service.relays.supervise(restart=True)
+            service.consumers.supervise(restart=True)
+
+    def _fault_phase(self, svc: Services) -> None:
         """Play the schedule; between steps, restart crashed processes and log progress."""
         config = self.config
         t0 = time.monotonic()
         last_progress = 0.0
         for action in [*actions(self.faults), Action(config.seconds, Step.RESTORE_BROKER)]:
             while (now := time.monotonic()) < t0 + action.at:
-                relays.supervise(restart=True)
-                consumers.supervise(restart=True)
+                self._supervise()
                 if now - last_progress >= 5.0:
                     last_progress = now
-                    self._progress(now - t0, probe)
+                    self._progress(now - t0)
                 time.sleep(min(0.1, t0 + action.at - now))  # waiting for the schedule
-            self._do(action, svc, relays, consumers, time.monotonic() - t0)
+            self._do(action, svc, time.monotonic() - t0)
         self.phases["faults"] = time.monotonic() - t0
 
-    def _do(
-        self, action: Action, svc: Services, relays: Fleet, consumers: Fleet, at: float
-    ) -> None:
+    def _target(self, role: str, index: int) -> tuple[Fleet, int]:
+        """The fleet and member a fault's target index names: outbox a's first, then b's."""
+        for service in self.services:
+            fleet = service.relays if role == "relay" else service.consumers
+            if index < len(fleet.members):
+                return fleet, index
+            index -= len(fleet.members)
+        raise IndexError(f"no {role} {index}")
+
+    def _aim_relay_kill(self, fleet: Fleet, index: int) -> tuple[int, str]:
+        """The relay to kill and the moment it is at: ``commit`` (its Kafka transaction committed,
+        its DB commit pending), ``batch`` (a batch in flight) or ``""``.
+
+        For up to ``AIM_SECONDS``, look for the scheduled target, or else another live relay of
+        its fleet, inside its commit window; failing that, take one with a batch in flight. A
+        relay that owns no slot (it lost the race for them after its restart) can never be
+        killed mid-batch. The kill lands a little after its schedule; without such a moment it
+        hits the scheduled target anyway.
+        """
+        alive = [i for i, m in enumerate(fleet.members) if m is not None and m.proc.poll() is None]
+        candidates = sorted(alive, key=lambda i: i != index)
+        deadline = time.monotonic() + AIM_SECONDS
+        in_batch: int | None = None
+        while candidates:
+            rows = self.services[0].probe.query(RELAY_MID_BATCH_SQL) or []
+            state = {str(pid): bool(sleeping) for pid, sleeping in rows}
+            for i in candidates:
+                member = fleet.members[i]
+                pid = str(member.proc.pid) if member is not None else ""
+                if state.get(pid):
+                    return i, "commit"
+                if pid in state and in_batch is None:
+                    in_batch = i
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)  # polling for the moment to strike, bounded by AIM_SECONDS
+        if in_batch is not None:
+            return in_batch, "batch"
+        if index not in alive and alive:
+            return alive[0], ""  # the target is down (killed in another's place): a live one
+        return index, ""
+
+    def _in_window(self, fleet: Fleet, index: int, *, aim: float) -> bool:
+        """Wait up to ``aim`` seconds for the consumer to be between a batch's DB commit and its
+        offset commit (the projector shows it with a file named after its pid)."""
+        member = fleet.members[index]
+        if member is None or member.proc.poll() is not None:
+            return False
+        flag = self.window_dir / str(member.proc.pid)
+        deadline = time.monotonic() + aim
+        while not flag.exists():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)  # polling for the moment to strike, bounded by ``aim``
+        return True
+
+    def _do(self, action: Action, svc: Services, at: float) -> None:
         done = True
         match action.step:
             case Step.KILL_RELAY:
-                done = relays.kill(action.target)
+                fleet, index = self._target("relay", action.target)
+                victim, moment = self._aim_relay_kill(fleet, index)
+                done = fleet.kill(victim)
+                self.mid_batch += int(done and moment != "")
+                self.in_commit_window += int(done and moment == "commit")
+                self.substitutes[action.target] = victim - index + action.target
             case Step.START_RELAY:
-                done = relays.start(action.target)
+                target = self.substitutes.pop(action.target, action.target)
+                fleet, index = self._target("relay", target)
+                done = fleet.start(index)
             case Step.KILL_CONSUMER:
-                done = consumers.kill(action.target)
+                fleet, index = self._target("consumer", action.target)
+                self._in_window(fleet, index, aim=CONSUMER_AIM_SECONDS)
+                done = fleet.kill(index)
             case Step.START_CONSUMER:
-                done = consumers.start(action.target)
+                fleet, index = self._target("consumer", action.target)
+                done = fleet.start(index)
             case Step.RESTART_POSTGRES:
+                self.db_restarts.append(time.monotonic())
                 svc.pg.restart(immediate=True)
             case Step.CUT_BROKER:
                 svc.proxy.cut()
@@ -864,31 +1162,26 @@ class Run:
             )
             log.info("t=%6.2fs %s %s", at, action.step.value, action.target)
 
-    def _progress(self, at: float, probe: Probe) -> tuple[int, ...] | None:
-        rows = probe.query(PROGRESS_SQL)
-        if not rows:
-            log.info("t=%6.1fs (database unavailable)", at)
-            return None
-        committed, pending, effects, unapplied = (int(v) for v in rows[0])
-        log.info(
-            "t=%6.1fs committed=%d pending=%d effects=%d unapplied=%d attempted=%d",
-            at,
-            committed,
-            pending,
-            effects,
-            unapplied,
-            self.ledger.attempted,
-        )
-        return committed, pending, effects, unapplied
+    def _progress(self, at: float) -> None:
+        """Log each outbox's progress."""
+        for service in self.services:
+            rows = service.probe.query(PROGRESS_SQL)
+            if not rows:
+                log.info("t=%6.1fs (database unavailable)", at)
+                return
+            committed, pending, effects, unapplied = (int(v) for v in rows[0])
+            log.info(
+                "t=%6.1fs outbox %s committed=%d pending=%d effects=%d unapplied=%d attempted=%d",
+                at,
+                service.spec.name,
+                committed,
+                pending,
+                effects,
+                unapplied,
+                service.ledger.attempted,
+            )
 
-    def _settle(
-        self,
-        svc: Services,
-        relays: Fleet,
-        consumers: Fleet,
-        probe: Probe,
-        writers: list[Writer],
-    ) -> bool:
+    def _settle(self, svc: Services) -> bool:
         """No more faults: wait (deadline-bounded) until everything committed is applied."""
         config = self.config
         svc.proxy.restore()
@@ -897,71 +1190,89 @@ class Run:
         last_progress = 0.0
         settled = False
         while time.monotonic() < deadline:
-            relays.supervise(restart=True)
-            consumers.supervise(restart=True)
-            writing = any(w.is_alive() for w in writers)
-            rows = probe.query(PROGRESS_SQL)
-            if rows and not writing:
+            self._supervise()
+            writing = any(w.is_alive() for s in self.services for w in s.writers)
+            done = not writing
+            for service in self.services:
+                rows = service.probe.query(PROGRESS_SQL)
+                if not rows:
+                    done = False
+                    continue
                 _committed, pending, _effects, unapplied = (int(v) for v in rows[0])
-                if pending == 0 and unapplied == 0:
-                    settled = True
-                    break
+                done = done and pending == 0 and unapplied == 0
+            if done:
+                settled = True
+                break
             if time.monotonic() - last_progress >= 5.0:
                 last_progress = time.monotonic()
-                self._progress(config.seconds + time.monotonic() - t0, probe)
+                self._progress(config.seconds + time.monotonic() - t0)
             time.sleep(0.25)  # polling interval of a deadline-bounded wait
         self.phases["settle"] = time.monotonic() - t0
         log.info("settled=%s after %.1fs", settled, self.phases["settle"])
         return settled
 
-    def _summary(
-        self, report: Report, relays: Fleet, consumers: Fleet, started: float, log_dir: Path
-    ) -> Summary:
+    def _summary(self, reports: dict[str, Report], started: float, log_dir: Path) -> Summary:
         config = self.config
-        failures = [*report.failures, *self.failures]
-        exits = [asdict(e) for e in (*relays.exits, *consumers.exits)]
+        failures = [f"outbox {name}: {f}" for name, r in reports.items() for f in r.failures]
+        failures += self.failures
+        fleets = [f for s in self.services for f in (s.relays, s.consumers)]
+        exits = [asdict(e) for fleet in fleets for e in fleet.exits]
+        crashes = [e for e in exits if not e["refused_start_during_db_restart"]]
         logs = scan_logs(log_dir)
-        if config.strict and exits:
-            failures.append(f"{len(exits)} processes exited on their own (--strict)")
+        struck = {**logs, "relay_kills_mid_batch": self.mid_batch}
+        for name, meaning in STRUCK:
+            if not struck[name]:
+                failures.append(f"{name}=0: {meaning}")
+        if config.strict and crashes:
+            failures.append(f"{len(crashes)} processes exited on their own (--strict)")
         if config.strict and logs["tracebacks"]:
             failures.append(f"{logs['tracebacks']} tracebacks in the process logs (--strict)")
-        with self.ledger.lock:
-            attempted = self.ledger.attempted
+        attempted = sum(s.ledger.attempted for s in self.services)
+        reasons: Counter[str] = Counter()
+        for r in reports.values():
+            reasons.update(r.excluded_reasons)
+
+        def total(name: str) -> int:
+            return sum(int(getattr(r, name)) for r in reports.values())
+
         return Summary(
             seed=config.seed,
             ok=not failures,
             events_attempted=attempted,
-            events_committed=report.committed,
-            events_rolled_back=report.rolled_back,
-            events_failed_before_commit=report.failed_before_commit,
-            events_commit_unknown=report.ambiguous,
+            events_committed=total("committed"),
+            events_rolled_back=total("rolled_back"),
+            events_failed_before_commit=total("failed_before_commit"),
+            events_commit_unknown=total("ambiguous"),
+            events_excluded=total("excluded"),
+            excluded_reasons=dict(reasons),
             faults={k: self.injected.get(k, 0) for k in count_by_kind(self.faults)},
             faults_scheduled=count_by_kind(self.faults),
-            effects_applied=report.effects_applied,
-            duplicate_effects=report.duplicate_effects,
-            lost=report.lost,
-            phantoms=report.phantoms,
-            order_violations=report.order_violations,
-            topic_records=report.topic_records,
-            topic_duplicates=report.topic_duplicates,
+            relay_kills_mid_batch=self.mid_batch,
+            relay_kills_in_commit_window=self.in_commit_window,
+            effects_applied=total("effects_applied"),
+            duplicate_effects=total("duplicate_effects"),
+            lost=total("lost"),
+            phantoms=total("phantoms"),
+            order_violations=total("order_violations"),
+            topic_records=total("topic_records"),
+            topic_duplicates=total("topic_duplicates"),
             topic_duplicates_note=TANSU_NOTE,
             elapsed_seconds=round(time.monotonic() - started, 1),
             phases={k: round(v, 1) for k, v in self.phases.items()},
             config={
-                "events": config.events,
+                "outboxes": [asdict(o) for o in self.specs],
                 "seconds": config.seconds,
-                "relays": config.relays,
-                "consumers": config.consumers,
-                "writers": config.writers,
-                "keys": config.writers * config.keys_per_writer,
+                "keys_per_writer": config.keys_per_writer,
                 "rollback_ratio": config.rollback_ratio,
                 "offset_commit_delay": config.offset_commit_delay,
+                "relay_commit_delay": config.relay_commit_delay,
                 "relay_producer_settings": RELAY_PRODUCER_SETTINGS,
+                "postgresql": DURABLE_SETTINGS,
             },
             failures=failures,
             unexpected_exits=exits,
             process_logs=logs,
-            report=report.as_dict(),
+            outboxes={name: r.as_dict() for name, r in reports.items()},
             log_dir=str(log_dir),
         )
 

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import text
@@ -48,6 +49,10 @@ _INSERT_EFFECT = text(
 OFFSET_COMMIT_DELAY_ENV = "CHAOS_OFFSET_COMMIT_DELAY"
 """Seconds to wait between the DB commit of a batch and its offset commit (the harness sets it)."""
 
+WINDOW_DIR_ENV = "CHAOS_WINDOW_DIR"
+"""Where the projector shows that it is inside that window: the file ``<pid>`` exists while it
+waits, so the harness can aim a kill at the moment only the dedup table can absorb."""
+
 GROUP_SETTINGS: dict[str, str] = {
     "session.timeout.ms": "6000",
     "heartbeat.interval.ms": "1000",
@@ -72,6 +77,8 @@ class ChaosProjector(IdempotentConsumer):
         # dedup table really absorbed redeliveries (the rest of the process stays at INFO).
         logging.getLogger("outbox.consumer").setLevel(logging.DEBUG)
         self.offset_commit_delay = float(os.environ.get(OFFSET_COMMIT_DELAY_ENV, "0"))
+        window_dir = os.environ.get(WINDOW_DIR_ENV)
+        self.window_flag = Path(window_dir) / str(os.getpid()) if window_dir else None
 
     def handle(self, session: Session, event: Event) -> None:
         order = event.value
@@ -96,4 +103,8 @@ class ChaosProjector(IdempotentConsumer):
         chaos run would hardly ever exercise the dedup path.
         """
         if self.offset_commit_delay > 0:
+            if self.window_flag is not None:
+                self.window_flag.touch()
             threading.Event().wait(self.offset_commit_delay)
+            if self.window_flag is not None:
+                self.window_flag.unlink(missing_ok=True)

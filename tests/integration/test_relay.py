@@ -19,8 +19,8 @@ from outbox.embedded import EmbeddedBroker, free_port
 from outbox.errors import ConfigError
 from outbox.partitioner import partition_for, shard_for, shards_of_slot, slot_of_shard
 from outbox.relay import Relay, Row, SlotWorker
-from tests.conftest import Broker, RelayHandle, Services
-from tests.support import KafkaReader, TcpProxy, wait_for
+from tests.conftest import Broker, RelayHandle
+from tests.support import KafkaReader, TcpProxy, assert_exactly_once, read_topic, wait_for
 
 
 def _pending(engine: Engine) -> int:
@@ -65,8 +65,9 @@ def test_i2_committed_events_reach_kafka_intact(
     relay = drain()
     assert relay.stats.published == 3
     assert _pending(engine) == 0
-    records = {r.event_id: r for r in kafka.read(topic, 3)}
-    assert set(records) == {str(e1), str(e2), str(e3)}
+    published = kafka.read(topic, 3)
+    assert_exactly_once(published, [str(e1), str(e2), str(e3)])
+    records = {r.event_id: r for r in published}
     r1, r2, r3 = records[str(e1)], records[str(e2)], records[str(e3)]
     assert (r1.key, json.loads(r1.value or b"")) == (b"order-1", {"total": "12.50"})
     assert r1.headers["event-type"] == b"OrderPlaced"
@@ -197,8 +198,9 @@ def test_i2_rows_stay_in_outbox_until_the_broker_has_them(
         lambda: _pending(engine) == 0, timeout=90, what="outbox drained after the broker is back"
     )
     handle.stop()
-    got = {r.event_id for r in KafkaReader(broker.bootstrap_servers).read(topic, 20, timeout=30)}
-    assert got >= set(first) | set(second)
+    # The retried transactions may have been aborted; this broker (Tansu) shows their records.
+    records = read_topic(broker.bootstrap_servers, topic, expected=20)
+    assert_exactly_once(records, first + second, aborted_copies_visible=True)
 
 
 def test_i4_crash_between_kafka_commit_and_delete_is_not_published_again(
@@ -225,8 +227,7 @@ def test_i4_crash_between_kafka_commit_and_delete_is_not_published_again(
     handle.stop()
     assert crashed, "the fault was not injected"
     assert handle.relay.stats.recovered == 40
-    records = kafka.read(topic, 40)
-    assert sorted(r.event_id for r in records) == sorted(ids)  # each exactly once
+    assert_exactly_once(kafka.read(topic, 40), ids)  # nothing was aborted: on any broker
 
 
 def test_i2_a_batch_leaves_the_outbox_only_after_its_kafka_commit(
@@ -257,6 +258,7 @@ def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
+    broker: Broker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In a backlog the next batch is claimed while one is in flight; a failure drops it."""
@@ -278,8 +280,9 @@ def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
     assert relay.stats.aborts == 1
     assert relay.stats.published == 40
     # Tansu shows the aborted attempt's records too: each event's last copy is its committed one.
-    committed = {r.event_id: r for r in sorted(kafka.read(topic, 40), key=lambda r: r.offset)}
-    assert sorted(committed) == sorted(ids)
+    records = kafka.read(topic, 40)
+    assert_exactly_once(records, ids, aborted_copies_visible=not broker.filters_aborts)
+    committed = {r.event_id: r for r in sorted(records, key=lambda r: r.offset)}
     by_key: dict[bytes | None, list[int]] = defaultdict(list)
     for r in sorted(committed.values(), key=lambda r: (r.partition, r.offset)):
         by_key[r.key].append(json.loads(r.value or b"")["i"])
@@ -293,15 +296,19 @@ def test_i6_poison_row_is_moved_aside_and_its_shard_moves_on(
         before = publish(session, topic=topic, key="k", value="before")
         poison = publish(session, topic=topic, key="k", value=b"x" * 20_000)
         after = publish(session, topic=topic, key="k", value="after")
-    relay = drain(producer_overrides={"message.max.bytes": "10000", "request.timeout.ms": "40000"})
+    relay = drain(  # a batch's marker must fit message.max.bytes too: a smaller batch
+        producer_overrides={"message.max.bytes": "10000", "request.timeout.ms": "40000"},
+        batch_size=100,
+    )
     assert relay.stats.dead == 1
     assert _pending(engine) == 0
     with engine.connect() as conn:
         dead = conn.execute(text("SELECT event_id, error FROM outbox_dead_events")).one()
     assert dead.event_id == poison
     assert "message.max.bytes=10000" in dead.error
-    assert [r.value for r in kafka.read(topic, 2)] == [b"before", b"after"]
-    assert {str(before), str(after)} == {r.event_id for r in kafka.read(topic, 2)}
+    records = kafka.read(topic, 2)
+    assert [r.value for r in records] == [b"before", b"after"]
+    assert_exactly_once(records, [str(before), str(after)])
 
 
 def test_i8_relays_with_different_slot_counts_refuse_to_run_together(
@@ -336,33 +343,11 @@ def test_relays_share_slots_and_take_over_when_one_stops(
     assert sorted(r.event_id for r in kafka.read(topic, 150)) == sorted(ids + more)
 
 
-def test_relay_survives_a_postgres_crash_and_keeps_going(
-    engine: Engine,
-    topic: str,
-    services: Services,
-    start_relay: Callable[..., RelayHandle],
-    kafka: KafkaReader,
-) -> None:
-    if services.pg is None:
-        pytest.skip("needs the embedded PostgreSQL (it restarts the server)")
-    handle = start_relay()
-    wait_for(lambda: len(handle.relay.workers) == 2, what="relay owns its slots")
-    first = _publish_many(engine, topic, 20)
-    wait_for(lambda: _pending(engine) == 0, what="first events published")
-    services.pg.restart(immediate=True)
-    engine.dispose()  # the application's pooled connections died with the server
-    second = _publish_many(engine, topic, 20)
-    wait_for(lambda: _pending(engine) == 0, timeout=60, what="relay reconnects and drains")
-    wait_for(lambda: len(handle.relay.workers) == 2, what="relay owns its slots again")
-    handle.stop()
-    got = {r.event_id for r in kafka.read(topic, 40)}
-    assert got == set(first) | set(second)
-
-
 def test_i4_a_new_owner_fences_the_old_producer_and_the_slot_recovers(
     engine: Engine,
     topic: str,
     bootstrap_servers: str,
+    broker: Broker,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
 ) -> None:
@@ -384,7 +369,9 @@ def test_i4_a_new_owner_fences_the_old_producer_and_the_slot_recovers(
         intruder.commit_transaction(30)  # fenced in turn by the relay's new producer
     handle.stop()
     records = kafka.read(topic, 20)
-    assert {r.event_id for r in records if "outbox-event-id" in r.headers} == set(first + second)
+    ours = [r for r in records if "outbox-event-id" in r.headers]  # not the intruder's
+    # The fenced transaction was aborted: Tansu shows its records, Apache Kafka does not.
+    assert_exactly_once(ours, first + second, aborted_copies_visible=not broker.filters_aborts)
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -35,10 +35,18 @@ def _clean() -> Observations:
         committed=committed,
         acknowledged=set(committed),
         rolled_back={"rb-1", "rb-2"},
-        failed={"failed-1"},
         effects=effects,
         topic=topic,
+        planned=14,
     )
+
+
+def _pad(obs: Observations, n: int) -> None:
+    """``n`` more committed events, applied and published, one key each."""
+    obs.committed.update({f"x{i}": Written(f"x{i}", f"x{i}", 1) for i in range(n)})
+    obs.effects += [Effect(200 + i, f"x{i}", f"x{i}", 1) for i in range(n)]
+    obs.topic += [TopicRecord(1, 100 + i, f"x{i}", f"x{i}", 1) for i in range(n)]
+    obs.planned += n
 
 
 def _failing(obs: Observations) -> set[str]:
@@ -82,6 +90,7 @@ def test_a_phantom_from_a_rolled_back_transaction_is_caught() -> None:
 def test_a_phantom_of_an_ambiguous_commit_that_did_not_commit_is_caught() -> None:
     """A commit cut by a restart may or may not have committed: the database decides."""
     obs = _clean()
+    _pad(obs, 20)  # one event left out of 33 checked: under the 5 % bound
     obs.ambiguous = {"amb-committed", "amb-lost"}
     obs.committed["amb-committed"] = Written("amb-committed", "w0-k0", 10)
     obs.effects.append(Effect(100, "amb-committed", "w0-k0", 10))
@@ -125,6 +134,68 @@ def test_topic_duplicates_are_reported_but_do_not_fail() -> None:
     report = check(obs)
     assert report.ok, report.failures
     assert report.topic_duplicates == 3
+
+
+def test_topic_duplicates_fail_on_a_broker_that_filters_aborts() -> None:
+    obs = _clean()
+    obs.filters_aborts = True
+    obs.topic.append(TopicRecord(0, 100, "w0-k0-4", "w0-k0", 4))
+    report = check(obs)
+    assert _failing(obs) == {"topic_duplicates_filtered", "topic_order_violations"}
+    assert report.topic_duplicates == report.topic_duplicates_filtered == 1
+
+
+def test_topic_order_is_checked_on_every_copy() -> None:
+    """An aborted copy must not hide a reordering or a loss when its batch is sent again."""
+    obs = _clean()  # w0-k0: 1 2 3 4 on partition 0, offsets 0-3
+    obs.topic = [r for r in obs.topic if r.key != "w0-k0"]
+
+    def key_copies(*seqs: int) -> list[TopicRecord]:
+        return [TopicRecord(0, i, f"w0-k0-{s}", "w0-k0", s) for i, s in enumerate(seqs)]
+
+    # Tansu: batch 3 4 aborted (visible), sent again in order: fine.
+    obs.topic += key_copies(1, 2, 3, 4, 3, 4)
+    assert check(obs).ok, check(obs).failures
+    # Sent again with 4 missing: 4 is on the topic only as an aborted copy.
+    obs.topic = obs.topic[:-6] + key_copies(1, 2, 3, 4, 3)
+    obs.topic = [*obs.topic[:-1], TopicRecord(0, 9, "w0-k0-1", "w0-k0", 1)]
+    assert check(obs).ok  # a replay that stops early is an abort too
+    obs.topic = obs.topic[:-5] + key_copies(1, 2, 3, 4, 2, 4)
+    assert _failing(obs) == {"topic_order_violations"}
+    assert check(obs).examples["topic_order_violations"] == ["w0-k0-4"]
+    # On a broker that filters aborts every copy is committed: any repeat is out of order.
+    obs.topic = obs.topic[:-6] + key_copies(1, 2, 3, 4, 3, 4)
+    obs.filters_aborts = True
+    assert "topic_order_violations" in _failing(obs)
+
+
+def test_events_left_out_of_the_check_are_bounded() -> None:
+    """A publish() bug that fails transactions under concurrency must not shrink the check."""
+    obs = _clean()  # 12 committed
+    obs.failed = {"failed-1"}  # 1 of 13: above 5 %
+    obs.excluded_reasons = {"OperationalError": 1}
+    report = check(obs)
+    assert _failing(obs) == {"excluded_over_limit"}
+    assert (report.excluded, report.excluded_share) == (1, round(1 / 13, 4))
+    assert report.excluded_reasons == {"OperationalError": 1}
+    _pad(obs, 8)
+    assert check(obs).ok, check(obs).failures  # 1 of 21: under 5 %
+    obs.ambiguous = {"amb-1"}  # unknown and not committed: left out too
+    assert _failing(obs) == {"excluded_over_limit"}
+
+
+@pytest.mark.parametrize("planned", [25, 1000])
+def test_a_near_empty_run_fails(planned: int) -> None:
+    obs = _clean()  # 12 committed
+    obs.planned = planned
+    report = check(obs)
+    assert _failing(obs) == {"too_few_committed"}
+    assert report.too_few_committed == planned - 12
+
+
+def test_an_empty_run_fails() -> None:
+    report = check(Observations(committed={}, planned=0))
+    assert "too_few_committed" in {f.split("=")[0] for f in report.failures}
 
 
 def test_topic_loss_phantom_order_and_split_keys_are_caught() -> None:
