@@ -14,7 +14,7 @@ import typer
 
 from outbox.config import Guarantee, Profile, RelayConfig, parse_overrides
 from outbox.db import redact
-from outbox.errors import ConfigError, OutboxError
+from outbox.errors import ConfigError, OutboxError, TransientError
 from outbox.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -208,6 +208,21 @@ def relay(
         typer.Option(envvar="OUTBOX_STATE_TOPIC", help="Compacted topic of recovery markers."),
     ] = "outbox.relay-state",
     once: Annotated[bool, typer.Option("--once", help="Drain what is pending, then exit.")] = False,
+    missing_topic_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="OUTBOX_MISSING_TOPIC_TIMEOUT",
+            help="Seconds a missing or unwritable topic is retried (its rows held back, the "
+            "other topics flowing) before its rows become dead rows.",
+        ),
+    ] = 300.0,
+    batch_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="OUTBOX_BATCH_BYTES",
+            help="A claim stops adding rows past this many key+value bytes (bounds memory).",
+        ),
+    ] = 16 * 1024 * 1024,
     processes: Annotated[
         int,
         typer.Option(
@@ -254,6 +269,8 @@ def relay(
             transactional_id_prefix=transactional_id_prefix,
             state_topic=state_topic,
             once=once,
+            missing_topic_timeout=missing_topic_timeout,
+            batch_bytes=batch_bytes,
         )
         runner = Relay(config)
     except (ConfigError, ConnectionError) as exc:
@@ -262,8 +279,11 @@ def relay(
     server = _serve_health(metrics_host, metrics_port, runner, runner.metrics.registry)
     try:
         stats = runner.run()
-    except (ConfigError, ConnectionError) as exc:
+    except (ConfigError, ConnectionError) as exc:  # exit 2: fix a setting, the schema, the DSN
         raise _fail(exc) from None
+    except TransientError as exc:  # exit 3 (--once): Kafka unreachable; retrying may work
+        typer.echo(f"error: {redact(str(exc))}", err=True)
+        raise typer.Exit(3) from None
     finally:
         if server is not None:
             server.stop()

@@ -24,3 +24,7 @@ class SlotLost(OutboxError):
 
 class TransientError(OutboxError):
     """A failure worth retrying with backoff: broker down, leader change, DB restart."""
+
+
+class KafkaUnavailable(TransientError):
+    """The Kafka cluster cannot be reached (``relay --once`` reports it instead of waiting)."""
