@@ -210,8 +210,9 @@ class SlotWorker(threading.Thread):
         started = time.perf_counter()
         rows, self._ahead = self._ahead or self._claim(), []
         if rows:
+            narrowing = self._narrow_until
             self._publish(rows)
-            if self._narrow_until is not None and rows[-1].id >= self._narrow_until:
+            if narrowing is not None and rows[-1].id >= narrowing:
                 self._narrow_until = None  # past the rows of the refused request
             self.relay.metrics.batch_size.observe(len(rows))
             self.relay.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -628,7 +629,8 @@ class SlotWorker(threading.Thread):
         self._produce(rows, failures, acked)
         complete = self._await_reports()
         moved, error = self._handle_failures(rows, failures) if failures else (set(), None)
-        done = settled(((r.id, r.topic) for r in rows), acked - failures.keys(), moved)
+        acked -= failures.keys()
+        done = settled(((r.id, r.topic) for r in rows), acked, moved)
         if done:
             self._delete_rows(done)
         self.holds.succeeded({r.topic for r in rows if r.id in acked})
