@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 from outbox import configure, publish, relay, sql
 from outbox.config import Guarantee
 from outbox.embedded import EmbeddedBroker
-from outbox.publish import DEFAULT_MAX_MESSAGE_BYTES
 from outbox.relay import Relay, Row, SlotWorker
 from tests.conftest import RelayHandle
 from tests.integration.test_relay import proxied_broker  # noqa: F401 - a shared fixture
@@ -255,13 +254,14 @@ def test_every_kafka_client_of_the_relay_gets_the_connection_settings(
 def test_a_claim_stops_at_its_byte_budget_and_leaves_huge_values_unloaded(
     engine: Engine,
 ) -> None:
+    saved = configure().max_message_bytes
     configure(max_message_bytes=None)
     try:
         with Session(engine) as session, session.begin():
             for size in (100_000, 100_000, 100_000, 2_000_000, 100_000):
                 publish(session, topic="t", key="k", value=b"x" * size)
     finally:
-        configure(max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+        configure(max_message_bytes=saved)
     claim = sql.claim_batch(range(32))
     params = {"limit": 1000, "held": [], "max_value_bytes": 1_000_000, "max_bytes": 250_000}
     with engine.connect() as conn:
@@ -296,11 +296,12 @@ def test_i6_a_row_too_large_for_the_relay_is_buried_without_being_loaded(
     kafka: KafkaReader,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    saved = configure().max_message_bytes
     configure(max_message_bytes=None)
     try:
         ids = _publish(engine, topic, ["before", "x" * 3_000_000, "after"], keys=1)
     finally:
-        configure(max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+        configure(max_message_bytes=saved)
     buried: list[Row] = []
     real_bury = SlotWorker._bury
 

@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 from outbox import EventError, configure, publish
 from outbox.codec import EVENT_ID_HEADER
 from outbox.partitioner import shard_for
-from outbox.publish import DEFAULT_MAX_MESSAGE_BYTES
 
 
 def _pending(engine: Engine) -> int:
@@ -86,12 +85,13 @@ def test_i8_bad_value_fails_inside_the_transaction_before_commit(engine: Engine)
 
 
 def test_i8_oversized_value_refused_when_limit_configured(engine: Engine) -> None:
+    saved = configure().max_message_bytes
     configure(max_message_bytes=1000)
     try:
         with Session(engine) as session, pytest.raises(EventError, match="max_message_bytes=1000"):
             publish(session, topic="t", key="k", value=b"x" * 2000)
     finally:
-        configure(max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+        configure(max_message_bytes=saved)
 
 
 def test_i8_publish_refuses_values_over_1_mb_by_default_naming_the_setting(
