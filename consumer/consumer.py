@@ -49,7 +49,7 @@ from consumer.purge import PurgeSchedule, purge_processed
 from consumer.retry import Action, Reason, RetryPolicy, is_infrastructure_error, sqlstate
 from outbox.codec import JSON
 from outbox.db import redact, sqlalchemy_url
-from outbox.errors import ConfigError, OutboxError
+from outbox.errors import ConfigError, NotMigrated, OutboxError
 from outbox.publish import publish
 from outbox.tracing import restored_context
 
@@ -310,10 +310,7 @@ class IdempotentConsumer:
                 conn.execute(CHECK_TABLE)
         except sa_exc.ProgrammingError as exc:
             if sqlstate(exc) == "42P01":  # undefined_table
-                raise ConfigError(
-                    "table outbox_processed_events does not exist in this database: "
-                    "run `outbox migrate --db ...` first"
-                ) from None
+                raise NotMigrated("table outbox_processed_events does not exist") from None
             raise ConfigError(
                 f"cannot read outbox_processed_events: {redact(str(exc.orig))} "
                 "(the consumer's database user needs SELECT, INSERT and DELETE on it)"

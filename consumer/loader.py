@@ -24,11 +24,15 @@ def load_consumer_class(path: str) -> type[IdempotentConsumer]:
         sys.path.insert(0, cwd)
     try:
         obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if not _is_the_module_itself(exc, module_name):
+            raise ConfigError(_failed_import(module_name, exc)) from None
         raise ConfigError(
             f"cannot import module {module_name!r} for {path!r}: {exc}; run from the directory "
             "that contains the package, or install it"
         ) from None
+    except Exception as exc:  # the module exists but its own code failed
+        raise ConfigError(_failed_import(module_name, exc)) from None
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
@@ -44,3 +48,24 @@ def load_consumer_class(path: str) -> type[IdempotentConsumer]:
             f"{path!r} is the IdempotentConsumer base class itself; point at your subclass"
         )
     return obj
+
+
+def _is_the_module_itself(exc: ModuleNotFoundError, module_name: str) -> bool:
+    """True when ``module_name`` (or a package above it) is missing, not one it imports."""
+    parts = module_name.split(".")
+    return exc.name in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def _failed_import(module_name: str, exc: BaseException) -> str:
+    """The module's own error, with the line of the module's code that raised it."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost frame outside the import machinery
+        filename = tb.tb_frame.f_code.co_filename
+        if "importlib" not in filename:
+            where = f" at {filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return (
+        f"importing {module_name!r} failed{where}: {type(exc).__name__}: {exc}; "
+        "fix that error in your module (it was found, its code raised)"
+    )

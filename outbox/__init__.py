@@ -5,7 +5,7 @@ the ``outbox relay`` daemon moves committed rows to Kafka in transactions.
 """
 
 from outbox.codec import CONTENT_TYPE_HEADER, EVENT_ID_HEADER
-from outbox.errors import ConfigError, EventError, OutboxError
+from outbox.errors import ConfigError, EventError, NotMigrated, OutboxError
 from outbox.publish import PublishSettings, apublish, configure, publish
 from outbox.schema import dead_events, metadata, outbox_events
 
@@ -14,6 +14,7 @@ __all__ = [
     "EVENT_ID_HEADER",
     "ConfigError",
     "EventError",
+    "NotMigrated",
     "OutboxError",
     "PublishSettings",
     "apublish",

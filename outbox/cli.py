@@ -1,41 +1,139 @@
-"""The ``outbox`` command. The only module that reads environment variables (shown in --help)."""
+"""The ``outbox`` command. The only module that reads environment variables (shown in --help).
+
+Every failure ends in one line on stderr, ``error: <what is wrong>: <the fix>``,
+and one of the exit codes of ``ExitCode`` (listed in the README).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import threading
 from datetime import timedelta
+from enum import IntEnum, StrEnum
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+# typer >= 0.20 vendors click: its exceptions and parameter sources live here.
+from typer._click import ClickException, Context
+from typer._click.core import ParameterSource
+from typer._click.exceptions import BadParameter, MissingParameter, NoArgsIsHelpError
+from typer._click.globals import get_current_context
+
 from outbox.config import Guarantee, Profile, RelayConfig, parse_overrides
 from outbox.db import redact
-from outbox.errors import ConfigError, OutboxError, TransientError
+from outbox.errors import (
+    ConfigError,
+    NotFound,
+    NotMigrated,
+    OutboxError,
+    SlotLost,
+    TransientError,
+)
 from outbox.logs import setup_logging
+from outbox.partitioner import SHARD_COUNT
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from outbox.health import HealthServer
 
+
+class ExitCode(IntEnum):
+    """What ``outbox`` exits with; the README's "Exit codes" lists the same."""
+
+    OK = 0
+    FAILED = 1
+    """A check failed (``status --check``, the demo) or a daemon stopped on an error."""
+    USAGE = 2
+    """A bad option, environment variable or setting: the message names it and the fix."""
+    UNAVAILABLE = 3
+    """PostgreSQL or Kafka could not be reached."""
+    NOT_MIGRATED = 4
+    """The outbox tables are missing or out of date: run ``outbox migrate``."""
+    NOT_FOUND = 5
+    """A named row does not exist (``dead show/requeue/discard ID``); nothing was changed."""
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code of an error a command could not go on after (a table, most specific first)."""
+    table: list[tuple[type[BaseException], ExitCode]] = [
+        (NotMigrated, ExitCode.NOT_MIGRATED),
+        (NotFound, ExitCode.NOT_FOUND),
+        (ConfigError, ExitCode.USAGE),
+        (ConnectionError, ExitCode.UNAVAILABLE),
+        (TransientError, ExitCode.UNAVAILABLE),
+        (SlotLost, ExitCode.FAILED),
+    ]
+    return next((code for kind, code in table if isinstance(exc, kind)), ExitCode.FAILED)
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
 app = typer.Typer(
     help="Transactional outbox for PostgreSQL + Kafka: migrate, relay, inspect, demo.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode=None,  # plain help wraps at any width; rich tables cut option names
+    context_settings=CONTEXT,
 )
-dead_app = typer.Typer(help="Poison rows that Kafka refused for good (I6).", no_args_is_help=True)
+dead_app = typer.Typer(
+    help="Poison rows that Kafka refused for good: list, show, requeue, discard.",
+    short_help="Poison rows Kafka refused: list, show, requeue, discard.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
+)
 app.add_typer(dead_app, name="dead")
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"outbox (kafka-outbox) {version('kafka-outbox')}")
+        except PackageNotFoundError:  # a checkout without an install
+            typer.echo("outbox (kafka-outbox) unknown version")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version_flag: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Transactional outbox for PostgreSQL + Kafka: migrate, relay, inspect, demo."""
+
+
+class LogLevelName(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormatName(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
 
 Db = Annotated[
     str,
     typer.Option(
         "--db",
         envvar="OUTBOX_DB",
+        metavar="URL",
         help="PostgreSQL URL, e.g. postgresql+psycopg://app@localhost/app (or a libpq DSN).",
         show_default=False,
     ),
@@ -46,37 +144,50 @@ Bootstrap = Annotated[
         "--bootstrap-servers",
         "-b",
         envvar="OUTBOX_BOOTSTRAP_SERVERS",
-        help="Kafka bootstrap servers, host:port[,host:port...].",
+        metavar="HOST:PORT[,...]",
+        help="Kafka bootstrap servers.",
         show_default=False,
     ),
 ]
 LogLevel = Annotated[
-    str, typer.Option("--log-level", envvar="OUTBOX_LOG_LEVEL", help="DEBUG, INFO, WARNING...")
-]
-
-
-LogFormat = Annotated[
-    str,
+    LogLevelName,
     typer.Option(
-        "--log-format", envvar="OUTBOX_LOG_FORMAT", help="text, or json (one object per line)."
+        "--log-level",
+        envvar="OUTBOX_LOG_LEVEL",
+        case_sensitive=False,
+        help="Least severe log level shown.",
+    ),
+]
+LogFormat = Annotated[
+    LogFormatName,
+    typer.Option(
+        "--log-format",
+        envvar="OUTBOX_LOG_FORMAT",
+        case_sensitive=False,
+        help="text, or json (one object per line).",
     ),
 ]
 MetricsPort = Annotated[
     int | None,
     typer.Option(
         envvar="OUTBOX_METRICS_PORT",
+        metavar="PORT",
+        min=1,
+        max=65535,
         help="Serve /metrics, /healthz and /readyz on this port (off when unset).",
     ),
 ]
 MetricsHost = Annotated[
-    str, typer.Option(envvar="OUTBOX_METRICS_HOST", help="Address for the metrics endpoint.")
+    str,
+    typer.Option(
+        envvar="OUTBOX_METRICS_HOST", metavar="ADDRESS", help="Address for the metrics endpoint."
+    ),
 ]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 
 
-def _setup_logging(level: str, log_format: str = "text") -> None:
-    if log_format not in {"text", "json"}:
-        raise _fail(ConfigError(f"--log-format={log_format!r}: use text or json"))
-    setup_logging(level, json_lines=log_format == "json")
+def _setup_logging(level: LogLevelName, log_format: LogFormatName = LogFormatName.TEXT) -> None:
+    setup_logging(level.value, json_lines=log_format is LogFormatName.JSON)
 
 
 def _serve_health(
@@ -100,9 +211,35 @@ def _serve_health(
         raise _fail(ConfigError(msg)) from None
 
 
-def _fail(exc: BaseException) -> typer.Exit:
-    typer.echo(f"error: {redact(str(exc))}", err=True)
-    return typer.Exit(2)
+def _env_sources(ctx: Context | None) -> dict[str, str]:
+    """``--flag`` -> ``ENV_VAR`` for the options of this command whose value came from the env."""
+    found: dict[str, str] = {}
+    while ctx is not None:
+        for param in ctx.command.params:
+            envvar = getattr(param, "envvar", None)
+            if (
+                param.name
+                and isinstance(envvar, str)
+                and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+            ):
+                for opt in param.opts:
+                    found[opt] = envvar
+        ctx = ctx.parent
+    return found
+
+
+def name_sources(message: str, env_sources: dict[str, str]) -> str:
+    """Name the environment variable instead of the flag for a value that came from the env."""
+    for flag, envvar in env_sources.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", envvar, message)
+    return message
+
+
+def _fail(exc: BaseException, code: ExitCode | None = None) -> typer.Exit:
+    """Print ``error: ...`` in one line (no password, the right option name); the Exit to raise."""
+    message = name_sources(redact(str(exc)), _env_sources(get_current_context(silent=True)))
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    return typer.Exit(int(code if code is not None else exit_code_for(exc)))
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -116,6 +253,18 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _check_schema(db: str) -> None:
+    """Fail with "run outbox migrate" before a daemon starts on an unmigrated database."""
+    from outbox.ops import check_schema
+
+    try:
+        check_schema(db)
+    except ConnectionError:
+        return  # an unreachable server is the daemon's own start-up to handle
+    except OutboxError as exc:
+        raise _fail(exc) from None
+
+
 def _client_settings(path: Path | None, pairs: list[str] | None) -> dict[str, str]:
     """A settings file (``key=value`` lines, # comments) overridden by ``-X key=value`` pairs."""
     lines = path.read_text().splitlines() if path is not None else []
@@ -125,51 +274,73 @@ def _client_settings(path: Path | None, pairs: list[str] | None) -> dict[str, st
     return parse_overrides(from_file) | parse_overrides(pairs or [])
 
 
-@app.command()
-def migrate(db: Db, log_level: LogLevel = "WARNING") -> None:
-    """Create or upgrade the outbox tables (Alembic, own version table)."""
-    from outbox.migrate import upgrade
+@app.command(short_help="Create or upgrade the outbox tables.")
+def migrate(db: Db, log_level: LogLevel = LogLevelName.WARNING) -> None:
+    """Create or upgrade the outbox tables (Alembic, own version table), and say what it did."""
+    from outbox.migrate import head, upgrade
 
     _setup_logging(log_level)
     try:
-        upgrade(db)
-    except (OutboxError, ConnectionError) as exc:
+        applied = upgrade(db)
+    except Exception as exc:  # one line whatever went wrong, never a traceback
         raise _fail(exc) from None
-    except Exception as exc:
-        raise _fail(exc) from None
-    typer.echo("outbox tables are up to date")
+    for rev in applied:
+        typer.echo(f"applied {rev.id}: {rev.title}")
+    typer.echo(
+        f"outbox tables are at revision {head()} (head)"
+        + ("" if applied else ": already up to date, nothing applied")
+    )
 
 
-@app.command("sql")
-def print_sql() -> None:
-    """Print the DDL of every migration, for applying by hand."""
+@app.command("sql", short_help="Print the DDL, to apply by hand.")
+def print_sql(
+    from_rev: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="REV",
+            help="Revision the database is at (default: an empty database).",
+        ),
+    ] = None,
+    to_rev: Annotated[str, typer.Option("--to", metavar="REV", help="Revision to reach.")] = "head",
+) -> None:
+    """Print the DDL of the migrations from --from to --to, for applying by hand."""
     from outbox.migrate import print_sql as render
 
-    typer.echo(render())
+    try:
+        typer.echo(render(to_rev, since=from_rev))
+    except OutboxError as exc:
+        raise _fail(exc) from None
 
 
-@app.command()
+@app.command(short_help="Publish committed outbox rows to Kafka.")
 def relay(
     db: Db,
     bootstrap_servers: Bootstrap,
     guarantee: Annotated[
         Guarantee,
-        typer.Option(envvar="OUTBOX_GUARANTEE", help="exactly-once needs broker transactions."),
+        typer.Option(
+            envvar="OUTBOX_GUARANTEE",
+            help="Delivery guarantee; exactly-once needs broker transactions.",
+        ),
     ] = Guarantee.EXACTLY_ONCE,
     profile: Annotated[
-        Profile, typer.Option(envvar="OUTBOX_PROFILE", help="Producer preset.")
+        Profile,
+        typer.Option(envvar="OUTBOX_PROFILE", help="Producer preset (linger, batch, compression)."),
     ] = Profile.BALANCED,
     producer_setting: Annotated[
         list[str] | None,
         typer.Option(
             "-X",
-            help="Any librdkafka producer setting, key=value (repeatable); wins over the profile.",
+            metavar="KEY=VALUE",
+            help="Any librdkafka producer setting (repeatable); wins over the profile.",
         ),
     ] = None,
     producer_config: Annotated[
         Path | None,
         typer.Option(
             envvar="OUTBOX_PRODUCER_CONFIG",
+            metavar="FILE",
             help="File of key=value producer settings (e.g. SASL/TLS); -X wins over it.",
             exists=True,
             dir_okay=False,
@@ -177,17 +348,38 @@ def relay(
     ] = None,
     slots: Annotated[
         int,
-        typer.Option(envvar="OUTBOX_SLOTS", help="Slot count; the same on every relay of a DB."),
+        typer.Option(
+            envvar="OUTBOX_SLOTS",
+            metavar="N",
+            min=1,
+            max=SHARD_COUNT,
+            help=f"Slot count, 1-{SHARD_COUNT}; the same on every relay of a database.",
+        ),
     ] = 4,
     max_slots: Annotated[
         int | None,
-        typer.Option(envvar="OUTBOX_MAX_SLOTS", help="At most this many slots in this process."),
+        typer.Option(
+            envvar="OUTBOX_MAX_SLOTS",
+            metavar="N",
+            min=1,
+            help="At most this many slots in this process (default: all it can take).",
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(envvar="OUTBOX_BATCH_SIZE")] = 1000,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            envvar="OUTBOX_BATCH_SIZE",
+            metavar="N",
+            min=1,
+            max=100_000,
+            help="Most events per Kafka transaction.",
+        ),
+    ] = 1000,
     poll_interval: Annotated[
         float,
         typer.Option(
             envvar="OUTBOX_POLL_INTERVAL",
+            metavar="SECONDS",
             help="Seconds between polls when idle; without LISTEN, 10 ms after rows were "
             "found, growing x1.5 per empty poll up to this.",
         ),
@@ -201,18 +393,28 @@ def relay(
         ),
     ] = True,
     transactional_id_prefix: Annotated[
-        str, typer.Option(envvar="OUTBOX_TRANSACTIONAL_ID_PREFIX")
+        str,
+        typer.Option(
+            envvar="OUTBOX_TRANSACTIONAL_ID_PREFIX",
+            metavar="PREFIX",
+            help="Kafka transactional.id of slot N is PREFIX-N; unique per outbox.",
+        ),
     ] = "outbox-relay",
     state_topic: Annotated[
         str,
-        typer.Option(envvar="OUTBOX_STATE_TOPIC", help="Compacted topic of recovery markers."),
+        typer.Option(
+            envvar="OUTBOX_STATE_TOPIC",
+            metavar="TOPIC",
+            help="Compacted topic of recovery markers.",
+        ),
     ] = "outbox.relay-state",
     once: Annotated[bool, typer.Option("--once", help="Drain what is pending, then exit.")] = False,
     missing_topic_timeout: Annotated[
         float,
         typer.Option(
             envvar="OUTBOX_MISSING_TOPIC_TIMEOUT",
-            help="Seconds a missing or unwritable topic is retried (its rows held back, the "
+            metavar="SECONDS",
+            help="How long a missing or unwritable topic is retried (its rows held back, the "
             "other topics flowing) before its rows become dead rows.",
         ),
     ] = 300.0,
@@ -220,6 +422,7 @@ def relay(
         int,
         typer.Option(
             envvar="OUTBOX_BATCH_BYTES",
+            metavar="BYTES",
             help="A claim stops adding rows past this many key+value bytes (bounds memory).",
         ),
     ] = 16 * 1024 * 1024,
@@ -227,12 +430,14 @@ def relay(
         int,
         typer.Option(
             envvar="OUTBOX_PROCESSES",
+            metavar="N",
+            min=1,
             help="Relay processes to run; they split the slots (one process is GIL-bound). "
-            "With --metrics-port P, process i serves on P+i.",
+            "With a metrics port P, process i serves on P+i.",
         ),
     ] = 1,
-    log_level: LogLevel = "INFO",
-    log_format: LogFormat = "text",
+    log_level: LogLevel = LogLevelName.INFO,
+    log_format: LogFormat = LogFormatName.TEXT,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = "0.0.0.0",  # noqa: S104 - a container's probe port
 ) -> None:
@@ -240,8 +445,8 @@ def relay(
     from outbox.relay import Relay
 
     _setup_logging(log_level, log_format)
-    if processes < 1 or processes > slots:
-        raise _fail(ConfigError(f"--processes={processes} must be between 1 and --slots={slots}"))
+    if processes > slots:
+        raise _fail(ConfigError(f"--processes={processes} must be at most --slots={slots}"))
     if processes > 1 and once:
         raise _fail(
             ConfigError(
@@ -249,6 +454,7 @@ def relay(
                 "others start): drop --processes, or run the daemon without --once"
             )
         )
+    _check_schema(db)
     if processes > 1:
         from outbox.supervise import supervise
 
@@ -279,11 +485,8 @@ def relay(
     server = _serve_health(metrics_host, metrics_port, runner, runner.metrics.registry)
     try:
         stats = runner.run()
-    except (ConfigError, ConnectionError) as exc:  # exit 2: fix a setting, the schema, the DSN
+    except (OutboxError, ConnectionError) as exc:  # one line; exit code: exit_code_for
         raise _fail(exc) from None
-    except TransientError as exc:  # exit 3 (--once): Kafka unreachable; retrying may work
-        typer.echo(f"error: {redact(str(exc))}", err=True)
-        raise typer.Exit(3) from None
     finally:
         if server is not None:
             server.stop()
@@ -296,39 +499,102 @@ def relay(
     )
 
 
-@app.command()
-def status(db: Db) -> None:
+@app.command(short_help="Pending rows, lag, slot owners, dead rows.")
+def status(
+    db: Db,
+    as_json: Json = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Exit 1 when there are dead rows, or lag above --max-lag (cron jobs, probes).",
+        ),
+    ] = False,
+    max_lag: Annotated[
+        float | None,
+        typer.Option(
+            "--max-lag",
+            metavar="SECONDS",
+            min=0,
+            help="With --check: also fail when the oldest pending event is older than this.",
+        ),
+    ] = None,
+) -> None:
     """Pending rows per topic, oldest pending age, slot owners, dead rows."""
-    from outbox.ops import render_status
+    from outbox.ops import read_status, render_status, status_problems, to_json
 
     try:
-        typer.echo(render_status(db))
+        report = read_status(db)
     except (OutboxError, ConnectionError) as exc:
         raise _fail(exc) from None
+    problems = status_problems(report, max_lag=max_lag) if check or max_lag is not None else []
+    if as_json:
+        typer.echo(to_json({**report, "problems": problems}))
+    else:
+        typer.echo(render_status(report))
+    if problems:
+        raise _fail(OutboxError("; ".join(problems)), ExitCode.FAILED)
+
+
+IdArgument = Annotated[
+    list[int],
+    typer.Argument(metavar="ID", help="Ids from `outbox dead list`.", show_default=False),
+]
 
 
 @dead_app.command("list")
-def dead_list(db: Db, limit: int = 50) -> None:
-    """Show poison rows with their error."""
-    from outbox.ops import render_dead
+def dead_list(
+    db: Db,
+    limit: Annotated[
+        int, typer.Option(metavar="N", min=1, help="Show at most this many, newest first.")
+    ] = 50,
+    as_json: Json = False,
+) -> None:
+    """Show poison rows with their error, newest first."""
+    from outbox.ops import read_dead, render_dead, to_json
 
     try:
-        typer.echo(render_dead(db, limit))
+        rows = read_dead(db, limit)
     except (OutboxError, ConnectionError) as exc:
         raise _fail(exc) from None
+    typer.echo(to_json(rows) if as_json else render_dead(rows))
 
 
-@dead_app.command("requeue")
+@dead_app.command("show")
+def dead_show(
+    row_id: Annotated[
+        int, typer.Argument(metavar="ID", help="Id from `outbox dead list`.", show_default=False)
+    ],
+    db: Db,
+    as_json: Json = False,
+) -> None:
+    """Show one poison row whole: key, headers, value and error."""
+    from outbox.ops import read_dead_row, render_dead_row, to_json
+
+    try:
+        row = read_dead_row(db, row_id)
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    typer.echo(to_json(row) if as_json else render_dead_row(row))
+
+
+@dead_app.command("requeue", short_help="Put poison rows back in the outbox.")
 def dead_requeue(
     db: Db,
-    ids: Annotated[list[int] | None, typer.Argument(help="Outbox ids to re-queue.")] = None,
+    ids: Annotated[
+        list[int] | None,
+        typer.Argument(metavar="ID", help="Ids from `outbox dead list`.", show_default=False),
+    ] = None,
     all_rows: Annotated[bool, typer.Option("--all", help="Re-queue every dead row.")] = False,
 ) -> None:
-    """Put poison rows back in the outbox after fixing the cause (they keep their order)."""
+    """Put poison rows back in the outbox after fixing the cause (they keep their order).
+
+    All the named rows are re-queued, or none when one of them does not exist.
+    """
     from outbox.ops import requeue
 
     if not ids and not all_rows:
-        raise _fail(ConfigError("name the outbox ids to re-queue, or pass --all"))
+        raise _fail(ConfigError("name the ids to re-queue (see `outbox dead list`), or pass --all"))
     try:
         n = requeue(db, ids or [], all_rows=all_rows)
     except (OutboxError, ConnectionError) as exc:
@@ -336,12 +602,30 @@ def dead_requeue(
     typer.echo(f"re-queued {n} rows")
 
 
-@app.command()
+@dead_app.command("discard")
+def dead_discard(ids: IdArgument, db: Db) -> None:
+    """Delete poison rows for good: their events are never published.
+
+    All the named rows are discarded, or none when one of them does not exist.
+    """
+    from outbox.ops import discard
+
+    try:
+        n = discard(db, ids)
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"discarded {n} rows")
+
+
+@app.command(short_help="The whole pipeline on embedded services, checked.")
 def demo(
     db: Annotated[
         str | None,
         typer.Option(
-            "--db", envvar="OUTBOX_DEMO_DB", help="Use this PostgreSQL (default: embedded)."
+            "--db",
+            envvar="OUTBOX_DEMO_DB",
+            metavar="URL",
+            help="Use this PostgreSQL (default: embedded).",
         ),
     ] = None,
     bootstrap_servers: Annotated[
@@ -349,16 +633,37 @@ def demo(
         typer.Option(
             "--bootstrap-servers",
             envvar="OUTBOX_DEMO_BOOTSTRAP_SERVERS",
+            metavar="HOST:PORT[,...]",
             help="Use this Kafka (default: embedded Tansu broker).",
         ),
     ] = None,
-    events: Annotated[int, typer.Option(help="Events to attempt (some get rolled back).")] = 3000,
-    writers: Annotated[int, typer.Option(help="Concurrent application transactions.")] = 8,
-    rollback_ratio: Annotated[float, typer.Option(help="Share of transactions rolled back.")] = 0.1,
+    events: Annotated[
+        int,
+        typer.Option(metavar="N", min=1, help="Events of the burst (some get rolled back)."),
+    ] = 3000,
+    writers: Annotated[
+        int, typer.Option(metavar="N", min=1, help="Concurrent application transactions.")
+    ] = 8,
+    rollback_ratio: Annotated[
+        float,
+        typer.Option(metavar="RATIO", min=0, max=1, help="Share of transactions rolled back."),
+    ] = 0.1,
     crash_relay: Annotated[
         bool, typer.Option(help="SIGKILL the relay half way; a new one takes over.")
     ] = True,
-    log_level: LogLevel = "WARNING",
+    steady_rate: Annotated[
+        float,
+        typer.Option(
+            metavar="EVENTS/S",
+            min=0,
+            help="After the burst: publish at this steady rate to measure latency (0: skip).",
+        ),
+    ] = 50.0,
+    steady_seconds: Annotated[
+        float,
+        typer.Option(metavar="SECONDS", min=0, help="How long the steady phase lasts."),
+    ] = 4.0,
+    log_level: LogLevel = LogLevelName.WARNING,
 ) -> None:
     """Run the whole pipeline on embedded PostgreSQL + Kafka-API broker and check the result."""
     from outbox.demo import run_demo
@@ -372,10 +677,12 @@ def demo(
             writers=writers,
             rollback_ratio=rollback_ratio,
             crash_relay=crash_relay,
+            steady_rate=steady_rate,
+            steady_seconds=steady_seconds,
         )
     except (OutboxError, ConnectionError) as exc:
         raise _fail(exc) from None
-    raise typer.Exit(0 if ok else 1)
+    raise typer.Exit(ExitCode.OK if ok else ExitCode.FAILED)
 
 
 def _dedup_window(hours: float) -> timedelta:
@@ -384,12 +691,13 @@ def _dedup_window(hours: float) -> timedelta:
     return timedelta(hours=hours)
 
 
-@app.command()
+@app.command(short_help="Run a deduplicating consumer class.")
 def consume(
     consumer_class: Annotated[
         str,
         typer.Argument(
-            help="Your IdempotentConsumer subclass, module:Class (e.g. mypkg.projector:Projector).",
+            metavar="MODULE:CLASS",
+            help="Your IdempotentConsumer subclass (e.g. mypkg.projector:Projector).",
             show_default=False,
         ),
     ],
@@ -397,16 +705,27 @@ def consume(
     bootstrap_servers: Bootstrap,
     topic: Annotated[
         list[str] | None,
-        typer.Option("--topic", "-t", help="Consume these instead of the class's (repeatable)."),
+        typer.Option(
+            "--topic",
+            "-t",
+            metavar="TOPIC",
+            help="Consume these instead of the class's (repeatable).",
+        ),
     ] = None,
     group_id: Annotated[
         str | None,
-        typer.Option(envvar="OUTBOX_CONSUMER_GROUP_ID", help="Instead of the class's group_id."),
+        typer.Option(
+            envvar="OUTBOX_CONSUMER_GROUP_ID",
+            metavar="GROUP",
+            help="Kafka consumer group, instead of the class's group_id.",
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
             envvar="OUTBOX_CONSUMER_BATCH_SIZE",
+            metavar="N",
+            min=1,
             help="Records per database transaction (default: the class's, 100).",
         ),
     ] = None,
@@ -414,14 +733,15 @@ def consume(
         list[str] | None,
         typer.Option(
             "-X",
-            help="Any librdkafka consumer setting, key=value (repeatable), e.g. "
-            "-X session.timeout.ms=10000.",
+            metavar="KEY=VALUE",
+            help="Any librdkafka consumer setting (repeatable), e.g. -X session.timeout.ms=10000.",
         ),
     ] = None,
     consumer_config: Annotated[
         Path | None,
         typer.Option(
             envvar="OUTBOX_CONSUMER_CONFIG",
+            metavar="FILE",
             help="File of key=value consumer settings (e.g. SASL/TLS); -X wins over it.",
             exists=True,
             dir_okay=False,
@@ -431,12 +751,13 @@ def consume(
         float | None,
         typer.Option(
             envvar="OUTBOX_DEDUP_WINDOW_HOURS",
+            metavar="HOURS",
             help="Keep dedup records this long (default: the class's, 168); must exceed the "
             "longest time after which an event can be delivered again.",
         ),
     ] = None,
-    log_level: LogLevel = "INFO",
-    log_format: LogFormat = "text",
+    log_level: LogLevel = LogLevelName.INFO,
+    log_format: LogFormat = LogFormatName.TEXT,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = "0.0.0.0",  # noqa: S104 - a container's probe port
 ) -> None:
@@ -473,8 +794,44 @@ def consume(
             server.stop()
 
 
-def main() -> None:
-    app(prog_name="outbox")
+def usage_message(exc: ClickException) -> str:
+    """A usage error in one line, naming the flag, or the environment variable it came from."""
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, BadParameter) and not isinstance(exc, MissingParameter):
+        param = exc.param
+        where = None
+        if param is not None and param.name and ctx is not None:
+            envvar = getattr(param, "envvar", None)
+            if (
+                isinstance(envvar, str)
+                and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
+            ):
+                where = envvar
+            else:
+                where = max(param.opts, key=len) if param.opts else param.name
+        detail = exc.message.removeprefix("Value error, ")
+        message = f"invalid value for {where}: {detail}" if where else exc.format_message()
+    else:
+        message = exc.format_message()
+    if ctx is not None:
+        message += f" (see `{ctx.command_path} -h`)"
+    return " ".join(message.split())
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the command; usage errors in one line with exit code 2, never a traceback."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="outbox", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # bare `outbox` or `outbox dead`: the help, on stdout
+        typer.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        code = ExitCode.USAGE
+    except ClickException as exc:
+        typer.echo(f"error: {usage_message(exc)}", err=True)
+        code = ExitCode.USAGE
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
+from pathlib import PurePath
 from typing import Any
 
 from outbox.errors import EventError
@@ -27,6 +31,8 @@ _TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 RECORD_OVERHEAD = 36
 
 Value = Mapping[str, Any] | list[Any] | str | bytes | None
+JsonDefault = Callable[[Any], Any]
+"""Like ``json.dumps(default=...)``: return a JSON-able stand-in, or raise TypeError."""
 Headers = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
 
 
@@ -101,11 +107,72 @@ def encode_key(key: object) -> bytes | None:
     raise TypeError(f"key must be str, bytes or None, got {type(key).__name__}")
 
 
-def encode_value(value: object) -> tuple[bytes | None, str | None]:
-    """(payload, content type): JSON for dict/list, UTF-8 for str, bytes as they are.
+def _decimal(value: Decimal) -> int | float:
+    """A JSON number, as FastAPI's encoder writes it (int when whole), never silently rounded."""
+    if not value.is_finite():
+        raise ValueError(f"Decimal {value} has no JSON number")
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent >= 0:
+        return int(value)
+    number = float(value)
+    if Decimal(repr(number)) != value:
+        raise TypeError(
+            f"Decimal {value} has more digits than a JSON number keeps once read as a float: "
+            "pass str(value), or a json_default that does"
+        )
+    return number
 
-    JSON refuses what it cannot represent (NaN, Decimal, sets, objects...). Like
-    ``json.dumps`` it still turns tuples into lists and non-str dict keys into str.
+
+def jsonable(obj: Any) -> Any:
+    """The built-in conversions for what ``json`` cannot write, the way FastAPI encodes them.
+
+    Decimal -> number, datetime/date/time -> ISO 8601, timedelta -> seconds, UUID and
+    paths -> str, Enum -> its value, set -> list, dataclass -> object of its fields,
+    pydantic model -> ``model_dump(mode="json")``.
+    """
+    if isinstance(obj, Decimal):
+        return _decimal(obj)
+    if isinstance(obj, datetime | date | time):
+        return obj.isoformat()
+    if isinstance(obj, timedelta):
+        return obj.total_seconds()
+    if isinstance(obj, uuid.UUID | PurePath):
+        return str(obj)
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, set | frozenset):
+        return list(obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in fields(obj)}
+    dump = getattr(obj, "model_dump", None)  # pydantic v2, without importing it
+    if callable(dump) and not isinstance(obj, type):
+        return dump(mode="json")
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _json_default(custom: JsonDefault | None) -> JsonDefault:
+    """The caller's encoder first; what it refuses with TypeError goes to ``jsonable``."""
+    if custom is None:
+        return jsonable
+
+    def default(obj: Any) -> Any:
+        try:
+            return custom(obj)
+        except TypeError:
+            return jsonable(obj)
+
+    return default
+
+
+def encode_value(
+    value: object, json_default: JsonDefault | None = None
+) -> tuple[bytes | None, str | None]:
+    """(payload, content type): bytes as they are, str as UTF-8 text, anything else as JSON.
+
+    JSON takes dicts, lists and scalars, plus what ``jsonable`` converts (Decimal,
+    datetime, UUID, Enum, dataclasses, pydantic models...) and whatever
+    ``json_default`` converts. It refuses NaN and infinities. Like ``json.dumps``
+    it turns tuples into lists and non-str dict keys into str.
     """
     if value is None:
         return None, None
@@ -113,21 +180,25 @@ def encode_value(value: object) -> tuple[bytes | None, str | None]:
         return value, BINARY
     if isinstance(value, str):
         return _utf8(value, "value"), TEXT
-    if isinstance(value, Mapping | list):
-        if isinstance(value, Mapping) and not isinstance(value, dict):
-            value = dict(value)
-        try:
-            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"value is not JSON-serialisable ({exc}); convert it to plain "
-                "dict/list/str/int/float/bool/None first (e.g. Decimal -> str)"
-            ) from exc
-        return _utf8(text, "value"), JSON
-    raise TypeError(
-        f"value must be dict, list, str, bytes or None, got {type(value).__name__}; "
-        "serialise it yourself and pass bytes"
-    )
+    if isinstance(value, bytearray | memoryview):
+        raise TypeError(f"value is a {type(value).__name__}: pass bytes(value)")
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        value = dict(value)
+    try:
+        text = json.dumps(
+            value,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+            default=_json_default(json_default),
+        )
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"value is not JSON-serialisable ({exc}); convert it to plain "
+            "dict/list/str/int/float/bool/None first, or pass a json_default to "
+            "publish() or outbox.configure()"
+        ) from exc
+    return _utf8(text, "value"), JSON
 
 
 def encode_headers(headers: Headers | None) -> tuple[list[str], list[bytes]]:
@@ -166,6 +237,7 @@ def encode_event(
     event_id: uuid.UUID | None,
     max_message_bytes: int | None,
     context_headers: Sequence[tuple[str, bytes]] = (),
+    json_default: JsonDefault | None = None,
 ) -> EncodedEvent:
     """Validate and encode; raises TypeError/EventError before the caller's transaction sees SQL.
 
@@ -177,7 +249,7 @@ def encode_event(
         raise TypeError(f"event_id must be a uuid.UUID, got {type(event_id).__name__}")
     topic = check_topic(topic)
     key_bytes = encode_key(key)
-    payload, content_type = encode_value(value)
+    payload, content_type = encode_value(value, json_default)
     names, values = encode_headers(headers)
     for name, raw in context_headers:
         if name not in names:

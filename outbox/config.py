@@ -69,7 +69,7 @@ TRANSACTION_MAX_TIMEOUT_MS = 900000
 # Owned by the relay: a user value would break slot fencing or ordering.
 _RELAY_OWNED = {
     "transactional.id": "use --transactional-id-prefix",
-    "partitioner": "keys always use murmur2_random (Java-compatible, I3)",
+    "partitioner": "keys always use murmur2_random (Java-compatible, keeps per-key order)",
     "bootstrap.servers": "use --bootstrap-servers",
 }
 

@@ -28,3 +28,17 @@ class TransientError(OutboxError):
 
 class KafkaUnavailable(TransientError):
     """The Kafka cluster cannot be reached (``relay --once`` reports it instead of waiting)."""
+
+
+class NotMigrated(ConfigError):
+    """The outbox tables are missing, or older than this version of the library (I8)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the outbox tables are missing or out of date in this database ({detail}): "
+            "run `outbox migrate --db URL` (or apply the DDL of `outbox sql` by hand)"
+        )
+
+
+class NotFound(OutboxError, LookupError):
+    """An operator named a row that does not exist (e.g. a dead row id)."""

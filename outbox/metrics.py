@@ -36,10 +36,10 @@ RELAY_COUNTERS = (
     ("outbox_relay_batches", "Batches published (one Kafka transaction each).", "batches"),
     ("outbox_relay_kafka_aborts", "Kafka transactions aborted (the batch is retried).", "aborts"),
     ("outbox_relay_fenced", "Times a slot's producer was fenced by a newer owner.", "fenced"),
-    ("outbox_relay_dead_rows", "Poison rows moved to outbox_dead_events (I6).", "dead"),
+    ("outbox_relay_dead_rows", "Poison rows moved to outbox_dead_events.", "dead"),
     (
         "outbox_relay_recovered_rows",
-        "Rows deleted on takeover: the last marker named them (I4).",
+        "Rows deleted on takeover: the last marker named them.",
         "recovered",
     ),
     ("outbox_relay_retries", "Transient failures retried with backoff.", "retries"),
@@ -115,13 +115,13 @@ CONSUMER_COUNTERS = (
     ("outbox_consumer_events_applied", "Events whose handler ran and committed.", "applied"),
     (
         "outbox_consumer_duplicates_skipped",
-        "Deliveries skipped: already processed (I5).",
+        "Deliveries skipped: already processed.",
         "duplicates",
     ),
     ("outbox_consumer_retries", "Handler re-runs after a failure.", "retries"),
     (
         "outbox_consumer_dead_letters",
-        "Events sent to <topic>.DLT through the outbox (I7).",
+        "Events sent to <topic>.DLT through the outbox.",
         "dead_lettered",
     ),
     (

@@ -1,77 +1,258 @@
-"""Operator views: what is pending, who owns which slot, what was moved aside."""
+"""Operator views: what is pending, who owns which slot, what was moved aside.
+
+Each view is read once into plain data (``read_*``), then either printed as JSON
+or rendered as a table (``render_*``, pure), so ``--json`` and the tables never
+disagree. Tables fit the terminal (80 columns when there is none).
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from io import StringIO
+from typing import Any
 
+import psycopg
 from rich.console import Console
 from rich.table import Table
 
 from outbox import sql
+from outbox.codec import BINARY, CONTENT_TYPE_HEADER, JSON
 from outbox.db import connect
+from outbox.errors import NotFound, NotMigrated
 from outbox.relay import SLOT_NAMESPACE
+
+Row = dict[str, Any]
+
+
+@contextmanager
+def _session(db: str, name: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
+    """A connection whose missing-table errors say to run ``outbox migrate``."""
+    with connect(db, application_name=name) as conn:
+        try:
+            yield conn
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+            raise NotMigrated(str(exc).splitlines()[0]) from None
+
+
+def _width() -> int:
+    return shutil.get_terminal_size((80, 24)).columns
 
 
 def _render(*tables: Table) -> str:
     buf = StringIO()
-    width = max(160, shutil.get_terminal_size((160, 24)).columns)
-    console = Console(file=buf, width=width, color_system=None)
+    console = Console(file=buf, width=_width(), color_system=None)
     for table in tables:
         console.print(table)
     return buf.getvalue()
 
 
-def render_status(db: str) -> str:
-    with connect(db, application_name="outbox-status") as conn:
+def to_json(data: object) -> str:
+    """Stable, indented JSON for scripts (datetimes as ISO 8601)."""
+    return json.dumps(data, indent=2, default=str)
+
+
+def _iso(value: object) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else None
+
+
+def check_schema(db: str) -> None:
+    """Raise NotMigrated when the outbox tables are missing (before a daemon starts)."""
+    with _session(db, "outbox-check") as conn:
+        conn.execute(sql.CHECK_SCHEMA)
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def read_status(db: str) -> Row:
+    """Pending rows per topic, slot owners and the dead-row count, as plain data."""
+    with _session(db, "outbox-status") as conn:
         pending = conn.execute(sql.PENDING_BY_TOPIC).fetchall()
         owners = conn.execute(sql.SLOT_OWNERS, {"namespace": SLOT_NAMESPACE}).fetchall()
-        dead = conn.execute("SELECT count(*) AS n FROM outbox_dead_events").fetchone()
+        dead = conn.execute(sql.COUNT_DEAD).fetchone()
+    topics: list[Row] = [
+        {
+            "topic": str(r["topic"]),
+            "pending": int(str(r["pending"])),
+            "oldest_age_s": round(float(str(r["oldest_age_s"])), 3),
+        }
+        for r in pending
+    ]
+    return {
+        "pending": topics,
+        "pending_total": sum(int(t["pending"]) for t in topics),
+        "oldest_age_s": max((float(t["oldest_age_s"]) for t in topics), default=0.0),
+        "slots": [
+            {
+                "slot": r["slot"],
+                "backend_pid": r["pid"],
+                "relay": r["application_name"],
+                "client": r["client_addr"] or "local",
+                "since": _iso(r["backend_start"]),
+            }
+            for r in owners
+        ],
+        "dead_rows": int(str(dead["n"])) if dead else 0,
+    }
+
+
+def status_problems(report: Row, *, max_lag: float | None) -> list[str]:
+    """What ``status --check`` fails on: dead rows, and pending rows older than ``max_lag``."""
+    problems = []
+    if report["dead_rows"]:
+        problems.append(
+            f"{report['dead_rows']} dead rows: see `outbox dead list`, then requeue or discard them"
+        )
+    if max_lag is not None and report["oldest_age_s"] > max_lag:
+        problems.append(
+            f"the oldest pending event is {report['oldest_age_s']:.1f} s old, above "
+            f"--max-lag {max_lag:g}: is a relay running and reaching Kafka?"
+        )
+    return problems
+
+
+def render_status(report: Row) -> str:
     t1 = Table(title="pending events")
     for col in ("topic", "pending", "oldest age (s)"):
-        t1.add_column(col)
-    for r in pending:
-        t1.add_row(str(r["topic"]), str(r["pending"]), f"{r['oldest_age_s']:.1f}")
+        t1.add_column(col, overflow="fold")
+    for t in report["pending"]:
+        t1.add_row(t["topic"], str(t["pending"]), f"{t['oldest_age_s']:.1f}")
     t2 = Table(title="slots")
     for col in ("slot", "backend pid", "relay", "client", "since"):
-        t2.add_column(col)
-    for r in owners:
-        t2.add_row(
-            str(r["slot"]),
-            str(r["pid"]),
-            str(r["application_name"]),
-            str(r["client_addr"] or "local"),
-            str(r["backend_start"]),
-        )
+        t2.add_column(col, overflow="fold")
+    for s in report["slots"]:
+        t2.add_row(str(s["slot"]), str(s["backend_pid"]), s["relay"], s["client"], s["since"])
     t3 = Table(title="dead rows")
     t3.add_column("count")
-    t3.add_row(str(dead["n"] if dead else 0))
+    t3.add_row(str(report["dead_rows"]))
     return _render(t1, t2, t3)
 
 
-def render_dead(db: str, limit: int) -> str:
-    with connect(db, application_name="outbox-dead") as conn:
+# -- dead rows ---------------------------------------------------------------------------
+
+
+def read_dead(db: str, limit: int) -> list[Row]:
+    with _session(db, "outbox-dead") as conn:
         rows = conn.execute(sql.LIST_DEAD, {"limit": limit}).fetchall()
-    table = Table(title="dead rows (outbox_dead_events)")
-    for col in ("id", "event id", "topic", "value bytes", "attempts", "failed at"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("error", overflow="fold")
+    return [
+        {
+            "id": r["id"],
+            "event_id": str(r["event_id"]),
+            "topic": r["topic"],
+            "value_bytes": r["value_bytes"],
+            "attempts": r["attempts"],
+            "failed_at": _iso(r["failed_at"]),
+            "error": r["error"],
+        }
+        for r in rows
+    ]
+
+
+def render_dead(rows: list[Row]) -> str:
+    """One row per dead event, the error wrapped so the table fits 80 columns."""
+    table = Table(title="dead rows (outbox dead show ID for one whole)")
+    table.add_column("id", no_wrap=True)
+    table.add_column("topic", overflow="fold", max_width=24)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("failed at (UTC)", no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=1)
     for r in rows:
+        failed = str(r["failed_at"] or "")[:19].replace("T", " ")
         table.add_row(
-            str(r["id"]),
-            str(r["event_id"]),
-            str(r["topic"]),
-            str(r["value_bytes"]),
-            str(r["attempts"]),
-            str(r["failed_at"]),
-            str(r["error"]),
+            str(r["id"]), r["topic"], str(r["value_bytes"]), str(r["attempts"]), failed, r["error"]
         )
     return _render(table)
 
 
+def _bytes_field(raw: bytes | None, content_type: str | None) -> Row:
+    """Bytes shown as text when they are UTF-8 (JSON pretty-printed), else base64."""
+    if raw is None:
+        return {"encoding": None, "data": None}
+    if content_type != BINARY:
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            pass
+        else:
+            if content_type == JSON:
+                text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+            return {"encoding": "utf-8", "data": text}
+    return {"encoding": "base64", "data": base64.b64encode(raw).decode()}
+
+
+def read_dead_row(db: str, row_id: int) -> Row:
+    with _session(db, "outbox-dead") as conn:
+        r = conn.execute(sql.SHOW_DEAD, {"id": row_id}).fetchone()
+    if r is None:
+        raise NotFound(f"no dead row with id {row_id}: `outbox dead list` shows the ids")
+    names = list(r["header_names"])  # type: ignore[call-overload]
+    values = list(r["header_values"])  # type: ignore[call-overload]
+    headers = {n: _bytes_field(bytes(v), None)["data"] for n, v in zip(names, values, strict=True)}
+    content_type = next(
+        (bytes(v).decode() for n, v in zip(names, values, strict=True) if n == CONTENT_TYPE_HEADER),
+        None,
+    )
+    value = r["value"]
+    key = r["key"]
+    return {
+        "id": r["id"],
+        "event_id": str(r["event_id"]),
+        "topic": r["topic"],
+        "shard": r["shard"],
+        "key": _bytes_field(bytes(key) if isinstance(key, bytes | memoryview) else None, None),
+        "headers": headers,
+        "value": _bytes_field(
+            bytes(value) if isinstance(value, bytes | memoryview) else None, content_type
+        ),
+        "created_at": _iso(r["created_at"]),
+        "failed_at": _iso(r["failed_at"]),
+        "attempts": r["attempts"],
+        "error": r["error"],
+    }
+
+
+def render_dead_row(row: Row) -> str:
+    lines = [f"{name}: {row[name]}" for name in ("id", "event_id", "topic", "shard")]
+    lines.append(f"key ({row['key']['encoding']}): {row['key']['data']}")
+    lines += [f"header {n}: {v}" for n, v in row["headers"].items()]
+    lines += [f"{name}: {row[name]}" for name in ("created_at", "failed_at", "attempts")]
+    lines.append(f"error: {row['error']}")
+    lines.append(f"value ({row['value']['encoding']}):")
+    lines.append(str(row["value"]["data"]))
+    return "\n".join(lines)
+
+
+def _locked(conn: psycopg.Connection[dict[str, object]], ids: list[int]) -> None:
+    """Lock the named dead rows; NotFound (and nothing done) if any of them is missing."""
+    found = {r["id"] for r in conn.execute(sql.LOCK_DEAD, {"ids": ids}).fetchall()}
+    missing = sorted(set(ids) - found)
+    if missing:
+        raise NotFound(
+            f"no dead row with id {', '.join(map(str, missing))}: nothing was changed; "
+            "`outbox dead list` shows the ids"
+        )
+
+
 def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
-    with connect(db, application_name="outbox-requeue") as conn:
-        moved = len(conn.execute(sql.REQUEUE_DEAD, {"all": all_rows, "ids": ids}).fetchall())
+    """Put dead rows back in the outbox, all of the named ones or none."""
+    with _session(db, "outbox-requeue") as conn:
+        with conn.transaction():
+            if not all_rows:
+                _locked(conn, ids)
+            moved = len(conn.execute(sql.REQUEUE_DEAD, {"all": all_rows, "ids": ids}).fetchall())
         if moved:
             conn.execute(sql.WAKE_ALL_SLOTS)  # a relay publishes them now, not at its next poll
         return moved
+
+
+def discard(db: str, ids: list[int]) -> int:
+    """Delete dead rows for good, all of the named ones or none."""
+    with _session(db, "outbox-discard") as conn, conn.transaction():
+        _locked(conn, ids)
+        return len(conn.execute(sql.DISCARD_DEAD, {"ids": ids}).fetchall())

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import uuid
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, TextClause, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Text
 
 from outbox import sql
-from outbox.codec import EncodedEvent, Headers, encode_event
-from outbox.errors import ConfigError
+from outbox.codec import EncodedEvent, Headers, JsonDefault, encode_event
+from outbox.errors import ConfigError, NotMigrated
 from outbox.schema import NOTIFY_CHANNEL
 from outbox.tracing import current_trace_headers
 
@@ -39,6 +43,8 @@ class PublishSettings:
     # Kafka's default message.max.bytes: a larger value would also make the relay claim
     # (and hold) rows of unbounded size. Raise it with configure(max_message_bytes=...).
     max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES
+    json_default: JsonDefault | None = None
+    """Your encoder for values ``json`` cannot write, tried before the built-in ones."""
 
     def __post_init__(self) -> None:
         if self.max_message_bytes is not None and self.max_message_bytes <= 0:
@@ -52,14 +58,28 @@ _settings = PublishSettings()
 _KEY = "kafka_outbox_notified"
 
 
-def configure(*, notify: bool | None = None, max_message_bytes: int | None = -1) -> PublishSettings:
-    """Set the write-path defaults for this process; returns the settings now in force."""
+def configure(
+    *,
+    notify: bool | None = None,
+    max_message_bytes: int | None = -1,
+    json_default: JsonDefault | EllipsisType | None = ...,
+) -> PublishSettings:
+    """Set the write-path defaults for this process; returns the settings now in force.
+
+    ``json_default`` is called for values ``json`` cannot write, like
+    ``json.dumps(default=...)``: return a JSON-able stand-in, or raise TypeError to
+    leave the object to the built-in conversions; None removes it.
+    """
     global _settings
     changes: dict[str, Any] = {}
     if notify is not None:
         changes["notify"] = notify
     if max_message_bytes != -1:
         changes["max_message_bytes"] = max_message_bytes
+    if not isinstance(json_default, EllipsisType):
+        if json_default is not None and not callable(json_default):
+            raise ConfigError(f"json_default={json_default!r} must be a function, or None")
+        changes["json_default"] = json_default
     _settings = replace(_settings, **changes)
     return _settings
 
@@ -114,6 +134,7 @@ def _prepare(
     headers: Headers | None,
     event_id: uuid.UUID | None,
     notify: bool | None,
+    json_default: JsonDefault | None,
 ) -> _Write:
     """Validate and encode (before any SQL), and pick the statement: one NOTIFY per tx and shard."""
     event = encode_event(
@@ -124,6 +145,7 @@ def _prepare(
         event_id=event_id,
         max_message_bytes=_settings.max_message_bytes,
         context_headers=current_trace_headers(),
+        json_default=json_default if json_default is not None else _settings.json_default,
     )
     wants = _settings.notify if notify is None else notify
     notifies = wants and _needs_notify(target, event.shard)
@@ -153,6 +175,20 @@ def _remember_notify(target: Session | Connection, shard: int) -> None:
         seen[1].add(shard)
 
 
+_MISSING_SCHEMA = {"42P01", "42703"}  # undefined_table, undefined_column
+
+
+@contextmanager
+def _schema_checked() -> Iterator[None]:
+    """The library's own error, with the fix, when the outbox tables are missing or old."""
+    try:
+        yield
+    except ProgrammingError as exc:
+        if getattr(exc.orig, "sqlstate", None) in _MISSING_SCHEMA:
+            raise NotMigrated(str(exc.orig).splitlines()[0]) from exc
+        raise
+
+
 def publish(
     session: Session | Connection,
     *,
@@ -162,11 +198,16 @@ def publish(
     headers: Headers | None = None,
     event_id: uuid.UUID | None = None,
     notify: bool | None = None,
+    json_default: JsonDefault | None = None,
 ) -> uuid.UUID:
     """Write an event through ``session``'s current transaction and return its id.
 
     Never commits. Publishing an ``event_id`` that is still pending is ignored
     (the first payload wins); consumers deduplicate by the same id afterwards.
+    ``value``: bytes as they are, str as text, anything else as JSON (Decimal,
+    datetime, UUID, Enum, dataclasses and pydantic models included); ``json_default``
+    converts what else you pass, for this call (else ``configure(json_default=...)``).
+    Raises ``NotMigrated`` when the outbox tables are missing.
     """
     if not isinstance(session, Session | Connection):
         raise TypeError(
@@ -182,8 +223,10 @@ def publish(
         headers=headers,
         event_id=event_id,
         notify=notify,
+        json_default=json_default,
     )
-    session.execute(write.statement, write.params)
+    with _schema_checked():
+        session.execute(write.statement, write.params)
     if write.notifies:
         _remember_notify(session, write.shard)
     return write.event_id
@@ -198,6 +241,7 @@ async def apublish(
     headers: Headers | None = None,
     event_id: uuid.UUID | None = None,
     notify: bool | None = None,
+    json_default: JsonDefault | None = None,
 ) -> uuid.UUID:
     """``publish()`` for ``AsyncSession``/``AsyncConnection``: same rules, same row."""
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -218,8 +262,10 @@ async def apublish(
         headers=headers,
         event_id=event_id,
         notify=notify,
+        json_default=json_default,
     )
-    await session.execute(write.statement, write.params)
+    with _schema_checked():
+        await session.execute(write.statement, write.params)
     if write.notifies:
         _remember_notify(sync, write.shard)
     return write.event_id

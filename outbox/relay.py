@@ -38,7 +38,7 @@ from outbox.batching import (
 from outbox.codec import record_size
 from outbox.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.db import connect, redact
-from outbox.errors import ConfigError, KafkaUnavailable, SlotLost, TransientError
+from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
 from outbox.kafka import TopicHolds, Verdict, classify, config_fix, settled
 from outbox.logs import librdkafka_logger
 from outbox.metrics import RelayMetrics
@@ -769,10 +769,7 @@ class Relay:
         assert self._control is not None
         row = self._control.execute(sql.OUTBOX_TABLES).fetchone()
         if row is None or row["events"] is None or row["dead"] is None:
-            raise ConfigError(
-                "the outbox tables do not exist in this database: run `outbox migrate --db ...` "
-                "(or apply `outbox sql`) first"
-            )
+            raise NotMigrated("no outbox_events / outbox_dead_events table")
 
     def _announce_slot_count(self) -> None:
         assert self._control is not None

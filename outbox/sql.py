@@ -182,3 +182,35 @@ OVERRIDING SYSTEM VALUE
 SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at FROM moved
 RETURNING id
 """
+
+# One dead row whole, for ``outbox dead show``.
+SHOW_DEAD = """
+SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at,
+       failed_at, attempts, error
+FROM outbox_dead_events WHERE id = %(id)s
+"""
+
+# Lock the named dead rows, so re-queue and discard act on all of them or on none.
+LOCK_DEAD = "SELECT id FROM outbox_dead_events WHERE id = ANY(%(ids)s) FOR UPDATE"
+
+# Drop dead rows for good (the event is never published).
+DISCARD_DEAD = "DELETE FROM outbox_dead_events WHERE id = ANY(%(ids)s) RETURNING id"
+
+# Fail when the relay's tables are missing (migrations not run), reading no row.
+CHECK_SCHEMA = "SELECT 1 FROM outbox_events, outbox_dead_events LIMIT 0"
+
+# How many rows were moved aside, for ``outbox status``.
+COUNT_DEAD = "SELECT count(*) AS n FROM outbox_dead_events"
+
+# -- testing (outbox.testing) ------------------------------------------------------------
+
+# Outbox rows after a given id, of one topic or all, oldest first: what a test published.
+PUBLISHED_AFTER = """
+SELECT id, event_id, topic, key, value, header_names, header_values
+FROM outbox_events
+WHERE id > %(after)s AND (%(topic)s::text IS NULL OR topic = %(topic)s::text)
+ORDER BY id
+"""
+
+# The newest outbox row id the transaction sees (0 when empty), where a recorder starts.
+LAST_EVENT_ID = "SELECT coalesce(max(id), 0) FROM outbox_events"

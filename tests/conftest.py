@@ -1,15 +1,26 @@
 """Real services for the whole test session: PostgreSQL and a Kafka-protocol broker.
 
-By default both are started here (embedded PostgreSQL, run as an unprivileged
-user under root; the Tansu broker from its wheel). Point the suite at servers
-you already run with:
+PostgreSQL is started here (embedded, run as an unprivileged user under root). Every test
+that talks to Kafka runs once per broker, its id saying which (``[tansu]``, ``[kafka]``):
 
+- ``tansu``: the Tansu broker from its wheel, the zero-setup default;
+- ``kafka``: a 3-node Apache Kafka 4.x KRaft cluster (outbox.kafka_cluster), wherever
+  ``java`` (and, for the first fetch of its jars, ``mvn``) are present; elsewhere those
+  runs are skipped, and the reason is printed in the header and the skip summary.
+
+Environment (read here only):
+
+- ``OUTBOX_TEST_BROKER=tansu|kafka``: run on that broker only;
 - ``OUTBOX_TEST_DB``: a PostgreSQL URL whose user may CREATE DATABASE;
-- ``OUTBOX_TEST_BOOTSTRAP_SERVERS``: a Kafka cluster (Apache Kafka filters
-  aborted transactions, so the tests marked ``needs_abort_filtering`` run too);
-- ``OUTBOX_TEST_BROKER_FILTERS_ABORTS=1`` to say the broker there does that.
+- ``OUTBOX_TEST_BOOTSTRAP_SERVERS``: a Kafka cluster you run (test id ``[external]``);
+  with ``OUTBOX_TEST_BROKER_FILTERS_ABORTS=1`` (or ``OUTBOX_TEST_BROKER=kafka``) it is
+  taken to hide aborted transactions from read_committed readers, like Apache Kafka;
+- ``OUTBOX_KAFKA_CACHE``: where the Kafka jars are cached (default ~/.cache/kafka-outbox).
 
-Each test gets a fresh database cloned from a migrated template (fast, isolated).
+Tests marked ``needs_abort_filtering`` run only on such a broker (Apache Kafka: yes; Tansu
+shows records of aborted transactions). Each test gets a fresh database cloned from a
+migrated template (fast, isolated) and, on brokers that do not auto-create topics, its
+``topic`` created with 4 partitions at the cluster's replication factor.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,57 +39,168 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
 from outbox.config import RelayConfig
+from outbox.kafka_cluster import create_topic
 from outbox.migrate import upgrade
 from outbox.relay import Relay
 from tests.support import KafkaReader, wait_for
+
+BROKERS = ("tansu", "kafka")
+TOPIC_PARTITIONS = 4  # what Tansu auto-creates; tests that compute partitions rely on it
 
 
 @dataclass(frozen=True)
 class Services:
     admin_url: str  # SQLAlchemy URL of the maintenance database (postgres)
-    bootstrap_servers: str
-    filters_aborts: bool
     pg: Any  # EmbeddedPostgres or None
 
 
+@dataclass(frozen=True)
+class Broker:
+    """The broker a test runs on (one per value of the session-scoped ``broker`` param)."""
+
+    name: str  # tansu | kafka | external
+    bootstrap_servers: str
+    filters_aborts: bool  # read_committed readers never see records of aborted transactions
+    auto_creates_topics: bool
+    cluster: Any = None  # outbox.kafka_cluster.KafkaCluster for name == "kafka"
+
+
+def _kafka_cache() -> Path | None:
+    cache = os.environ.get("OUTBOX_KAFKA_CACHE")
+    return Path(cache) if cache else None
+
+
+def _kafka_skip_reason() -> str | None:
+    from outbox.kafka_cluster import kafka_unavailable_reason
+
+    return kafka_unavailable_reason(_kafka_cache())
+
+
+def _broker_params() -> list[str]:
+    if os.environ.get("OUTBOX_TEST_BOOTSTRAP_SERVERS"):
+        return ["external"]
+    chosen = os.environ.get("OUTBOX_TEST_BROKER")
+    if not chosen:
+        # Without java/mvn the [kafka] runs are left out, not listed one skip per test:
+        # the header and the closing summary say so once.
+        return [b for b in BROKERS if b != "kafka" or _kafka_skip_reason() is None]
+    if chosen not in BROKERS:
+        raise pytest.UsageError(f"OUTBOX_TEST_BROKER={chosen!r}: pick one of {', '.join(BROKERS)}")
+    if chosen == "kafka" and (reason := _kafka_skip_reason()):
+        raise pytest.UsageError(f"OUTBOX_TEST_BROKER=kafka, but Apache Kafka cannot run: {reason}")
+    return [chosen]
+
+
+_STARTUPS: list[str] = []
+
+
+def _kafka_left_out() -> str | None:
+    """The line saying the Apache Kafka runs are skipped, or None when they run."""
+    if "kafka" in _broker_params() or os.environ.get("OUTBOX_TEST_BOOTSTRAP_SERVERS"):
+        return None
+    if os.environ.get("OUTBOX_TEST_BROKER"):
+        return None  # the user picked another broker
+    return f"Apache Kafka runs SKIPPED (the broker tests ran on Tansu only): {_kafka_skip_reason()}"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"brokers: {', '.join(_broker_params())}"]
+    if note := _kafka_left_out():
+        lines.append(note)
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _STARTUPS:
+        terminalreporter.write_line(line)
+    if note := _kafka_left_out():
+        terminalreporter.write_line(note, yellow=True, bold=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1":
-        return
-    skip = pytest.mark.skip(
-        reason="the embedded Tansu broker shows records of aborted transactions to "
-        "read_committed consumers; run with OUTBOX_TEST_BOOTSTRAP_SERVERS=<Apache Kafka> "
-        "and OUTBOX_TEST_BROKER_FILTERS_ABORTS=1"
-    )
+    """Skip, before any broker starts, the runs a broker cannot give (decided by `skip_reason`)."""
+    external_filters = _external_filters_aborts()
     for item in items:
-        if "needs_abort_filtering" in item.keywords:
-            item.add_marker(skip)
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("broker") if callspec is not None else None
+        if name is None:
+            continue
+        markers = {m for m in ("needs_abort_filtering", "needs_apache_kafka") if m in item.keywords}
+        if reason := skip_reason(name, markers, external_filters=external_filters):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def skip_reason(broker: str, markers: set[str], *, external_filters: bool) -> str | None:
+    """Why a test with these markers cannot run on this broker, or None."""
+    if "needs_apache_kafka" in markers and broker != "kafka":
+        return "needs the Apache Kafka test cluster (outbox.kafka_cluster)"
+    filters = broker == "kafka" or (broker == "external" and external_filters)
+    if "needs_abort_filtering" in markers and not filters:
+        return (
+            "Tansu shows records of aborted transactions to read_committed consumers; "
+            "this test runs on Apache Kafka"
+        )
+    return None
+
+
+def _external_filters_aborts() -> bool:
+    return (
+        os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1"
+        or os.environ.get("OUTBOX_TEST_BROKER") == "kafka"
+    )
 
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
-    from outbox.embedded import EmbeddedBroker, EmbeddedPostgres
+    """PostgreSQL for the session (no broker: tests that need none are not run per broker)."""
+    from outbox.embedded import EmbeddedPostgres
 
-    pg = None
-    broker = None
+    db = os.environ.get("OUTBOX_TEST_DB")
+    if db:
+        admin_url = make_url(db).set(drivername="postgresql+psycopg", database="postgres")
+        yield Services(admin_url.render_as_string(hide_password=False), None)
+        return
+    pg = EmbeddedPostgres(database="postgres").start()
     try:
-        db = os.environ.get("OUTBOX_TEST_DB")
-        if db:
-            admin_url = make_url(db).set(drivername="postgresql+psycopg", database="postgres")
-            admin = admin_url.render_as_string(hide_password=False)
-        else:
-            pg = EmbeddedPostgres(database="postgres").start()
-            admin = pg.sqlalchemy_url
-        bootstrap = os.environ.get("OUTBOX_TEST_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = EmbeddedBroker().start()
-            bootstrap = broker.bootstrap_servers
-        filters = os.environ.get("OUTBOX_TEST_BROKER_FILTERS_ABORTS") == "1"
-        yield Services(admin, bootstrap, filters, pg)
+        yield Services(pg.sqlalchemy_url, pg)
     finally:
-        if broker is not None:
-            broker.stop()
-        if pg is not None:
-            pg.stop()
+        pg.stop()
+
+
+@pytest.fixture(scope="session", params=_broker_params())
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """The session's broker; pytest groups the tests per broker, so one runs at a time."""
+    name: str = request.param
+    if name == "external":
+        yield Broker(
+            name,
+            os.environ["OUTBOX_TEST_BOOTSTRAP_SERVERS"],
+            filters_aborts=_external_filters_aborts(),
+            auto_creates_topics=False,
+        )
+        return
+    if name == "tansu":
+        from outbox.embedded import EmbeddedBroker
+
+        with EmbeddedBroker() as tansu:
+            yield Broker(name, tansu.bootstrap_servers, False, True)
+        return
+    from outbox.kafka_cluster import KafkaCluster, KafkaUnavailableError
+
+    if reason := _kafka_skip_reason():
+        pytest.skip(f"Apache Kafka runs skipped: {reason}")
+    try:
+        cluster = KafkaCluster(cache_dir=_kafka_cache()).start()
+    except KafkaUnavailableError as exc:  # Maven Central unreachable, JVM unusable
+        pytest.skip(f"Apache Kafka runs skipped: {exc}")
+    _STARTUPS.append(
+        f"Apache Kafka {cluster.version}: {cluster.node_count}-node KRaft cluster started "
+        f"in {cluster.startup_seconds:.1f}s"
+    )
+    try:
+        yield Broker(name, cluster.bootstrap_servers, True, False, cluster)
+    finally:
+        cluster.close()
 
 
 def _libpq(url: str) -> str:
@@ -114,14 +237,31 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def bootstrap_servers(services: Services) -> str:
-    return services.bootstrap_servers
+def bootstrap_servers(broker: Broker) -> str:
+    return broker.bootstrap_servers
 
 
 @pytest.fixture
-def topic() -> str:
+def make_topic(broker: Broker) -> Callable[..., str]:
+    """Create a topic on brokers that do not auto-create them (a no-op name on Tansu)."""
+
+    def make(
+        name: str | None = None,
+        partitions: int = TOPIC_PARTITIONS,
+        config: dict[str, str] | None = None,
+    ) -> str:
+        name = name or f"test.{uuid.uuid4().hex[:12]}"
+        if broker.auto_creates_topics and not config:
+            return name
+        return create_topic(broker.bootstrap_servers, name, partitions, config)
+
+    return make
+
+
+@pytest.fixture
+def topic(make_topic: Callable[..., str]) -> str:
     """A topic no other test uses (the broker lives for the whole session)."""
-    return f"test.{uuid.uuid4().hex[:12]}"
+    return make_topic()
 
 
 @pytest.fixture
@@ -199,4 +339,15 @@ def drain(relay_config: Callable[..., RelayConfig]) -> Callable[..., Relay]:
     return run
 
 
-__all__ = ["RelayHandle", "Services", "wait_for"]
+__all__ = ["Broker", "RelayHandle", "Services", "wait_for"]
+
+
+@pytest.fixture
+def unmigrated_database_url(services: Services) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh database nobody ran ``outbox migrate`` on."""
+    name = f"outbox_bare_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

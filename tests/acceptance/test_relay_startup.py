@@ -57,7 +57,7 @@ def test_i8_an_unknown_librdkafka_setting_stops_the_relay_in_one_line(
 ) -> None:
     """Before: tracebacks and exit 0 for --once, tracebacks forever for the daemon."""
     done = _relay(database_url, bootstrap_servers, "-X", "no.such.setting=1", *mode)
-    assert done.returncode == 2, done.stderr
+    assert done.returncode == 2, done.stderr  # ExitCode.USAGE
     assert "Traceback" not in done.stderr
     [line] = _errors(done.stderr)
     assert "no.such.setting" in line
@@ -69,7 +69,7 @@ def test_i8_an_unmigrated_database_stops_the_relay_naming_the_fix(
     unmigrated_db: str, bootstrap_servers: str, mode: list[str]
 ) -> None:
     done = _relay(unmigrated_db, bootstrap_servers, *mode)
-    assert done.returncode == 2, done.stderr
+    assert done.returncode == 4, done.stderr  # ExitCode.NOT_MIGRATED
     assert "Traceback" not in done.stderr
     [line] = _errors(done.stderr)
     assert "outbox migrate" in line
@@ -78,7 +78,7 @@ def test_i8_an_unmigrated_database_stops_the_relay_naming_the_fix(
 def test_once_reports_an_unreachable_broker_in_one_line(database_url: str) -> None:
     """Before: hundreds of raw librdkafka lines, a traceback."""
     done = _relay(database_url, f"127.0.0.1:{free_port()}", "--once")
-    assert done.returncode == 3, done.stderr
+    assert done.returncode == 3, done.stderr  # ExitCode.UNAVAILABLE
     assert "Traceback" not in done.stderr
     [line] = _errors(done.stderr)
     assert "unreachable" in line

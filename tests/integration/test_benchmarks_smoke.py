@@ -16,13 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Services
+from tests.conftest import Broker, Services
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(900)
-def test_smoke_run_writes_every_figure(services: Services, tmp_path: Path) -> None:
+def test_smoke_run_writes_every_figure(services: Services, broker: Broker, tmp_path: Path) -> None:
+    if broker.name == "kafka":
+        # It passes there too (134 s on 2 cores), but it checks the benchmark code, not the
+        # broker; `python -m benchmarks.run --broker kafka` is where Kafka's figures belong.
+        pytest.skip("the benchmark smoke run checks the benchmark code: once, on Tansu")
     from benchmarks.plots import write_all
     from benchmarks.run import FIGURES
 
@@ -39,7 +43,7 @@ def test_smoke_run_writes_every_figure(services: Services, tmp_path: Path) -> No
             "--db",
             services.admin_url,
             "--bootstrap-servers",
-            services.bootstrap_servers,
+            broker.bootstrap_servers,
         ],
         cwd=ROOT,
         capture_output=True,

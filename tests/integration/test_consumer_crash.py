@@ -206,10 +206,11 @@ def test_i5_sigkill_after_db_commit_before_offset_commit_rereads_and_skips(
     drain: Callable[..., Any],
     kafka: KafkaReader,
     launch: Callable[..., Subprocess],
+    make_topic: Callable[..., str],
     tmp_path: Path,
 ) -> None:
     group = f"crash-{uuid.uuid4().hex[:8]}"
-    downstream = f"{topic}.out"
+    downstream = make_topic(f"{topic}.out")
     records = _inputs(effects, topic, drain, kafka)
     inputs = [r.event_id for r in records]
 
@@ -239,11 +240,12 @@ def test_i5_sigkill_inside_the_handler_leaves_nothing_and_restart_publishes_once
     drain: Callable[..., Any],
     kafka: KafkaReader,
     launch: Callable[..., Subprocess],
+    make_topic: Callable[..., str],
     tmp_path: Path,
 ) -> None:
     """A handler that publishes through the outbox: one downstream event per input, crash or not."""
     group = f"crash-{uuid.uuid4().hex[:8]}"
-    downstream = f"{topic}.out"
+    downstream = make_topic(f"{topic}.out")
     records = _inputs(effects, topic, drain, kafka)
     inputs = [r.event_id for r in records]
 

@@ -103,7 +103,14 @@ class Fixture:
 
 
 @pytest.fixture
-def env(engine: Engine, database_url: str, bootstrap_servers: str, topic: str) -> Fixture:
+def env(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    make_topic: Callable[..., str],
+) -> Fixture:
+    make_topic(f"{topic}.DLT")  # Apache Kafka here does not create topics on first use
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE effects (event_id text NOT NULL, consumer text NOT NULL)"))
     return Fixture(engine, database_url, bootstrap_servers, topic, f"g-{uuid.uuid4().hex[:8]}")

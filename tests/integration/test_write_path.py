@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from outbox import EventError, configure, publish
 from outbox.codec import EVENT_ID_HEADER
 from outbox.partitioner import shard_for
+from outbox.testing import published
 
 
 def _pending(engine: Engine) -> int:
@@ -72,10 +73,10 @@ def test_i8_bad_value_fails_inside_the_transaction_before_commit(engine: Engine)
     _make_business_table(engine)
     with Session(engine) as session:
         session.execute(text("INSERT INTO orders VALUES (1, '1')"))
-        with pytest.raises(TypeError, match="value must be dict, list, str, bytes or None"):
+        with pytest.raises(TypeError, match="JSON-serialisable"):
             publish(session, topic="t", key="k", value=object())
         with pytest.raises(TypeError, match="JSON-serialisable"):
-            publish(session, topic="t", key="k", value={"x": {1, 2}})
+            publish(session, topic="t", key="k", value={"x": float("nan")})
         with pytest.raises(EventError, match="not a legal Kafka topic name"):
             publish(session, topic="bad topic!", key="k", value="v")
         # the caller's transaction is still usable: nothing reached the database
@@ -110,9 +111,7 @@ def test_event_id_is_an_idempotency_key_while_pending(engine: Engine) -> None:
     for value in ("first", "second"):
         with Session(engine) as session, session.begin():
             assert publish(session, topic="t", key="k", value=value, event_id=event_id) == event_id
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT value FROM outbox_events")).all()
-    assert [bytes(r.value) for r in rows] == [b"first"]
+    assert [e.value for e in published(engine)] == ["first"]
 
 
 def test_one_notify_per_transaction_and_shard_and_none_when_disabled(
@@ -163,6 +162,5 @@ def test_i1_apublish_async_session_commits_and_rolls_back_with_caller(database_u
     n, event_id = asyncio.run(_apublish_and_rollback(database_url))
     assert n == 1
     engine = create_engine(database_url)
-    with engine.connect() as conn:
-        assert conn.execute(text("SELECT event_id FROM outbox_events")).scalar_one() == event_id
+    assert [e.event_id for e in published(engine)] == [event_id]
     engine.dispose()

@@ -1,0 +1,159 @@
+"""Helpers for testing an application that publishes through the outbox.
+
+No relay and no broker are needed to check what your code published: the
+events are rows of ``outbox_events``, visible to your own transaction before it
+commits. ``published()`` reads them back decoded, as a consumer would decode
+them::
+
+    from outbox.testing import published
+
+    def test_placing_an_order_publishes_order_placed(session):
+        place_order(session, customer="alice", total=Decimal("19.99"))
+        [event] = published(session, topic="orders.v1")
+        assert event.value["total"] == 19.99
+        assert event.header("event-type") == "OrderPlaced"
+
+``recorder()`` scopes that to what a block of code published, and ``drain()``
+publishes everything pending to a real broker in this process (the relay's
+``--once``), for end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session
+
+from outbox import sql
+from outbox.codec import CONTENT_TYPE_HEADER
+from outbox.config import RelayConfig
+
+if TYPE_CHECKING:
+    from consumer.event import Record
+    from outbox.relay import RelayStats
+
+Bind = Session | Connection | Engine
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedEvent:
+    """One outbox row, decoded as the consumer decodes it."""
+
+    row_id: int
+    event_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    value: Any
+    """Decoded by content type: JSON -> dict/list/..., text -> str, else bytes."""
+    raw: bytes | None
+    headers: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
+    header_pairs: tuple[tuple[str, bytes], ...] = ()
+    """Every header in order, including the outbox's own (event id, content type)."""
+
+    def header(self, name: str) -> str | None:
+        """Header ``name`` (case-insensitive) as text, or None."""
+        wanted = name.lower()
+        found = [v for k, v in self.header_pairs if k.lower() == wanted]
+        return found[-1].decode("utf-8", "replace") if found else None
+
+    @property
+    def key_text(self) -> str | None:
+        return None if self.key is None else self.key.decode("utf-8", "replace")
+
+    def record(self, *, partition: int = 0, offset: int | None = None) -> Record:
+        """The Kafka record a consumer would receive for this event (for consumer tests)."""
+        from consumer.event import Record
+
+        return Record(
+            topic=self.topic,
+            partition=partition,
+            offset=self.row_id if offset is None else offset,
+            key=self.key,
+            value=self.raw,
+            headers=self.header_pairs,
+        )
+
+
+def _execute(bind: Bind, statement: str, params: dict[str, Any]) -> list[Any]:
+    """``statement`` (psycopg placeholders) in ``bind``'s transaction (an Engine: a new one)."""
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return list(conn.exec_driver_sql(statement, params))
+    conn = bind.connection() if isinstance(bind, Session) else bind
+    return list(conn.exec_driver_sql(statement, params))
+
+
+def _decode(row: Any) -> PublishedEvent:
+    from consumer.event import decode_value
+
+    pairs = tuple(
+        (str(n), bytes(v)) for n, v in zip(row.header_names, row.header_values, strict=True)
+    )
+    content_type = next(
+        (v.decode() for n, v in reversed(pairs) if n.lower() == CONTENT_TYPE_HEADER), None
+    )
+    raw = None if row.value is None else bytes(row.value)
+    return PublishedEvent(
+        row_id=int(row.id),
+        event_id=row.event_id,
+        topic=row.topic,
+        key=None if row.key is None else bytes(row.key),
+        value=decode_value(raw, content_type),
+        raw=raw,
+        headers=MappingProxyType(dict(pairs)),
+        header_pairs=pairs,
+    )
+
+
+def published(bind: Bind, *, topic: str | None = None, after: int = 0) -> list[PublishedEvent]:
+    """Events waiting in the outbox, oldest first, as ``bind``'s transaction sees them.
+
+    Pass the Session or Connection your code published through to see its
+    uncommitted events too; an Engine sees what committed. ``after`` skips
+    rows up to that row id (see ``recorder()``).
+    """
+    rows = _execute(bind, sql.PUBLISHED_AFTER, {"after": after, "topic": topic})
+    return [_decode(row) for row in rows]
+
+
+class Recorder:
+    """What was published after it started (see ``recorder()``)."""
+
+    def __init__(self, bind: Bind) -> None:
+        self.bind = bind
+        self.after = int(_execute(bind, sql.LAST_EVENT_ID, {})[0][0])
+
+    def events(self, topic: str | None = None) -> list[PublishedEvent]:
+        return published(self.bind, topic=topic, after=self.after)
+
+
+@contextmanager
+def recorder(bind: Bind) -> Iterator[Recorder]:
+    """Record the events published inside the block::
+
+        with recorder(session) as rec:
+            place_order(session, ...)
+        assert [e.topic for e in rec.events()] == ["orders.v1"]
+
+    Rows committed meanwhile by another transaction that started earlier can show up too.
+    """
+    yield Recorder(bind)
+
+
+def drain(db: str | Engine, bootstrap_servers: str, **options: Any) -> RelayStats:
+    """Publish every pending event to a real broker in this process, then return.
+
+    The relay's ``--once`` with ``RelayConfig`` ``options`` (``slots``,
+    ``transactional_id_prefix``, ``producer_overrides``...); returns its stats.
+    """
+    from outbox.relay import Relay
+
+    dsn = db.url.render_as_string(hide_password=False) if isinstance(db, Engine) else db
+    config = RelayConfig(dsn=dsn, bootstrap_servers=bootstrap_servers, once=True, **options)
+    return Relay(config).run()
