@@ -10,6 +10,8 @@ librdkafka reports them: into the delivery reports of a real batch sent to the r
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,7 @@ from outbox import configure, publish, relay, sql
 from outbox.config import Guarantee
 from outbox.embedded import EmbeddedBroker
 from outbox.relay import Relay, Row, SlotWorker
-from tests.conftest import RelayHandle
+from tests.conftest import Broker, RelayHandle
 from tests.integration.test_relay import proxied_broker  # noqa: F401 - a shared fixture
 from tests.support import KafkaReader, TcpProxy, wait_for
 
@@ -317,3 +319,65 @@ def test_i6_a_row_too_large_for_the_relay_is_buried_without_being_loaded(
     assert len(dead[0].value) == 3_000_000  # moved aside whole, by the database
     assert "exceeds message.max.bytes=1000000" in dead[0].error
     assert [r.value for r in kafka.read(topic, 2)] == [b"before", b"after"]
+
+
+# -- on Apache Kafka: what Tansu cannot show -------------------------------------------
+
+
+@pytest.mark.needs_apache_kafka
+def test_the_relay_publishes_through_a_sasl_listener(
+    engine: Engine, topic: str, broker: Broker, drain: Callable[..., Relay], kafka: KafkaReader
+) -> None:
+    """SCRAM-SHA-512 on every client: before, the admin client that creates the state topic
+    and the marker consumer got bootstrap.servers only and could not connect."""
+    secured = broker.cluster.sasl_client_config()
+    bootstrap = secured.pop("bootstrap.servers")
+    ids = _publish(engine, topic, [f"v{i}" for i in range(10)])
+    drain(
+        slots=1,
+        bootstrap_servers=bootstrap,
+        state_topic=f"outbox.sasl-state.{uuid.uuid4().hex[:6]}",
+        producer_overrides={"request.timeout.ms": "40000", **secured},
+    )
+    assert _pending(engine) == 0
+    assert sorted(r.event_id for r in kafka.read(topic, 10)) == sorted(ids)
+
+
+@pytest.mark.needs_apache_kafka
+def test_i6_a_topic_that_does_not_exist_is_buried_after_its_timeout_on_apache_kafka(
+    engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
+) -> None:
+    """auto.create.topics.enable=false: before, its rows blocked the slot forever."""
+    missing = f"{topic}.DLT"
+    lost = _publish(engine, missing, ["m1", "m2"], keys=1)
+    flowing = _publish(engine, topic, [f"v{i}" for i in range(10)], keys=1)
+    handle = start_relay(
+        slots=1,
+        missing_topic_timeout=8.0,
+        producer_overrides={
+            "request.timeout.ms": "40000",
+            "topic.metadata.propagation.max.ms": "1000",
+        },
+    )
+    wait_for(lambda: _pending(engine, topic) == 0, timeout=60, what="the other topic flowed")
+    wait_for(lambda: len(_dead(engine)) == 2, timeout=90, what="the missing topic's rows buried")
+    handle.stop()
+    assert sorted(str(d.event_id) for d in _dead(engine)) == sorted(lost)
+    assert sorted(r.event_id for r in kafka.read(topic, 10)) == sorted(flowing)
+
+
+@pytest.mark.needs_apache_kafka
+def test_i6_a_topics_max_message_bytes_buries_only_the_large_row_on_apache_kafka(
+    engine: Engine, make_topic: Callable[..., str], drain: Callable[..., Relay], kafka: KafkaReader
+) -> None:
+    """The broker refuses the whole request holding the large record: before, every row of it
+    was buried, innocent ones included."""
+    topic = make_topic(config={"max.message.bytes": "20000"})
+    values: list[Any] = [f"v{i}" for i in range(12)]
+    values[5] = os.urandom(60_000)  # incompressible: too large for the topic, not the producer
+    with Session(engine) as session, session.begin():
+        ids = [str(publish(session, topic=topic, key="k", value=v)) for v in values]
+    drain(slots=1)
+    assert [str(d.event_id) for d in _dead(engine)] == [ids[5]]
+    records = kafka.read(topic, 11)
+    assert [r.event_id for r in records] == ids[:5] + ids[6:]  # one key: in order
