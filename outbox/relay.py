@@ -697,12 +697,17 @@ class Relay:
         for warning in self.plan.warnings:
             log.warning("%s", warning)
         self._control = self._first_connection()
-        self._check_schema()
-        self._announce_slot_count()
-        # Long-lived start-up objects leave the GC's generations: full collections
-        # otherwise walk them again and again while the slot threads hold the GIL.
-        gc.freeze()
-        if not self._wait_for_kafka():
+        try:
+            self._check_schema()
+            self._announce_slot_count()
+            # Long-lived start-up objects leave the GC's generations: full collections
+            # otherwise walk them again and again while the slot threads hold the GIL.
+            gc.freeze()
+            ready = self._wait_for_kafka()
+        except BaseException:
+            self._control.close()
+            raise
+        if not ready:
             self._control.close()
             return self.stats
         listener = None
