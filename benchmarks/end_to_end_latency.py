@@ -55,7 +55,6 @@ from sqlalchemy.orm import Session
 
 from benchmarks.consumers import RECEIVED_DDL
 from benchmarks.harness import (
-    RELAY_PREFIX,
     Database,
     Result,
     Services,
@@ -257,7 +256,6 @@ class Process:
 
 def relay_process(db: Database, svc: Services, mode: str) -> Process:
     args = ["relay", "--db", db.url, "-b", svc.bootstrap_servers, "--log-level", "WARNING"]
-    args += ["--transactional-id-prefix", f"{RELAY_PREFIX}-lat"]
     args += ["-X", "request.timeout.ms=40000"]
     if mode == POLLING:
         args.append("--no-listen")

@@ -298,10 +298,7 @@ def relay_config(
         "bootstrap_servers": svc.bootstrap_servers,
         "slots": slots,
         "batch_size": batch_size,
-        # One prefix per run: a new owner of a slot then finds the slot's last recovery
-        # marker at the end of the state topic's partition at once. (A prefix never seen
-        # before makes every slot scan its whole partition first; see README.)
-        "transactional_id_prefix": RELAY_PREFIX,
+        # The default transactional ids: each database is an outbox of its own (I9).
         "producer_overrides": {"request.timeout.ms": "40000"},
         "profile": "throughput",
     }
@@ -312,9 +309,6 @@ def relay_config(
 def raw_settings(db: Database, svc: Services, **overrides: Any) -> dict[str, Any]:
     """The relay's librdkafka settings (``throughput`` preset unless overridden): raw producers."""
     return dict(relay_config(db, svc, slots=1, batch_size=1, **overrides).producer_plan().settings)
-
-
-RELAY_PREFIX = f"bench-{uuid.uuid4().hex[:6]}"
 
 
 class TimedStats(RelayStats):

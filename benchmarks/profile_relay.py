@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.harness import (
-    RELAY_PREFIX,
     create_topics,
     fill_outbox,
     outbox_command,
@@ -92,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(args.slots),
             "--profile",
             args.profile,
-            "--transactional-id-prefix",
-            f"{RELAY_PREFIX}-profile",
             "-X",
             "request.timeout.ms=40000",
             "--log-level",

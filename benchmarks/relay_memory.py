@@ -14,7 +14,6 @@ import time
 import uuid
 
 from benchmarks.harness import (
-    RELAY_PREFIX,
     Database,
     Result,
     Services,
@@ -32,7 +31,7 @@ TARGET = 1.2  # "flat": within 20 %
 def drain_with_cli(db: Database, svc: Services, slots: int) -> tuple[float, float]:
     """Run ``outbox relay --once``; (peak RSS in MiB, seconds)."""
     args = ["relay", "--db", db.url, "-b", svc.bootstrap_servers, "--once", "--slots", str(slots)]
-    args += ["--transactional-id-prefix", f"{RELAY_PREFIX}-mem", "--log-level", "WARNING"]
+    args += ["--log-level", "WARNING"]
     args += ["-X", "request.timeout.ms=40000"]
     start = time.perf_counter()
     proc = subprocess.Popen(outbox_command(*args), stdin=subprocess.DEVNULL)

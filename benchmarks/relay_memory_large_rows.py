@@ -17,7 +17,6 @@ import time
 import uuid
 
 from benchmarks.harness import (
-    RELAY_PREFIX,
     Database,
     Services,
     create_topics,
@@ -47,7 +46,7 @@ def fill(db: Database, topic: str, rows: int) -> None:
 def drain(db: Database, svc: Services, *extra: str) -> tuple[float, float]:
     """``outbox relay --once`` in its own process: (peak RSS in MiB, seconds)."""
     args = ["relay", "--db", db.url, "-b", svc.bootstrap_servers, "--once", "--slots", "1"]
-    args += ["--transactional-id-prefix", f"{RELAY_PREFIX}-bigrows", "--log-level", "WARNING"]
+    args += ["--log-level", "WARNING"]
     args += ["-X", "request.timeout.ms=40000", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(outbox_command(*args), stdin=subprocess.DEVNULL)

@@ -8,6 +8,7 @@ happened. Those are refused with a message naming the setting and the fix.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ MAX_TOPIC_LENGTH = 249
 MAX_POLL_INTERVAL_MS = 300000
 """librdkafka's default ``max.poll.interval.ms``."""
 
-DEFAULT_DEDUP_WINDOW = timedelta(days=7)
-"""Kafka's default ``retention.ms``: a replay from the start of a topic is still deduplicated."""
+DEFAULT_DEDUP_WINDOW = timedelta(days=14)
+"""Kafka's default redelivery horizon, ``retention.ms`` + ``segment.ms`` (7 days each): a replay
+from the start of a topic with default settings is still deduplicated."""
 
 _SUFFIX_RE = re.compile(r"^[a-zA-Z0-9._-]{1,32}$")
 _TRUE = frozenset({"true", "1", "t", "yes", "on"})
@@ -211,3 +213,46 @@ def parse_topics(topics: Sequence[str] | str | None) -> tuple[str, ...]:
     if isinstance(topics, str):
         return (topics,)
     return tuple(topics)
+
+
+def _ms(value: str | None) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def horizon_warning(topic: str, window: timedelta | None, configs: Mapping[str, str]) -> str | None:
+    """A warning when ``window`` is shorter than how long the broker may deliver ``topic``'s
+    records again: ``retention.ms`` plus ``segment.ms`` (a segment is deleted only once its
+    newest record is past retention). None when it is not, or when the broker did not say.
+    """
+    if window is None:
+        return None
+    retention, segment = _ms(configs.get("retention.ms")), _ms(configs.get("segment.ms"))
+    if retention is None:
+        return None
+    fix = "raise dedup_window (CLI: --dedup-window-hours), or None to keep dedup records forever"
+    if retention < 0:
+        return (
+            f"topic {topic!r} keeps its records forever (retention.ms={retention}) but "
+            f"dedup_window={window}: an event read again after that (a replay, an offset "
+            f"reset) is applied again; {fix}"
+        )
+    horizon = timedelta(milliseconds=retention + max(segment or 0, 0))
+    if window >= horizon:
+        return None
+    hours = math.ceil(horizon / timedelta(hours=1))
+    return (
+        f"dedup_window={window} is shorter than topic {topic!r}'s redelivery horizon "
+        f"{horizon} (retention.ms={retention} + segment.ms={segment}): an event delivered "
+        f"again after its dedup record was purged is applied again; {fix} (at least {hours} h)"
+    )
+
+
+ADMIN_SETTING_PREFIXES = ("bootstrap.servers", "security.", "sasl.", "ssl.", "client.id", "socket.")
+"""Consumer settings an admin client needs too (connection and credentials)."""
+
+
+def admin_settings(settings: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in settings.items() if k.startswith(ADMIN_SETTING_PREFIXES)}

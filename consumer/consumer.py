@@ -12,9 +12,11 @@ then redone one record at a time, each with the retry policy, so one bad
 record holds back nobody else. A record that keeps failing is dead-lettered
 through the outbox in the same transaction that marks it processed.
 
-Rebalance callbacks only run inside ``consume()``/``close()``, i.e. between
-batches, so the batch in hand is always finished when partitions are revoked;
-the revoke callback commits what is still pending for them.
+Rebalance callbacks only run inside ``consume()``/``close()``: the revoke
+callback commits what is still pending for the revoked partitions, and records
+of theirs fetched by an earlier ``consume()`` of the same batch are dropped
+before anything is applied, so nothing of a revoked partition is processed or
+committed after the revoke (I10).
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from consumer.config import DEFAULT_DEDUP_WINDOW, ConsumerConfig, parse_topics
-from consumer.deadletter import dead_letter_headers, dead_letter_id
+from consumer.attempts import CHECK_ATTEMPTS_TABLE, mark_batch, start_attempt
+from consumer.config import (
+    DEFAULT_DEDUP_WINDOW,
+    ConsumerConfig,
+    admin_settings,
+    horizon_warning,
+    parse_topics,
+)
+from consumer.deadletter import dead_letter_headers, dead_letter_id, describe
 from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key
 from consumer.event import (
     Event,
@@ -47,6 +56,7 @@ from consumer.event import (
 )
 from consumer.purge import PurgeSchedule, purge_processed
 from consumer.retry import Action, Reason, RetryPolicy, is_infrastructure_error, sqlstate
+from consumer.throttle import ThrottledLog
 from outbox.codec import JSON
 from outbox.db import redact, sqlalchemy_url
 from outbox.errors import ConfigError, NotMigrated, OutboxError
@@ -56,12 +66,19 @@ from outbox.tracing import restored_context
 log = logging.getLogger("outbox.consumer")
 
 
+HORIZON_TIMEOUT = 5.0
+"""Seconds to wait for the broker's topic configs at start (the dedup window check)."""
+
 BATCH_LINGER = 0.005
 """Seconds a started batch waits for more records: the consumer's linger.ms."""
 
 
 class DeadLetterError(OutboxError):
     """A record could not even be dead-lettered (e.g. an illegal DLT topic): the consumer stops."""
+
+
+class ConsumerDied(Exception):
+    """The error of a record whose attempts were used up by runs that never finished."""
 
 
 class _Stopped(Exception):
@@ -175,6 +192,9 @@ class IdempotentConsumer:
         self._pending: dict[tuple[str, int], int] = {}
         self._kafka: Any = None
         self._purge = PurgeSchedule(self.config.purge_interval)
+        # A broker outage: one line per backoff step, not one per failed connection.
+        self._librdkafka_log = ThrottledLog(logging.getLogger("outbox.librdkafka"))
+        self._kafka_errors = ThrottledLog(log)
 
     # -- the user's part ---------------------------------------------------------
 
@@ -233,6 +253,7 @@ class IdempotentConsumer:
         try:
             self._check_database()
             self._kafka = self._new_consumer(plan.settings)
+            self._check_horizon(plan.settings)
         except BaseException:
             if self._owns_engine:
                 self.engine.dispose()
@@ -244,7 +265,7 @@ class IdempotentConsumer:
             on_lost=self._on_lost,
         )
         log.info(
-            "consumer group %r: consuming %s (batches of %d)",
+            "consumer group %r: consuming %s (batches of %d); waiting for a partition assignment",
             self.config.group_id,
             ", ".join(self.config.topics),
             self.config.batch_size,
@@ -253,7 +274,7 @@ class IdempotentConsumer:
             while not self.stop.is_set():
                 self._maybe_purge()
                 messages = self._next_batch()
-                records = self._records(messages)
+                records = self._owned(self._records(messages))
                 if records:
                     self._process(records)
                 self._commit_offsets()
@@ -294,7 +315,7 @@ class IdempotentConsumer:
     def _new_consumer(self, plan_settings: Mapping[str, str]) -> Any:
         settings: dict[str, Any] = dict(plan_settings)
         settings["error_cb"] = self._on_kafka_error
-        settings["logger"] = logging.getLogger("outbox.librdkafka")
+        settings["logger"] = self._librdkafka_log
         try:
             return Consumer(settings)
         except KafkaException as exc:
@@ -305,15 +326,57 @@ class IdempotentConsumer:
 
     def _check_database(self) -> None:
         """Fail before joining the group when the database or the dedup table is missing (I8)."""
+        for table, check in (
+            ("outbox_processed_events", CHECK_TABLE),
+            ("outbox_consumer_attempts", CHECK_ATTEMPTS_TABLE),
+        ):
+            self._check_table(table, check)
+
+    def _check_horizon(self, settings: Mapping[str, str]) -> None:
+        """Warn when the dedup window is shorter than a topic's redelivery horizon, as the
+        broker reports it; a broker that does not say (or is down) is logged, not fatal."""
+        topics = [t for t in self.config.topics if not t.startswith("^")]
+        if self.config.dedup_window is None or not topics:
+            return
+        from confluent_kafka.admin import AdminClient
+        from confluent_kafka.admin._config import ConfigResource
+
+        admin_config: dict[str, Any] = admin_settings(settings)
+        admin_config["logger"] = self._librdkafka_log
+        try:
+            admin = AdminClient(admin_config)
+            futures = admin.describe_configs([ConfigResource("topic", t) for t in topics])
+            for resource, future in futures.items():
+                entries = future.result(timeout=HORIZON_TIMEOUT)
+                configs = {name: entry.value for name, entry in entries.items()}
+                warning = horizon_warning(resource.name, self.config.dedup_window, configs)
+                if warning is not None:
+                    log.warning("%s", warning)
+                elif "retention.ms" not in configs:
+                    log.info(
+                        "the broker did not report retention.ms of topic %r: "
+                        "dedup_window=%s not checked against it",
+                        resource.name,
+                        self.config.dedup_window,
+                    )
+        except Exception as exc:
+            log.info(
+                "cannot read the topics' retention from the broker (%s): dedup_window not checked",
+                describe(exc),
+            )
+
+    def _check_table(self, table: str, check: Any) -> None:
         try:
             with self.engine.connect() as conn:
-                conn.execute(CHECK_TABLE)
+                conn.execute(check)
         except sa_exc.ProgrammingError as exc:
             if sqlstate(exc) == "42P01":  # undefined_table
-                raise NotMigrated("table outbox_processed_events does not exist") from None
+                raise NotMigrated(
+                    f"table {table} does not exist in this database: run `outbox migrate` first"
+                ) from None
             raise ConfigError(
-                f"cannot read outbox_processed_events: {redact(str(exc.orig))} "
-                "(the consumer's database user needs SELECT, INSERT and DELETE on it)"
+                f"cannot read {table}: {redact(str(exc.orig))} "
+                "(the consumer's database user needs SELECT, INSERT, UPDATE and DELETE on it)"
             ) from None
         except sa_exc.OperationalError as exc:
             raise ConnectionError(
@@ -329,29 +392,49 @@ class IdempotentConsumer:
             elif err.fatal():
                 raise KafkaException(err)
             elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("kafka: %s", redact(str(err)))
+                self._kafka_errors.log(logging.WARNING, "kafka: %s", redact(str(err)))
         return records
+
+    def _owned(self, records: list[Record]) -> list[Record]:
+        """Only records of partitions still assigned: a revoke during one of the batch's
+        consume() calls hands the others to another member, whose offsets ours would move
+        backwards (I10). They are delivered again to whoever owns them now."""
+        owned = [r for r in records if (r.topic, r.partition) in self.assignment]
+        if len(owned) < len(records):
+            log.info(
+                "dropped %d fetched records of partitions revoked meanwhile",
+                len(records) - len(owned),
+            )
+        return owned
 
     def _process(self, records: list[Record]) -> None:
         items = [self._prepare(r) for r in records]
         first_errors: dict[int, Exception] = {}
-        if len(items) > 1:
+        unfinished = self._mark(items)
+        if unfinished:
+            log.warning(
+                "records of %s were being handled when a consumer stopped without finishing "
+                "them (killed, out of memory?): handling them one at a time",
+                ", ".join(f"{t}/{p}" for t, p in sorted(unfinished)),
+            )
+        if unfinished == set():
             try:
                 self._apply_batch(items)
                 return
             except _HandlerFailed as failed:
                 first_errors[failed.index] = failed.error
-                reason = f"{type(failed.error).__name__}: {failed.error}"
+                reason = describe(failed.error)
             except Exception as exc:  # the commit or the database failed
                 if not is_infrastructure_error(exc):
                     log.debug("batch failed", exc_info=True)
-                reason = f"{type(exc).__name__}: {exc}"
-            self.stats.fallbacks += 1
-            log.warning(
-                "a batch of %d failed (%s); redoing it one record at a time",
-                len(items),
-                redact(reason),
-            )
+                reason = describe(exc)
+            if len(items) > 1:
+                self.stats.fallbacks += 1
+                log.warning(
+                    "a batch of %d failed (%s); redoing it one record at a time",
+                    len(items),
+                    reason,
+                )
         try:
             for i, item in enumerate(items):
                 if self.stop.is_set():
@@ -360,14 +443,50 @@ class IdempotentConsumer:
         except _Stopped:
             return
 
+    def _mark(self, items: list[_Item]) -> set[tuple[str, int]] | None:
+        """Mark the batch as started (it survives a process death); returns the partitions
+        where an earlier run never finished, or None when the database is unavailable."""
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        for item in items:
+            tp, offset = (item.record.topic, item.record.partition), item.record.offset
+            first, last = ranges.get(tp, (offset, offset))
+            ranges[tp] = (min(first, offset), max(last, offset))
+        try:
+            return mark_batch(
+                self.engine,
+                self.config.group_id,
+                [(t, p, first, last) for (t, p), (first, last) in ranges.items()],
+            )
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            log.warning("cannot mark a batch as started (%s)", describe(exc).splitlines()[0])
+            return None
+
     def _prepare(self, record: Record) -> _Item:
+        """Dedup key and decoded event; never raises: whatever a record's bytes make the
+        decoders do, the item carries it as its error and is dead-lettered (I10)."""
+        try:
+            return self._decode(record)
+        except Exception as exc:
+            error = UndecodableEvent(f"cannot decode the record: {describe(exc)}")
+            return _Item(record, normalise_key(record.position), None, error)
+
+    def _decode(self, record: Record) -> _Item:
         key = outbox_event_id(record)
         key_error: UndecodableEvent | None = None
-        if key is None:
+        if record.defect is not None:
+            key_error = UndecodableEvent(record.defect)
+        elif key is None:
             try:
                 key = self.dedup_key(record)
             except Exception as exc:
-                key_error = UndecodableEvent(f"dedup_key() failed: {type(exc).__name__}: {exc}")
+                key_error = UndecodableEvent(f"dedup_key() failed: {describe(exc)}")
+            if key is not None and not isinstance(key, str):
+                key_error = UndecodableEvent(
+                    f"dedup_key() returned {type(key).__name__}, not str or None"
+                )
+                key = None
         key = normalise_key(key or record.position)
         if key_error is not None:
             return _Item(record, key, None, key_error)
@@ -414,9 +533,11 @@ class IdempotentConsumer:
             assert item.error is not None
             self._dead_letter_alone(item, item.error, 0, Reason.UNDECODABLE)
             return
-        failures = 0
+        failures = 0  # attempts that failed or never finished (earlier runs included)
         outages = 0
+        given_back = 0  # the last attempt ended by a database fault: not charged
         error = first_error
+        record = item.record
         while True:
             if error is not None:
                 decision = self.config.retry.decide(error, failures, outages)
@@ -434,6 +555,30 @@ class IdempotentConsumer:
             if self.stop.is_set():
                 raise _Stopped()
             try:
+                started = start_attempt(
+                    self.engine,
+                    self.config.group_id,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    given_back,
+                )
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                error = exc
+                continue
+            given_back = 0
+            earlier = started - 1
+            if earlier > failures and earlier >= self.config.retry.attempts:
+                died = ConsumerDied(
+                    f"{earlier} attempt(s) at this record started and never finished "
+                    "(the consumer process died or was stopped in them)"
+                )
+                self._dead_letter_alone(item, died, earlier, Reason.CONSUMER_DIED)
+                return
+            failures = max(failures, earlier)
+            try:
                 with self._session() as session, session.begin():
                     if mark_processed(session, self.config.group_id, [item.key]):
                         with restored_context(item.event.headers):
@@ -442,6 +587,7 @@ class IdempotentConsumer:
                     else:
                         outcome = Outcome.DUPLICATE
             except Exception as exc:
+                given_back = int(is_infrastructure_error(exc))
                 error = exc
                 continue
             self._committed([item], [outcome])
@@ -454,12 +600,11 @@ class IdempotentConsumer:
         if counted:
             self.stats.retries += 1
             log.warning(
-                "%s: handler failed (attempt %d of %d): %s: %s; retrying in %.2fs",
+                "%s: handler failed (attempt %d of %d): %s; retrying in %.2fs",
                 where,
                 failures,
                 self.config.retry.attempts,
-                type(error).__name__,
-                redact(str(error)),
+                describe(error),
                 delay,
             )
         else:
@@ -467,7 +612,7 @@ class IdempotentConsumer:
             log.warning(
                 "%s: database unavailable (%s); retrying in %.2fs",
                 where,
-                redact(str(error)).splitlines()[0] if str(error) else type(error).__name__,
+                describe(error).splitlines()[0],
                 delay,
             )
 
@@ -494,7 +639,7 @@ class IdempotentConsumer:
                 if not is_infrastructure_error(exc):
                     raise DeadLetterError(
                         f"cannot dead-letter {item.record.position} (event {item.key}): "
-                        f"{type(exc).__name__}: {redact(str(exc))}"
+                        f"{describe(exc)}"
                     ) from exc
                 outages += 1
                 delay = max(0.1, self.config.retry.backoff(outages))  # drawn once: jittered
@@ -526,14 +671,13 @@ class IdempotentConsumer:
             event_id=dead_letter_id(self.config.group_id, item.key),
         )
         log.error(
-            "%s (event %s) dead-lettered to %s after %d attempt(s), %s: %s: %s",
+            "%s (event %s) dead-lettered to %s after %d attempt(s), %s: %s",
             record.position,
             item.key,
             topic,
             attempts,
             reason.value,
-            type(error).__name__,
-            redact(str(error)),
+            describe(error),
         )
 
     def _committed(self, items: Sequence[_Item], outcomes: Sequence[Outcome]) -> None:
@@ -551,7 +695,8 @@ class IdempotentConsumer:
             else:
                 self.stats.dead_lettered += 1
             tp = (item.record.topic, item.record.partition)
-            self._pending[tp] = max(self._pending.get(tp, 0), item.record.offset + 1)
+            if tp in self.assignment:  # else revoked: the new owner commits its own offsets
+                self._pending[tp] = max(self._pending.get(tp, 0), item.record.offset + 1)
         if applied:
             try:
                 self.on_committed(applied)
@@ -591,10 +736,16 @@ class IdempotentConsumer:
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         self.joined = True
         self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
-        log.info("assigned %s", _names(partitions))
+        if self.assignment:
+            log.info("assigned %s", _names(partitions))
+        else:
+            log.info(
+                "assigned no partition (more members than partitions?); waiting for an assignment"
+            )
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
-        """The batch in hand is finished (callbacks run between batches): commit its offsets."""
+        """Commit what was applied of these partitions; fetched records of theirs still in
+        hand are dropped by ``_owned`` (callbacks run inside consume())."""
         self._commit_offsets(only=partitions)
         self._forget(partitions)
         log.info("revoked %s", _names(partitions))
@@ -611,7 +762,7 @@ class IdempotentConsumer:
             self._pending.pop(tp, None)
 
     def _on_kafka_error(self, err: Any) -> None:
-        log.warning("kafka: %s", redact(str(err)))
+        self._kafka_errors.log(logging.WARNING, "kafka: %s", redact(str(err)))
 
     # -- purge ------------------------------------------------------------------------
 
@@ -632,7 +783,7 @@ class IdempotentConsumer:
         except Exception as exc:
             if not is_infrastructure_error(exc):
                 raise
-            log.warning("purge of dedup records skipped: %s", redact(str(exc)).splitlines()[0])
+            log.warning("purge of dedup records skipped: %s", describe(exc).splitlines()[0])
             deleted, finished = 0, True
         self.stats.purged += deleted
         if deleted:

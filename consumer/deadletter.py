@@ -23,15 +23,23 @@ headers, and these are added (all UTF-8 text):
 ``dlt-original-content-type``  its ``content-type`` header (when it had one)
 ``dlt-consumer-group``         the consumer group that gave up on it
 =============================  ===============================================
+
+Any original header is accepted (I10). One whose name cannot be stored as is
+(empty, a NUL, bytes that are not UTF-8) travels as
+``dlt-header-b64:<base64url of the name's bytes>`` with its value untouched; so
+does an ``outbox-event-id`` whose bytes are not the dedup key (a hashed key), so
+the originals stay recoverable. Values are bytes and always stored as they are.
 """
 
 from __future__ import annotations
 
+import base64
+import re
 import uuid
 
 from consumer.event import Record
 from consumer.retry import Reason, error_type_name
-from outbox.codec import CONTENT_TYPE_HEADER, RESERVED_HEADERS
+from outbox.codec import CONTENT_TYPE_HEADER, EVENT_ID_HEADER, RESERVED_HEADERS
 from outbox.db import redact
 
 DLT_PREFIX = "dlt-"
@@ -46,8 +54,11 @@ ORIGINAL_TIMESTAMP_HEADER = "dlt-original-timestamp"
 ORIGINAL_EVENT_ID_HEADER = "dlt-original-event-id"
 ORIGINAL_CONTENT_TYPE_HEADER = "dlt-original-content-type"
 CONSUMER_GROUP_HEADER = "dlt-consumer-group"
+ENCODED_HEADER_PREFIX = "dlt-header-b64:"
+"""Prefix of an original header whose name could not be stored as is; base64url follows."""
 
 MAX_ERROR_MESSAGE = 2000
+_UNSTORABLE_NAME = re.compile(r"[\x00\ud800-\udfff]")
 _NAMESPACE = uuid.UUID("2b0c8f5e-6f0a-4c61-9a3e-6b2f1d7c0d1e")
 
 
@@ -56,9 +67,72 @@ def dead_letter_id(group_id: str, key: str) -> uuid.UUID:
     return uuid.uuid5(_NAMESPACE, f"{group_id}\x00{key}")
 
 
-def error_message(error: BaseException) -> str:
-    text = redact(str(error)) or type(error).__name__
-    return text if len(text) <= MAX_ERROR_MESSAGE else text[: MAX_ERROR_MESSAGE - 3] + "..."
+def error_message(error: BaseException, limit: int = MAX_ERROR_MESSAGE) -> str:
+    """``str(error)``, cut to ``limit`` characters BEFORE redaction (bounded work), redacted."""
+    try:
+        text = str(error)
+    except Exception:
+        text = ""
+    text = redact(text, limit - 3) or type(error).__name__  # 3: the "..." of a cut text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(error: BaseException, limit: int = 500) -> str:
+    """``Type: message``, bounded and redacted: for log lines."""
+    return f"{type(error).__name__}: {error_message(error, limit)}"
+
+
+def encoded_header_name(name: str) -> str:
+    """The stored name of a header whose own name cannot be stored (empty, NUL, not UTF-8)."""
+    raw = name.encode("utf-8", "surrogateescape") if name else b""
+    return ENCODED_HEADER_PREFIX + base64.urlsafe_b64encode(raw).decode()
+
+
+def original_header_name(stored: str) -> str | None:
+    """Inverse of ``encoded_header_name`` (None for other names): how to recover an original."""
+    if not stored.startswith(ENCODED_HEADER_PREFIX):
+        return None
+    raw = base64.urlsafe_b64decode(stored[len(ENCODED_HEADER_PREFIX) :])
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _storable(name: str) -> bool:
+    return bool(name) and _UNSTORABLE_NAME.search(name) is None
+
+
+def _text(value: str) -> str | bytes:
+    """Header text; as bytes with the characters UTF-8 cannot hold (lone surrogates) escaped."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace")
+    return value
+
+
+def _raw_text(value: bytes) -> str | bytes:
+    """A header value as text when it is UTF-8, else its bytes as they are."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
+
+
+def _original_headers(record: Record, key: str) -> list[tuple[str, str | bytes]]:
+    headers: list[tuple[str, str | bytes]] = []
+    for name, value in record.headers:
+        lowered = name.lower()
+        if lowered.startswith(DLT_PREFIX):
+            continue  # an earlier dead letter's explanation
+        if lowered == EVENT_ID_HEADER:
+            if value != key.encode("utf-8", "surrogateescape"):  # hashed, trimmed: keep it
+                headers.append((encoded_header_name(name), value))
+        elif lowered in RESERVED_HEADERS:
+            continue  # content-type: kept as dlt-original-content-type
+        elif _storable(name):
+            headers.append((name, value))
+        else:
+            headers.append((encoded_header_name(name), value))
+    return headers
 
 
 def dead_letter_headers(
@@ -70,26 +144,23 @@ def dead_letter_headers(
     attempts: int,
     reason: Reason,
 ) -> list[tuple[str, str | bytes]]:
-    """The headers of the dead letter for ``record``, original ones first."""
-    headers: list[tuple[str, str | bytes]] = [
-        (name, value)
-        for name, value in record.headers
-        if name.lower() not in RESERVED_HEADERS and not name.lower().startswith(DLT_PREFIX)
-    ]
+    """The headers of the dead letter for ``record``, original ones first; every name and
+    value storable, whatever the record carried (I10)."""
+    headers = _original_headers(record, key)
     headers += [
         (REASON_HEADER, reason.value),
-        (ERROR_TYPE_HEADER, error_type_name(error)),
-        (ERROR_MESSAGE_HEADER, error_message(error)),
+        (ERROR_TYPE_HEADER, _text(error_type_name(error))),
+        (ERROR_MESSAGE_HEADER, _text(error_message(error))),
         (ATTEMPTS_HEADER, str(attempts)),
-        (ORIGINAL_TOPIC_HEADER, record.topic),
+        (ORIGINAL_TOPIC_HEADER, _text(record.topic)),
         (ORIGINAL_PARTITION_HEADER, str(record.partition)),
         (ORIGINAL_OFFSET_HEADER, str(record.offset)),
-        (ORIGINAL_EVENT_ID_HEADER, key),
-        (CONSUMER_GROUP_HEADER, group_id),
+        (ORIGINAL_EVENT_ID_HEADER, _text(key)),
+        (CONSUMER_GROUP_HEADER, _text(group_id)),
     ]
     if record.timestamp_ms is not None:
         headers.append((ORIGINAL_TIMESTAMP_HEADER, str(record.timestamp_ms)))
-    content_type = record.header(CONTENT_TYPE_HEADER)
+    content_type = record.raw_header(CONTENT_TYPE_HEADER)
     if content_type is not None:
-        headers.append((ORIGINAL_CONTENT_TYPE_HEADER, content_type))
+        headers.append((ORIGINAL_CONTENT_TYPE_HEADER, _raw_text(content_type)))
     return headers

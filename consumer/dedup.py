@@ -10,6 +10,7 @@ skipped.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -20,6 +21,10 @@ from sqlalchemy.types import Integer, Text
 
 MAX_KEY_LENGTH = 200
 """Longer dedup keys are stored as their SHA-256, so index entries stay small."""
+HASHED_PREFIX = "sha256:"
+# Control characters (PostgreSQL refuses NUL in text; the others break logs and headers)
+# and lone surrogates (what undecodable bytes become; not storable as UTF-8).
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 # Record events as processed for a group; returns only the ids that were not there yet.
 MARK_PROCESSED = text(
@@ -56,10 +61,19 @@ CHECK_TABLE = text("SELECT 1 FROM outbox_processed_events LIMIT 0")
 
 
 def normalise_key(key: str) -> str:
-    """The stored form of a dedup key: itself, or ``sha256:<hex>`` when it is long."""
-    if len(key) <= MAX_KEY_LENGTH:
+    """The stored form of a dedup key: itself, or ``sha256:<hex>`` when it is longer than
+    ``MAX_KEY_LENGTH`` or holds a control character or undecodable bytes (I10).
+
+    Deterministic: every member of a group, in every run, hashes a key the same way.
+    Undecodable bytes (surrogate escapes) are hashed as the original bytes.
+    """
+    if len(key) <= MAX_KEY_LENGTH and _UNSTORABLE.search(key) is None:
         return key
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    try:
+        data = key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        data = key.encode("utf-8", "surrogatepass")
+    return HASHED_PREFIX + hashlib.sha256(data).hexdigest()
 
 
 def mark_processed(session: Session | Connection, group_id: str, keys: Iterable[str]) -> set[str]:

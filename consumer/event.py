@@ -45,24 +45,41 @@ class Record:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int | None = None
+    defect: str | None = None
+    """Why the client could not hand over part of the record (its headers): a dead letter."""
 
     @classmethod
     def from_kafka(cls, msg: Any) -> Record:
-        """From a ``confluent_kafka.Message``."""
+        """From a ``confluent_kafka.Message``; never raises because of the record's bytes.
+
+        The client decodes header names as UTF-8 and raises on any other bytes: such a
+        record keeps no headers and carries the reason in ``defect``.
+        """
         ts_type, ts = msg.timestamp()
+        defect = None
+        try:
+            headers = tuple((name, value or b"") for name, value in (msg.headers() or ()))
+        except Exception as exc:
+            headers = ()
+            defect = f"the record's headers cannot be read ({type(exc).__name__}: {exc})"
         return cls(
             topic=msg.topic(),
             partition=msg.partition(),
             offset=msg.offset(),
             key=msg.key(),
             value=msg.value(),
-            headers=tuple((name, value or b"") for name, value in (msg.headers() or ())),
+            headers=headers,
             timestamp_ms=ts if ts_type != 0 else None,  # 0: TIMESTAMP_NOT_AVAILABLE
+            defect=defect,
         )
 
     def header(self, name: str) -> str | None:
         """The last value of header ``name`` (case-insensitive) as text, or None."""
         return _header(self.headers, name)
+
+    def raw_header(self, name: str) -> bytes | None:
+        """The last value of header ``name`` (case-insensitive) as its bytes, or None."""
+        return _raw_header(self.headers, name)
 
     @property
     def position(self) -> str:
@@ -70,12 +87,17 @@ class Record:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
 
-def _header(headers: Iterable[tuple[str, bytes]], name: str) -> str | None:
+def _raw_header(headers: Iterable[tuple[str, bytes]], name: str) -> bytes | None:
     found: bytes | None = None
     wanted = name.lower()
     for key, value in headers:
         if key.lower() == wanted:
             found = value
+    return found
+
+
+def _header(headers: Iterable[tuple[str, bytes]], name: str) -> str | None:
+    found = _raw_header(headers, name)
     return None if found is None else found.decode("utf-8", "replace")
 
 
@@ -194,16 +216,15 @@ class EventTypes:
             if self.unknown == "dict":
                 return doc
             raise UnknownEventType(
-                f"event type {type_name!r} is not registered "
+                f"event type {_cut(type_name, 200)!r} is not registered "
                 f"(known: {', '.join(self.names()) or 'none'}); "
-                f"register it with EventTypes.register({type_name!r}, cls)"
+                f"register it with EventTypes.register({_cut(type_name, 200)!r}, cls)"
             )
         try:
             return entry[1](doc)
         except Exception as exc:
             raise UndecodableEvent(
-                f"cannot build event type {type_name!r} from its JSON value: "
-                f"{type(exc).__name__}: {exc}"
+                f"cannot build event type {type_name!r} from its JSON value: {_brief(exc)}"
             ) from exc
 
 
@@ -244,15 +265,20 @@ def decode_value(
     if kind == JSON or kind.endswith("+json"):
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UndecodableEvent(f"value is not valid JSON ({exc})") from None
+        except Exception as exc:
+            # Not only JSONDecodeError: RecursionError (thousands of '['), ValueError (an
+            # int of thousands of digits), UnicodeDecodeError, MemoryError. (I10)
+            raise UndecodableEvent(f"value is not valid JSON ({_brief(exc)})") from None
         return types.decode(type_name, doc) if types is not None else doc
     if kind.startswith("text/"):
         charset = options.get("charset", "utf-8")
         try:
             return raw.decode(charset)
-        except (LookupError, UnicodeDecodeError) as exc:
-            raise UndecodableEvent(f"value is not valid {charset} text ({exc})") from None
+        except Exception as exc:
+            # LookupError (unknown or not a text codec), UnicodeError (e.g. idna), ...
+            raise UndecodableEvent(
+                f"value is not valid {_cut(charset, 100)} text ({_brief(exc)})"
+            ) from None
     # application/octet-stream, or a format this library does not know (Avro,
     # Protobuf...): the handler gets the bytes and decodes them itself.
     return raw
@@ -292,6 +318,26 @@ def decode_event(
 
 
 def outbox_event_id(record: Record) -> str | None:
-    """The id ``outbox.publish`` gave the event, if this record came through the outbox."""
-    value = record.header(EVENT_ID_HEADER)
-    return value.strip() if value and value.strip() else None
+    """The id ``outbox.publish`` gave the event, if this record came through the outbox.
+
+    Bytes that are not UTF-8 stay distinct (surrogate escapes), so two different
+    broken ids never share a dedup key; ``dedup.normalise_key`` hashes such keys.
+    """
+    raw = record.raw_header(EVENT_ID_HEADER)
+    if raw is None:
+        return None
+    value = raw.decode("utf-8", "surrogateescape").strip()
+    return value or None
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception, short (its message may quote the whole record)."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<unprintable>"
+    return f"{type(error).__name__}: {_cut(message, limit)}"

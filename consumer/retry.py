@@ -22,17 +22,37 @@ from sqlalchemy import exc as sa_exc
 
 from outbox.errors import ConfigError
 
-# SQLSTATEs that say "try again later", not "this message is bad".
-_TRANSIENT_SQLSTATES = frozenset(
+# SQLSTATEs that say "try again later", not "this message is bad" (I10): they never
+# count against a record, never produce a dead letter.
+TRANSIENT_SQLSTATES = frozenset(
     {
+        "25006",  # read_only_sql_transaction: a failover in progress, or a standby
+        "25P03",  # idle_in_transaction_session_timeout
+        "40000",  # transaction_rollback
         "40001",  # serialization_failure
+        "40003",  # statement_completion_unknown
         "40P01",  # deadlock_detected
-        "53300",  # too_many_connections
-        "57P01",  # admin_shutdown
-        "57P02",  # crash_shutdown
-        "57P03",  # cannot_connect_now
+        "55P03",  # lock_not_available: lock_timeout, NOWAIT
+        "57014",  # query_canceled: statement_timeout, pg_cancel_backend
+        "58000",  # system_error
+        "58030",  # io_error
+        "72000",  # snapshot_too_old
     }
 )
+TRANSIENT_SQLSTATE_CLASSES = frozenset(
+    {
+        "08",  # connection exception
+        "53",  # insufficient resources: disk full, out of memory, too many connections
+        "57",  # operator intervention: admin/crash shutdown, cannot connect now, idle timeout
+    }
+)
+
+
+def transient_sqlstate(code: str) -> bool:
+    """Whether a PostgreSQL error code is the database's passing state, not the record's fault."""
+    return code in TRANSIENT_SQLSTATES or code[:2] in TRANSIENT_SQLSTATE_CLASSES
+
+
 _MIN_OUTAGE_DELAY = 0.1
 """Never hammer a database that is down, even with a zero backoff policy."""
 
@@ -48,6 +68,8 @@ class Reason(StrEnum):
     RETRIES_EXHAUSTED = "retries-exhausted"
     NON_RETRYABLE = "non-retryable"
     UNDECODABLE = "undecodable"
+    CONSUMER_DIED = "consumer-died"
+    """Its attempts were used up by runs that never finished: the process died in them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +182,7 @@ def is_infrastructure_error(error: BaseException) -> bool:
         return True  # pool exhausted, connection closed under us
     code = sqlstate(error)
     if code is not None:
-        return code in _TRANSIENT_SQLSTATES or code.startswith("08")  # 08: connection exception
+        return transient_sqlstate(code)
     # An OperationalError without a SQLSTATE comes from the client: connection lost or refused.
     return isinstance(error, sa_exc.OperationalError | psycopg.OperationalError)
 

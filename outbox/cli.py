@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import uuid
 from datetime import timedelta
 from enum import IntEnum, StrEnum
 from importlib.metadata import PackageNotFoundError, version
@@ -211,6 +212,17 @@ def _serve_health(
         raise _fail(ConfigError(msg)) from None
 
 
+def _outbox_id(value: str | None) -> uuid.UUID | None:
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ConfigError(
+            f"--replaces-outbox={value!r} is not an outbox id (a uuid, as `outbox status` shows it)"
+        ) from None
+
+
 def _env_sources(ctx: Context | None) -> dict[str, str]:
     """``--flag`` -> ``ENV_VAR`` for the options of this command whose value came from the env."""
     found: dict[str, str] = {}
@@ -393,13 +405,25 @@ def relay(
         ),
     ] = True,
     transactional_id_prefix: Annotated[
-        str,
+        str | None,
         typer.Option(
             envvar="OUTBOX_TRANSACTIONAL_ID_PREFIX",
             metavar="PREFIX",
-            help="Kafka transactional.id of slot N is PREFIX-N; unique per outbox.",
+            help="Kafka transactional.id of slot N is PREFIX-N; default "
+            "outbox-<12 hex digits of the outbox id> (see `outbox status`). Unique per outbox.",
+            show_default=False,
         ),
-    ] = "outbox-relay",
+    ] = None,
+    replaces_outbox: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OUTBOX_REPLACES_OUTBOX",
+            metavar="OUTBOX_ID",
+            help="With an explicit --transactional-id-prefix once used by another outbox "
+            "identity (this outbox was re-created): ignore that identity's markers.",
+            show_default=False,
+        ),
+    ] = None,
     state_topic: Annotated[
         str,
         typer.Option(
@@ -477,6 +501,7 @@ def relay(
             once=once,
             missing_topic_timeout=missing_topic_timeout,
             batch_bytes=batch_bytes,
+            replaces_outbox=_outbox_id(replaces_outbox),
         )
         runner = Relay(config)
     except (ConfigError, ConnectionError) as exc:
@@ -752,7 +777,7 @@ def consume(
         typer.Option(
             envvar="OUTBOX_DEDUP_WINDOW_HOURS",
             metavar="HOURS",
-            help="Keep dedup records this long (default: the class's, 168); must exceed the "
+            help="Keep dedup records this long (default: the class's, 336); must exceed the "
             "longest time after which an event can be delivered again.",
         ),
     ] = None,

@@ -6,10 +6,12 @@ that would silently break a delivery guarantee, and name the setting and fix.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from outbox.batching import MARKER_BYTES_PER_EVENT, MAX_TID_BYTES, max_marker_batch
 from outbox.codec import check_topic
 from outbox.db import libpq_dsn
 from outbox.errors import ConfigError, EventError
@@ -315,12 +317,13 @@ class RelayConfig:
     batch_size: int = 1000
     poll_interval: float = 1.0
     listen: bool = True
-    transactional_id_prefix: str = "outbox-relay"
+    transactional_id_prefix: str | None = None  # None: derived from the outbox identity
     transaction_timeout: float = 60.0
     state_topic: str = "outbox.relay-state"
     once: bool = False
     missing_topic_timeout: float = 300.0
     batch_bytes: int = 16 * 1024 * 1024
+    replaces_outbox: uuid.UUID | None = None  # markers of this identity are ignored, not refused
 
     def __post_init__(self) -> None:
         for name, kind in (("guarantee", Guarantee), ("profile", Profile)):
@@ -349,8 +352,14 @@ class RelayConfig:
         if self.poll_interval <= 0:
             raise ConfigError(f"--poll-interval={self.poll_interval} must be > 0 seconds")
         prefix = self.transactional_id_prefix
-        if not prefix or not prefix.isascii():
-            raise ConfigError(f"--transactional-id-prefix={prefix!r} must be non-empty ASCII")
+        if prefix is not None and (
+            not prefix or not prefix.isascii() or len(prefix) > MAX_TID_BYTES - 3
+        ):
+            raise ConfigError(
+                f"--transactional-id-prefix={prefix!r} must be non-empty ASCII of at most "
+                f"{MAX_TID_BYTES - 3} characters (or leave it out: the default derives from "
+                "the outbox identity)"
+            )
         if self.transaction_timeout < 1:
             # librdkafka's transaction.timeout.ms starts at 1000.
             raise ConfigError(
@@ -360,7 +369,16 @@ class RelayConfig:
             check_topic(self.state_topic)
         except (EventError, TypeError) as exc:
             raise ConfigError(f"--state-topic: {exc}") from None
-        self.producer_plan()  # the producer rules too, before anything runs (I8)
+        plan = self.producer_plan()  # the producer rules too, before anything runs (I8)
+        if self.guarantee is Guarantee.EXACTLY_ONCE:
+            most = max_marker_batch(plan.message_max_bytes)
+            if self.batch_size > most:
+                raise ConfigError(
+                    f"--batch-size={self.batch_size} is too large for the recovery marker: it "
+                    f"names every event of a batch (up to {MARKER_BYTES_PER_EVENT} bytes each) "
+                    f"in one record of at most message.max.bytes={plan.message_max_bytes}; "
+                    f"use --batch-size={most} or less"
+                )
 
     def producer_plan(self) -> ProducerPlan:
         return producer_settings(
@@ -371,9 +389,20 @@ class RelayConfig:
             transaction_timeout_ms=int(self.transaction_timeout * 1000),
         )
 
-    def transactional_id(self, slot: int) -> str:
+    def tid_prefix(self, outbox_id: uuid.UUID) -> str:
+        """The given prefix, else one unique to the outbox, so two outboxes sharing a Kafka
+        cluster with default settings never fence each other nor read each other's markers
+        (I9)."""
+        return self.transactional_id_prefix or default_tid_prefix(outbox_id)
+
+    def transactional_id(self, slot: int, outbox_id: uuid.UUID) -> str:
         """Stable per slot, so a new owner fences the previous one (I4)."""
-        return f"{self.transactional_id_prefix}-{slot}"
+        return f"{self.tid_prefix(outbox_id)}-{slot}"
+
+
+def default_tid_prefix(outbox_id: uuid.UUID) -> str:
+    """``outbox-<first 12 hex digits of the identity>``: 48 random bits per outbox."""
+    return f"outbox-{outbox_id.hex[:12]}"
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

@@ -8,6 +8,7 @@ password reach a log line or an error message.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from urllib.parse import unquote
 
 import psycopg
@@ -18,36 +19,122 @@ from sqlalchemy.exc import ArgumentError
 
 from outbox.errors import ConfigError
 
-# ``scheme://user:PASSWORD@host``: the user part may hold '@' (user@server), the
-# password runs to the LAST '@' of the line, so raw '@', ':', '/' or spaces in it
-# never leave a tail behind (over-redacting a line beats leaking a password).
-_PASSWORD_IN_URL = re.compile(r"(?P<pre>://[^:/?#\s]*:)(?P<secret>[^\n]*)@")
-# ``password=...`` (libpq, query strings) and ``"password": "..."`` (dicts, JSON);
-# quoted values may hold escaped quotes and spaces.
-_PASSWORD_KV = re.compile(
-    r"""(?P<pre>password["']?\s*[=:]\s*)"""
-    r"""(?P<secret>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""",
-    re.IGNORECASE,
-)
-_BACKENDS = {"postgresql", "postgres"}
+# The two secret rules, as the regexes they replace say them (the reference in
+# tests/unit/test_consumer_redact.py), found in linear time: the regexes scan to the end
+# of the line (or text) from every candidate start, quadratic on a long hostile header.
+_URL_USER = re.compile(r"://[^:/?#\s]*:")
+_KV_PREFIX = re.compile(r"""password["']?\s*[=:]\s*""", re.IGNORECASE)
+_SPACE = re.compile(r"\s")
+_CUT_MARK = "..."
 
 
-def redact(text: str) -> str:
-    """Hide passwords in anything that may hold a DSN (URLs and key=value strings)."""
-    text = _PASSWORD_IN_URL.sub(r"\g<pre>***@", text)
-    return _PASSWORD_KV.sub(r"\g<pre>***", text)
+def _url_secrets(text: str, truncated: bool) -> Iterator[tuple[int, int]]:
+    """``scheme://user:PASSWORD@host``: per line, from the first ``://user:`` to the line's
+    LAST '@' (the user part may hold '@'; '@', ':', '/' or spaces in the password never
+    leave a tail behind). The last line of a truncated text is redacted to its end."""
+    start, n = 0, len(text)
+    while start <= n:
+        end = text.find("\n", start)
+        if end < 0:
+            end = n
+        at = n if truncated and end == n else text.rfind("@", start, end)
+        if at >= 0:
+            m = _URL_USER.search(text, start, at)
+            if m is not None:
+                yield m.end(), at
+        start = end + 1
+
+
+def _closing_quote(text: str, i: int, quote: str) -> int:
+    """Index of the quote closing a value that starts at ``i``, or -(index + 1) where the
+    scan stopped: backslash escapes any character but a newline."""
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == quote:
+            return i
+        if c == "\\":
+            if i + 1 >= n or text[i + 1] == "\n":
+                return -(i + 1)
+            i += 2
+        else:
+            i += 1
+    return -(n + 1)
+
+
+def _kv_secrets(text: str, truncated: bool) -> Iterator[tuple[int, int]]:
+    """``password=...`` and ``"password": "..."``: a quoted value (escapes allowed) or the
+    run of non-space characters after the ``=``/``:``."""
+    n = len(text)
+    pos = 0
+    # A scan for quote q that failed at f: any later quoted value opening before f fails too
+    # (its opening quote was escaped on the failed scan's path, so it follows that path).
+    failed = {"'": -1, '"': -1}
+    while True:
+        m = _KV_PREFIX.search(text, pos)
+        if m is None:
+            return
+        s = m.end()
+        if s >= n:
+            pos = m.start() + 1
+            continue
+        quote = text[s]
+        if quote in failed:
+            close = -1 if s < failed[quote] else _closing_quote(text, s + 1, quote)
+            if close >= 0:
+                yield s, close + 1
+                pos = close + 1
+                continue
+            if s >= failed[quote]:
+                failed[quote] = -close - 1
+            if truncated and failed[quote] >= n:
+                yield s, n
+                return
+        space = _SPACE.search(text, s)
+        end = space.start() if space is not None else n
+        yield s, end
+        pos = end
+
+
+def _replace(text: str, spans: Iterator[tuple[int, int]]) -> str:
+    parts: list[str] = []
+    last = 0
+    for start, end in spans:
+        parts += [text[last:start], "***"]
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+def redact(text: str, limit: int | None = None) -> str:
+    """Hide passwords in anything that may hold a DSN (URLs and key=value strings).
+
+    Linear in ``len(text)``. With ``limit``, the text is cut to that many characters
+    FIRST (an error message may quote a megabyte header) and the cut end is redacted
+    to its end when a password may run past it.
+    """
+    truncated = limit is not None and len(text) > limit
+    if truncated:
+        assert limit is not None
+        text = text[:limit]
+    text = _replace(text, _url_secrets(text, truncated))
+    text = _replace(text, _kv_secrets(text, truncated))
+    return text + _CUT_MARK if truncated else text
 
 
 def _secrets(db: str) -> set[str]:
     """Every spelling of the passwords in ``db`` that a driver message might echo."""
-    found = {m["secret"] for m in _PASSWORD_IN_URL.finditer(db)}
-    for m in _PASSWORD_KV.finditer(db):
-        secret = m["secret"]
+    found = {db[start:end] for start, end in _url_secrets(db, False)}
+    for start, end in _kv_secrets(db, False):
+        secret = db[start:end]
         if secret[:1] in {"'", '"'}:
             secret = re.sub(r"\\(.)", r"\1", secret[1:-1])
         found.add(secret)
     found |= {unquote(s) for s in found}
     return {s for s in found if s and s != "***"}
+
+
+_BACKENDS = {"postgresql", "postgres"}
 
 
 def _scrub(message: str, db: str) -> str:

@@ -43,6 +43,11 @@ RELAY_COUNTERS = (
         "recovered",
     ),
     ("outbox_relay_retries", "Transient failures retried with backoff.", "retries"),
+    (
+        "outbox_relay_markers_ignored",
+        "Recovery markers ignored: another outbox's, another layout's, malformed or forged (I9).",
+        "markers_ignored",
+    ),
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from outbox import sql
 from outbox.codec import BINARY, CONTENT_TYPE_HEADER, JSON
+from outbox.config import default_tid_prefix
 from outbox.db import connect
 from outbox.errors import NotFound, NotMigrated
 from outbox.relay import SLOT_NAMESPACE
@@ -75,6 +77,7 @@ def read_status(db: str) -> Row:
         pending = conn.execute(sql.PENDING_BY_TOPIC).fetchall()
         owners = conn.execute(sql.SLOT_OWNERS, {"namespace": SLOT_NAMESPACE}).fetchall()
         dead = conn.execute(sql.COUNT_DEAD).fetchone()
+        identity = conn.execute(sql.READ_IDENTITY).fetchone()
     topics: list[Row] = [
         {
             "topic": str(r["topic"]),
@@ -83,7 +86,13 @@ def read_status(db: str) -> Row:
         }
         for r in pending
     ]
+    outbox_id = str(identity["outbox_id"]) if identity is not None else None
     return {
+        "outbox_id": outbox_id,
+        "default_transactional_id_prefix": (
+            default_tid_prefix(uuid.UUID(outbox_id)) if outbox_id is not None else None
+        ),
+        "slot_count": identity["slot_count"] if identity is not None else None,
         "pending": topics,
         "pending_total": sum(int(t["pending"]) for t in topics),
         "oldest_age_s": max((float(t["oldest_age_s"]) for t in topics), default=0.0),
@@ -117,6 +126,16 @@ def status_problems(report: Row, *, max_lag: float | None) -> list[str]:
 
 
 def render_status(report: Row) -> str:
+    t0 = Table(title="outbox identity", show_header=False)
+    t0.add_column("field", no_wrap=True)
+    t0.add_column("value", no_wrap=True)
+    if report["outbox_id"] is None:  # tables from outbox.metadata: the first relay creates it
+        t0.add_row("outbox id", "none yet: `outbox migrate` or the first relay creates it")
+    else:
+        slots = report["slot_count"]
+        t0.add_row("outbox id", report["outbox_id"])
+        t0.add_row("default transactional.id prefix", report["default_transactional_id_prefix"])
+        t0.add_row("slot layout", f"{slots} slots" if slots else "no relay yet")
     t1 = Table(title="pending events")
     for col in ("topic", "pending", "oldest age (s)"):
         t1.add_column(col, overflow="fold")
@@ -130,7 +149,7 @@ def render_status(report: Row) -> str:
     t3 = Table(title="dead rows")
     t3.add_column("count")
     t3.add_row(str(report["dead_rows"]))
-    return _render(t1, t2, t3)
+    return _render(t0, t1, t2, t3)
 
 
 # -- dead rows ---------------------------------------------------------------------------

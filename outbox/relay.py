@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -28,9 +29,12 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_ran
 from outbox import sql
 from outbox.batching import (
     Marker,
+    MarkerReading,
     claim_ahead,
     jittered,
+    judge_marker,
     poll_delay,
+    recoverable,
     slots_to_release,
     slots_to_try,
     target_share,
@@ -50,6 +54,10 @@ HEADER_ALLOWANCE = 16 * 1024
 """Rows whose key + value come within this of message.max.bytes get the exact size check."""
 SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
 COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
+GUARD_NAMESPACE = 0x6F757464  # 'outd': serialises the slot-count check and announcement
+MARKER_READ_TIMEOUT = 30.0
+"""How long a takeover reads for the slot's last marker before retrying (never settles
+for an older one)."""
 
 
 class Row(NamedTuple):
@@ -101,6 +109,7 @@ class RelayStats:
     recovered: int = 0
     aborts: int = 0
     fenced: int = 0
+    markers_ignored: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, **counts: int) -> None:
@@ -114,6 +123,24 @@ def notified_slot(payload: str, slots: int) -> int | None:
     if payload.isdecimal() and int(payload) < SHARD_COUNT:
         return slot_of_shard(int(payload), slots)
     return None
+
+
+def delete_recovered(
+    conn: psycopg.Connection[dict[str, Any]], marker: Marker, shards: list[int]
+) -> int:
+    """Delete the rows that are the marker's very events, among ``shards`` (in a transaction):
+    their Kafka transaction committed, only their delete was lost (I4). Nothing else (I9)."""
+    found = conn.execute(
+        sql.RECOVERY_CANDIDATES, {"ids": list(marker.ids), "shards": shards}
+    ).fetchall()
+    doomed = recoverable(marker, [(r["id"], r["event_id"]) for r in found])
+    if not doomed:
+        return 0
+    cur = conn.execute(
+        sql.DELETE_RECOVERED,
+        {"ids": [i for i, _ in doomed], "event_ids": [e for _, e in doomed]},
+    )
+    return cur.rowcount
 
 
 class SlotWorker(threading.Thread):
@@ -138,7 +165,7 @@ class SlotWorker(threading.Thread):
         self.failed = False  # ended by an unexpected error: the slot is retried after a pause
         self.drained = threading.Event()
         self.producer: Any = None
-        self.tid = self.config.transactional_id(slot)
+        self.tid = relay.transactional_id(slot)
         self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
         self._needs_recovery = self.transactional
         # The next batch, claimed while the last one was in flight; kept only if that one
@@ -159,7 +186,7 @@ class SlotWorker(threading.Thread):
         except SlotLost as exc:
             log.warning("slot %d lost: %s", self.slot, exc)
         except ConfigError as exc:  # no retry can help: stop the relay, naming the fix (I8)
-            self.relay.fail(exc)
+            self.relay.refuse(exc)
         except Exception:
             self.failed = True
             log.exception("slot %d worker failed; the slot is released and retried", self.slot)
@@ -310,23 +337,33 @@ class SlotWorker(threading.Thread):
         librdkafka_logger().warning("slot %d: kafka: %s", self.slot, redact(str(err)))
 
     def _recover(self) -> None:
-        """Delete rows the previous owner published but did not get to delete (I4)."""
+        """Delete rows the previous owner published but did not get to delete (I4), if
+        the slot's last marker is this outbox's and names those very events (I9)."""
+        if self.relay.first_run and self.slot not in self.relay.wrote_marker:
+            return
         try:
-            marker = self.relay.read_marker(self.slot, self.tid)
+            raw = self.relay.read_marker(self.slot, self.tid, self.interrupt)
         except KafkaException as exc:
             raise TransientError(f"reading the recovery marker: {exc.args[0]}") from None
-        if marker is None or not marker.ids:
+        except TransientError:
+            if self._stopping():  # never publish before recovery: the next owner does it
+                raise SlotLost("released before its recovery marker was read") from None
+            raise
+        if raw is None:
             return
-        with self._connection_held():
-            cur = self.conn.execute(sql.DELETE_EVENTS, {"ids": list(marker.ids)})
-        if cur.rowcount:
+        reading = self.relay.judge(raw, self.slot, self.tid, self.config.slots)
+        if reading.marker is None:
+            return
+        with self._connection_held(), self.conn.transaction():
+            deleted = delete_recovered(self.conn, reading.marker, self.shards)
+        if deleted:
             log.warning(
                 "slot %d: %d rows of the last committed Kafka transaction were still in the "
                 "outbox; deleted them instead of publishing again",
                 self.slot,
-                cur.rowcount,
+                deleted,
             )
-            self.relay.stats.add(recovered=cur.rowcount)
+            self.relay.stats.add(recovered=deleted)
 
     # -- database --------------------------------------------------------------
 
@@ -558,7 +595,14 @@ class SlotWorker(threading.Thread):
                 unsent = self.producer.flush(self.config.transaction_timeout)
                 if failures or unsent:
                     raise psycopg.Rollback  # the rows stay in the outbox
-                marker = Marker(self.tid, self.slot, tuple(ids))
+                self.relay.wrote_marker.add(self.slot)
+                marker = Marker.of_batch(
+                    self.relay.outbox_id,
+                    self.tid,
+                    self.slot,
+                    self.config.slots,
+                    [(r.id, r.event_id) for r in rows],
+                )
                 self.producer.produce(
                     self.config.state_topic,
                     key=self.tid.encode(),
@@ -681,14 +725,21 @@ class Relay:
         self._changed = threading.Event()
         self._control: psycopg.Connection[dict[str, Any]] | None = None
         self._marker_consumer: Any = None
+        self._end_consumer: Any = None
         self._marker_lock = threading.Lock()
         self.listening = threading.Event()  # a LISTEN session is up: NOTIFY wakes the slots
+        self.outbox_id = uuid.UUID(int=0)  # read from the database when the relay starts
+        self.fatal: BaseException | None = None  # a refusal found by a worker: run() raises it
+        # The outbox's first relay with default transactional ids, alone: no marker can
+        # exist under them but those this process writes, so takeovers skip reading (a
+        # state topic shared with other outboxes would be read back to its start).
+        self.first_run = False
+        self.wrote_marker: set[int] = set()
         self._members = 1
         self._failures: dict[int, int] = {}
         self._not_before: dict[int, float] = {}
         self.name = f"outbox-relay:{os.getpid()}"
         self.metrics = RelayMetrics(self)
-        self._error: ConfigError | None = None  # a worker found a setting no retry can fix
 
     # -- public ----------------------------------------------------------------
 
@@ -699,17 +750,16 @@ class Relay:
         self._control = self._first_connection()
         try:
             self._check_schema()
-            self._announce_slot_count()
-            # Long-lived start-up objects leave the GC's generations: full collections
-            # otherwise walk them again and again while the slot threads hold the GIL.
-            gc.freeze()
-            ready = self._wait_for_kafka()
+            ready = self._start_up()
         except BaseException:
-            self._control.close()
+            self._close_clients()
             raise
-        if not ready:
-            self._control.close()
+        if not ready:  # told to stop while waiting for Kafka
+            self._close_clients()
             return self.stats
+        # Long-lived start-up objects leave the GC's generations: full collections
+        # otherwise walk them again and again while the slot threads hold the GIL.
+        gc.freeze()
         listener = None
         if self.config.listen and not self.config.once:
             listener = threading.Thread(target=self._listen, name="outbox-listen", daemon=True)
@@ -721,21 +771,58 @@ class Relay:
             self.wake_all()
             for worker in list(self.workers.values()):
                 worker.join(self.config.transaction_timeout + 10)
-            if self._marker_consumer is not None:
-                self._marker_consumer.close()
-            self._control.close()
+            self._close_clients()
             if listener is not None:
                 listener.join(5)
-        if self._error is not None:
-            raise self._error
+        if self.fatal is not None:
+            raise self.fatal
         return self.stats
 
-    def fail(self, error: ConfigError) -> None:
-        """A worker met an error no retry can fix: stop the relay, which raises it (I8)."""
-        with self._lock:
-            self._error = self._error or error
+    def _start_up(self) -> bool:
+        """Identity, Kafka (settings, reachability, state topic), prefix and slot-count
+        checks: all before any slot runs. False: told to stop while waiting for Kafka."""
+        self.outbox_id = self._load_identity()
+        log.info(
+            "outbox %s: transactional ids %s-<slot>",
+            self.outbox_id,
+            self.config.tid_prefix(self.outbox_id),
+        )
+        if not self._wait_for_kafka():
+            return False
+        if self.config.guarantee is Guarantee.EXACTLY_ONCE:
+            self._refuse_a_shared_prefix()
+        for attempt in Retrying(  # settling a changed layout needs Kafka: wait for it
+            retry=retry_if_exception_type(TransientError),
+            wait=wait_random_exponential(multiplier=0.5, max=10),
+            sleep=self._pause,
+            before_sleep=lambda rs: log.warning(
+                "%s; retrying", rs.outcome.exception() if rs.outcome else "?"
+            ),
+            stop=lambda rs: self.stop.is_set(),
+            reraise=True,
+        ):
+            with attempt:
+                self._announce_slot_count()
+        return True
+
+    def _close_clients(self) -> None:
+        for consumer in (self._marker_consumer, self._end_consumer):
+            if consumer is not None:
+                consumer.close()
+        self._marker_consumer = self._end_consumer = None
+        if self._control is not None:
+            self._control.close()
+
+    def refuse(self, exc: BaseException) -> None:
+        """Stop the whole relay with ``exc`` (a configuration that would lose events)."""
+        if self.fatal is None:
+            self.fatal = exc
         self.stop.set()
-        self._changed.set()
+        self.wake_all()
+
+    def transactional_id(self, slot: int | str) -> str:
+        """``<prefix>-<slot>``; the default prefix is unique to this outbox (I9)."""
+        return f"{self.config.tid_prefix(self.outbox_id)}-{slot}"
 
     def liveness(self) -> tuple[bool, str]:
         """Alive while the process runs and has not been told to stop."""
@@ -777,16 +864,143 @@ class Relay:
             raise NotMigrated("no outbox_events / outbox_dead_events table")
 
     def _announce_slot_count(self) -> None:
+        """Check and announce the slot count under one lock: of relays started together
+        with different ``--slots``, only the first runs. A new layout is adopted only
+        after the old one's slots are fenced and recovered."""
         assert self._control is not None
         params = {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
-        others = self._control.execute(sql.OTHER_SLOT_COUNTS, params).fetchall()
-        if others:
+        with self._control.transaction():
+            self._control.execute(sql.GUARD_SLOT_COUNT, {"namespace": GUARD_NAMESPACE})
+            others = self._control.execute(sql.OTHER_SLOT_COUNTS, params).fetchall()
+            if others:
+                raise ConfigError(
+                    f"--slots={self.config.slots}, but a running relay uses --slots="
+                    f"{others[0]['slots']}: every relay of one database must use the same slot "
+                    "count (stop the others first to change it)"
+                )
+            self._control.execute(sql.LOCK_SLOT_COUNT, params)
+            row = self._control.execute(sql.READ_IDENTITY).fetchone()
+            before = row["slot_count"] if row else None
+            self.first_run = before is None and self.config.transactional_id_prefix is None
+            if before != self.config.slots:
+                if before is not None and self.config.guarantee is Guarantee.EXACTLY_ONCE:
+                    self._settle_layout(int(before))
+                self._control.execute(sql.RECORD_SLOT_COUNT, {"slots": self.config.slots})
+
+    def _settle_layout(self, before: int) -> None:
+        """The slot count changed: fence every slot of the old layout (a zombie's open
+        transaction is aborted) and apply its last marker, before any new slot publishes,
+        so a batch in flight across the change is neither lost nor published twice."""
+        assert self._control is not None
+        log.warning(
+            "slot layout changes from %d to %d slots: settling the old slots first",
+            before,
+            self.config.slots,
+        )
+        for slot in range(before):
+            tid = self.transactional_id(slot)
+            producer = Producer(self.relay_settings(tid) | {"logger": librdkafka_logger()})
+            try:
+                producer.init_transactions(self.config.transaction_timeout)
+                raw = self.read_marker(slot, tid, self.stop)
+            except KafkaException as exc:
+                raise TransientError(f"settling slot {slot} of the old layout: {exc}") from None
+            finally:
+                producer.flush(0)
+            if raw is None:
+                continue
+            try:
+                reading = self.judge(raw, slot, tid, before)
+            except SlotLost:  # another outbox's marker under an explicit prefix
+                raise self.fatal or ConfigError(f"{tid}: another outbox's marker") from None
+            if reading.marker is not None:
+                deleted = delete_recovered(
+                    self._control, reading.marker, shards_of_slot(slot, before)
+                )
+                self.stats.add(recovered=deleted)
+
+    def relay_settings(self, tid: str) -> dict[str, Any]:
+        """A transactional producer's settings for ``tid``."""
+        return dict(self.plan.settings) | {"transactional.id": tid}
+
+    def _load_identity(self) -> uuid.UUID:
+        """This outbox's identity (created by ``outbox migrate``, or here for tables made
+        from ``outbox.metadata``)."""
+        assert self._control is not None
+        try:
+            self._control.execute(sql.ENSURE_IDENTITY)
+            row = self._control.execute(sql.READ_IDENTITY).fetchone()
+        except psycopg.errors.UndefinedTable:
             raise ConfigError(
-                f"--slots={self.config.slots}, but a running relay uses --slots="
-                f"{others[0]['slots']}: every relay of one database must use the same slot "
-                "count (stop the others first to change it)"
+                "the outbox tables predate the outbox identity (table outbox_identity is "
+                "missing): run `outbox migrate` first"
+            ) from None
+        assert row is not None
+        return uuid.UUID(str(row["outbox_id"]))
+
+    def _shared_prefix(self, tid: str, other: uuid.UUID) -> ConfigError:
+        return ConfigError(
+            f"--transactional-id-prefix={self.config.transactional_id_prefix}: the "
+            f"transactional id {tid} is also used by outbox {other} (this is outbox "
+            f"{self.outbox_id}); two outboxes fencing each other lose events. Give each "
+            "outbox its own prefix, or drop the option to use the default derived from the "
+            "outbox identity. If that outbox is gone (this outbox was re-created or moved), "
+            f"start once with --replaces-outbox {other}"
+        )
+
+    def _refuse_a_shared_prefix(self) -> None:
+        """An explicit prefix another outbox uses too is refused BEFORE its transactional
+        ids are fenced: the newest marker under each of them, committed or not, must not
+        name another outbox."""
+        if self.config.transactional_id_prefix is None:
+            return
+        for slot in range(self.config.slots):
+            tid = self.transactional_id(slot)
+            try:
+                raw = self.read_marker(slot, tid, self.stop, committed=False)
+            except (KafkaException, TransientError) as exc:
+                log.warning("slot %d: could not check the prefix now (%s)", slot, exc)
+                continue  # the slot's recovery checks it again, after fencing
+            if raw is None:
+                continue
+            reading = judge_marker(
+                raw,
+                outbox_id=self.outbox_id,
+                tid=tid,
+                slot=slot,
+                slots=self.config.slots,
+                explicit_prefix=True,
+                replaces=self.config.replaces_outbox,
             )
-        self._control.execute(sql.LOCK_SLOT_COUNT, params)
+            if reading.conflict is not None:
+                raise self._shared_prefix(tid, reading.conflict)
+
+    def judge(self, raw: bytes, slot: int, tid: str, slots: int) -> MarkerReading:
+        """What to do with a slot's last marker; a conflict stops the relay (I9)."""
+        reading = judge_marker(
+            raw,
+            outbox_id=self.outbox_id,
+            tid=tid,
+            slot=slot,
+            slots=slots,
+            explicit_prefix=self.config.transactional_id_prefix is not None,
+            replaces=self.config.replaces_outbox,
+        )
+        if reading.conflict is not None:
+            exc = self._shared_prefix(tid, reading.conflict)
+            self.refuse(exc)
+            raise SlotLost(str(exc))
+        if reading.ignored is not None and reading.expected:
+            log.info("slot %d: the recovery marker under %s is %s", slot, tid, reading.ignored)
+        elif reading.ignored is not None:
+            self.stats.add(markers_ignored=1)
+            log.warning(
+                "slot %d: ignored the recovery marker under %s: %s; it deletes nothing",
+                slot,
+                tid,
+                reading.ignored,
+            )
+        return reading
 
     def _count_members(self) -> int:
         assert self._control is not None
@@ -802,6 +1016,8 @@ class Relay:
                 owned = sorted(self.workers)
             try:
                 members = self._members = self._count_members()
+                if members > 1:  # another relay may write markers for slots this one takes
+                    self.first_run = False
             except psycopg.OperationalError:
                 log.warning("control connection lost; reconnecting")
                 self._reconnect_control()
@@ -864,9 +1080,10 @@ class Relay:
                 if self._control is not None:
                     self._control.close()
                 self._control = connect(self.config.dsn, application_name=self.name)
-                self._control.execute(
-                    sql.LOCK_SLOT_COUNT, {"namespace": COUNT_NAMESPACE, "slots": self.config.slots}
-                )
+                try:
+                    self._announce_slot_count()
+                except ConfigError as exc:  # another slot count took over meanwhile
+                    self.refuse(exc)
 
     def _first_connection(self) -> psycopg.Connection[dict[str, Any]]:
         """A daemon waits for its database (it may start first); ``--once`` fails at once."""
@@ -1007,47 +1224,96 @@ class Relay:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
 
-    def read_marker(self, slot: int, tid: str) -> Marker | None:
-        """The slot's last COMMITTED marker (read_committed), or None."""
-        with self._marker_lock:
-            return self._read_marker(slot, tid)
+    def read_marker(
+        self, slot: int, tid: str, interrupt: threading.Event, *, committed: bool = True
+    ) -> bytes | None:
+        """The slot's LAST committed marker under ``tid`` (read_committed), or None.
 
-    def _read_marker(self, slot: int, tid: str) -> Marker | None:
+        Call it after ``init_transactions`` settled ``tid``'s transactions. It reads up to
+        the partition's end as of now, waiting while another producer's open transaction
+        holds the read back; past ``MARKER_READ_TIMEOUT`` it raises TransientError rather
+        than return an older marker (which would publish the last batch twice).
+        """
+        with self._marker_lock:
+            return self._read_marker(slot, tid, interrupt, committed)
+
+    def _consumer(self, isolation: str) -> Any:
+        return Consumer(
+            self.plan.connection
+            | {
+                "logger": librdkafka_logger(),
+                "group.id": f"{self.config.tid_prefix(self.outbox_id)}-marker-reader",
+                "isolation.level": isolation,
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": "10",  # EOF at once: takeover waits on this read
+            }
+        )
+
+    def _read_marker(
+        self, slot: int, tid: str, interrupt: threading.Event, committed: bool
+    ) -> bytes | None:
         if self._marker_consumer is None:
-            self._marker_consumer = Consumer(
-                self.plan.connection
-                | {
-                    "logger": librdkafka_logger(),
-                    "group.id": f"{self.config.transactional_id_prefix}-marker-reader",
-                    "isolation.level": "read_committed",
-                    "enable.auto.commit": False,
-                    "enable.partition.eof": True,
-                    "fetch.wait.max.ms": "10",  # EOF at once: takeover waits on this read
-                }
-            )
-        consumer = self._marker_consumer
+            self._marker_consumer = self._consumer("read_committed")
+            # The true end of the partition, open transactions included (a read_committed
+            # client is told the last stable offset, which another producer can hold back).
+            self._end_consumer = self._consumer("read_uncommitted")
         tp = TopicPartition(self.config.state_topic, slot)
-        low, high = consumer.get_watermark_offsets(tp, timeout=30)
+        low, high = self._end_consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+        consumer = self._marker_consumer if committed else self._end_consumer
+        deadline = time.monotonic() + MARKER_READ_TIMEOUT
         window = 16
-        last: Marker | None = None
-        while high > low and last is None:
-            start = max(low, high - window)
-            consumer.assign([TopicPartition(self.config.state_topic, slot, start)])
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                msg = consumer.poll(1.0)
-                if msg is None:
+        try:
+            while high > low:
+                start = max(low, high - window)
+                last = self._scan(consumer, slot, tid, start, high, deadline, interrupt)
+                if last is not None or start == low:
+                    return last
+                window *= 4
+            return None
+        finally:
+            consumer.unassign()
+
+    def _scan(
+        self,
+        consumer: Any,
+        slot: int,
+        tid: str,
+        start: int,
+        end: int,
+        deadline: float,
+        interrupt: threading.Event,
+    ) -> bytes | None:
+        """The last committed value under ``tid`` in offsets [start, end): read to the end."""
+        tp = TopicPartition(self.config.state_topic, slot, start)
+        consumer.assign([tp])
+        key = tid.encode()
+        last: bytes | None = None
+        position = start
+        while position < end:
+            if interrupt.is_set():
+                raise TransientError(f"slot {slot}: marker read interrupted (stopping)")
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    f"slot {slot}: the state topic was not readable up to offset {end} within "
+                    f"{MARKER_READ_TIMEOUT:.0f} s (an open transaction of another producer?)"
+                )
+            msg = consumer.poll(0.2)
+            if msg is None:
+                position = max(position, _position(consumer, tp))
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    position = max(position, msg.offset() or 0, _position(consumer, tp))
                     continue
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        break
-                    raise TransientError(f"reading recovery marker: {msg.error()}")
-                if msg.key() == tid.encode() and msg.value():
-                    last = Marker.decode(msg.value())
-                if msg.offset() >= high - 1:
-                    break
-            if start == low:
-                break
-            window *= 4
-        consumer.unassign()
+                raise TransientError(f"reading recovery marker: {msg.error()}")
+            position = max(position, (msg.offset() or 0) + 1)
+            if msg.key() == key and msg.value():
+                last = msg.value()
         return last
+
+
+def _position(consumer: Any, tp: TopicPartition) -> int:
+    """Where ``consumer`` will read next in ``tp`` (past skipped control records too)."""
+    [where] = consumer.position([TopicPartition(tp.topic, tp.partition)])
+    return int(where.offset) if where.offset >= 0 else 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     Identity,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
+    true,
 )
 
 metadata = MetaData()
@@ -87,5 +90,35 @@ processed_events = Table(
     comment=(
         "Dedup records of consumers (I5): one row per consumer group and event applied; "
         "purged after the dedup window."
+    ),
+)
+
+identity = Table(
+    "outbox_identity",
+    metadata,
+    Column("singleton", Boolean, primary_key=True, server_default=true()),
+    Column("outbox_id", Uuid, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("slot_count", SmallInteger),
+    CheckConstraint("singleton", name="outbox_identity_one_row"),
+    comment=(
+        "This outbox's identity (I9): recovery markers name it, the default "
+        "transactional.id prefix derives from it; slot_count is the relays' slot layout."
+    ),
+)
+
+consumer_attempts = Table(
+    "outbox_consumer_attempts",
+    metadata,
+    Column("group_id", Text, primary_key=True),
+    Column("topic", Text, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("first_offset", BigInteger, nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    comment=(
+        "Records a consumer group started handling, per partition, and how many handler "
+        "attempts one record has used across process deaths (I10)."
     ),
 )

@@ -48,22 +48,41 @@ TRY_LOCK_SLOT = "SELECT pg_try_advisory_lock(%(namespace)s, %(slot)s)"
 # Give a slot back on purpose (rebalancing, shutdown).
 UNLOCK_SLOT = "SELECT pg_advisory_unlock(%(namespace)s, %(slot)s)"
 
+# Advisory locks belong to one database, pg_locks shows the whole server's: outboxes in
+# other databases of the server are other outboxes (I9).
+_THIS_DATABASE = "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+
 # Announce this process's slot count; shared so that relays agreeing on it coexist.
 LOCK_SLOT_COUNT = "SELECT pg_advisory_lock_shared(%(namespace)s, %(slots)s)"
 
 # Slot counts announced by other live relays (must all be equal).
-OTHER_SLOT_COUNTS = """
+OTHER_SLOT_COUNTS = f"""
 SELECT DISTINCT objid::int AS slots FROM pg_locks
 WHERE locktype = 'advisory' AND classid::bigint = %(namespace)s AND objsubid = 2
-  AND granted AND objid::bigint <> %(slots)s
+  AND granted AND objid::bigint <> %(slots)s AND {_THIS_DATABASE}
 """
 
 # Live relays of this slot count: they split the slots between them.
-COUNT_RELAYS = """
+COUNT_RELAYS = f"""
 SELECT count(DISTINCT pid) AS n FROM pg_locks
 WHERE locktype = 'advisory' AND classid::bigint = %(namespace)s AND objid::bigint = %(slots)s
-  AND objsubid = 2 AND granted
+  AND objsubid = 2 AND granted AND {_THIS_DATABASE}
 """
+
+# Serialise relays announcing their slot count (a transaction-level lock: check and announce
+# happen under it, so two relays with different --slots cannot both pass the check).
+GUARD_SLOT_COUNT = "SELECT pg_advisory_xact_lock(%(namespace)s, 0)"
+
+# This outbox's identity and the slot layout its relays last used.
+READ_IDENTITY = "SELECT outbox_id, slot_count FROM outbox_identity"
+
+# Give an outbox whose tables came from outbox.metadata (not `outbox migrate`) its identity.
+ENSURE_IDENTITY = """
+INSERT INTO outbox_identity (outbox_id) VALUES (gen_random_uuid()) ON CONFLICT DO NOTHING
+"""
+
+# Remember the slot layout once the batches of the previous one are settled.
+RECORD_SLOT_COUNT = "UPDATE outbox_identity SET slot_count = %(slots)s"
 
 _CLAIMED = "id, event_id, topic, key, value, header_names, header_values, created_at"
 
@@ -128,6 +147,18 @@ def claim_batch(shards: Iterable[int]) -> str:
 # Remove rows whose Kafka transaction has committed (I2).
 DELETE_EVENTS = "DELETE FROM outbox_events WHERE id = ANY(%(ids)s)"
 
+# Rows still pending under the ids a recovery marker names, in the marker's own shards only.
+RECOVERY_CANDIDATES = """
+SELECT id, event_id FROM outbox_events
+WHERE id = ANY(%(ids)s) AND shard = ANY(%(shards)s)
+FOR UPDATE
+"""
+
+# Delete the rows recovery matched to the marker's events (id AND event id): published (I4, I9).
+DELETE_RECOVERED = """
+DELETE FROM outbox_events WHERE id = ANY(%(ids)s) AND event_id = ANY(%(event_ids)s)
+"""
+
 # Move one poison row aside with its error, in one statement (I6).
 MOVE_TO_DEAD = """
 WITH moved AS (DELETE FROM outbox_events WHERE id = %(id)s RETURNING *)
@@ -156,12 +187,12 @@ FROM outbox_events GROUP BY topic ORDER BY topic
 """
 
 # Slots held right now, and by which backend.
-SLOT_OWNERS = """
+SLOT_OWNERS = f"""
 SELECT l.objid::int AS slot, a.pid, a.application_name, a.client_addr::text AS client_addr,
        a.backend_start
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.classid::bigint = %(namespace)s AND l.objsubid = 2
-  AND l.granted AND l.mode = 'ExclusiveLock'
+  AND l.granted AND l.mode = 'ExclusiveLock' AND l.{_THIS_DATABASE}
 ORDER BY slot
 """
 

@@ -218,15 +218,30 @@ def template_db(services: Services) -> str:
     return name
 
 
+def create_database(services: Services, prefix: str, template: str | None = None) -> str:
+    """SQLAlchemy URL of a new database (a copy of ``template`` if given)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    return make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(services: Services, url: str) -> None:
+    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+
+
 @pytest.fixture
 def database_url(services: Services, template_db: str) -> Iterator[str]:
     """SQLAlchemy URL of a fresh, migrated database for this test."""
-    name = f"outbox_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    url = create_database(services, "outbox_test", template_db)
+    # A copy would share the template's identity; each test's outbox is one of its own,
+    # as if migrated afresh (I9).
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute("UPDATE outbox_identity SET outbox_id = gen_random_uuid()")
+    yield url
+    drop_database(services, url)
 
 
 @pytest.fixture
@@ -339,7 +354,7 @@ def drain(relay_config: Callable[..., RelayConfig]) -> Callable[..., Relay]:
     return run
 
 
-__all__ = ["Broker", "RelayHandle", "Services", "wait_for"]
+__all__ = ["Broker", "RelayHandle", "Services", "create_database", "drop_database", "wait_for"]
 
 
 @pytest.fixture

@@ -170,7 +170,8 @@ def test_i6_dead_rows_are_listed_and_requeued_after_a_fix(
         poison = publish(session, topic=topic, key="k", value=b"x" * 5000)
         fine = publish(session, topic=topic, key="k", value=b"ok")
     base = _relay_args(database_url, bootstrap_servers, f"dead-{topic}", "--once")
-    done = run(*base, "-X", "message.max.bytes=2000")
+    # a batch's recovery marker must fit message.max.bytes too: a small batch
+    done = run(*base, "-X", "message.max.bytes=2000", "--batch-size", "50")
     assert done.returncode == 0, done.stderr
     status = run("status", "--db", database_url)
     assert status.returncode == 0, status.stderr

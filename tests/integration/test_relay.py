@@ -293,7 +293,10 @@ def test_i6_poison_row_is_moved_aside_and_its_shard_moves_on(
         before = publish(session, topic=topic, key="k", value="before")
         poison = publish(session, topic=topic, key="k", value=b"x" * 20_000)
         after = publish(session, topic=topic, key="k", value="after")
-    relay = drain(producer_overrides={"message.max.bytes": "10000", "request.timeout.ms": "40000"})
+    relay = drain(  # a batch's marker must fit message.max.bytes too: a smaller batch
+        producer_overrides={"message.max.bytes": "10000", "request.timeout.ms": "40000"},
+        batch_size=100,
+    )
     assert relay.stats.dead == 1
     assert _pending(engine) == 0
     with engine.connect() as conn:

@@ -6,6 +6,7 @@ Every rule has a test built the same way: a valid base passes without complaint
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -451,9 +452,43 @@ def test_relay_config_turns_strings_into_enums() -> None:
 
 
 def test_i4_transactional_id_is_stable_per_slot() -> None:
+    outbox_id = uuid.uuid4()
     config = _config(transactional_id_prefix="orders-relay")
     again = _config(transactional_id_prefix="orders-relay")
-    assert config.transactional_id(3) == again.transactional_id(3) == "orders-relay-3"
+    assert config.transactional_id(3, outbox_id) == "orders-relay-3"
+    assert again.transactional_id(3, uuid.uuid4()) == "orders-relay-3"
+
+
+def test_i9_default_transactional_ids_are_unique_per_outbox() -> None:
+    a = uuid.UUID("0123456789ab4def8000000000000000")
+    config = _config()
+    assert config.transactional_id_prefix is None
+    assert config.transactional_id(0, a) == "outbox-0123456789ab-0"
+    assert config.transactional_id(0, a) == _config().transactional_id(0, a)  # stable
+    assert config.transactional_id(0, uuid.uuid4()) != config.transactional_id(0, a)
+
+
+@pytest.mark.parametrize(
+    ("message_max_bytes", "largest"),
+    [
+        (1_000_000, 38_450),
+        (10_000, 373),
+        (100_000_000, 38_450),  # a marker stays under 1 MB, the broker's default limit
+    ],
+)
+def test_i9_batch_size_is_capped_so_the_marker_fits_one_record(
+    message_max_bytes: int, largest: int
+) -> None:
+    overrides = {"message.max.bytes": str(message_max_bytes)}
+    assert _config(producer_overrides=overrides, batch_size=largest).batch_size == largest
+    with pytest.raises(
+        ConfigError,
+        match=rf"--batch-size={largest + 1} is too large for the recovery marker.*"
+        rf"message.max.bytes={message_max_bytes}; use --batch-size={largest} or less",
+    ):
+        _config(producer_overrides=overrides, batch_size=largest + 1)
+    # without a marker (at-least-once) only the general limit applies
+    assert _config(producer_overrides=overrides, batch_size=100_000, guarantee="at-least-once")
 
 
 def test_relay_transaction_timeout_becomes_the_producers() -> None:
@@ -517,3 +552,15 @@ def test_every_kafka_client_of_the_relay_gets_the_same_connection_settings() -> 
     )
     assert plan.connection == {"bootstrap.servers": "b:9093"} | overrides
     assert all(plan.settings[k] == v for k, v in plan.connection.items())
+
+
+def test_i8_replaces_outbox_must_be_an_outbox_id() -> None:
+    from typer.testing import CliRunner
+
+    from outbox.cli import app
+
+    args = ["relay", "--db", "postgresql://relay:secret@db/app", "-b", "broker:9092"]
+    result = CliRunner().invoke(app, [*args, "--replaces-outbox", "not-a-uuid"])
+    assert result.exit_code == 2
+    assert "--replaces-outbox='not-a-uuid' is not an outbox id" in result.output
+    assert "secret" not in result.output

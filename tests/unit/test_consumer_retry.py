@@ -66,11 +66,10 @@ def test_i7_database_outages_are_retried_forever_and_never_dead_lettered(error: 
 @pytest.mark.parametrize(
     "error",
     [
-        _wrapped(psycopg.errors.QueryCanceled("canceling statement due to statement timeout")),
         sa_exc.IntegrityError("INSERT", {}, psycopg.errors.UniqueViolation("duplicate key")),
         ValueError("bad payload"),
     ],
-    ids=["statement-timeout", "unique-violation", "value-error"],
+    ids=["unique-violation", "value-error"],
 )
 def test_i7_message_faults_count_against_attempts(error: Exception) -> None:
     assert not is_infrastructure_error(error)
