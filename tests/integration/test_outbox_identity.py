@@ -118,7 +118,7 @@ def test_i9_migrate_gives_every_outbox_its_own_identity_shown_by_status(
     upgrade(other_db)  # migrating again keeps it
     assert _identity(other_engine) == theirs
     with other_engine.begin() as conn:  # dropped and created again: another outbox
-        conn.execute(text("DROP TABLE outbox_identity"))
+        conn.execute(text("DROP TABLE outbox_identity, outbox_consumer_attempts"))
         conn.execute(text("UPDATE outbox_alembic_version SET version_num = '0002'"))
     upgrade(other_db)
     assert _identity(other_engine) != theirs
