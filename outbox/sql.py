@@ -103,9 +103,8 @@ SELECT id, event_id, topic, key,
        (extract(epoch FROM created_at) * 1000)::int8 AS created_ms,
        coalesce(octet_length(value), 0) AS value_bytes
 FROM (
-  SELECT claimed.*, {_ROW_BYTES} AS row_bytes,
-         sum({_ROW_BYTES}) OVER (ORDER BY id) AS running_bytes
-  FROM ({{claim}}) AS claimed
+  SELECT sized.*, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS running_bytes
+  FROM (SELECT claimed.*, {_ROW_BYTES} AS row_bytes FROM ({{claim}}) AS claimed) AS sized
 ) AS budgeted
 WHERE running_bytes - row_bytes < %(max_bytes)s
 ORDER BY id
