@@ -438,6 +438,23 @@ def relay(
         ),
     ] = "outbox.relay-state",
     once: Annotated[bool, typer.Option("--once", help="Drain what is pending, then exit.")] = False,
+    missing_topic_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="OUTBOX_MISSING_TOPIC_TIMEOUT",
+            metavar="SECONDS",
+            help="How long a missing or unwritable topic is retried (its rows held back, the "
+            "other topics flowing) before its rows become dead rows.",
+        ),
+    ] = 300.0,
+    batch_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="OUTBOX_BATCH_BYTES",
+            metavar="BYTES",
+            help="A claim stops adding rows past this many key+value bytes (bounds memory).",
+        ),
+    ] = 16 * 1024 * 1024,
     processes: Annotated[
         int,
         typer.Option(
@@ -487,6 +504,8 @@ def relay(
             transactional_id_prefix=transactional_id_prefix,
             state_topic=state_topic,
             once=once,
+            missing_topic_timeout=missing_topic_timeout,
+            batch_bytes=batch_bytes,
             replaces_outbox=_outbox_id(replaces_outbox),
         )
         runner = Relay(config)
@@ -496,7 +515,7 @@ def relay(
     server = _serve_health(metrics_host, metrics_port, runner, runner.metrics.registry)
     try:
         stats = runner.run()
-    except (ConfigError, ConnectionError) as exc:
+    except (OutboxError, ConnectionError) as exc:  # one line; exit code: exit_code_for
         raise _fail(exc) from None
     finally:
         if server is not None:

@@ -271,9 +271,10 @@ def encode_event(
     )
     if max_message_bytes is not None and event.size > max_message_bytes:
         raise EventError(
-            f"event for topic {topic!r} is {event.size} bytes, above the configured "
+            f"event for topic {topic!r} is {event.size} bytes, above "
             f"max_message_bytes={max_message_bytes} (the producer's message.max.bytes): "
             "Kafka would refuse it; store the payload elsewhere and publish a reference, "
-            "or raise message.max.bytes on the broker, topic and relay together"
+            "or raise message.max.bytes on the broker, topic and relay together and "
+            "outbox.configure(max_message_bytes=...) to match"
         )
     return event

@@ -76,6 +76,50 @@ _RELAY_OWNED = {
 }
 
 
+# Which settings say how to reach and authenticate with the brokers: every Kafka client
+# the relay creates (producers, the admin client, the marker consumer) gets them, so
+# a SASL_SSL cluster works for all of them, not only for the producer.
+_CONNECTION_NAMES = frozenset(
+    {
+        "bootstrap.servers",
+        "security.protocol",
+        "client.id",
+        "client.rack",
+        "client.dns.lookup",
+        "broker.address.family",
+        "broker.address.ttl",
+        "connections.max.idle.ms",
+        "api.version.request",
+        "api.version.request.timeout.ms",
+        "api.version.fallback.ms",
+        "broker.version.fallback",
+        "plugin.library.paths",
+    }
+)
+_CONNECTION_PREFIXES = (
+    "sasl.",
+    "ssl.",
+    "ssl_",
+    "enable.ssl.",
+    "enable.sasl.",
+    "https.",
+    "socket.",
+    "reconnect.backoff.",
+    "retry.backoff.",
+)
+
+
+def is_connection_setting(name: str) -> bool:
+    """Is this librdkafka setting about reaching/authenticating with brokers (any client)?"""
+    name = canonical(name)
+    return name in _CONNECTION_NAMES or name.startswith(_CONNECTION_PREFIXES)
+
+
+def connection_settings(settings: Mapping[str, str]) -> dict[str, str]:
+    """The connection and security subset of the producer's settings, for the other clients."""
+    return {canonical(k): str(v) for k, v in settings.items() if is_connection_setting(k)}
+
+
 def canonical(name: str) -> str:
     """librdkafka's alias of a setting mapped to the one name the rules read."""
     return _ALIASES.get(name, name)
@@ -126,6 +170,11 @@ class ProducerPlan:
     @property
     def message_max_bytes(self) -> int:
         return _int(self.settings, "message.max.bytes")
+
+    @property
+    def connection(self) -> dict[str, str]:
+        """What the relay's admin client and marker consumer get (see ``connection_settings``)."""
+        return connection_settings(self.settings)
 
 
 def producer_settings(
@@ -272,6 +321,8 @@ class RelayConfig:
     transaction_timeout: float = 60.0
     state_topic: str = "outbox.relay-state"
     once: bool = False
+    missing_topic_timeout: float = 300.0
+    batch_bytes: int = 16 * 1024 * 1024
     replaces_outbox: uuid.UUID | None = None  # markers of this identity are ignored, not refused
 
     def __post_init__(self) -> None:
@@ -292,6 +343,12 @@ class RelayConfig:
             raise ConfigError(f"--max-slots={self.max_slots} must be at least 1")
         if not 1 <= self.batch_size <= 100_000:
             raise ConfigError(f"--batch-size={self.batch_size} must be between 1 and 100000")
+        if self.missing_topic_timeout < 0:
+            raise ConfigError(
+                f"--missing-topic-timeout={self.missing_topic_timeout} must be >= 0 seconds"
+            )
+        if self.batch_bytes < 1:
+            raise ConfigError(f"--batch-bytes={self.batch_bytes} must be a positive byte count")
         if self.poll_interval <= 0:
             raise ConfigError(f"--poll-interval={self.poll_interval} must be > 0 seconds")
         prefix = self.transactional_id_prefix

@@ -26,6 +26,10 @@ class TransientError(OutboxError):
     """A failure worth retrying with backoff: broker down, leader change, DB restart."""
 
 
+class KafkaUnavailable(TransientError):
+    """The Kafka cluster cannot be reached (``relay --once`` reports it instead of waiting)."""
+
+
 class NotMigrated(ConfigError):
     """The outbox tables are missing, or older than this version of the library (I8)."""
 

@@ -1,7 +1,9 @@
-"""How the relay reads librdkafka's errors: pure classification, no I/O."""
+"""How the relay reads librdkafka's errors: pure classification and decisions, no I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -9,52 +11,172 @@ from confluent_kafka import KafkaError, KafkaException
 
 
 class Verdict(Enum):
-    POISON = "poison"  # this record can never be delivered: move it aside (I6)
     TRANSIENT = "transient"  # retry the batch with backoff
-    FENCED = "fenced"  # another relay owns the transactional.id now: give the slot up
+    POISON = "poison"  # this record can never be delivered: move it aside (I6)
+    REQUEST = "request"  # refused for a whole request: narrow down to the rows at fault first
+    TOPIC = "topic"  # the topic is missing or not writable: hold it for a bounded time
     FATAL = "fatal"  # the producer is unusable: build a new one
+    FENCED = "fenced"  # another relay owns the transactional.id now: give the slot up
+    CONFIG = "config"  # no retry can help until an operator fixes a setting or an ACL
 
 
-# Errors about one record that no retry can fix.
-_POISON_CODES = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.TOPIC_EXCEPTION,  # invalid topic name
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,  # e.g. a null key for a compacted topic
-        KafkaError.INVALID_MSG,
-        KafkaError.INVALID_TIMESTAMP,  # created_at outside the topic's timestamp window
-        KafkaError._INVALID_ARG,
-        KafkaError.POLICY_VIOLATION,
-    }
-)
-_FENCED_CODES = frozenset(
-    {
-        KafkaError._FENCED,
-        KafkaError.PRODUCER_FENCED,
-        KafkaError.INVALID_PRODUCER_EPOCH,
-        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-    }
-)
+# The one table: every librdkafka/broker error the relay acts on; any other is transient.
+TABLE: Mapping[int, Verdict] = {
+    # The record itself is wrong: no retry can fix it.
+    KafkaError.TOPIC_EXCEPTION: Verdict.POISON,  # invalid topic name
+    KafkaError.INVALID_RECORD: Verdict.POISON,  # e.g. a null key for a compacted topic
+    KafkaError.INVALID_MSG: Verdict.POISON,
+    KafkaError.INVALID_TIMESTAMP: Verdict.POISON,  # created_at outside the topic's window
+    KafkaError._INVALID_ARG: Verdict.POISON,  # produce() refused the record's arguments
+    KafkaError.POLICY_VIOLATION: Verdict.POISON,
+    KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT: Verdict.POISON,  # headers on an old topic
+    # The broker refuses the whole per-partition request: a topic's max.message.bytes
+    # below the producer's refuses innocent records of the same request too.
+    KafkaError.MSG_SIZE_TOO_LARGE: Verdict.REQUEST,
+    KafkaError.RECORD_LIST_TOO_LARGE: Verdict.REQUEST,
+    # Missing topic (auto-create off) or not writable yet (ACLs propagate): retried for
+    # --missing-topic-timeout while the other topics flow, then its rows are dead rows.
+    KafkaError.UNKNOWN_TOPIC_OR_PART: Verdict.TOPIC,
+    KafkaError._UNKNOWN_TOPIC: Verdict.TOPIC,
+    KafkaError._UNKNOWN_PARTITION: Verdict.TOPIC,
+    KafkaError.UNKNOWN_TOPIC_ID: Verdict.TOPIC,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: Verdict.TOPIC,
+    # Another relay took the transactional.id (I4).
+    KafkaError._FENCED: Verdict.FENCED,
+    KafkaError.PRODUCER_FENCED: Verdict.FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH: Verdict.FENCED,
+    # Settings, credentials, ACLs or a broker without the needed feature.
+    KafkaError._AUTHENTICATION: Verdict.CONFIG,
+    KafkaError.SASL_AUTHENTICATION_FAILED: Verdict.CONFIG,
+    KafkaError._SSL: Verdict.CONFIG,
+    KafkaError.SECURITY_DISABLED: Verdict.CONFIG,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: Verdict.CONFIG,  # idempotent write ACL
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: Verdict.CONFIG,
+    KafkaError.INVALID_TRANSACTION_TIMEOUT: Verdict.CONFIG,
+    KafkaError.INVALID_REQUIRED_ACKS: Verdict.CONFIG,
+    KafkaError.INVALID_CONFIG: Verdict.CONFIG,
+    KafkaError.UNSUPPORTED_VERSION: Verdict.CONFIG,
+    KafkaError._UNSUPPORTED_FEATURE: Verdict.CONFIG,
+    KafkaError._NOT_CONFIGURED: Verdict.CONFIG,
+}
+
+# What to tell the operator for a CONFIG verdict.
+CONFIG_FIXES: Mapping[int, str] = {
+    KafkaError._AUTHENTICATION: "check sasl.*/ssl.* in --producer-config",
+    KafkaError.SASL_AUTHENTICATION_FAILED: "check sasl.username/sasl.password/sasl.mechanism",
+    KafkaError._SSL: "check ssl.* (CA, certificate, key) in --producer-config",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "grant the relay's principal IdempotentWrite",
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: (
+        "grant the relay's principal Write on TransactionalId <prefix>-*"
+    ),
+    KafkaError.INVALID_TRANSACTION_TIMEOUT: (
+        "lower --transaction-timeout / transaction.timeout.ms below the broker's "
+        "transaction.max.timeout.ms"
+    ),
+    KafkaError.UNSUPPORTED_VERSION: (
+        "this broker lacks a needed feature (transactions?): try --guarantee at-least-once"
+    ),
+    KafkaError._UNSUPPORTED_FEATURE: (
+        "this broker lacks a needed feature (transactions?): try --guarantee at-least-once"
+    ),
+}
 
 
-def classify(err: Any) -> Verdict:
+def _error(err: Any) -> Any:
+    if isinstance(err, KafkaException) and err.args:
+        return err.args[0]
+    return err
+
+
+def classify(err: Any, *, alone: bool = False, topic_missing: bool = False) -> Verdict:
     """Map a ``KafkaError`` (or a ``KafkaException`` holding one) to the relay's next step.
 
-    Precedence: fenced, then fatal (a fatal producer can send nothing more, so no
-    record can be blamed), then poison, then transient.
+    ``alone``: the error is about this record only (produce() raised it, or the
+    record was sent in a request of its own), so a request-wide refusal is its own:
+    poison. ``topic_missing``: the relay found the record's topic absent from the
+    cluster's metadata, so a delivery timeout means the topic, not the network.
+
+    Precedence: fenced, then configuration (a rebuilt producer would fail the
+    same way), then fatal (a fatal producer can send nothing more, so no record
+    can be blamed), then the table, then transient.
     """
-    if isinstance(err, KafkaException) and err.args:
-        err = err.args[0]
+    err = _error(err)
     code = err.code()
-    if code in _FENCED_CODES:
-        return Verdict.FENCED
+    verdict = TABLE.get(code, Verdict.TRANSIENT)
+    if verdict in (Verdict.FENCED, Verdict.CONFIG):
+        return verdict
     if err.fatal():
         return Verdict.FATAL
-    if code in _POISON_CODES:
+    if verdict is Verdict.REQUEST and alone:
         return Verdict.POISON
-    return Verdict.TRANSIENT
+    if code == KafkaError._MSG_TIMED_OUT and topic_missing:
+        return Verdict.TOPIC
+    return verdict
+
+
+def config_fix(err: Any) -> str:
+    """One line for an operator: the error and what to change."""
+    err = _error(err)
+    fix = CONFIG_FIXES.get(err.code(), "check the relay's Kafka settings and ACLs")
+    return f"{err.name()}: {err.str()}; {fix}"
+
+
+def settled(rows: Iterable[tuple[int, str]], acked: Set[int], moved: Set[int]) -> list[int]:
+    """Ids an at-least-once batch may delete: acknowledged by a delivery report, and no
+    earlier row of the same topic is still to be sent again (per-key order, I3).
+
+    ``rows`` are (id, topic) in id order; ``moved`` rows went to the dead table, so they
+    hold nothing back. A row with neither report (the wait was cut short) holds its
+    topic back like a failed one: its record may still be delivered, or not (I2).
+    """
+    blocked: set[str] = set()
+    done: list[int] = []
+    for row_id, topic in rows:
+        if row_id in moved:
+            continue
+        if row_id in acked and topic not in blocked:
+            done.append(row_id)
+        elif row_id not in acked:
+            blocked.add(topic)
+    return done
+
+
+@dataclass
+class TopicHolds:
+    """Topics that are missing or not writable, held back from the slot's claims.
+
+    The rest of the slot keeps flowing: holding back every row of a topic keeps
+    per-key order within it (I3), and rows of other topics share no partition with
+    them. A held topic is tried again with backoff; once ``timeout`` seconds passed
+    since its first failure, its failing rows become dead rows (I6). Pure: the caller
+    passes the clock.
+    """
+
+    timeout: float
+    first: dict[str, float] = field(default_factory=dict)
+    until: dict[str, float] = field(default_factory=dict)
+    tries: dict[str, int] = field(default_factory=dict)
+
+    def failed(self, topic: str, now: float) -> bool:
+        """Note a failure; True when the topic's time is up and its rows must be buried."""
+        first = self.first.setdefault(topic, now)
+        if now - first >= self.timeout:
+            self.until.pop(topic, None)
+            return True
+        tries = self.tries[topic] = self.tries.get(topic, 0) + 1
+        self.until[topic] = min(now + min(30.0, 0.25 * 2**tries), first + self.timeout)
+        return False
+
+    def succeeded(self, topics: Iterable[str]) -> None:
+        for topic in topics:
+            if topic in self.first:
+                self.first.pop(topic)
+                self.until.pop(topic, None)
+                self.tries.pop(topic, None)
+
+    def held(self, now: float) -> list[str]:
+        """Topics the next claim leaves out."""
+        return sorted(t for t, until in self.until.items() if until > now)
 
 
 def message_headers(msg: Any) -> dict[str, bytes]:

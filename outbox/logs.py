@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +43,58 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(doc, ensure_ascii=False)
+
+
+_NUMBERS = re.compile(r"\d+")
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a repeated line through once per backoff step, not each time.
+
+    librdkafka says the same thing for every reconnect attempt of every client
+    (hundreds of lines in an outage); lines equal but for their numbers count as
+    one. A line passes, then its repeats are held back for 1 s, 2 s, 4 s... up to
+    ``longest``; the next one that passes says how many were held back. A line
+    unseen for ``longest`` starts over.
+    """
+
+    def __init__(self, longest: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.longest = longest
+        self.clock = clock
+        self._seen: dict[str, tuple[float, float, int]] = {}  # key -> (next, step, held)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = f"{record.levelno}:{_NUMBERS.sub('#', record.getMessage())}"
+        now = self.clock()
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is not None and now < entry[0]:
+                self._seen[key] = (entry[0], entry[1], entry[2] + 1)
+                return False
+            if entry is None or now - entry[0] >= self.longest:
+                step, held = 1.0, 0
+            else:
+                step, held = min(self.longest, entry[1] * 2), entry[2]
+            self._seen[key] = (now + step, step, 0)
+            if len(self._seen) > 1000:  # many distinct lines: forget the oldest
+                self._seen.pop(next(iter(self._seen)))
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like it held back)"
+            record.args = None
+        return True
+
+
+_LIBRDKAFKA = logging.getLogger("outbox.librdkafka")
+_LIBRDKAFKA.addFilter(RepeatFilter())
+
+
+def librdkafka_logger() -> logging.Logger:
+    """The logger every Kafka client of the relay hands librdkafka (its ``logger``
+    setting), so its lines go through the handlers and formatters of the process,
+    with repeats held back (one line per backoff step in an outage)."""
+    return _LIBRDKAFKA
 
 
 def setup_logging(level: str, *, json_lines: bool = False) -> None:

@@ -32,12 +32,17 @@ if TYPE_CHECKING:  # the asyncio extension needs greenlet, so only apublish impo
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class PublishSettings:
     """Process-wide write-path settings; change them with ``configure()``."""
 
     notify: bool = True
-    max_message_bytes: int | None = None
+    # Kafka's default message.max.bytes: a larger value would also make the relay claim
+    # (and hold) rows of unbounded size. Raise it with configure(max_message_bytes=...).
+    max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES
     json_default: JsonDefault | None = None
     """Your encoder for values ``json`` cannot write, tried before the built-in ones."""
 

@@ -42,8 +42,9 @@ from outbox.batching import (
 from outbox.codec import record_size
 from outbox.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.db import connect, redact
-from outbox.errors import ConfigError, SlotLost, TransientError
-from outbox.kafka import Verdict, classify
+from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
+from outbox.kafka import TopicHolds, Verdict, classify, config_fix, settled
+from outbox.logs import librdkafka_logger
 from outbox.metrics import RelayMetrics
 from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
 
@@ -75,6 +76,7 @@ class Row(NamedTuple):
     header_names: list[str]
     header_values: list[bytes]
     created_ms: int  # the record's timestamp: when the event was written
+    value_bytes: int  # octet_length(value): known even when the claim left a huge value out
 
     @property
     def headers(self) -> list[tuple[str, bytes]]:
@@ -83,11 +85,16 @@ class Row(NamedTuple):
     @property
     def size(self) -> int:
         """What librdkafka compares with message.max.bytes."""
-        return record_size(self.key, self.value, self.headers)
+        return record_size(self.key, None, self.headers) + self.value_bytes
+
+    @property
+    def left_out(self) -> bool:
+        """The claim did not load the value: it is above message.max.bytes on its own."""
+        return self.value is None and self.value_bytes > 0
 
     def may_exceed(self, limit: int) -> bool:
         """Cheap pre-check: only rows near the limit pay for the exact size."""
-        return len(self.value or b"") + len(self.key or b"") + HEADER_ALLOWANCE > limit
+        return self.value_bytes + len(self.key or b"") + HEADER_ALLOWANCE > limit
 
 
 @dataclass(slots=True)
@@ -164,6 +171,12 @@ class SlotWorker(threading.Thread):
         # The next batch, claimed while the last one was in flight; kept only if that one
         # committed, so a failed batch is claimed afresh, ahead of it, in id order (I3).
         self._ahead: list[Row] = []
+        # Missing or unwritable topics, left out of claims for a bounded time.
+        self.holds = TopicHolds(self.config.missing_topic_timeout)
+        # After a request-wide refusal: rows go one per batch up to this id, so only the
+        # row at fault is buried, and in id order (I3, I6).
+        self._narrow_until: int | None = None
+        self._fatal: Any = None  # a fatal error librdkafka reported through error_cb
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -172,6 +185,8 @@ class SlotWorker(threading.Thread):
             self._run()
         except SlotLost as exc:
             log.warning("slot %d lost: %s", self.slot, exc)
+        except ConfigError as exc:  # no retry can help: stop the relay, naming the fix (I8)
+            self.relay.refuse(exc)
         except Exception:
             self.failed = True
             log.exception("slot %d worker failed; the slot is released and retried", self.slot)
@@ -189,6 +204,11 @@ class SlotWorker(threading.Thread):
                 self.drained.clear()
                 empty_polls = 0
                 continue
+            wait_held = min(self.holds.until.values(), default=0.0) - time.monotonic()
+            if self.config.once and wait_held > 0:
+                # --once drains held topics too: wait for their next try (or burial).
+                self.wake.wait(wait_held)
+                continue
             self.drained.set()
             if self.config.once:
                 return
@@ -204,6 +224,10 @@ class SlotWorker(threading.Thread):
 
         A failed batch is claimed afresh on retry, so rows committed meanwhile join it.
         """
+        if self._fatal is not None:
+            log.warning("slot %d: producer failed (%s); building a new one", self.slot, self._fatal)
+            self._fatal = None
+            self._discard_producer()
         if self.producer is None:
             self._start_producer()
             self._needs_recovery = self.transactional
@@ -213,7 +237,10 @@ class SlotWorker(threading.Thread):
         started = time.perf_counter()
         rows, self._ahead = self._ahead or self._claim(), []
         if rows:
+            narrowing = self._narrow_until
             self._publish(rows)
+            if narrowing is not None and rows[-1].id >= narrowing:
+                self._narrow_until = None  # past the rows of the refused request
             self.relay.metrics.batch_size.observe(len(rows))
             self.relay.metrics.batch_seconds.observe(time.perf_counter() - started)
             log.debug(
@@ -226,17 +253,22 @@ class SlotWorker(threading.Thread):
         return bool(rows)
 
     def _retrying(self, fn: Callable[[], Any]) -> Any:
-        """Transient failures are retried forever with capped, jittered backoff."""
-        for attempt in Retrying(
-            retry=retry_if_exception_type(TransientError),
-            wait=wait_random_exponential(multiplier=0.1, max=30),
-            sleep=self._backoff,
-            before_sleep=self._log_retry,
-            stop=lambda rs: self.relay.stop.is_set(),
-            reraise=True,
-        ):
-            with attempt:
-                return fn()
+        """Transient failures are retried with capped, jittered backoff until they pass, or
+        until the relay stops or hands the slot over: then at once, without another try."""
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception_type(TransientError),
+                wait=wait_random_exponential(multiplier=0.1, max=30),
+                sleep=self._backoff,
+                before_sleep=self._log_retry,
+                stop=lambda rs: self._stopping(),
+                reraise=True,
+            ):
+                with attempt:
+                    return fn()
+        except TransientError:
+            if not self._stopping():
+                raise
         return None
 
     def _backoff(self, seconds: float) -> None:
@@ -279,7 +311,7 @@ class SlotWorker(threading.Thread):
         if self.transactional:
             settings["transactional.id"] = self.tid
         settings["error_cb"] = self._on_error
-        settings["logger"] = logging.getLogger("outbox.librdkafka")
+        settings["logger"] = librdkafka_logger()
         self.producer = Producer(settings)
         if self.transactional:
             # Fences the previous owner of this transactional.id, aborts its open transaction (I4).
@@ -289,6 +321,8 @@ class SlotWorker(threading.Thread):
                     return
                 except KafkaException as exc:
                     err = exc.args[0]
+                    if classify(err) is Verdict.CONFIG:
+                        raise ConfigError(f"init_transactions: {config_fix(err)}") from None
                     if self._stopping() or not (
                         err.retriable() or err.code() == KafkaError._TIMED_OUT
                     ):
@@ -296,7 +330,11 @@ class SlotWorker(threading.Thread):
                     log.warning("slot %d: init_transactions: %s; retrying", self.slot, err)
 
     def _on_error(self, err: KafkaError) -> None:
-        log.warning("slot %d: kafka: %s", self.slot, redact(str(err)))
+        """librdkafka's client-wide errors: logged once per repeat window; a fatal one
+        retires the producer before the next batch."""
+        if err.fatal():
+            self._fatal = err
+        librdkafka_logger().warning("slot %d: kafka: %s", self.slot, redact(str(err)))
 
     def _recover(self) -> None:
         """Delete rows the previous owner published but did not get to delete (I4), if
@@ -339,9 +377,15 @@ class SlotWorker(threading.Thread):
             raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
 
     def _claim(self) -> list[Row]:
+        params = {
+            "limit": 1 if self._narrow_until is not None else self.config.batch_size,
+            "held": self.holds.held(time.monotonic()),
+            "max_value_bytes": self.relay.plan.message_max_bytes,
+            "max_bytes": self.config.batch_bytes,
+        }
         # Binary: bytea arrives as bytes, not hex text to decode for every row.
         with self._connection_held(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
-            cur.execute(self.claim_statement, {"limit": self.config.batch_size}, prepare=True)
+            cur.execute(self.claim_statement, params, prepare=True)
             rows = list(map(Row._make, cur.fetchall()))
         self.relay.stats.add(claimed=len(rows))
         return rows
@@ -380,7 +424,7 @@ class SlotWorker(threading.Thread):
         limit = self.relay.plan.message_max_bytes
         sendable = []
         for row in rows:
-            if row.may_exceed(limit) and row.size > limit:
+            if row.left_out or (row.may_exceed(limit) and row.size > limit):
                 self._bury(row, f"record of {row.size} bytes exceeds message.max.bytes={limit}")
             else:
                 sendable.append(row)
@@ -397,13 +441,18 @@ class SlotWorker(threading.Thread):
         else:
             self._publish_idempotent(sendable)
 
-    def _produce(self, rows: list[Row], failures: dict[int, Any]) -> None:
-        """Queue every row; per-row errors land in ``failures`` (delivery reports fill it later)."""
+    def _produce(
+        self, rows: list[Row], failures: dict[int, Any], acked: set[int] | None = None
+    ) -> None:
+        """Queue every row; per-row errors land in ``failures`` and, when asked for, the ids
+        of successful delivery reports in ``acked`` (delivery reports fill them later)."""
 
         def delivered(row_id: int) -> Callable[[Any, Any], None]:
             def cb(err: Any, _msg: Any) -> None:
                 if err is not None:
                     failures[row_id] = err
+                elif acked is not None:
+                    acked.add(row_id)
 
             return cb
 
@@ -425,18 +474,98 @@ class SlotWorker(threading.Thread):
                     failures[row.id] = exc.args[0]
                     break
 
-    def _handle_failures(self, rows: list[Row], failures: dict[int, Any]) -> None:
-        """Bury poison rows; anything else is transient and retried as a whole batch."""
+    def _handle_failures(
+        self, rows: list[Row], failures: dict[int, Any]
+    ) -> tuple[set[int], Exception | None]:
+        """Act on a batch's failed rows as ``kafka.classify`` says; returns the ids moved to
+        the dead table and the error to raise once the caller has settled the rest.
+
+        Nothing is buried for a fatal producer; a request-wide refusal narrows down to
+        one row per batch first; a missing or unwritable topic is held back (the rest of
+        the slot flows) until ``--missing-topic-timeout``, then its rows are buried.
+        """
         by_id = {r.id: r for r in rows}
-        poison = {i: e for i, e in failures.items() if classify(e) is Verdict.POISON}
-        for i, err in poison.items():
-            self._bury(by_id[i], f"{err.name()}: {err.str()}")
-        others = [e for i, e in failures.items() if i not in poison]
-        if any(classify(e) is Verdict.FENCED for e in others):
+        timed_out = {by_id[i].topic for i, e in failures.items() if _code(e) == _TIMED_OUT}
+        missing = self._missing_topics(timed_out) if timed_out else set()
+        verdicts = {
+            i: classify(e, alone=len(rows) == 1, topic_missing=by_id[i].topic in missing)
+            for i, e in failures.items()
+        }
+        found = {v: i for i, v in sorted(verdicts.items(), reverse=True)}  # v -> first id
+        if Verdict.FENCED in found:
             self.relay.stats.add(fenced=1)
-            raise SlotLost(f"fenced: another relay took transactional.id {self.tid}")
-        if others:
-            raise TransientError(f"{len(others)} records failed: {others[0]}")
+            return set(), SlotLost(f"fenced: another relay took transactional.id {self.tid}")
+        if Verdict.CONFIG in found:
+            return set(), ConfigError(
+                f"Kafka refused the relay: {config_fix(failures[found[Verdict.CONFIG]])}"
+            )
+        if Verdict.FATAL in found:
+            self._discard_producer()
+            err = failures[found[Verdict.FATAL]]
+            return set(), TransientError(f"fatal producer error ({err}); building a new producer")
+        moved: set[int] = set()
+        now = time.monotonic()
+        for topic in sorted({by_id[i].topic for i, v in verdicts.items() if v is Verdict.TOPIC}):
+            ids = [i for i, v in verdicts.items() if v is Verdict.TOPIC and by_id[i].topic == topic]
+            if self.holds.failed(topic, now):
+                for i in ids:
+                    err, waited = failures[i], self.config.missing_topic_timeout
+                    self._bury(
+                        by_id[i],
+                        f"{err.name()}: {err.str()}; topic {topic!r} was missing or not "
+                        f"writable for --missing-topic-timeout={waited:g}s",
+                    )
+                moved.update(ids)
+            else:
+                log.warning(
+                    "slot %d: topic %r is missing or not writable (%s); holding its rows back "
+                    "for up to --missing-topic-timeout=%gs while the other topics flow",
+                    self.slot,
+                    topic,
+                    failures[ids[0]],
+                    self.config.missing_topic_timeout,
+                )
+        for i, v in verdicts.items():
+            if v is Verdict.POISON:
+                err = failures[i]
+                self._bury(by_id[i], f"{err.name()}: {err.str()}")
+                moved.add(i)
+        if Verdict.REQUEST in found:
+            refused = [i for i, v in verdicts.items() if v is Verdict.REQUEST]
+            self._narrow_until = max(refused)
+            log.warning(
+                "slot %d: the broker refused a request of %d rows (%s); sending rows one by "
+                "one up to outbox id %d to find the one at fault",
+                self.slot,
+                len(refused),
+                failures[refused[0]],
+                self._narrow_until,
+            )
+        if Verdict.TRANSIENT in found:
+            err = failures[found[Verdict.TRANSIENT]]
+            transient = sum(v is Verdict.TRANSIENT for v in verdicts.values())
+            return moved, TransientError(f"{transient} records failed: {err}")
+        return moved, None
+
+    def _missing_topics(self, topics: set[str]) -> set[str]:
+        """Topics the cluster's metadata says are missing or not writable: a delivery timeout
+        for them is about the topic, not the network (auto-create off, or ACLs)."""
+        missing: set[str] = set()
+        if self.producer is None:
+            return missing
+        for topic in topics:
+            try:
+                md = self.producer.list_topics(topic, timeout=5)
+            except KafkaException:
+                continue  # the cluster is unreachable: a plain transient timeout
+            meta = md.topics.get(topic)
+            if (
+                meta is not None
+                and meta.error is not None
+                and classify(meta.error) is Verdict.TOPIC
+            ):
+                missing.add(topic)
+        return missing
 
     def _publish_transaction(self, rows: list[Row]) -> None:
         """One Kafka transaction: the rows, then the slot's recovery marker.
@@ -491,18 +620,24 @@ class SlotWorker(threading.Thread):
             # The transaction's fate may be unknown: rebuild the producer (init_transactions
             # settles it) and let the marker tell whether these rows were committed.
             self._discard_producer()
-            if classify(exc.args[0]) is Verdict.FENCED:
+            verdict = classify(exc.args[0])
+            if verdict is Verdict.FENCED:
                 self.relay.stats.add(fenced=1)
                 raise SlotLost(f"fenced: another relay took transactional.id {self.tid}") from None
-            self._handle_failures(rows, failures)
-            raise TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
+            if verdict is Verdict.CONFIG:
+                raise ConfigError(f"Kafka refused the relay: {config_fix(exc)}") from None
+            _, error = self._handle_failures(rows, failures)
+            raise error or TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
         if failures or unsent:
             self._abort()
             if not failures:
                 raise TransientError(f"{unsent} records not acknowledged in time")
-            self._handle_failures(rows, failures)
+            _, error = self._handle_failures(rows, failures)
+            if error is not None:
+                raise error
             return
         self._ahead = ahead
+        self.holds.succeeded({r.topic for r in rows})
         self.relay.stats.add(published=len(rows), batches=1)
 
     def _commit(self) -> None:
@@ -532,22 +667,49 @@ class SlotWorker(threading.Thread):
                 producer.purge(in_queue=True, in_flight=True, blocking=False)
 
     def _publish_idempotent(self, rows: list[Row]) -> None:
+        """Send the batch, then delete exactly the rows whose delivery report succeeded (I2)."""
         failures: dict[int, Any] = {}
-        self._produce(rows, failures)
-        self.producer.flush(self.config.transaction_timeout)
-        # Rows after a transiently failed one stay too (they are re-sent): per-key order (I3).
-        retry_from = min(
-            (i for i, e in failures.items() if classify(e) is not Verdict.POISON),
-            default=None,
-        )
-        done = [
-            r.id for r in rows if r.id not in failures and (retry_from is None or r.id < retry_from)
-        ]
+        acked: set[int] = set()
+        self._produce(rows, failures, acked)
+        complete = self._await_reports()
+        moved, error = self._handle_failures(rows, failures) if failures else (set(), None)
+        acked -= failures.keys()
+        done = settled(((r.id, r.topic) for r in rows), acked, moved)
         if done:
             self._delete_rows(done)
+        self.holds.succeeded({r.topic for r in rows if r.id in acked})
         self.relay.stats.add(published=len(done), batches=1)
-        if failures:
-            self._handle_failures(rows, failures)
+        if not complete:  # handed over or stopping: unacknowledged rows stay for the next owner
+            self._discard_producer()
+        elif error is not None:
+            raise error
+
+    def _await_reports(self) -> bool:
+        """Wait for every record's delivery report; False if the relay stops or hands the
+        slot over first. librdkafka retries a record until delivery.timeout.ms, then
+        reports it failed, so this ends; meanwhile one line per flush timeout says why."""
+        started = last_said = time.monotonic()
+        while (unacked := self.producer.flush(0.5)) > 0:
+            if self._stopping():
+                return False
+            now = time.monotonic()
+            if now - last_said >= self.config.transaction_timeout:
+                last_said = now
+                log.warning(
+                    "slot %d: %d records not acknowledged after %.0f s; they stay in the "
+                    "outbox while librdkafka retries them (until delivery.timeout.ms)",
+                    self.slot,
+                    unacked,
+                    now - started,
+                )
+        return True
+
+
+def _code(err: Any) -> int:
+    return int(err.code())
+
+
+_TIMED_OUT = KafkaError._MSG_TIMED_OUT
 
 
 class Relay:
@@ -587,10 +749,14 @@ class Relay:
             log.warning("%s", warning)
         self._control = self._first_connection()
         try:
-            self._start_up()
+            self._check_schema()
+            ready = self._start_up()
         except BaseException:
             self._close_clients()
             raise
+        if not ready:  # told to stop while waiting for Kafka
+            self._close_clients()
+            return self.stats
         # Long-lived start-up objects leave the GC's generations: full collections
         # otherwise walk them again and again while the slot threads hold the GIL.
         gc.freeze()
@@ -612,16 +778,18 @@ class Relay:
             raise self.fatal
         return self.stats
 
-    def _start_up(self) -> None:
-        """Identity, state topic, prefix and slot-count checks: all before any slot runs."""
+    def _start_up(self) -> bool:
+        """Identity, Kafka (settings, reachability, state topic), prefix and slot-count
+        checks: all before any slot runs. False: told to stop while waiting for Kafka."""
         self.outbox_id = self._load_identity()
         log.info(
             "outbox %s: transactional ids %s-<slot>",
             self.outbox_id,
             self.config.tid_prefix(self.outbox_id),
         )
+        if not self._wait_for_kafka():
+            return False
         if self.config.guarantee is Guarantee.EXACTLY_ONCE:
-            self._ensure_state_topic()
             self._refuse_a_shared_prefix()
         for attempt in Retrying(  # settling a changed layout needs Kafka: wait for it
             retry=retry_if_exception_type(TransientError),
@@ -635,6 +803,7 @@ class Relay:
         ):
             with attempt:
                 self._announce_slot_count()
+        return True
 
     def _close_clients(self) -> None:
         for consumer in (self._marker_consumer, self._end_consumer):
@@ -687,6 +856,13 @@ class Relay:
 
     # -- slots -----------------------------------------------------------------
 
+    def _check_schema(self) -> None:
+        """An unmigrated database stops the relay at once, naming the fix (I8)."""
+        assert self._control is not None
+        row = self._control.execute(sql.OUTBOX_TABLES).fetchone()
+        if row is None or row["events"] is None or row["dead"] is None:
+            raise NotMigrated("no outbox_events / outbox_dead_events table")
+
     def _announce_slot_count(self) -> None:
         """Check and announce the slot count under one lock: of relays started together
         with different ``--slots``, only the first runs. A new layout is adopted only
@@ -723,7 +899,7 @@ class Relay:
         )
         for slot in range(before):
             tid = self.transactional_id(slot)
-            producer = Producer(dict(self.relay_settings(tid)))
+            producer = Producer(self.relay_settings(tid) | {"logger": librdkafka_logger()})
             try:
                 producer.init_transactions(self.config.transaction_timeout)
                 raw = self.read_marker(slot, tid, self.stop)
@@ -970,11 +1146,63 @@ class Relay:
                 )
                 self.stop.wait(min(30.0, 0.5 * 2**failures))
 
+    # -- Kafka at start ---------------------------------------------------------
+
+    def _wait_for_kafka(self) -> bool:
+        """Check the Kafka settings and reach the cluster before taking any slot.
+
+        A setting librdkafka does not know, or credentials/ACLs the cluster refuses,
+        raise ConfigError (I8). An unreachable cluster is waited for by the daemon
+        with backoff, one line per attempt; ``--once`` raises KafkaUnavailable.
+        False: told to stop while waiting.
+        """
+        attempt = 0
+        while True:
+            try:
+                self._probe_kafka()
+                if self.config.guarantee is Guarantee.EXACTLY_ONCE:
+                    self._ensure_state_topic()
+                return True
+            except KafkaException as exc:
+                problem = str(exc.args[0].str() if exc.args else exc)
+            where = f"Kafka at {self.config.bootstrap_servers} is unreachable ({problem})"
+            if self.config.once:
+                raise KafkaUnavailable(f"{where}; check --bootstrap-servers and the network")
+            attempt += 1
+            delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
+            log.warning("%s; retrying in %.0f s", where, delay)
+            if self.stop.wait(delay):
+                return False
+
+    def _probe_kafka(self) -> None:
+        """One metadata request with the producer's own settings; raises KafkaException."""
+        errors: list[KafkaError] = []
+        settings: dict[str, Any] = dict(self.plan.settings)
+        settings |= {"error_cb": errors.append, "logger": librdkafka_logger()}
+        try:
+            probe = Producer(settings)
+        except KafkaException as exc:
+            raise ConfigError(
+                f"Kafka setting refused: {exc.args[0].str()}; fix or remove it in -X or "
+                "--producer-config"
+            ) from None
+        try:
+            probe.list_topics(timeout=10)
+        except KafkaException:
+            probe.poll(0)  # serve error_cb: an authentication failure says more than a timeout
+            for err in errors:
+                if classify(err) is Verdict.CONFIG:
+                    raise ConfigError(f"Kafka refused the relay: {config_fix(err)}") from None
+            raise
+        finally:
+            probe.purge()
+
     # -- recovery marker -------------------------------------------------------
 
     def _ensure_state_topic(self) -> None:
         """The compacted topic holding each slot's last marker, one partition per possible slot."""
-        admin = AdminClient({"bootstrap.servers": self.config.bootstrap_servers})
+        settings: dict[str, Any] = self.plan.connection | {"logger": librdkafka_logger()}
+        admin = AdminClient(settings)
         topic = self.config.state_topic
         md = admin.list_topics(timeout=30)
         if topic in md.topics and not md.topics[topic].error:
@@ -1011,8 +1239,9 @@ class Relay:
 
     def _consumer(self, isolation: str) -> Any:
         return Consumer(
-            {
-                "bootstrap.servers": self.config.bootstrap_servers,
+            self.plan.connection
+            | {
+                "logger": librdkafka_logger(),
                 "group.id": f"{self.config.tid_prefix(self.outbox_id)}-marker-reader",
                 "isolation.level": isolation,
                 "enable.auto.commit": False,

@@ -37,6 +37,11 @@ SELECT pg_notify(:channel, CAST(:shard AS text))
 
 # -- relay ------------------------------------------------------------------------
 
+# Are the outbox tables there? (NULL: never migrated.)
+OUTBOX_TABLES = """
+SELECT to_regclass('outbox_events') AS events, to_regclass('outbox_dead_events') AS dead
+"""
+
 # Take a slot for this session; released when the session ends (crash included).
 TRY_LOCK_SLOT = "SELECT pg_try_advisory_lock(%(namespace)s, %(slot)s)"
 
@@ -79,20 +84,45 @@ INSERT INTO outbox_identity (outbox_id) VALUES (gen_random_uuid()) ON CONFLICT D
 # Remember the slot layout once the batches of the previous one are settled.
 RECORD_SLOT_COUNT = "UPDATE outbox_identity SET slot_count = %(slots)s"
 
-_CLAIMED = """id, event_id, topic, key, value, header_names, header_values,
-       (extract(epoch FROM created_at) * 1000)::int8 AS created_ms"""
+_CLAIMED = "id, event_id, topic, key, value, header_names, header_values, created_at"
+
+# Bytes a claimed row brings into the relay's memory; a value above the relay's limit
+# is never loaded (it is buried by id), so it counts for nothing. octet_length() of a
+# bytea reads the TOAST header only, not the value.
+_ROW_BYTES = """coalesce(octet_length(key), 0)
+       + CASE WHEN octet_length(value) > %(max_value_bytes)s THEN 0
+              ELSE coalesce(octet_length(value), 0) END"""
+
+# The rows of a claim up to a byte budget, in id order: the first row always (however
+# large), then rows while the running total stays under ``max_bytes``. Values above
+# ``max_value_bytes`` come back as NULL with their size, to be buried by id.
+_BUDGETED = f"""
+SELECT id, event_id, topic, key,
+       CASE WHEN octet_length(value) > %(max_value_bytes)s THEN NULL ELSE value END AS value,
+       header_names, header_values,
+       (extract(epoch FROM created_at) * 1000)::int8 AS created_ms,
+       coalesce(octet_length(value), 0) AS value_bytes
+FROM (
+  SELECT sized.*, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS running_bytes
+  FROM (SELECT claimed.*, {_ROW_BYTES} AS row_bytes FROM ({{claim}}) AS claimed) AS sized
+) AS budgeted
+WHERE running_bytes - row_bytes < %(max_bytes)s
+ORDER BY id
+"""
 
 # Oldest pending rows of every shard, in id order: the claim of a slot owning them all.
-CLAIM_BATCH = f"""
-SELECT {_CLAIMED}
-FROM outbox_events
-ORDER BY id
-LIMIT %(limit)s
-"""
+# Held topics (missing or not writable, see kafka.TopicHolds) are left out.
+CLAIM_BATCH = _BUDGETED.format(
+    claim=f"""SELECT {_CLAIMED}
+  FROM outbox_events WHERE topic <> ALL(%(held)s::text[])
+  ORDER BY id
+  LIMIT %(limit)s"""
+)
 
 # One shard's oldest pending rows, on (shard, id); claim_batch() merges a slot's in id order.
 CLAIM_SHARD = f"""(SELECT {_CLAIMED}
- FROM outbox_events WHERE shard = {{shard:d}} ORDER BY id LIMIT %(limit)s)"""
+ FROM outbox_events WHERE shard = {{shard:d}} AND topic <> ALL(%(held)s::text[])
+ ORDER BY id LIMIT %(limit)s)"""
 
 
 def claim_batch(shards: Iterable[int]) -> str:
@@ -103,13 +133,14 @@ def claim_batch(shards: Iterable[int]) -> str:
     on ``shard = ANY(...)`` instead walks every other slot's rows below the
     ones it wants: behind a slot that lags (its relay was down), each claim of
     the others grew with that backlog (18 ms instead of 4 for 1000 rows past
-    50k of another slot's).
+    50k of another slot's). The byte budget is a window sum over the claimed
+    rows' sizes on top of the same scans, so the claim stays index-driven.
     """
     own = sorted(set(shards))
     if len(own) == _SHARD_COUNT:
         return CLAIM_BATCH
     merged = "\nUNION ALL\n".join(CLAIM_SHARD.format(shard=shard) for shard in own)
-    return f"{merged}\nORDER BY id\nLIMIT %(limit)s"
+    return _BUDGETED.format(claim=f"{merged}\nORDER BY id\nLIMIT %(limit)s")
 
 
 # Remove rows whose Kafka transaction has committed (I2).

@@ -395,10 +395,11 @@ def test_a_slots_claim_reads_none_of_the_rows_of_a_slot_that_lags(engine: Engine
                 {"shards": shards, "n": n},
             )
         conn.execute(text("ANALYZE outbox_events"))
+        params = {"limit": 20, "held": [], "max_value_bytes": 1_000_000, "max_bytes": 1 << 24}
         plan = conn.exec_driver_sql(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.claim_batch(claiming), {"limit": 20}
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.claim_batch(claiming), params
         ).scalar_one()[0]["Plan"]
-        claimed = conn.exec_driver_sql(sql.claim_batch(claiming), {"limit": 20}).all()
+        claimed = conn.exec_driver_sql(sql.claim_batch(claiming), params).all()
     nodes = list(_plan_nodes(plan))
     scans = [n for n in nodes if n["Node Type"] == "Index Scan"]
     assert {n["Index Name"] for n in scans} == {"outbox_events_shard_id"}

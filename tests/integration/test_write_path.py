@@ -86,12 +86,24 @@ def test_i8_bad_value_fails_inside_the_transaction_before_commit(engine: Engine)
 
 
 def test_i8_oversized_value_refused_when_limit_configured(engine: Engine) -> None:
+    saved = configure().max_message_bytes
     configure(max_message_bytes=1000)
     try:
         with Session(engine) as session, pytest.raises(EventError, match="max_message_bytes=1000"):
             publish(session, topic="t", key="k", value=b"x" * 2000)
     finally:
-        configure(max_message_bytes=None)
+        configure(max_message_bytes=saved)
+
+
+def test_i8_publish_refuses_values_over_1_mb_by_default_naming_the_setting(
+    engine: Engine,
+) -> None:
+    """Bounded memory: without a configured limit, publish() took 100 MB values."""
+    with Session(engine) as session, session.begin():
+        with pytest.raises(EventError, match=r"outbox\.configure\(max_message_bytes="):
+            publish(session, topic="t", key="k", value=b"x" * 1_000_001)
+        publish(session, topic="t", key="k", value=b"x" * 900_000)
+    assert _pending(engine) == 1
 
 
 def test_event_id_is_an_idempotency_key_while_pending(engine: Engine) -> None:

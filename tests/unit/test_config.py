@@ -22,6 +22,7 @@ from outbox.config import (
     RelayConfig,
     canonical,
     check_producer_rules,
+    is_connection_setting,
     parse_overrides,
     producer_settings,
 )
@@ -515,6 +516,42 @@ def test_parse_overrides_reads_key_value_pairs() -> None:
 def test_i8_parse_overrides_refuses_what_is_not_key_value(pair: str) -> None:
     with pytest.raises(ConfigError, match=r"is not key=value \(e.g. -X linger.ms=10\)"):
         parse_overrides([pair])
+
+
+SECURED = {
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanisms": "SCRAM-SHA-512",
+    "sasl.username": "relay",
+    "sasl.password": "s3cret",
+    "ssl.ca.location": "/etc/ca.pem",
+    "enable.ssl.certificate.verification": "true",
+    "client.dns.lookup": "use_all_dns_ips",
+    "socket.keepalive.enable": "true",
+    "metadata.broker.list": "ignored:1",
+}
+PRODUCER_ONLY = {"linger.ms": "20", "compression.type": "zstd", "acks": "all", "batch.size": "9"}
+
+
+@pytest.mark.parametrize("name", sorted(SECURED))
+def test_connection_and_security_settings_are_connection_settings(name: str) -> None:
+    assert is_connection_setting(name)
+
+
+@pytest.mark.parametrize("name", [*sorted(PRODUCER_ONLY), "enable.idempotence", "retries"])
+def test_producer_only_settings_are_not_given_to_other_clients(name: str) -> None:
+    assert not is_connection_setting(name)
+
+
+def test_every_kafka_client_of_the_relay_gets_the_same_connection_settings() -> None:
+    """The admin client and the marker consumer reach a SASL_SSL cluster like the producer."""
+    overrides = {k: v for k, v in SECURED.items() if k != "metadata.broker.list"}
+    plan = producer_settings(
+        bootstrap_servers="b:9093",
+        guarantee=Guarantee.EXACTLY_ONCE,
+        overrides=overrides | PRODUCER_ONLY,
+    )
+    assert plan.connection == {"bootstrap.servers": "b:9093"} | overrides
+    assert all(plan.settings[k] == v for k, v in plan.connection.items())
 
 
 def test_i8_replaces_outbox_must_be_an_outbox_id() -> None:

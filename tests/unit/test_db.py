@@ -287,11 +287,11 @@ def test_a_slots_claim_scans_each_of_its_shards_and_merges_them_in_id_order(slot
             assert claim == sql.CLAIM_BATCH
             assert "shard" not in claim
             continue
-        found = [int(s) for s in re.findall(r"WHERE shard = (\d+) ORDER BY id", claim)]
+        found = [int(s) for s in re.findall(r"WHERE shard = (\d+) AND", claim)]
         assert found == sorted(shards)
         assert claim.count("UNION ALL") == len(found) - 1
-        assert claim.rstrip().endswith("ORDER BY id\nLIMIT %(limit)s")
-        assert set(PYFORMAT.findall(claim)) == {"limit"}
+        assert "ORDER BY id\nLIMIT %(limit)s) AS claimed" in claim
+        assert set(PYFORMAT.findall(claim)) == {"limit", "held", "max_value_bytes", "max_bytes"}
 
 
 def test_only_caller_given_event_ids_pay_for_on_conflict() -> None:

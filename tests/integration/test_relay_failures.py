@@ -1,0 +1,392 @@
+"""The relay's failure classes (issue 14): no loss in at-least-once (I2), no slot blocked by one
+topic and no innocent row buried (I6), prompt hand-over, fatal producers rebuilt, every Kafka
+client secured alike, bounded memory.
+
+Faults the embedded Tansu broker cannot produce (a missing topic with auto-create off, a
+topic's max.message.bytes below the producer's, a fatal idempotence error) are injected where
+librdkafka reports them: into the delivery reports of a real batch sent to the real broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from outbox import configure, publish, relay, sql
+from outbox.config import Guarantee
+from outbox.embedded import EmbeddedBroker
+from outbox.relay import Relay, Row, SlotWorker
+from tests.conftest import Broker, RelayHandle
+from tests.integration.test_relay import proxied_broker  # noqa: F401 - a shared fixture
+from tests.support import KafkaReader, TcpProxy, wait_for
+
+ALO = Guarantee.AT_LEAST_ONCE
+
+
+def _pending(engine: Engine, topic: str | None = None) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM outbox_events "
+                    "WHERE CAST(:t AS text) IS NULL OR topic = :t"
+                ),
+                {"t": topic},
+            ).scalar_one()
+        )
+
+
+def _dead(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT * FROM outbox_dead_events ORDER BY id")))
+
+
+def _publish(engine: Engine, topic: str, values: list[str], *, keys: int = 3) -> list[str]:
+    with Session(engine) as session, session.begin():
+        return [
+            str(publish(session, topic=topic, key=f"k{i % keys}", value=v))
+            for i, v in enumerate(values)
+        ]
+
+
+def _inject(
+    monkeypatch: pytest.MonkeyPatch, fail: Callable[[SlotWorker, list[Row]], dict[int, int]]
+) -> None:
+    """Send each batch to the real broker, then report the errors ``fail`` picks (row id ->
+    code) for it, as librdkafka would in the delivery reports."""
+    real_produce = SlotWorker._produce
+
+    def produce(
+        self: SlotWorker, rows: list[Row], failures: dict[int, Any], acked: Any = None
+    ) -> None:
+        real_produce(self, rows, failures, acked)
+        for row_id, code in fail(self, rows).items():
+            failures[row_id] = KafkaError(code, fatal=code == KafkaError._FATAL)
+
+    monkeypatch.setattr(SlotWorker, "_produce", produce)
+
+
+def test_i2_at_least_once_keeps_rows_whose_delivery_outlasted_the_flush_timeout(
+    engine: Engine,
+    topic: str,
+    proxied_broker: tuple[EmbeddedBroker, TcpProxy],  # noqa: F811
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    """The broker is away longer than the flush timeout: before the fix the rows were deleted
+    and their records expired later (loss)."""
+    broker, proxy = proxied_broker
+    handle = start_relay(
+        bootstrap_servers=broker.bootstrap_servers,
+        guarantee=ALO,
+        transaction_timeout=1.0,  # the flush timeout
+        producer_overrides={
+            "request.timeout.ms": "1500",
+            "socket.timeout.ms": "1500",
+            "message.timeout.ms": "4000",
+        },
+    )
+    first = _publish(engine, topic, [f"a{i}" for i in range(10)])
+    wait_for(lambda: _pending(engine) == 0, what="first events published")
+    proxy.cut()
+    second = _publish(engine, topic, [f"b{i}" for i in range(10)])
+    wait_for(
+        lambda: handle.relay.stats.retries >= 1,
+        timeout=60,
+        what="the records expired unacknowledged and the batch is retried",
+    )
+    assert _pending(engine) == 10, "rows left the outbox without a delivery report"
+    proxy.restore()
+    wait_for(lambda: _pending(engine) == 0, timeout=90, what="drained after the broker is back")
+    handle.stop()
+    got = {r.event_id for r in KafkaReader(broker.bootstrap_servers).read(topic, 20)}
+    assert got >= set(first) | set(second)
+
+
+def test_a_slot_handed_over_while_retrying_stops_at_once(
+    engine: Engine,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the fix the interrupt stayed set: retries spun without backoff, never handed over."""
+    _inject(monkeypatch, lambda worker, rows: {r.id: KafkaError._TRANSPORT for r in rows})
+    _publish(engine, topic, ["v1", "v2", "v3"])
+    handle = start_relay(slots=1, guarantee=ALO)
+    wait_for(lambda: handle.relay.stats.retries >= 2, what="the slot retries the failing batch")
+    worker = handle.relay.workers[0]
+    retries = handle.relay.stats.retries
+    worker.hand_over()
+    wait_for(lambda: not worker.is_alive(), timeout=10, what="the worker gave the slot away")
+    assert handle.relay.stats.retries - retries <= 1
+    assert _pending(engine) == 3  # nothing was acknowledged: nothing left the outbox
+    assert not worker.failed
+
+
+def test_a_fatal_producer_error_builds_a_new_producer(
+    engine: Engine,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    producers: list[Any] = []  # kept alive, so their ids stay distinct
+
+    def first_batch_fatal(worker: SlotWorker, rows: list[Row]) -> dict[int, int]:
+        producers.append(worker.producer)
+        return {rows[0].id: KafkaError._FATAL} if len(producers) == 1 else {}
+
+    _inject(monkeypatch, first_batch_fatal)
+    ids = _publish(engine, topic, [f"v{i}" for i in range(5)])
+    drain(slots=1, guarantee=ALO)
+    assert len({id(p) for p in producers}) == 2, (
+        "the batch was retried with the same (fatal) producer"
+    )
+    assert _pending(engine) == 0
+    assert _dead(engine) == []  # a fatal producer's error is no row's fault
+    assert {r.event_id for r in kafka.read(topic, 5)} >= set(ids)
+
+
+@pytest.mark.parametrize("guarantee", [Guarantee.EXACTLY_ONCE, ALO])
+def test_i6_a_missing_topic_is_held_then_buried_while_the_other_topics_flow(
+    engine: Engine,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+    guarantee: Guarantee,
+) -> None:
+    """A row for a topic that does not exist (auto-create off) was retried forever as
+    transient, and every other topic of its slot waited behind it."""
+    missing = f"{topic}.DLT"
+    _inject(
+        monkeypatch,
+        lambda worker, rows: {
+            r.id: KafkaError.UNKNOWN_TOPIC_OR_PART for r in rows if r.topic == missing
+        },
+    )
+    lost = _publish(engine, missing, ["m1", "m2"], keys=1)
+    flowing = _publish(engine, topic, [f"v{i}" for i in range(20)], keys=1)
+    handle = start_relay(
+        slots=1,
+        guarantee=guarantee,
+        missing_topic_timeout=10.0,
+        # On Apache Kafka the topic really is missing: librdkafka reports it after this.
+        producer_overrides={
+            "request.timeout.ms": "40000",
+            "topic.metadata.propagation.max.ms": "1000",
+        },
+    )
+    wait_for(lambda: _pending(engine, topic) == 0, timeout=20, what="the other topic flowed")
+    assert _pending(engine, missing) == 2, "the missing topic's rows were buried before its time"
+    wait_for(lambda: len(_dead(engine)) == 2, timeout=30, what="rows of the missing topic buried")
+    handle.stop()
+    dead = _dead(engine)
+    assert sorted(str(d.event_id) for d in dead) == sorted(lost)
+    assert all("--missing-topic-timeout=10s" in d.error for d in dead)
+    records = kafka.read(topic, 20)
+    assert {r.event_id for r in records} >= set(flowing)
+
+
+def test_i6_a_request_wide_refusal_buries_only_the_row_at_fault_in_key_order(
+    engine: Engine,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A topic's max.message.bytes below the producer's refuses the whole request: every row
+    of it was buried as poison, innocent ones included."""
+
+    def refuse_requests_holding_the_big_one(worker: SlotWorker, rows: list[Row]) -> dict[int, int]:
+        if any(r.value in {b'"big"', b"big"} for r in rows):
+            return {r.id: KafkaError.MSG_SIZE_TOO_LARGE for r in rows}
+        return {}
+
+    _inject(monkeypatch, refuse_requests_holding_the_big_one)
+    values = [f"v{i}" for i in range(12)]
+    values[5] = "big"
+    ids = _publish(engine, topic, values)
+    drain(slots=1)
+    dead = _dead(engine)
+    assert [str(d.event_id) for d in dead] == [ids[5]]
+    assert "MSG_SIZE_TOO_LARGE" in dead[0].error
+    committed = {r.event_id: r for r in sorted(kafka.read(topic, 11), key=lambda r: r.offset)}
+    assert set(committed) >= set(ids) - {ids[5]}
+    by_key: dict[bytes | None, list[int]] = defaultdict(list)
+    for r in sorted(committed.values(), key=lambda r: (r.partition, r.offset)):
+        if r.event_id in ids:
+            by_key[r.key].append(ids.index(r.event_id))
+    assert all(order == sorted(order) for order in by_key.values())
+
+
+def test_every_kafka_client_of_the_relay_gets_the_connection_settings(
+    engine: Engine,
+    topic: str,
+    drain: Callable[..., Relay],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the fix the admin client and the marker consumer got bootstrap.servers only, so
+    the default relay could not start against a SASL_SSL cluster."""
+    secured = {
+        "security.protocol": "plaintext",
+        "client.dns.lookup": "use_all_dns_ips",
+        "socket.keepalive.enable": "true",
+        "reconnect.backoff.max.ms": "2000",
+    }
+    received: dict[str, list[dict[str, Any]]] = defaultdict(list)
+
+    def spy(name: str, real: Any) -> Any:
+        def make(settings: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            received[name].append(dict(settings))
+            return real(settings, *args, **kwargs)
+
+        return make
+
+    for name in ("Producer", "AdminClient", "Consumer"):
+        monkeypatch.setattr(relay, name, spy(name, getattr(relay, name)))
+    _publish(engine, topic, ["v"])
+    drain(slots=1, producer_overrides={"request.timeout.ms": "40000", **secured})
+    assert _pending(engine) == 0
+    assert set(received) == {"Producer", "AdminClient", "Consumer"}
+    for name, made in received.items():
+        for settings in made:
+            assert {k: settings.get(k) for k in secured} == secured, name
+
+
+def test_a_claim_stops_at_its_byte_budget_and_leaves_huge_values_unloaded(
+    engine: Engine,
+) -> None:
+    saved = configure().max_message_bytes
+    configure(max_message_bytes=None)
+    try:
+        with Session(engine) as session, session.begin():
+            for size in (100_000, 100_000, 100_000, 2_000_000, 100_000):
+                publish(session, topic="t", key="k", value=b"x" * size)
+    finally:
+        configure(max_message_bytes=saved)
+    claim = sql.claim_batch(range(32))
+    params = {"limit": 1000, "held": [], "max_value_bytes": 1_000_000, "max_bytes": 250_000}
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(claim, params).all()
+        # The first row always, then rows while the running total stays under the budget.
+        assert [r.value_bytes for r in rows] == [100_000] * 3
+        params["max_bytes"] = 10_000_000
+        rows = conn.exec_driver_sql(claim, params).all()
+        assert [r.value_bytes for r in rows] == [100_000] * 3 + [2_000_000, 100_000]
+        assert rows[3].value is None  # above the relay's limit: never loaded
+    with engine.begin() as conn:  # a backlog behind them, so the planner's choice matters
+        conn.execute(
+            text(
+                "INSERT INTO outbox_events (event_id, topic, shard, key, value, header_names, "
+                "header_values) SELECT gen_random_uuid(), 't', i % 32, NULL, 'v', '{}', '{}' "
+                "FROM generate_series(1, 5000) AS i"
+            )
+        )
+        conn.execute(text("ANALYZE outbox_events"))
+        params["limit"] = 100
+        plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + claim, params).scalar_one()
+    # The budget is a window over the claim's index scan, stopped by its LIMIT.
+    assert "outbox_events_pkey" in json.dumps(plan) or "Index Scan" in json.dumps(plan)
+    assert "Seq Scan" not in json.dumps(plan)
+    assert '"Limit"' in json.dumps(plan)
+
+
+def test_i6_a_row_too_large_for_the_relay_is_buried_without_being_loaded(
+    engine: Engine,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    saved = configure().max_message_bytes
+    configure(max_message_bytes=None)
+    try:
+        ids = _publish(engine, topic, ["before", "x" * 3_000_000, "after"], keys=1)
+    finally:
+        configure(max_message_bytes=saved)
+    buried: list[Row] = []
+    real_bury = SlotWorker._bury
+
+    def bury(self: SlotWorker, row: Row, error: str) -> None:
+        buried.append(row)
+        real_bury(self, row, error)
+
+    monkeypatch.setattr(SlotWorker, "_bury", bury)
+    drain(slots=1)
+    assert [r.value for r in buried] == [None]
+    dead = _dead(engine)
+    assert [str(d.event_id) for d in dead] == [ids[1]]
+    assert len(dead[0].value) == 3_000_000  # moved aside whole, by the database
+    assert "exceeds message.max.bytes=1000000" in dead[0].error
+    assert [r.value for r in kafka.read(topic, 2)] == [b"before", b"after"]
+
+
+# -- on Apache Kafka: what Tansu cannot show -------------------------------------------
+
+
+@pytest.mark.needs_apache_kafka
+def test_the_relay_publishes_through_a_sasl_listener(
+    engine: Engine, topic: str, broker: Broker, drain: Callable[..., Relay], kafka: KafkaReader
+) -> None:
+    """SCRAM-SHA-512 on every client: before, the admin client that creates the state topic
+    and the marker consumer got bootstrap.servers only and could not connect."""
+    secured = broker.cluster.sasl_client_config()
+    bootstrap = secured.pop("bootstrap.servers")
+    ids = _publish(engine, topic, [f"v{i}" for i in range(10)])
+    drain(
+        slots=1,
+        bootstrap_servers=bootstrap,
+        state_topic=f"outbox.sasl-state.{uuid.uuid4().hex[:6]}",
+        producer_overrides={"request.timeout.ms": "40000", **secured},
+    )
+    assert _pending(engine) == 0
+    assert sorted(r.event_id for r in kafka.read(topic, 10)) == sorted(ids)
+
+
+@pytest.mark.needs_apache_kafka
+def test_i6_a_topic_that_does_not_exist_is_buried_after_its_timeout_on_apache_kafka(
+    engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
+) -> None:
+    """auto.create.topics.enable=false: before, its rows blocked the slot forever."""
+    missing = f"{topic}.DLT"
+    lost = _publish(engine, missing, ["m1", "m2"], keys=1)
+    flowing = _publish(engine, topic, [f"v{i}" for i in range(10)], keys=1)
+    handle = start_relay(
+        slots=1,
+        missing_topic_timeout=8.0,
+        producer_overrides={
+            "request.timeout.ms": "40000",
+            "topic.metadata.propagation.max.ms": "1000",
+        },
+    )
+    wait_for(lambda: _pending(engine, topic) == 0, timeout=60, what="the other topic flowed")
+    wait_for(lambda: len(_dead(engine)) == 2, timeout=90, what="the missing topic's rows buried")
+    handle.stop()
+    assert sorted(str(d.event_id) for d in _dead(engine)) == sorted(lost)
+    assert sorted(r.event_id for r in kafka.read(topic, 10)) == sorted(flowing)
+
+
+@pytest.mark.needs_apache_kafka
+def test_i6_a_topics_max_message_bytes_buries_only_the_large_row_on_apache_kafka(
+    engine: Engine, make_topic: Callable[..., str], drain: Callable[..., Relay], kafka: KafkaReader
+) -> None:
+    """The broker refuses the whole request holding the large record: before, every row of it
+    was buried, innocent ones included."""
+    topic = make_topic(config={"max.message.bytes": "20000"})
+    values: list[Any] = [f"v{i}" for i in range(12)]
+    values[5] = os.urandom(60_000)  # incompressible: too large for the topic, not the producer
+    with Session(engine) as session, session.begin():
+        ids = [str(publish(session, topic=topic, key="k", value=v)) for v in values]
+    drain(slots=1)
+    assert [str(d.event_id) for d in _dead(engine)] == [ids[5]]
+    records = kafka.read(topic, 11)
+    assert [r.event_id for r in records] == ids[:5] + ids[6:]  # one key: in order
