@@ -747,10 +747,8 @@ class Relay:
         """Run until ``stop`` is set (or, with ``once``, until the owned slots are drained)."""
         for warning in self.plan.warnings:
             log.warning("%s", warning)
-        self._control = self._first_connection()
         try:
-            self._check_schema()
-            ready = self._start_up()
+            ready = self._start_up_with_database()
         except BaseException:
             self._close_clients()
             raise
@@ -777,6 +775,27 @@ class Relay:
         if self.fatal is not None:
             raise self.fatal
         return self.stats
+
+    def _start_up_with_database(self) -> bool:
+        """Connect, check the schema, then start up. A database that goes away meanwhile
+        (a restart, a failover) is waited for by a daemon, like one that is not up yet;
+        ``--once`` reports it in one line."""
+        attempt = 0
+        while True:
+            self._control = self._first_connection()
+            try:
+                self._check_schema()
+                return self._start_up()
+            except psycopg.OperationalError as exc:
+                message = f"database connection lost during start-up: {redact(str(exc))}"
+                self._control.close()
+                if self.config.once or self.stop.is_set():
+                    raise ConnectionError(message) from None
+                attempt += 1
+                delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
+                log.warning("%s; starting again in %.1f s", " ".join(message.split()), delay)
+                if self.stop.wait(delay):
+                    return False
 
     def _start_up(self) -> bool:
         """Identity, Kafka (settings, reachability, state topic), prefix and slot-count

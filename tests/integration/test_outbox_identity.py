@@ -26,6 +26,7 @@ from outbox.errors import ConfigError
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for, slot_of_shard
 from outbox.relay import Relay, SlotWorker
+from outbox.schema import VERSION_TABLE, metadata
 from tests.conftest import RelayHandle, Services, create_database, drop_database
 from tests.support import KafkaReader, wait_for
 
@@ -181,12 +182,8 @@ def test_i9_an_outbox_dropped_and_migrated_again_loses_nothing_to_its_old_marker
     first = _publish_many(engine, topic, 30)
     _drain(database_url, bootstrap_servers)  # its markers name outbox ids 1..30
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "DROP TABLE IF EXISTS outbox_events, outbox_dead_events, "
-                "outbox_processed_events, outbox_identity, outbox_alembic_version"
-            )
-        )
+        tables = [t.name for t in metadata.sorted_tables] + [VERSION_TABLE]
+        conn.execute(text(f"DROP TABLE IF EXISTS {', '.join(tables)}"))
     upgrade(database_url)  # a new outbox: a new identity (see the test above)
     second = _publish_many(engine, topic, 30)  # outbox ids 1..30 again
     relay = _drain(database_url, bootstrap_servers)

@@ -27,7 +27,7 @@ from outbox.embedded import EmbeddedBroker
 from outbox.relay import Relay, Row, SlotWorker
 from tests.conftest import Broker, RelayHandle
 from tests.integration.test_relay import proxied_broker  # noqa: F401 - a shared fixture
-from tests.support import KafkaReader, TcpProxy, wait_for
+from tests.support import KafkaReader, TcpProxy, assert_exactly_once, wait_for
 
 ALO = Guarantee.AT_LEAST_ONCE
 
@@ -390,3 +390,38 @@ def test_i6_a_topics_max_message_bytes_buries_only_the_large_row_on_apache_kafka
     assert [str(d.event_id) for d in _dead(engine)] == [ids[5]]
     records = kafka.read(topic, 11)
     assert [r.event_id for r in records] == ids[:5] + ids[6:]  # one key: in order
+
+
+def test_i8_a_database_lost_during_start_up_is_waited_for_by_the_daemon(
+    engine: Engine,
+    database_url: str,
+    topic: str,
+    kafka: KafkaReader,
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    """A PostgreSQL restart while a relay starts used to end the daemon with a traceback."""
+    ids = _publish(engine, topic, [f"v{i}" for i in range(20)])
+    database = engine.url.database
+    with engine.connect() as locker:
+        # The relay's start-up reads the identity row: hold it there, then cut its connection.
+        locker.execute(text("LOCK TABLE outbox_identity IN ACCESS EXCLUSIVE MODE"))
+
+        def blocked_backend() -> int | None:
+            with engine.connect() as conn:
+                return conn.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = :db "
+                        "AND wait_event_type = 'Lock' AND application_name LIKE 'outbox-relay:%'"
+                    ),
+                    {"db": database},
+                ).scalar()
+
+        handle = start_relay()
+        pid = wait_for(blocked_backend, what="the relay's start-up blocked on the identity row")
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        locker.rollback()
+    wait_for(lambda: _pending(engine) == 0, timeout=60, what="the relay to publish after all")
+    assert handle.thread.is_alive()
+    assert handle.error is None
+    assert_exactly_once(kafka.read(topic, len(ids)), ids)
