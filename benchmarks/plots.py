@@ -21,12 +21,14 @@ def _pyplot() -> Any | None:
     return importlib.import_module("matplotlib.pyplot")
 
 
-def write_all(results: dict[str, Any], out: Path) -> list[Path] | None:
-    """Write every plot whose figure was measured; None when matplotlib is missing."""
+def write_all(results: dict[str, Any], out: Path, run: str | None = None) -> list[Path] | None:
+    """Write every plot whose figure was measured; None when matplotlib is missing.
+
+    ``run`` names the files (``<run>-<figure>.png``): the size, or e.g. ``default-kafka``."""
     plt = _pyplot()
     if plt is None:
         return None
-    size = results["meta"]["size"]
+    size = run or results["meta"]["size"]
     written = []
     for name, draw in PLOTS.items():
         fig_data = results["figures"].get(name)

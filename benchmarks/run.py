@@ -1,9 +1,12 @@
-"""The one entry point: ``python -m benchmarks.run [--size smoke|default|full] [--only NAME]``.
+"""The one entry point: ``python -m benchmarks.run [--size S] [--broker tansu|kafka] [--only N]``.
 
-Starts one PostgreSQL (fsync and synchronous_commit on) and one Tansu broker,
-or uses the servers given, runs every figure against them, and writes
-``<out>/<size>.json``, ``<out>/<size>.md`` (the summary table) and, when
-matplotlib is installed, ``<out>/<size>-<figure>.png``.
+Starts one PostgreSQL (fsync and synchronous_commit on) and one broker (Tansu, or with
+``--broker kafka`` the 3-node Apache Kafka cluster of outbox.kafka_cluster), or uses the
+servers given, runs every figure against them, and writes ``<out>/<run>.json``,
+``<out>/<run>.md`` (the summary table) and, when matplotlib is installed,
+``<out>/<run>-<figure>.png``, where ``<run>`` is the size, plus ``-kafka`` on Kafka. When
+both brokers' results of a size are there, ``<out>/<size>-brokers.md`` puts them side by
+side.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from benchmarks import (
     relay_throughput,
     write_overhead,
 )
-from benchmarks.harness import SIZES, Result, Services, Size, quiet_logging, services
+from benchmarks.harness import (
+    BROKERS,
+    SIZES,
+    Result,
+    Services,
+    Size,
+    quiet_logging,
+    services,
+)
 
 # Latency first: Tansu keeps every record in memory, and late in a full run (~2M records
 # of 1 KB) its transactions were much slower (commit -> Kafka p99 from ~130 ms to ~1.7 s).
@@ -74,6 +85,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=os.environ.get("OUTBOX_BENCH_BOOTSTRAP_SERVERS"),
         help="Kafka bootstrap servers (default: start the embedded Tansu broker)",
     )
+    parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="tansu",
+        help="the broker to start when no --bootstrap-servers is given: the embedded Tansu "
+        "(default) or a 3-node Apache Kafka KRaft cluster (needs java; mvn for the first fetch)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser.parse_args(argv)
 
@@ -95,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "figures": {},
     }
-    with services(args.db, args.bootstrap_servers) as svc:
+    run_name = run_file_name(size.name, args.broker if not args.bootstrap_servers else "given")
+    with services(args.db, args.bootstrap_servers, args.broker) as svc:
         results["meta"]["postgres"] = {"source": svc.postgres, **svc.server_settings()}
         results["meta"]["broker"] = svc.broker
         for name in names:
@@ -111,23 +130,69 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[benchmarks] {name}: {result['summary']}", flush=True)
     results["meta"]["runtime_s"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"{size.name}.json"
+    json_path = args.out / f"{run_name}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    table_path = args.out / f"{size.name}.md"
+    table_path = args.out / f"{run_name}.md"
     table_path.write_text(markdown_table(results))
     print(f"[benchmarks] wrote {json_path} and {table_path}")
+    if compared := write_broker_comparison(args.out, size.name):
+        print(f"[benchmarks] wrote {compared} (Tansu and Apache Kafka side by side)")
     if args.no_plots:
         print("[benchmarks] plots skipped (--no-plots)")
     else:
         from benchmarks import plots
 
-        written = plots.write_all(results, args.out)
+        written = plots.write_all(results, args.out, run_name)
         if written is None:
             print("[benchmarks] plots skipped: matplotlib is not installed (extra 'bench')")
         else:
             print(f"[benchmarks] wrote {len(written)} plots to {args.out}")
     failed = [n for n, r in results["figures"].items() if r.get("status") == "failed"]
     return 1 if failed else 0
+
+
+def run_file_name(size: str, broker: str) -> str:
+    """``default`` for Tansu (and servers given), ``default-kafka`` for the Kafka cluster."""
+    return f"{size}-kafka" if broker == "kafka" else size
+
+
+def write_broker_comparison(out: Path, size: str) -> Path | None:
+    """``<size>-brokers.md`` from ``<size>.json`` (Tansu) and ``<size>-kafka.json``, if both."""
+    paths = [out / f"{run_file_name(size, b)}.json" for b in BROKERS]
+    if not all(p.exists() for p in paths):
+        return None
+    tansu, kafka = (json.loads(p.read_text()) for p in paths)
+    path = out / f"{size}-brokers.md"
+    path.write_text(comparison_table(tansu, kafka))
+    return path
+
+
+def comparison_table(tansu: dict[str, Any], kafka: dict[str, Any]) -> str:
+    """One row per figure: its value and target on Tansu and on Apache Kafka, side by side."""
+
+    def cell(fig: dict[str, Any] | None) -> str:
+        if fig is None:
+            return "not run"
+        if fig.get("status") != "measured" or fig.get("value") is None:
+            return str(fig.get("status", "?"))
+        met = {True: "met", False: "**not met**", None: ""}[fig.get("met")]
+        return f"**{fig['value']:g}** {fig.get('unit', '')}" + (f" ({met})" if met else "")
+
+    lines = [
+        f"Tansu: `{tansu['meta']['command']}` ({tansu['meta'].get('started', '?')}, "
+        f"{tansu['meta'].get('runtime_s', '?')} s; {tansu['meta'].get('broker', '?')})  ",
+        f"Apache Kafka: `{kafka['meta']['command']}` ({kafka['meta'].get('started', '?')}, "
+        f"{kafka['meta'].get('runtime_s', '?')} s; {kafka['meta'].get('broker', '?')})",
+    ]
+    for broker, run in (("Tansu", tansu), ("Apache Kafka", kafka)):
+        lines += [f"\n{broker}: {note}" for note in run["meta"].get("notes", ())]
+    lines += ["", "| figure | target | Tansu | Apache Kafka |", "|---|---|---|---|"]
+    names = list(dict.fromkeys([*tansu["figures"], *kafka["figures"]]))
+    for name in names:
+        t, k = tansu["figures"].get(name), kafka["figures"].get(name)
+        target = (k or t or {}).get("target") or "—"
+        lines.append(f"| {TITLES.get(name, name)} | {target} | {cell(t)} | {cell(k)} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: dict[str, Any]) -> str:

@@ -124,6 +124,11 @@ class LogLevelName(StrEnum):
     ERROR = "ERROR"
 
 
+class DemoBroker(StrEnum):
+    TANSU = "tansu"
+    KAFKA = "kafka"
+
+
 class LogFormatName(StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -659,9 +664,21 @@ def demo(
             "--bootstrap-servers",
             envvar="OUTBOX_DEMO_BOOTSTRAP_SERVERS",
             metavar="HOST:PORT[,...]",
-            help="Use this Kafka (default: embedded Tansu broker).",
+            help="Use this Kafka (default: start the broker --broker names).",
         ),
     ] = None,
+    broker: Annotated[
+        DemoBroker,
+        typer.Option(
+            "--broker",
+            envvar="OUTBOX_DEMO_BROKER",
+            case_sensitive=False,
+            help="Broker to start: tansu (zero setup) or kafka (a 3-node Apache Kafka "
+            "KRaft cluster; needs java, and mvn for the first fetch of its jars). With "
+            "--bootstrap-servers, kafka says they are an Apache Kafka: then the topic must "
+            "hold no duplicate.",
+        ),
+    ] = DemoBroker.TANSU,
     events: Annotated[
         int,
         typer.Option(metavar="N", min=1, help="Events of the burst (some get rolled back)."),
@@ -692,6 +709,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline on embedded PostgreSQL + Kafka-API broker and check the result."""
     from outbox.demo import run_demo
+    from outbox.embedded import EmbeddedServiceError
 
     _setup_logging(log_level)
     try:
@@ -704,8 +722,9 @@ def demo(
             crash_relay=crash_relay,
             steady_rate=steady_rate,
             steady_seconds=steady_seconds,
+            broker=broker.value,
         )
-    except (OutboxError, ConnectionError) as exc:
+    except (OutboxError, ConnectionError, EmbeddedServiceError) as exc:  # no java, no mvn
         raise _fail(exc) from None
     raise typer.Exit(ExitCode.OK if ok else ExitCode.FAILED)
 

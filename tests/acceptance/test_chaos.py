@@ -11,6 +11,11 @@ not strike what they aim at (a relay recovery, a consumer dedup skip, a relay ki
 batch in flight), when too many events were left out of the check, or when it committed too
 little. See docs/chaos.md.
 
+It runs once per broker. ``[tansu]``: the run's own Tansu behind the proxy, whose link is cut.
+``[kafka]``: the session's 3-node Apache Kafka cluster, where the broker fault SIGKILLs a node
+(its leaders move) and starts it again, and the topic must hold every event exactly once for
+read_committed readers: 0 duplicates, asserted.
+
 ``CHAOS_EVENTS`` / ``CHAOS_SECONDS`` change the size (default 1500 events, 30 s);
 ``CHAOS_SECOND_OUTBOX=1`` / ``0`` runs the second outbox or not (default: ``SECOND_OUTBOX``).
 """
@@ -25,6 +30,7 @@ import pytest
 
 from tests.chaos.faults import FaultKind
 from tests.chaos.harness import ChaosConfig, run_chaos
+from tests.conftest import Broker
 
 SECOND_OUTBOX = "1"
 """A second outbox (own database, default relay settings) beside the first on one broker: before
@@ -33,7 +39,10 @@ events of outbox b)."""
 
 
 @pytest.mark.timeout(420)
-def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path) -> None:
+def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker: Broker) -> None:
+    # [tansu] (and an external cluster): the run's own Tansu behind a proxy it can cut.
+    # [kafka]: the session's 3-node cluster; the broker fault SIGKILLs a node instead.
+    on_kafka = broker.name == "kafka"
     seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**31))
     print(f"chaos seed: {seed} (replay: CHAOS_SEED={seed} or python -m tests.chaos --seed {seed})")
     config = ChaosConfig(
@@ -44,8 +53,9 @@ def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path) -> None
         log_dir=tmp_path / "chaos-logs",
         strict=True,  # a relay or consumer that crashes on its own, or logs a traceback, fails
         second_outbox=os.environ.get("CHAOS_SECOND_OUTBOX", SECOND_OUTBOX) == "1",
+        broker="kafka" if on_kafka else "tansu",
     )
-    summary = run_chaos(config)
+    summary = run_chaos(config, broker.cluster if on_kafka else None)
     print(summary.as_dict())
     where = f"seed {seed}, logs in {summary.log_dir}"
 
@@ -64,10 +74,17 @@ def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path) -> None
     # and each struck what it aims at (checked in the summary's failures above, shown here).
     for kind in FaultKind:
         assert summary.faults_scheduled[kind.value] >= 1, f"{where}: {summary.faults_scheduled}"
-    assert summary.faults == summary.faults_scheduled, f"{where}: {summary.faults}"
+    if not on_kafka:
+        assert summary.faults == summary.faults_scheduled, f"{where}: {summary.faults}"
+    # On Kafka the schedule drifts (a relay kill waits up to 2 s for a batch in flight, and
+    # batches take longer there), so a kill can come due while its target, killed by the
+    # fault before, is not started again yet, and is skipped: each kind still struck above.
     assert summary.process_logs["relay_recoveries"] >= 1, where
     assert summary.process_logs["consumer_duplicates_skipped"] >= 1, where
     assert summary.relay_kills_mid_batch >= 1, where
-    # Reported, not asserted: Tansu shows records of aborted transactions (0 on Apache Kafka).
+    # Tansu shows records of aborted transactions (reported); Apache Kafka hides them, so
+    # there the topic holds every event exactly once for read_committed readers (I4).
     print(f"topic duplicates: {summary.topic_duplicates} ({summary.topic_duplicates_note})")
+    if on_kafka:
+        assert summary.topic_duplicates == 0, f"{where}: duplicates on the topic"
     print(f"left out of the check: {summary.events_excluded} {summary.excluded_reasons}")

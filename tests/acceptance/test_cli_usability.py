@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from outbox import publish, sql
 from outbox.cli import ExitCode
 from outbox.db import connect
+from tests.conftest import Broker
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
 ENV_WITHOUT_OUTBOX = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
@@ -364,14 +365,17 @@ def test_relay_on_an_unmigrated_database_says_run_outbox_migrate(
 
 
 def test_demo_measures_latency_at_a_steady_rate_after_the_burst_and_labels_it(
-    database_url: str, bootstrap_servers: str
+    database_url: str, broker: Broker
 ) -> None:
+    # --broker kafka on the Kafka cluster: the demo then also requires 0 duplicates on the topic.
+    kind = ["--broker", "kafka"] if broker.name == "kafka" else []
     done = run(
         "demo",
         "--db",
         database_url,
         "--bootstrap-servers",
-        bootstrap_servers,
+        broker.bootstrap_servers,
+        *kind,
         "--events",
         "200",
         "--writers",

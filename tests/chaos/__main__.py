@@ -32,6 +32,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="run one outbox only (default: a second service on the same broker, both with "
         "default relay settings)",
     )
+    parser.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="tansu behind a proxy (the broker fault cuts it) or a 3-node Apache Kafka cluster "
+        "(the broker fault SIGKILLs a node; the topic must hold no duplicate)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep process logs here")
     parser.add_argument("--keep-logs", action="store_true", help="keep logs of a passing run")
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_logs=args.keep_logs,
             strict=args.strict,
             second_outbox=not args.no_second_outbox,
+            broker=args.broker,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -52,13 +52,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 
 from outbox import publish
 from outbox.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError, free_port
+from outbox.kafka_cluster import KafkaCluster, create_topic
 from outbox.migrate import upgrade
 from tests.chaos.checker import Effect, Observations, Report, TopicRecord, Written, check
 from tests.chaos.faults import Action, Rates, Step, actions, count_by_kind, schedule
@@ -109,6 +108,9 @@ class ChaosConfig:
     both with default relay settings: loss is counted per outbox (I9)."""
     strict: bool = False
     """Also fail on processes that crashed and on tracebacks in their logs."""
+    broker: str = "tansu"
+    """``tansu`` (behind a proxy; the broker fault cuts it) or ``kafka`` (the 3-node Apache
+    Kafka cluster; the broker fault SIGKILLs a node, and the topic must hold no duplicate)."""
     rates: Rates = field(default_factory=Rates)
 
     def __post_init__(self) -> None:
@@ -511,17 +513,41 @@ class Fleet:
 
 @dataclass
 class Services:
+    """PostgreSQL and the broker, with the broker fault the run's broker allows.
+
+    On Tansu the fault cuts the proxy every client goes through; on the 3-node Apache Kafka
+    cluster it SIGKILLs one node (a different one each time, its partition leaders move to the
+    other two) and starts it again at the restore.
+    """
+
     pg: EmbeddedPostgres
-    broker: EmbeddedBroker
-    proxy: TcpProxy
+    bootstrap: str
+    filters_aborts: bool  # read_committed readers never see records of aborted transactions
+    proxy: TcpProxy | None = None
+    cluster: KafkaCluster | None = None
+    _cuts: int = 0
+    _down: int | None = None
 
-    @property
-    def db_url(self) -> str:
-        return self.pg.sqlalchemy_url
+    def cut_broker(self) -> None:
+        if self.proxy is not None:
+            self.proxy.cut()
+        elif self.cluster is not None and self._down is None:
+            self._down = self.cluster.node_ids[self._cuts % self.cluster.node_count]
+            self._cuts += 1
+            self.cluster.kill_node(self._down)
 
-    @property
-    def bootstrap(self) -> str:
-        return self.broker.bootstrap_servers  # the proxy's address
+    def restore_broker(self, *, wait: bool = False) -> None:
+        if self.proxy is not None:
+            self.proxy.restore()
+        elif self.cluster is not None:
+            if self._down is not None:
+                self.cluster.start_node(self._down, wait=wait)
+                self._down = None
+            if wait:
+                self.cluster.start_all()  # every node back as a live broker
+
+
+BROKERS = ("tansu", "kafka")
 
 
 DURABLE_SETTINGS = {"synchronous_commit": "on", "fsync": "on"}
@@ -531,16 +557,32 @@ would report the test server's losses, not the library's."""
 
 
 @contextlib.contextmanager
-def services(log_dir: Path) -> Iterator[Services]:
-    """PostgreSQL and the broker behind a proxy that every Kafka client goes through.
+def services(
+    log_dir: Path, broker: str = "tansu", cluster: KafkaCluster | None = None
+) -> Iterator[Services]:
+    """PostgreSQL and the broker: Tansu behind a proxy that every Kafka client goes through,
+    or the 3-node Apache Kafka cluster of outbox.kafka_cluster (``cluster``, a running one
+    lent by the caller and left running, or one started here).
 
     Both servers' logs end up in ``log_dir`` next to the processes' logs.
     """
+    if broker not in BROKERS:
+        raise ValueError(f"broker={broker!r}: pick one of {', '.join(BROKERS)}")
     pg = EmbeddedPostgres(database="chaos", extra_settings=DURABLE_SETTINGS)
-    broker: EmbeddedBroker | None = None
+    tansu: EmbeddedBroker | None = None
     proxy: TcpProxy | None = None
+    owned: KafkaCluster | None = None
     try:
         pg.start()
+        if broker == "kafka":
+            if cluster is None:
+                cluster = owned = KafkaCluster().start()
+            try:
+                yield Services(pg, cluster.bootstrap_servers, True, cluster=cluster)
+            finally:
+                if len(cluster.running_nodes()) < cluster.node_count:
+                    cluster.start_all()
+            return
         for attempt in range(3):
             broker_port, proxy_port = free_port(), free_port()
             try:
@@ -549,19 +591,25 @@ def services(log_dir: Path) -> Iterator[Services]:
                 if attempt == 2:
                     raise
                 continue
-            broker = EmbeddedBroker(
+            tansu = EmbeddedBroker(
                 port=broker_port, advertised_port=proxy_port, log_path=log_dir / "tansu.log"
             )
-            broker.start()
+            tansu.start()
             break
-        assert broker is not None
+        assert tansu is not None
         assert proxy is not None
-        yield Services(pg, broker, proxy)
+        yield Services(pg, tansu.bootstrap_servers, False, proxy=proxy)  # the proxy's address
     finally:
         if proxy is not None:
             proxy.close()
-        if broker is not None:
-            broker.stop()
+        if tansu is not None:
+            tansu.stop()
+        if cluster is not None:
+            for node in cluster.node_ids:
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(cluster.log_path(node), log_dir / f"kafka-{node}.log")
+        if owned is not None:
+            owned.close()
         with contextlib.suppress(OSError, EmbeddedServiceError):
             shutil.copyfile(pg.log_path, log_dir / "postgresql.log")
         pg.stop()
@@ -609,15 +657,9 @@ def _prepare(svc: Services, spec: OutboxSpec, relay_commit_delay: float) -> None
         # commit trigger: the kill then aborts the DB transaction, as a relay that died before
         # sending COMMIT would. Without it PostgreSQL finishes a COMMIT already sent.
         conn.execute(f'ALTER DATABASE "{spec.database}" SET client_connection_check_interval = 10')
-    admin = AdminClient({"bootstrap.servers": svc.bootstrap})
-    for future in admin.create_topics(
-        [NewTopic(spec.topic, PARTITIONS)], operation_timeout=30
-    ).values():
-        try:
-            future.result()
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+    create_topic(svc.bootstrap, spec.topic, PARTITIONS)
+    if svc.cluster is not None:  # Apache Kafka creates no topic on first use
+        create_topic(svc.bootstrap, f"{spec.topic}.DLT", PARTITIONS)
 
 
 def relay_command(svc: Services, spec: OutboxSpec) -> list[str]:
@@ -779,7 +821,7 @@ def collect(svc: Services, spec: OutboxSpec, ledger: Ledger) -> tuple[Observatio
         dead_rows=int(dead[0]) if dead else -1,
         dead_letters=len(copies[f"{spec.topic}.DLT"]),
         planned=spec.events,
-        filters_aborts=False,  # the chaos run's broker is Tansu
+        filters_aborts=svc.filters_aborts,
         excluded_reasons=reasons,
     )
     return obs, unread
@@ -871,6 +913,10 @@ class Summary:
         return asdict(self)
 
 
+KAFKA_NOTE = (
+    "on Apache Kafka, read_committed readers never see records of aborted transactions: every "
+    "extra copy is a failure of the exactly-once publish"
+)
 TANSU_NOTE = (
     "on the embedded Tansu broker, records of Kafka transactions aborted by a relay kill stay "
     "visible to read_committed readers; the deduplicating consumer absorbs them (Apache Kafka "
@@ -894,8 +940,9 @@ class Service:
 class Run:
     """One chaos run; ``execute()`` returns its summary. Everything started is stopped."""
 
-    def __init__(self, config: ChaosConfig) -> None:
+    def __init__(self, config: ChaosConfig, cluster: KafkaCluster | None = None) -> None:
         self.config = config
+        self.cluster = cluster
         self.specs = config.outboxes()
         self.faults = schedule(
             config.seed,
@@ -934,7 +981,7 @@ class Run:
             log_dir,
         )
         reports: dict[str, Report] = {}
-        with services(log_dir) as svc:
+        with services(log_dir, self.config.broker, self.cluster) as svc:
             try:
                 for spec in self.specs:
                     _prepare(svc, spec, config.relay_commit_delay)
@@ -1142,11 +1189,11 @@ class Run:
                 self.db_restarts.append(time.monotonic())
                 svc.pg.restart(immediate=True)
             case Step.CUT_BROKER:
-                svc.proxy.cut()
+                svc.cut_broker()
                 self.cut = True
             case Step.RESTORE_BROKER:
                 done = self.cut
-                svc.proxy.restore()
+                svc.restore_broker()
                 self.cut = False
         if done:
             kind = {
@@ -1184,7 +1231,7 @@ class Run:
     def _settle(self, svc: Services) -> bool:
         """No more faults: wait (deadline-bounded) until everything committed is applied."""
         config = self.config
-        svc.proxy.restore()
+        svc.restore_broker(wait=True)
         t0 = time.monotonic()
         deadline = t0 + config.settle_timeout
         last_progress = 0.0
@@ -1256,7 +1303,7 @@ class Run:
             order_violations=total("order_violations"),
             topic_records=total("topic_records"),
             topic_duplicates=total("topic_duplicates"),
-            topic_duplicates_note=TANSU_NOTE,
+            topic_duplicates_note=KAFKA_NOTE if self.config.broker == "kafka" else TANSU_NOTE,
             elapsed_seconds=round(time.monotonic() - started, 1),
             phases={k: round(v, 1) for k, v in self.phases.items()},
             config={
@@ -1277,7 +1324,10 @@ class Run:
         )
 
 
-def run_chaos(config: ChaosConfig) -> Summary:
+def run_chaos(config: ChaosConfig, cluster: KafkaCluster | None = None) -> Summary:
     """Run the whole chaos scenario for ``config`` and return its summary (never raises on a
-    broken invariant: ``summary.ok`` is False and ``summary.failures`` says why)."""
-    return Run(config).execute()
+    broken invariant: ``summary.ok`` is False and ``summary.failures`` says why).
+
+    ``cluster``: with ``config.broker == "kafka"``, a running cluster to use (the test
+    session's) instead of starting one; every node runs again when the run ends."""
+    return Run(config, cluster).execute()
