@@ -825,10 +825,7 @@ class Relay:
         return True
 
     def _close_clients(self) -> None:
-        for consumer in (self._marker_consumer, self._end_consumer):
-            if consumer is not None:
-                consumer.close()
-        self._marker_consumer = self._end_consumer = None
+        self._close_marker_clients()
         if self._control is not None:
             self._control.close()
 
@@ -1254,7 +1251,20 @@ class Relay:
         than return an older marker (which would publish the last batch twice).
         """
         with self._marker_lock:
-            return self._read_marker(slot, tid, interrupt, committed)
+            try:
+                return self._read_marker(slot, tid, interrupt, committed)
+            except (TransientError, KafkaException):
+                # A failed read can leave a client stuck on stale metadata (seen after a node
+                # restart: _UNKNOWN_PARTITION on every retry): the next try builds new ones.
+                self._close_marker_clients()
+                raise
+
+    def _close_marker_clients(self) -> None:
+        for consumer in (self._marker_consumer, self._end_consumer):
+            if consumer is not None:
+                with contextlib.suppress(KafkaException, RuntimeError):
+                    consumer.close()
+        self._marker_consumer = self._end_consumer = None
 
     def _consumer(self, isolation: str) -> Any:
         return Consumer(

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from outbox import configure, publish, relay, sql
 from outbox.config import Guarantee
 from outbox.embedded import EmbeddedBroker
+from outbox.errors import TransientError
 from outbox.relay import Relay, Row, SlotWorker
 from tests.conftest import Broker, RelayHandle
 from tests.integration.test_relay import proxied_broker  # noqa: F401 - a shared fixture
@@ -424,4 +425,34 @@ def test_i8_a_database_lost_during_start_up_is_waited_for_by_the_daemon(
     wait_for(lambda: _pending(engine) == 0, timeout=60, what="the relay to publish after all")
     assert handle.thread.is_alive()
     assert handle.error is None
+    assert_exactly_once(kafka.read(topic, len(ids)), ids)
+
+
+def test_i4_a_failed_marker_read_is_retried_with_new_kafka_clients(
+    engine: Engine,
+    topic: str,
+    kafka: KafkaReader,
+    drain: Callable[..., Relay],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A marker reader stuck on stale metadata after a node restart (``_UNKNOWN_PARTITION`` on
+    every retry, found by the chaos run on Apache Kafka) kept its slot from publishing."""
+    ids = _publish(engine, topic, [f"a{i}" for i in range(5)])
+    drain(slots=1)  # the slot's first marker: the next owner reads it
+    ids += _publish(engine, topic, [f"b{i}" for i in range(10)])
+    real_scan = Relay._scan
+    used: list[Any] = []  # the clients themselves, so no id is reused
+
+    def scan(self: Relay, consumer: Any, *args: Any) -> bytes | None:
+        if consumer is self._marker_consumer:  # the takeover's read_committed read
+            used.append(consumer)
+            if len(used) == 1:
+                raise TransientError("reading recovery marker: Local: Unknown partition")
+        return real_scan(self, consumer, *args)
+
+    monkeypatch.setattr(Relay, "_scan", scan)
+    drain(slots=1)
+    assert len(used) >= 2, "the marker was read once: the injected failure did not strike"
+    assert all(c is not used[0] for c in used[1:]), "a retry read with the client that failed"
+    assert _pending(engine) == 0
     assert_exactly_once(kafka.read(topic, len(ids)), ids)
