@@ -26,10 +26,10 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from outbox import sql
-from outbox.config import RelayConfig
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for
 from outbox.relay import Relay, RelayStats
+from outbox.relay.config import RelayConfig
 
 T = TypeVar("T")
 Result = dict[str, Any]
@@ -518,7 +518,7 @@ def figure(
 
 def outbox_command(*args: str) -> list[str]:
     """The ``outbox`` CLI of this interpreter, whether or not its script is on PATH."""
-    return [sys.executable, "-c", "from outbox.cli import main; main()", *args]
+    return [sys.executable, "-c", "from outbox.cli.commands import main; main()", *args]
 
 
 def quiet_logging() -> None:

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox.batching import (
+from outbox.partitioner import SHARD_COUNT
+from outbox.relay.batching import (
     ACTIVE_POLL,
     EVENT_ID_BYTES,
     MARKER_MAGIC,
@@ -31,7 +32,6 @@ from outbox.batching import (
     slots_to_try,
     target_share,
 )
-from outbox.partitioner import SHARD_COUNT
 
 # -- pipelining ----------------------------------------------------------------------------
 

@@ -41,9 +41,9 @@ from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer, RetryPolicy
 from outbox.db import sqlalchemy_url
-from outbox.kafka import message_headers
 from outbox.migrate import upgrade
 from outbox.publish import publish
+from outbox.relay.classify import message_headers
 
 demo_metadata = MetaData()
 orders = SATable(
