@@ -4,7 +4,8 @@
   recovery of each slot before its worker starts;
 - ``worker``: ``SlotWorker``, one thread per slot: claim, produce, commit, delete; it is handed a
   ``SlotContext``, not its coordinator;
-- ``batching``: pure decisions (fair share, claim-ahead, poll backoff) and the recovery marker;
+- ``batching``: pure decisions (fair share, claim-ahead, poll backoff);
+- ``marker``: the recovery marker and the verdict on a marker read back (I4, I9);
 - ``classify``: how each librdkafka error is answered (retry, bury, hold the topic, stop);
 - ``config``: ``RelayConfig`` and the producer configuration rules;
 - ``metrics``: the relay's Prometheus instruments; ``supervise``: restart the daemon as a child.

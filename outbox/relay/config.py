@@ -15,7 +15,7 @@ from outbox.codec import check_topic
 from outbox.db import libpq_dsn
 from outbox.errors import ConfigError, EventError
 from outbox.partitioner import SHARD_COUNT
-from outbox.relay.batching import MARKER_BYTES_PER_EVENT, MAX_TID_BYTES, max_marker_batch
+from outbox.relay.marker import MARKER_BYTES_PER_EVENT, MAX_TID_BYTES, max_marker_batch
 
 
 class Guarantee(StrEnum):

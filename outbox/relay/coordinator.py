@@ -28,16 +28,10 @@ from outbox.db import connect, redact
 from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
-from outbox.relay.batching import (
-    MarkerReading,
-    jittered,
-    judge_marker,
-    slots_to_release,
-    slots_to_try,
-    target_share,
-)
+from outbox.relay.batching import jittered, slots_to_release, slots_to_try, target_share
 from outbox.relay.classify import Verdict, classify, config_fix
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.worker import (
     SLOT_NAMESPACE,

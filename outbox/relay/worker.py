@@ -28,16 +28,10 @@ from outbox.db import redact
 from outbox.errors import ConfigError, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
-from outbox.relay.batching import (
-    Marker,
-    MarkerReading,
-    claim_ahead,
-    jittered,
-    poll_delay,
-    recoverable,
-)
+from outbox.relay.batching import claim_ahead, jittered, poll_delay
 from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.relay.marker import Marker, MarkerReading, recoverable
 from outbox.relay.metrics import RelayMetrics
 
 log = logging.getLogger("outbox.relay")

@@ -24,8 +24,8 @@ from outbox.errors import ConfigError
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for, slot_of_shard
 from outbox.relay import Relay, SlotWorker
-from outbox.relay.batching import Marker
 from outbox.relay.config import RelayConfig
+from outbox.relay.marker import Marker
 from outbox.schema import VERSION_TABLE, metadata
 from tests.conftest import RelayHandle, Services, create_database, drop_database
 from tests.support import KafkaReader, wait_for
