@@ -56,6 +56,7 @@ def test(extra: list[str]) -> int:
         [str(BIN / "ruff"), "check", "."],
         [str(BIN / "ruff"), "format", "--check", "."],
         [str(BIN / "mypy")],
+        [str(BIN / "lint-imports")],  # the dependency rules of docs/architecture.md
         ["bash", "scripts/check-compose.sh"],  # docker compose config, no Docker engine needed
     ):
         if (rc := run(cmd)) != 0:

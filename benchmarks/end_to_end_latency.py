@@ -69,8 +69,8 @@ from benchmarks.harness import (
 )
 from outbox import publish
 from outbox.codec import EVENT_ID_HEADER
-from outbox.config import Profile
 from outbox.partitioner import SHARD_COUNT, shard_for
+from outbox.relay.config import Profile
 
 TARGET_P99_MS = 50.0
 WRITER_THREADS = 4

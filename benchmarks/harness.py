@@ -26,10 +26,10 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from outbox import sql
-from outbox.config import RelayConfig
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for
 from outbox.relay import Relay, RelayStats
+from outbox.relay.config import RelayConfig
 
 T = TypeVar("T")
 Result = dict[str, Any]
@@ -214,7 +214,7 @@ def services(
     """Start an embedded PostgreSQL (durable settings) and a broker unless servers are given.
 
     ``broker``: ``tansu`` (the embedded Tansu, memory storage) or ``kafka`` (the 3-node
-    Apache Kafka KRaft cluster of outbox.kafka_cluster: replication factor 3,
+    Apache Kafka KRaft cluster of outbox.embedded.kafka_cluster: replication factor 3,
     min.insync.replicas 2, the broker users run).
     """
     from outbox.embedded import EmbeddedBroker, EmbeddedPostgres
@@ -235,7 +235,7 @@ def services(
         if bootstrap_servers:
             bootstrap, broker_desc = bootstrap_servers, "given with --bootstrap-servers"
         elif broker == "kafka":
-            from outbox.kafka_cluster import KafkaCluster
+            from outbox.embedded.kafka_cluster import KafkaCluster
 
             cluster = stack.enter_context(KafkaCluster())
             bootstrap = cluster.bootstrap_servers
@@ -541,7 +541,7 @@ def figure(
 
 def outbox_command(*args: str) -> list[str]:
     """The ``outbox`` CLI of this interpreter, whether or not its script is on PATH."""
-    return [sys.executable, "-c", "from outbox.cli import main; main()", *args]
+    return [sys.executable, "-c", "from outbox.cli.commands import main; main()", *args]
 
 
 def quiet_logging() -> None:
@@ -554,7 +554,7 @@ def quiet_logging() -> None:
 def create_topics(svc: Services, *names: str, partitions: int = 4) -> None:
     """Create topics up front and wait for their leaders, so no measured batch pays for
     auto-creation (Tansu) or meets a topic the cluster has not finished creating (Kafka)."""
-    from outbox.kafka_cluster import create_topic
+    from outbox.embedded.kafka_cluster import create_topic
 
     for name in names:
         create_topic(svc.bootstrap_servers, name, partitions)

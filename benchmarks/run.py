@@ -1,7 +1,7 @@
 """The one entry point: ``python -m benchmarks.run [--size S] [--broker tansu|kafka] [--only N]``.
 
 Starts one PostgreSQL (fsync and synchronous_commit on) and one broker (Tansu, or with
-``--broker kafka`` the 3-node Apache Kafka cluster of outbox.kafka_cluster), or uses the
+``--broker kafka`` the 3-node Apache Kafka cluster of outbox.embedded.kafka_cluster), or uses the
 servers given, runs every figure against them, and writes ``<out>/<run>.json``,
 ``<out>/<run>.md`` (the summary table) and, when matplotlib is installed,
 ``<out>/<run>-<figure>.png``, where ``<run>`` is the size, plus ``-kafka`` on Kafka. When

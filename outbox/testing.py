@@ -32,11 +32,11 @@ from sqlalchemy.orm import Session
 
 from outbox import sql
 from outbox.codec import CONTENT_TYPE_HEADER
-from outbox.config import RelayConfig
+from outbox.relay.config import RelayConfig
 
 if TYPE_CHECKING:
     from consumer.event import Record
-    from outbox.relay import RelayStats
+    from outbox.relay.worker import RelayStats
 
 Bind = Session | Connection | Engine
 
@@ -152,7 +152,7 @@ def drain(db: str | Engine, bootstrap_servers: str, **options: Any) -> RelayStat
     The relay's ``--once`` with ``RelayConfig`` ``options`` (``slots``,
     ``transactional_id_prefix``, ``producer_overrides``...); returns its stats.
     """
-    from outbox.relay import Relay
+    from outbox.relay.coordinator import Relay
 
     dsn = db.url.render_as_string(hide_password=False) if isinstance(db, Engine) else db
     config = RelayConfig(dsn=dsn, bootstrap_servers=bootstrap_servers, once=True, **options)

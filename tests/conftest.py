@@ -4,7 +4,7 @@ PostgreSQL is started here (embedded, run as an unprivileged user under root). E
 that talks to Kafka runs once per broker, its id saying which (``[tansu]``, ``[kafka]``):
 
 - ``tansu``: the Tansu broker from its wheel, the zero-setup default;
-- ``kafka``: a 3-node Apache Kafka 4.x KRaft cluster (outbox.kafka_cluster), wherever
+- ``kafka``: a 3-node Apache Kafka 4.x KRaft cluster (outbox.embedded.kafka_cluster), wherever
   ``java`` (and, for the first fetch of its jars, ``mvn``) are present; elsewhere those
   runs are skipped, and the reason is printed in the header and the skip summary.
 
@@ -38,10 +38,10 @@ import pytest
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
-from outbox.config import RelayConfig
-from outbox.kafka_cluster import create_topic
+from outbox.embedded.kafka_cluster import create_topic
 from outbox.migrate import upgrade
 from outbox.relay import Relay
+from outbox.relay.config import RelayConfig
 from tests.support import KafkaReader, wait_for
 
 BROKERS = ("tansu", "kafka")
@@ -62,7 +62,7 @@ class Broker:
     bootstrap_servers: str
     filters_aborts: bool  # read_committed readers never see records of aborted transactions
     auto_creates_topics: bool
-    cluster: Any = None  # outbox.kafka_cluster.KafkaCluster for name == "kafka"
+    cluster: Any = None  # outbox.embedded.kafka_cluster.KafkaCluster for name == "kafka"
 
 
 def _kafka_cache() -> Path | None:
@@ -71,7 +71,7 @@ def _kafka_cache() -> Path | None:
 
 
 def _kafka_skip_reason() -> str | None:
-    from outbox.kafka_cluster import kafka_unavailable_reason
+    from outbox.embedded.kafka_cluster import kafka_unavailable_reason
 
     return kafka_unavailable_reason(_kafka_cache())
 
@@ -133,7 +133,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def skip_reason(broker: str, markers: set[str], *, external_filters: bool) -> str | None:
     """Why a test with these markers cannot run on this broker, or None."""
     if "needs_apache_kafka" in markers and broker != "kafka":
-        return "needs the Apache Kafka test cluster (outbox.kafka_cluster)"
+        return "needs the Apache Kafka test cluster (outbox.embedded.kafka_cluster)"
     filters = broker == "kafka" or (broker == "external" and external_filters)
     if "needs_abort_filtering" in markers and not filters:
         return (
@@ -185,7 +185,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
         with EmbeddedBroker() as tansu:
             yield Broker(name, tansu.bootstrap_servers, False, True)
         return
-    from outbox.kafka_cluster import KafkaCluster, KafkaUnavailableError
+    from outbox.embedded.kafka_cluster import KafkaCluster, KafkaUnavailableError
 
     if reason := _kafka_skip_reason():
         pytest.skip(f"Apache Kafka runs skipped: {reason}")

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from outbox.kafka import message_headers
+from outbox.relay.classify import message_headers
 
 T = TypeVar("T")
 

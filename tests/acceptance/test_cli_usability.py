@@ -15,7 +15,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
-from outbox.cli import ExitCode
+from outbox.cli.commands import ExitCode
 from outbox.db import connect
 from tests.conftest import Broker
 

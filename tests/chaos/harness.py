@@ -57,7 +57,7 @@ from sqlalchemy import exc as sa_exc
 
 from outbox import publish
 from outbox.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError, free_port
-from outbox.kafka_cluster import KafkaCluster, create_topic
+from outbox.embedded.kafka_cluster import KafkaCluster, create_topic
 from outbox.migrate import upgrade
 from tests.chaos.checker import Effect, Observations, Report, TopicRecord, Written, check
 from tests.chaos.faults import Action, Rates, Step, actions, count_by_kind, schedule
@@ -561,7 +561,7 @@ def services(
     log_dir: Path, broker: str = "tansu", cluster: KafkaCluster | None = None
 ) -> Iterator[Services]:
     """PostgreSQL and the broker: Tansu behind a proxy that every Kafka client goes through,
-    or the 3-node Apache Kafka cluster of outbox.kafka_cluster (``cluster``, a running one
+    or the 3-node Apache Kafka cluster of outbox.embedded.kafka_cluster (``cluster``, a running one
     lent by the caller and left running, or one started here).
 
     Both servers' logs end up in ``log_dir`` next to the processes' logs.

@@ -26,8 +26,8 @@ import sqlalchemy
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from outbox import embedded
 from outbox.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from outbox.embedded import servers as embedded
 
 
 def _deadline(seconds: float) -> float:

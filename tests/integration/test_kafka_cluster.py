@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
-from outbox.kafka_cluster import KafkaCluster, create_topic, pinned_kafka_version
+from outbox.embedded.kafka_cluster import KafkaCluster, create_topic, pinned_kafka_version
 from tests.conftest import Broker
 from tests.support import wait_for
 

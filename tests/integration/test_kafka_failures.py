@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer
 from outbox import publish
-from outbox.kafka_cluster import KafkaCluster
+from outbox.embedded.kafka_cluster import KafkaCluster
 from tests.conftest import Broker, RelayHandle
 from tests.support import KafkaReader, wait_for
 

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish
-from outbox.health import HealthServer
+from outbox.cli.health import HealthServer
 from outbox.logs import JsonFormatter
 from tests.conftest import RelayHandle
 from tests.support import wait_for

@@ -20,12 +20,12 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
-from outbox.batching import Marker
-from outbox.config import RelayConfig
 from outbox.errors import ConfigError
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for, slot_of_shard
 from outbox.relay import Relay, SlotWorker
+from outbox.relay.config import RelayConfig
+from outbox.relay.marker import Marker
 from outbox.schema import VERSION_TABLE, metadata
 from tests.conftest import RelayHandle, Services, create_database, drop_database
 from tests.support import KafkaReader, wait_for
@@ -112,7 +112,7 @@ def _on_topic(kafka: KafkaReader, topic: str, expected: int) -> Counter[str]:
 def test_i9_migrate_gives_every_outbox_its_own_identity_shown_by_status(
     engine: Engine, other_engine: Engine, other_db: str
 ) -> None:
-    from outbox.ops import read_status, render_status
+    from outbox.cli.views import read_status, render_status
 
     ours, theirs = _identity(engine), _identity(other_engine)
     assert ours != theirs
@@ -316,7 +316,7 @@ def _lose_the_first_delete(
         if not crashed and slot in (None, self.slot):
             crashed.append(self.slot)
             if stop_the_relay:
-                self.relay.stop.set()
+                self.context.stop.set()
             self.conn.close()  # the delete never commits
 
     monkeypatch.setattr(SlotWorker, "_commit", commit_then_lose_the_connection)
@@ -418,7 +418,7 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
     """Another producer's open transaction in the state partition holds read_committed
     readers back below the slot's last marker: the takeover waits (and retries) instead
     of settling for the older marker and publishing the last batch twice."""
-    monkeypatch.setattr("outbox.relay.MARKER_READ_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr("outbox.relay.coordinator.MARKER_READ_TIMEOUT", 1.0)
     prefix = f"lso-{uuid.uuid4().hex[:6]}"
     handle = RelayHandle(
         Relay(_config(database_url, bootstrap_servers, slots=1, transactional_id_prefix=prefix))

@@ -14,11 +14,11 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
-from outbox.config import Guarantee, RelayConfig
 from outbox.embedded import EmbeddedBroker, free_port
 from outbox.errors import ConfigError
 from outbox.partitioner import partition_for, shard_for, shards_of_slot, slot_of_shard
 from outbox.relay import Relay, Row, SlotWorker
+from outbox.relay.config import Guarantee, RelayConfig
 from tests.conftest import Broker, RelayHandle
 from tests.support import KafkaReader, TcpProxy, assert_exactly_once, read_topic, wait_for
 
@@ -269,7 +269,7 @@ def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
         self: SlotWorker, rows: list[Row], failures: dict[int, Any]
     ) -> None:
         real_produce(self, rows, failures)
-        if not failed and self.relay.stats.batches == 1:  # the 2nd batch; the 3rd is claimed
+        if not failed and self.context.stats.batches == 1:  # the 2nd batch; the 3rd is claimed
             failed.append(rows[0].id)  # while it is in flight, then dropped with it
             failures[rows[0].id] = KafkaError(KafkaError._MSG_TIMED_OUT)
 

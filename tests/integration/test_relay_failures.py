@@ -21,11 +21,11 @@ from confluent_kafka import KafkaError
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from outbox import configure, publish, relay, sql
-from outbox.config import Guarantee
+from outbox import configure, publish, sql
 from outbox.embedded import EmbeddedBroker
 from outbox.errors import TransientError
-from outbox.relay import Relay, Row, SlotWorker
+from outbox.relay import Relay, Row, SlotWorker, coordinator, worker
+from outbox.relay.config import Guarantee
 from tests.conftest import Broker, RelayHandle
 from tests.integration.test_relay import proxied_broker  # noqa: F401 - a shared fixture
 from tests.support import KafkaReader, TcpProxy, assert_exactly_once, wait_for
@@ -252,8 +252,10 @@ def test_every_kafka_client_of_the_relay_gets_the_connection_settings(
 
         return make
 
-    for name in ("Producer", "AdminClient", "Consumer"):
-        monkeypatch.setattr(relay, name, spy(name, getattr(relay, name)))
+    for module in (coordinator, worker):  # every module of the relay that makes a client
+        for name in ("Producer", "AdminClient", "Consumer"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
     _publish(engine, topic, ["v"])
     drain(slots=1, producer_overrides={"request.timeout.ms": "40000", **secured})
     assert _pending(engine) == 0

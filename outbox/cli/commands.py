@@ -26,7 +26,6 @@ from typer._click.core import ParameterSource
 from typer._click.exceptions import BadParameter, MissingParameter, NoArgsIsHelpError
 from typer._click.globals import get_current_context
 
-from outbox.config import Guarantee, Profile, RelayConfig, parse_overrides
 from outbox.db import redact
 from outbox.errors import (
     ConfigError,
@@ -38,11 +37,12 @@ from outbox.errors import (
 )
 from outbox.logs import setup_logging
 from outbox.partitioner import SHARD_COUNT
+from outbox.relay.config import Guarantee, Profile, RelayConfig, parse_overrides
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from outbox.health import HealthServer
+    from outbox.cli.health import HealthServer
 
 
 class ExitCode(IntEnum):
@@ -202,7 +202,7 @@ def _serve_health(
     """The per-process HTTP endpoint, when a port is configured."""
     if port is None:
         return None
-    from outbox.health import HealthServer
+    from outbox.cli.health import HealthServer
 
     try:
         return HealthServer(
@@ -272,7 +272,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def _check_schema(db: str) -> None:
     """Fail with "run outbox migrate" before a daemon starts on an unmigrated database."""
-    from outbox.ops import check_schema
+    from outbox.cli.views import check_schema
 
     try:
         check_schema(db)
@@ -471,7 +471,7 @@ def relay(
     metrics_host: MetricsHost = "0.0.0.0",  # noqa: S104 - a container's probe port
 ) -> None:
     """Publish committed outbox rows to Kafka, one transaction per batch, then delete them."""
-    from outbox.relay import Relay
+    from outbox.relay.coordinator import Relay
 
     _setup_logging(log_level, log_format)
     if processes > slots:
@@ -485,7 +485,7 @@ def relay(
         )
     _check_schema(db)
     if processes > 1:
-        from outbox.supervise import supervise
+        from outbox.relay.supervise import supervise
 
         raise typer.Exit(supervise(sys.argv[1:], processes, metrics_port, once))
     try:
@@ -551,7 +551,7 @@ def status(
     ] = None,
 ) -> None:
     """Pending rows per topic, oldest pending age, slot owners, dead rows."""
-    from outbox.ops import read_status, render_status, status_problems, to_json
+    from outbox.cli.views import read_status, render_status, status_problems, to_json
 
     try:
         report = read_status(db)
@@ -581,7 +581,7 @@ def dead_list(
     as_json: Json = False,
 ) -> None:
     """Show poison rows with their error, newest first."""
-    from outbox.ops import read_dead, render_dead, to_json
+    from outbox.cli.views import read_dead, render_dead, to_json
 
     try:
         rows = read_dead(db, limit)
@@ -599,7 +599,7 @@ def dead_show(
     as_json: Json = False,
 ) -> None:
     """Show one poison row whole: key, headers, value and error."""
-    from outbox.ops import read_dead_row, render_dead_row, to_json
+    from outbox.cli.views import read_dead_row, render_dead_row, to_json
 
     try:
         row = read_dead_row(db, row_id)
@@ -621,7 +621,7 @@ def dead_requeue(
 
     All the named rows are re-queued, or none when one of them does not exist.
     """
-    from outbox.ops import requeue
+    from outbox.cli.views import requeue
 
     if not ids and not all_rows:
         raise _fail(ConfigError("name the ids to re-queue (see `outbox dead list`), or pass --all"))
@@ -638,7 +638,7 @@ def dead_discard(ids: IdArgument, db: Db) -> None:
 
     All the named rows are discarded, or none when one of them does not exist.
     """
-    from outbox.ops import discard
+    from outbox.cli.views import discard
 
     try:
         n = discard(db, ids)
@@ -708,8 +708,8 @@ def demo(
     log_level: LogLevel = LogLevelName.WARNING,
 ) -> None:
     """Run the whole pipeline on embedded PostgreSQL + Kafka-API broker and check the result."""
-    from outbox.demo import run_demo
     from outbox.embedded import EmbeddedServiceError
+    from outbox.embedded.demo import run_demo
 
     _setup_logging(log_level)
     try:
@@ -826,7 +826,7 @@ def consume(
     except (ConfigError, ConnectionError) as exc:
         raise _fail(exc) from None
     _stop_on_signals(runner.stop)
-    from outbox.metrics import ConsumerMetrics
+    from outbox.cli.metrics import ConsumerMetrics
 
     server = _serve_health(metrics_host, metrics_port, runner, ConsumerMetrics(runner).registry)
     try:

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from outbox.batching import MARKER_BYTES_PER_EVENT, MAX_TID_BYTES, max_marker_batch
 from outbox.codec import check_topic
 from outbox.db import libpq_dsn
 from outbox.errors import ConfigError, EventError
 from outbox.partitioner import SHARD_COUNT
+from outbox.relay.marker import MARKER_BYTES_PER_EVENT, MAX_TID_BYTES, max_marker_batch
 
 
 class Guarantee(StrEnum):

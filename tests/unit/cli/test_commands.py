@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from consumer.loader import _is_the_module_itself
-from outbox.cli import ExitCode, exit_code_for, name_sources
-from outbox.demo import latency_rows
+from outbox.cli.commands import ExitCode, exit_code_for, name_sources
+from outbox.cli.views import status_problems
+from outbox.embedded.demo import latency_rows
 from outbox.errors import (
     ConfigError,
     NotFound,
@@ -17,7 +18,6 @@ from outbox.errors import (
     TransientError,
 )
 from outbox.migrate import head, revisions_between
-from outbox.ops import status_problems
 
 
 @pytest.mark.parametrize(

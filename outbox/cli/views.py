@@ -23,10 +23,10 @@ from rich.table import Table
 
 from outbox import sql
 from outbox.codec import BINARY, CONTENT_TYPE_HEADER, JSON
-from outbox.config import default_tid_prefix
 from outbox.db import connect
 from outbox.errors import NotFound, NotMigrated
-from outbox.relay import SLOT_NAMESPACE
+from outbox.relay.config import default_tid_prefix
+from outbox.relay.worker import SLOT_NAMESPACE
 
 Row = dict[str, Any]
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaException, Producer
 
-from outbox.config import (
+from outbox.errors import ConfigError
+from outbox.relay.config import (
     PROFILES,
     REPLICA_LAG_TIME_MAX_MS,
     Guarantee,
@@ -26,7 +27,6 @@ from outbox.config import (
     parse_overrides,
     producer_settings,
 )
-from outbox.errors import ConfigError
 
 EOS, ALO, AMO = Guarantee.EXACTLY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
 
@@ -557,7 +557,7 @@ def test_every_kafka_client_of_the_relay_gets_the_same_connection_settings() -> 
 def test_i8_replaces_outbox_must_be_an_outbox_id() -> None:
     from typer.testing import CliRunner
 
-    from outbox.cli import app
+    from outbox.cli.commands import app
 
     args = ["relay", "--db", "postgresql://relay:secret@db/app", "-b", "broker:9092"]
     result = CliRunner().invoke(app, [*args, "--replaces-outbox", "not-a-uuid"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from prometheus_client import CollectorRegistry, Histogram
@@ -21,8 +21,20 @@ from prometheus_client.registry import Collector
 from outbox import sql
 from outbox.db import connect
 
-if TYPE_CHECKING:
-    from outbox.relay import Relay
+
+class Source(Protocol):
+    """What the collector reads from the relay at scrape time (no import of the relay, so
+    this module and the coordinator do not import each other)."""
+
+    @property
+    def config(self) -> Any: ...  # its ``dsn`` names the database the backlog is read from
+
+    @property
+    def stats(self) -> Any: ...  # RelayStats: the counters
+
+    @property
+    def workers(self) -> Any: ...  # the slot workers this process runs (their count)
+
 
 BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
@@ -54,7 +66,7 @@ RELAY_COUNTERS = (
 class RelayMetrics:
     """The relay's registry: histograms observed by the workers plus the stats collector."""
 
-    def __init__(self, relay: Relay, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, relay: Source, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.batch_size = Histogram(
             "outbox_relay_batch_size",
@@ -71,7 +83,7 @@ class RelayMetrics:
 
 
 class _RelayCollector(Collector):
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Source) -> None:
         self.relay = relay
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
@@ -113,61 +125,3 @@ class _RelayCollector(Collector):
             oldest.add_metric([row["topic"]], row["oldest_age_s"] or 0.0)
         yield pending
         yield oldest
-
-
-# (name, help, ConsumerStats field)
-CONSUMER_COUNTERS = (
-    ("outbox_consumer_events_applied", "Events whose handler ran and committed.", "applied"),
-    (
-        "outbox_consumer_duplicates_skipped",
-        "Deliveries skipped: already processed.",
-        "duplicates",
-    ),
-    ("outbox_consumer_retries", "Handler re-runs after a failure.", "retries"),
-    (
-        "outbox_consumer_dead_letters",
-        "Events sent to <topic>.DLT through the outbox.",
-        "dead_lettered",
-    ),
-    (
-        "outbox_consumer_db_outages",
-        "Database failures retried without charging the event.",
-        "outages",
-    ),
-    ("outbox_consumer_transactions", "Database transactions committed.", "transactions"),
-    (
-        "outbox_consumer_offset_commits",
-        "Kafka offset commits (after the DB commit).",
-        "offset_commits",
-    ),
-    ("outbox_consumer_dedup_rows_purged", "Dedup records purged after the dedup window.", "purged"),
-)
-
-
-class ConsumerMetrics:
-    """A consumer's registry: its counters and its lag, read at scrape time."""
-
-    def __init__(self, consumer: Any, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self.registry.register(_ConsumerCollector(consumer))
-
-
-class _ConsumerCollector(Collector):
-    def __init__(self, consumer: Any) -> None:
-        self.consumer = consumer
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        labels = ["group"]
-        group = [self.consumer.config.group_id]
-        for name, help_text, field in CONSUMER_COUNTERS:
-            family = CounterMetricFamily(name, help_text, labels=labels)
-            family.add_metric(group, getattr(self.consumer.stats, field))
-            yield family
-        lag = GaugeMetricFamily(
-            "outbox_consumer_lag",
-            "Records between the committed position and the end of each assigned partition.",
-            labels=["group", "topic", "partition"],
-        )
-        for (topic, partition), behind in self.consumer.lag().items():
-            lag.add_metric([group[0], topic, str(partition)], behind)
-        yield lag

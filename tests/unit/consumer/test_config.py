@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from consumer import ConsumerConfig, Event, IdempotentConsumer, RetryPolicy, load_consumer_class
 from consumer.purge import PurgeSchedule
-from outbox.cli import app
+from outbox.cli.commands import app
 from outbox.errors import ConfigError
 
 DB = "postgresql+psycopg://app:s3cret@localhost:1/app"  # never connected to by these tests

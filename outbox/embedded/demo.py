@@ -39,11 +39,11 @@ from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer, RetryPolicy
 from outbox.db import sqlalchemy_url
+from outbox.embedded.kafka_cluster import create_topic
 from outbox.errors import ConfigError
-from outbox.kafka import message_headers
-from outbox.kafka_cluster import create_topic
 from outbox.migrate import upgrade
 from outbox.publish import publish
+from outbox.relay.classify import message_headers
 
 demo_metadata = MetaData()
 orders = SATable(
@@ -260,7 +260,7 @@ def _services(
             with console.status("starting embedded PostgreSQL..."):
                 db = stack.enter_context(EmbeddedPostgres()).sqlalchemy_url
         if bootstrap is None and broker == "kafka":
-            from outbox.kafka_cluster import KafkaCluster
+            from outbox.embedded.kafka_cluster import KafkaCluster
 
             with console.status(
                 "starting a 3-node Apache Kafka cluster (KRaft; the first run fetches its jars "

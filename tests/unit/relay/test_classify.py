@@ -1,4 +1,4 @@
-"""How the relay reacts to librdkafka's errors (one table, ``outbox.kafka.TABLE``): poison rows
+"""How the relay reacts to librdkafka's errors (``outbox.relay.classify.TABLE``): poison rows
 move aside (I6), request-wide refusals are narrowed down first, missing topics are held for a
 bounded time, fatal producers are rebuilt, fenced relays give their slot up (I4), and
 configuration errors stop the relay naming the fix (I8); everything else is retried."""
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from outbox.kafka import TABLE, TopicHolds, Verdict, classify, config_fix, settled
+from outbox.relay.classify import TABLE, TopicHolds, Verdict, classify, config_fix, settled
 
 POISON = [
     KafkaError.TOPIC_EXCEPTION,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from outbox.supervise import child_argv, child_env
+from outbox.relay.supervise import child_argv, child_env
 
 
 def test_child_drops_the_supervisors_own_options_in_both_spellings() -> None:

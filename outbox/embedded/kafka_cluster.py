@@ -39,7 +39,7 @@ from typing import IO, Self
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from outbox.embedded import (
+from outbox.embedded.servers import (
     _QUIET_LOGGER,
     EmbeddedServiceError,
     _log_tail,
@@ -97,7 +97,7 @@ class KafkaUnavailableError(EmbeddedServiceError):
 def pinned_kafka_version() -> str:
     """The Kafka version the shipped pom pins (its `kafka.version` property)."""
     # The pom ships inside this package: trusted input.
-    root = ET.fromstring(resources.files("outbox").joinpath(_POM).read_bytes())  # noqa: S314
+    root = ET.fromstring(resources.files("outbox.embedded").joinpath(_POM).read_bytes())  # noqa: S314
     node = root.find(f"{_POM_NS}properties/{_POM_NS}kafka.version")
     if node is None or not (node.text or "").strip():
         raise KafkaUnavailableError(f"outbox/{_POM} has no <kafka.version> property")
@@ -150,7 +150,7 @@ def fetch_kafka(cache_dir: Path | None = None, *, mvn: str = "mvn", timeout: flo
         scratch = Path(tempfile.mkdtemp(prefix="fetch-", dir=libs.parent))
         try:
             pom = scratch / "pom.xml"
-            pom.write_bytes(resources.files("outbox").joinpath(_POM).read_bytes())
+            pom.write_bytes(resources.files("outbox.embedded").joinpath(_POM).read_bytes())
             started = time.monotonic()
             result = subprocess.run(
                 [

@@ -1,10 +1,11 @@
 """The relay daemon: committed outbox rows -> one Kafka transaction per batch -> delete.
 
 Composition: a ``Relay`` (one per process) holds the LISTEN connection and a
-coordinator that takes slots; each owned slot runs a ``SlotWorker`` thread with
-its own connection (which holds the slot's advisory lock, so a dead connection
-frees the slot and aborts the worker's DB work at once) and its own
-transactional producer (``<prefix>-<slot>``, so a new owner fences a zombie).
+coordinator that takes slots; each owned slot runs a ``SlotWorker`` thread
+(``outbox.relay.worker``) with its own connection (which holds the slot's advisory
+lock, so a dead connection frees the slot and aborts the worker's DB work at once)
+and its own transactional producer (``<prefix>-<slot>``, so a new owner fences a
+zombie). The worker is handed a ``SlotContext``, not this coordinator.
 """
 
 from __future__ import annotations
@@ -16,43 +17,33 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-from psycopg.rows import tuple_row
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import sql
-from outbox.batching import (
-    Marker,
-    MarkerReading,
-    claim_ahead,
-    jittered,
-    judge_marker,
-    poll_delay,
-    recoverable,
-    slots_to_release,
-    slots_to_try,
-    target_share,
-)
-from outbox.codec import record_size
-from outbox.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.db import connect, redact
 from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
-from outbox.kafka import TopicHolds, Verdict, classify, config_fix, settled
 from outbox.logs import librdkafka_logger
-from outbox.metrics import RelayMetrics
 from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
+from outbox.relay.batching import jittered, slots_to_release, slots_to_try, target_share
+from outbox.relay.classify import Verdict, classify, config_fix
+from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.relay.marker import MarkerReading, judge_marker
+from outbox.relay.metrics import RelayMetrics
+from outbox.relay.worker import (
+    SLOT_NAMESPACE,
+    RelayStats,
+    SlotContext,
+    SlotWorker,
+    delete_recovered,
+)
 
 log = logging.getLogger("outbox.relay")
 
-HEADER_ALLOWANCE = 16 * 1024
-"""Rows whose key + value come within this of message.max.bytes get the exact size check."""
-SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
 COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
 GUARD_NAMESPACE = 0x6F757464  # 'outd': serialises the slot-count check and announcement
 MARKER_READ_TIMEOUT = 30.0
@@ -60,656 +51,11 @@ MARKER_READ_TIMEOUT = 30.0
 for an older one)."""
 
 
-class Row(NamedTuple):
-    """One claimed outbox row, in CLAIM_BATCH's column order.
-
-    A tuple built by ``Row._make`` (C speed) rather than a dataclass: one is
-    made for every relayed row, and a frozen dataclass's ``__init__`` cost
-    ~1.5 µs of the relay's ~11 µs of CPU per event.
-    """
-
-    id: int
-    event_id: Any
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    header_names: list[str]
-    header_values: list[bytes]
-    created_ms: int  # the record's timestamp: when the event was written
-    value_bytes: int  # octet_length(value): known even when the claim left a huge value out
-
-    @property
-    def headers(self) -> list[tuple[str, bytes]]:
-        return list(zip(self.header_names, self.header_values, strict=True))
-
-    @property
-    def size(self) -> int:
-        """What librdkafka compares with message.max.bytes."""
-        return record_size(self.key, None, self.headers) + self.value_bytes
-
-    @property
-    def left_out(self) -> bool:
-        """The claim did not load the value: it is above message.max.bytes on its own."""
-        return self.value is None and self.value_bytes > 0
-
-    def may_exceed(self, limit: int) -> bool:
-        """Cheap pre-check: only rows near the limit pay for the exact size."""
-        return self.value_bytes + len(self.key or b"") + HEADER_ALLOWANCE > limit
-
-
-@dataclass(slots=True)
-class RelayStats:
-    """Counters shared by the workers of one process (read by the demo and status)."""
-
-    claimed: int = 0
-    retries: int = 0
-    published: int = 0
-    batches: int = 0
-    dead: int = 0
-    recovered: int = 0
-    aborts: int = 0
-    fenced: int = 0
-    markers_ignored: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for name, n in counts.items():
-                setattr(self, name, getattr(self, name) + n)
-
-
 def notified_slot(payload: str, slots: int) -> int | None:
     """The slot a NOTIFY payload (``publish()`` sends the shard) wakes; None: every slot."""
     if payload.isdecimal() and int(payload) < SHARD_COUNT:
         return slot_of_shard(int(payload), slots)
     return None
-
-
-def delete_recovered(
-    conn: psycopg.Connection[dict[str, Any]], marker: Marker, shards: list[int]
-) -> int:
-    """Delete the rows that are the marker's very events, among ``shards`` (in a transaction):
-    their Kafka transaction committed, only their delete was lost (I4). Nothing else (I9)."""
-    found = conn.execute(
-        sql.RECOVERY_CANDIDATES, {"ids": list(marker.ids), "shards": shards}
-    ).fetchall()
-    doomed = recoverable(marker, [(r["id"], r["event_id"]) for r in found])
-    if not doomed:
-        return 0
-    cur = conn.execute(
-        sql.DELETE_RECOVERED,
-        {"ids": [i for i, _ in doomed], "event_ids": [e for _, e in doomed]},
-    )
-    return cur.rowcount
-
-
-class SlotWorker(threading.Thread):
-    """Publishes one slot's shards until told to stop or until the slot is lost."""
-
-    def __init__(
-        self,
-        relay: Relay,
-        slot: int,
-        conn: psycopg.Connection[dict[str, Any]],
-    ) -> None:
-        super().__init__(name=f"outbox-slot-{slot}", daemon=True)
-        self.relay = relay
-        self.config = relay.config
-        self.slot = slot
-        self.conn = conn
-        self.shards = shards_of_slot(slot, self.config.slots)
-        self.claim_statement = sql.claim_batch(self.shards)
-        self.wake = threading.Event()
-        self.release = threading.Event()
-        self.interrupt = threading.Event()
-        self.failed = False  # ended by an unexpected error: the slot is retried after a pause
-        self.drained = threading.Event()
-        self.producer: Any = None
-        self.tid = relay.transactional_id(slot)
-        self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
-        self._needs_recovery = self.transactional
-        # The next batch, claimed while the last one was in flight; kept only if that one
-        # committed, so a failed batch is claimed afresh, ahead of it, in id order (I3).
-        self._ahead: list[Row] = []
-        # Missing or unwritable topics, left out of claims for a bounded time.
-        self.holds = TopicHolds(self.config.missing_topic_timeout)
-        # After a request-wide refusal: rows go one per batch up to this id, so only the
-        # row at fault is buried, and in id order (I3, I6).
-        self._narrow_until: int | None = None
-        self._fatal: Any = None  # a fatal error librdkafka reported through error_cb
-
-    # -- lifecycle -------------------------------------------------------------
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except SlotLost as exc:
-            log.warning("slot %d lost: %s", self.slot, exc)
-        except ConfigError as exc:  # no retry can help: stop the relay, naming the fix (I8)
-            self.relay.refuse(exc)
-        except Exception:
-            self.failed = True
-            log.exception("slot %d worker failed; the slot is released and retried", self.slot)
-        finally:
-            self._close()
-
-    def _stopping(self) -> bool:
-        return self.relay.stop.is_set() or self.release.is_set()
-
-    def _run(self) -> None:
-        log.info("slot %d: publishing shards %s as %s", self.slot, self.shards, self.tid)
-        empty_polls = 0  # claims in a row that found nothing
-        while not self._stopping():
-            if self._retrying(self._step):
-                self.drained.clear()
-                empty_polls = 0
-                continue
-            wait_held = min(self.holds.until.values(), default=0.0) - time.monotonic()
-            if self.config.once and wait_held > 0:
-                # --once drains held topics too: wait for their next try (or burial).
-                self.wake.wait(wait_held)
-                continue
-            self.drained.set()
-            if self.config.once:
-                return
-            delay = poll_delay(
-                empty_polls, self.config.poll_interval, listening=self.relay.listening.is_set()
-            )
-            self.wake.wait(jittered(delay))
-            self.wake.clear()
-            empty_polls += 1
-
-    def _step(self) -> bool:
-        """Claim and publish one batch; False when there was nothing to do.
-
-        A failed batch is claimed afresh on retry, so rows committed meanwhile join it.
-        """
-        if self._fatal is not None:
-            log.warning("slot %d: producer failed (%s); building a new one", self.slot, self._fatal)
-            self._fatal = None
-            self._discard_producer()
-        if self.producer is None:
-            self._start_producer()
-            self._needs_recovery = self.transactional
-        if self._needs_recovery:
-            self._recover()
-            self._needs_recovery = False
-        started = time.perf_counter()
-        rows, self._ahead = self._ahead or self._claim(), []
-        if rows:
-            narrowing = self._narrow_until
-            self._publish(rows)
-            if narrowing is not None and rows[-1].id >= narrowing:
-                self._narrow_until = None  # past the rows of the refused request
-            self.relay.metrics.batch_size.observe(len(rows))
-            self.relay.metrics.batch_seconds.observe(time.perf_counter() - started)
-            log.debug(
-                "slot %d: published outbox ids %d..%d",
-                self.slot,
-                rows[0].id,
-                rows[-1].id,
-                extra={"slot": self.slot, "batch": f"{self.tid}:{rows[0].id}-{rows[-1].id}"},
-            )
-        return bool(rows)
-
-    def _retrying(self, fn: Callable[[], Any]) -> Any:
-        """Transient failures are retried with capped, jittered backoff until they pass, or
-        until the relay stops or hands the slot over: then at once, without another try."""
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception_type(TransientError),
-                wait=wait_random_exponential(multiplier=0.1, max=30),
-                sleep=self._backoff,
-                before_sleep=self._log_retry,
-                stop=lambda rs: self._stopping(),
-                reraise=True,
-            ):
-                with attempt:
-                    return fn()
-        except TransientError:
-            if not self._stopping():
-                raise
-        return None
-
-    def _backoff(self, seconds: float) -> None:
-        self.interrupt.wait(seconds)  # cut short by a stop or a hand-over
-
-    def hand_over(self) -> None:
-        """Finish the batch in hand, then give the slot back (rebalancing)."""
-        self.release.set()
-        self.interrupt.set()
-        self.wake.set()
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        self.relay.stats.add(retries=1)
-        log.warning(
-            "slot %d: %s; retrying (attempt %d)",
-            self.slot,
-            state.outcome.exception() if state.outcome else "?",
-            state.attempt_number,
-        )
-
-    def _close(self) -> None:
-        if self.producer is not None:
-            try:
-                self.producer.flush(5)
-            except Exception:
-                log.debug("slot %d: flush on close failed", self.slot, exc_info=True)
-            self.producer = None
-        try:
-            if not self.conn.closed:
-                self.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": self.slot})
-                self.conn.close()
-        except psycopg.Error:
-            pass
-        self.relay.worker_done(self)
-
-    # -- Kafka -----------------------------------------------------------------
-
-    def _start_producer(self) -> None:
-        settings: dict[str, Any] = dict(self.relay.plan.settings)
-        if self.transactional:
-            settings["transactional.id"] = self.tid
-        settings["error_cb"] = self._on_error
-        settings["logger"] = librdkafka_logger()
-        self.producer = Producer(settings)
-        if self.transactional:
-            # Fences the previous owner of this transactional.id, aborts its open transaction (I4).
-            while True:
-                try:
-                    self.producer.init_transactions(self.config.transaction_timeout)
-                    return
-                except KafkaException as exc:
-                    err = exc.args[0]
-                    if classify(err) is Verdict.CONFIG:
-                        raise ConfigError(f"init_transactions: {config_fix(err)}") from None
-                    if self._stopping() or not (
-                        err.retriable() or err.code() == KafkaError._TIMED_OUT
-                    ):
-                        raise SlotLost(f"init_transactions failed: {err}") from None
-                    log.warning("slot %d: init_transactions: %s; retrying", self.slot, err)
-
-    def _on_error(self, err: KafkaError) -> None:
-        """librdkafka's client-wide errors: logged once per repeat window; a fatal one
-        retires the producer before the next batch."""
-        if err.fatal():
-            self._fatal = err
-        librdkafka_logger().warning("slot %d: kafka: %s", self.slot, redact(str(err)))
-
-    def _recover(self) -> None:
-        """Delete rows the previous owner published but did not get to delete (I4), if
-        the slot's last marker is this outbox's and names those very events (I9)."""
-        if self.relay.first_run and self.slot not in self.relay.wrote_marker:
-            return
-        try:
-            raw = self.relay.read_marker(self.slot, self.tid, self.interrupt)
-        except KafkaException as exc:
-            raise TransientError(f"reading the recovery marker: {exc.args[0]}") from None
-        except TransientError:
-            if self._stopping():  # never publish before recovery: the next owner does it
-                raise SlotLost("released before its recovery marker was read") from None
-            raise
-        if raw is None:
-            return
-        reading = self.relay.judge(raw, self.slot, self.tid, self.config.slots)
-        if reading.marker is None:
-            return
-        with self._connection_held(), self.conn.transaction():
-            deleted = delete_recovered(self.conn, reading.marker, self.shards)
-        if deleted:
-            log.warning(
-                "slot %d: %d rows of the last committed Kafka transaction were still in the "
-                "outbox; deleted them instead of publishing again",
-                self.slot,
-                deleted,
-            )
-            self.relay.stats.add(recovered=deleted)
-
-    # -- database --------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _connection_held(self) -> Iterator[None]:
-        """Database work on the slot's connection: if the connection is lost, so is the slot
-        (its advisory lock and any open transaction went with it)."""
-        try:
-            yield
-        except psycopg.OperationalError as exc:
-            raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
-
-    def _claim(self) -> list[Row]:
-        params = {
-            "limit": 1 if self._narrow_until is not None else self.config.batch_size,
-            "held": self.holds.held(time.monotonic()),
-            "max_value_bytes": self.relay.plan.message_max_bytes,
-            "max_bytes": self.config.batch_bytes,
-        }
-        # Binary: bytea arrives as bytes, not hex text to decode for every row.
-        with self._connection_held(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
-            cur.execute(self.claim_statement, params, prepare=True)
-            rows = list(map(Row._make, cur.fetchall()))
-        self.relay.stats.add(claimed=len(rows))
-        return rows
-
-    def _delete_rows(self, ids: list[int]) -> None:
-        with self._connection_held():
-            self.conn.execute(sql.DELETE_EVENTS, {"ids": ids}, prepare=True)
-
-    @contextlib.contextmanager
-    def _db_transaction(self) -> Iterator[None]:
-        """A transaction on the slot's connection (``psycopg.Rollback`` ends it quietly).
-
-        A connection lost at the COMMIT after a Kafka commit loses the slot; the next
-        owner's recovery deletes the rows (I4).
-        """
-        with self._connection_held(), self.conn.transaction():
-            yield
-
-    def _bury(self, row: Row, error: str) -> None:
-        """Move a poison row aside so its shard moves on (I6)."""
-        log.error(
-            "slot %d: event %s (outbox id %d, topic %r) is poison: %s; moved to outbox_dead_events",
-            self.slot,
-            row.event_id,
-            row.id,
-            row.topic,
-            error,
-        )
-        with self._connection_held():
-            self.conn.execute(sql.MOVE_TO_DEAD, {"id": row.id, "error": error})
-        self.relay.stats.add(dead=1)
-
-    # -- one batch -------------------------------------------------------------
-
-    def _publish(self, rows: list[Row]) -> None:
-        limit = self.relay.plan.message_max_bytes
-        sendable = []
-        for row in rows:
-            if row.left_out or (row.may_exceed(limit) and row.size > limit):
-                self._bury(row, f"record of {row.size} bytes exceeds message.max.bytes={limit}")
-            else:
-                sendable.append(row)
-        if not sendable:
-            return
-        if self.config.guarantee is Guarantee.AT_MOST_ONCE:
-            self._delete_rows([r.id for r in sendable])
-            self._produce(sendable, {})
-            self.producer.flush(self.config.transaction_timeout)
-            self.relay.stats.add(published=len(sendable), batches=1)
-            return
-        if self.transactional:
-            self._publish_transaction(sendable)
-        else:
-            self._publish_idempotent(sendable)
-
-    def _produce(
-        self, rows: list[Row], failures: dict[int, Any], acked: set[int] | None = None
-    ) -> None:
-        """Queue every row; per-row errors land in ``failures`` and, when asked for, the ids
-        of successful delivery reports in ``acked`` (delivery reports fill them later)."""
-
-        def delivered(row_id: int) -> Callable[[Any, Any], None]:
-            def cb(err: Any, _msg: Any) -> None:
-                if err is not None:
-                    failures[row_id] = err
-                elif acked is not None:
-                    acked.add(row_id)
-
-            return cb
-
-        for row in rows:
-            while True:
-                try:
-                    self.producer.produce(
-                        row.topic,
-                        value=row.value,
-                        key=row.key,
-                        headers=row.headers,
-                        timestamp=row.created_ms,
-                        on_delivery=delivered(row.id),
-                    )
-                    break
-                except BufferError:
-                    self.producer.poll(0.05)
-                except KafkaException as exc:
-                    failures[row.id] = exc.args[0]
-                    break
-
-    def _handle_failures(
-        self, rows: list[Row], failures: dict[int, Any]
-    ) -> tuple[set[int], Exception | None]:
-        """Act on a batch's failed rows as ``kafka.classify`` says; returns the ids moved to
-        the dead table and the error to raise once the caller has settled the rest.
-
-        Nothing is buried for a fatal producer; a request-wide refusal narrows down to
-        one row per batch first; a missing or unwritable topic is held back (the rest of
-        the slot flows) until ``--missing-topic-timeout``, then its rows are buried.
-        """
-        by_id = {r.id: r for r in rows}
-        timed_out = {by_id[i].topic for i, e in failures.items() if _code(e) == _TIMED_OUT}
-        missing = self._missing_topics(timed_out) if timed_out else set()
-        verdicts = {
-            i: classify(e, alone=len(rows) == 1, topic_missing=by_id[i].topic in missing)
-            for i, e in failures.items()
-        }
-        found = {v: i for i, v in sorted(verdicts.items(), reverse=True)}  # v -> first id
-        if Verdict.FENCED in found:
-            self.relay.stats.add(fenced=1)
-            return set(), SlotLost(f"fenced: another relay took transactional.id {self.tid}")
-        if Verdict.CONFIG in found:
-            return set(), ConfigError(
-                f"Kafka refused the relay: {config_fix(failures[found[Verdict.CONFIG]])}"
-            )
-        if Verdict.FATAL in found:
-            self._discard_producer()
-            err = failures[found[Verdict.FATAL]]
-            return set(), TransientError(f"fatal producer error ({err}); building a new producer")
-        moved: set[int] = set()
-        now = time.monotonic()
-        for topic in sorted({by_id[i].topic for i, v in verdicts.items() if v is Verdict.TOPIC}):
-            ids = [i for i, v in verdicts.items() if v is Verdict.TOPIC and by_id[i].topic == topic]
-            if self.holds.failed(topic, now):
-                for i in ids:
-                    err, waited = failures[i], self.config.missing_topic_timeout
-                    self._bury(
-                        by_id[i],
-                        f"{err.name()}: {err.str()}; topic {topic!r} was missing or not "
-                        f"writable for --missing-topic-timeout={waited:g}s",
-                    )
-                moved.update(ids)
-            else:
-                log.warning(
-                    "slot %d: topic %r is missing or not writable (%s); holding its rows back "
-                    "for up to --missing-topic-timeout=%gs while the other topics flow",
-                    self.slot,
-                    topic,
-                    failures[ids[0]],
-                    self.config.missing_topic_timeout,
-                )
-        for i, v in verdicts.items():
-            if v is Verdict.POISON:
-                err = failures[i]
-                self._bury(by_id[i], f"{err.name()}: {err.str()}")
-                moved.add(i)
-        if Verdict.REQUEST in found:
-            refused = [i for i, v in verdicts.items() if v is Verdict.REQUEST]
-            self._narrow_until = max(refused)
-            log.warning(
-                "slot %d: the broker refused a request of %d rows (%s); sending rows one by "
-                "one up to outbox id %d to find the one at fault",
-                self.slot,
-                len(refused),
-                failures[refused[0]],
-                self._narrow_until,
-            )
-        if Verdict.TRANSIENT in found:
-            err = failures[found[Verdict.TRANSIENT]]
-            transient = sum(v is Verdict.TRANSIENT for v in verdicts.values())
-            return moved, TransientError(f"{transient} records failed: {err}")
-        return moved, None
-
-    def _missing_topics(self, topics: set[str]) -> set[str]:
-        """Topics the cluster's metadata says are missing or not writable: a delivery timeout
-        for them is about the topic, not the network (auto-create off, or ACLs)."""
-        missing: set[str] = set()
-        if self.producer is None:
-            return missing
-        for topic in topics:
-            try:
-                md = self.producer.list_topics(topic, timeout=5)
-            except KafkaException:
-                continue  # the cluster is unreachable: a plain transient timeout
-            meta = md.topics.get(topic)
-            if (
-                meta is not None
-                and meta.error is not None
-                and classify(meta.error) is Verdict.TOPIC
-            ):
-                missing.add(topic)
-        return missing
-
-    def _publish_transaction(self, rows: list[Row]) -> None:
-        """One Kafka transaction: the rows, then the slot's recovery marker.
-
-        While the broker acknowledges the records, a database transaction deletes
-        the rows (and, in a backlog, claims the next batch, which no longer sees
-        them); it commits only after the Kafka transaction did, so a row leaves the
-        outbox only once its record is committed (I2), and the database's work
-        overlaps the broker's instead of following it.
-        """
-        ids = [r.id for r in rows]
-        failures: dict[int, Any] = {}
-        unsent = 0
-        ahead: list[Row] = []
-        committed = False
-        try:
-            self.producer.begin_transaction()
-            self._produce(rows, failures)
-            with self._db_transaction():
-                self._delete_rows(ids)
-                if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
-                    ahead = self._claim()
-                # The marker goes out only once every record of the batch is acknowledged. On
-                # a broker that shows aborted transactions (Tansu), a marker can then never
-                # name a row whose record is missing, so recovery cannot delete an unpublished
-                # row.
-                unsent = self.producer.flush(self.config.transaction_timeout)
-                if failures or unsent:
-                    raise psycopg.Rollback  # the rows stay in the outbox
-                self.relay.wrote_marker.add(self.slot)
-                marker = Marker.of_batch(
-                    self.relay.outbox_id,
-                    self.tid,
-                    self.slot,
-                    self.config.slots,
-                    [(r.id, r.event_id) for r in rows],
-                )
-                self.producer.produce(
-                    self.config.state_topic,
-                    key=self.tid.encode(),
-                    value=marker.encode(),
-                    partition=self.slot,
-                )
-                self._commit()
-                committed = True
-        except SlotLost:
-            if not committed:  # nothing of this batch may commit now; if it did, recovery
-                with contextlib.suppress(KafkaException):  # deletes its rows (I4)
-                    self.producer.abort_transaction(5)
-            raise
-        except KafkaException as exc:
-            # The transaction's fate may be unknown: rebuild the producer (init_transactions
-            # settles it) and let the marker tell whether these rows were committed.
-            self._discard_producer()
-            verdict = classify(exc.args[0])
-            if verdict is Verdict.FENCED:
-                self.relay.stats.add(fenced=1)
-                raise SlotLost(f"fenced: another relay took transactional.id {self.tid}") from None
-            if verdict is Verdict.CONFIG:
-                raise ConfigError(f"Kafka refused the relay: {config_fix(exc)}") from None
-            _, error = self._handle_failures(rows, failures)
-            raise error or TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
-        if failures or unsent:
-            self._abort()
-            if not failures:
-                raise TransientError(f"{unsent} records not acknowledged in time")
-            _, error = self._handle_failures(rows, failures)
-            if error is not None:
-                raise error
-            return
-        self._ahead = ahead
-        self.holds.succeeded({r.topic for r in rows})
-        self.relay.stats.add(published=len(rows), batches=1)
-
-    def _commit(self) -> None:
-        while True:
-            try:
-                self.producer.commit_transaction(self.config.transaction_timeout)
-                return
-            except KafkaException as exc:
-                if exc.args[0].retriable() and not self._stopping():
-                    continue  # librdkafka resumes the same commit
-                raise
-
-    def _abort(self) -> None:
-        self.relay.stats.add(aborts=1)
-        try:
-            self.producer.abort_transaction(self.config.transaction_timeout)
-        except KafkaException as exc:
-            self._discard_producer()
-            if classify(exc.args[0]) is Verdict.FENCED:
-                self.relay.stats.add(fenced=1)
-                raise SlotLost(f"fenced while aborting: {exc.args[0]}") from None
-
-    def _discard_producer(self) -> None:
-        producer, self.producer = self.producer, None
-        if producer is not None:
-            with contextlib.suppress(KafkaException, RuntimeError):
-                producer.purge(in_queue=True, in_flight=True, blocking=False)
-
-    def _publish_idempotent(self, rows: list[Row]) -> None:
-        """Send the batch, then delete exactly the rows whose delivery report succeeded (I2)."""
-        failures: dict[int, Any] = {}
-        acked: set[int] = set()
-        self._produce(rows, failures, acked)
-        complete = self._await_reports()
-        moved, error = self._handle_failures(rows, failures) if failures else (set(), None)
-        acked -= failures.keys()
-        done = settled(((r.id, r.topic) for r in rows), acked, moved)
-        if done:
-            self._delete_rows(done)
-        self.holds.succeeded({r.topic for r in rows if r.id in acked})
-        self.relay.stats.add(published=len(done), batches=1)
-        if not complete:  # handed over or stopping: unacknowledged rows stay for the next owner
-            self._discard_producer()
-        elif error is not None:
-            raise error
-
-    def _await_reports(self) -> bool:
-        """Wait for every record's delivery report; False if the relay stops or hands the
-        slot over first. librdkafka retries a record until delivery.timeout.ms, then
-        reports it failed, so this ends; meanwhile one line per flush timeout says why."""
-        started = last_said = time.monotonic()
-        while (unacked := self.producer.flush(0.5)) > 0:
-            if self._stopping():
-                return False
-            now = time.monotonic()
-            if now - last_said >= self.config.transaction_timeout:
-                last_said = now
-                log.warning(
-                    "slot %d: %d records not acknowledged after %.0f s; they stay in the "
-                    "outbox while librdkafka retries them (until delivery.timeout.ms)",
-                    self.slot,
-                    unacked,
-                    now - started,
-                )
-        return True
-
-
-def _code(err: Any) -> int:
-    return int(err.code())
-
-
-_TIMED_OUT = KafkaError._MSG_TIMED_OUT
 
 
 class Relay:
@@ -857,6 +203,25 @@ class Relay:
         if starting:
             return False, f"slots {starting} are connecting to Kafka"
         return True, f"owns slots {sorted(w.slot for w in workers)}"
+
+    def _slot_context(self, slot: int) -> SlotContext:
+        """What the slot's worker may use of this process (and nothing else of it)."""
+        return SlotContext(
+            config=self.config,
+            plan=self.plan,
+            outbox_id=self.outbox_id,
+            transactional_id=self.transactional_id(slot),
+            stop=self.stop,
+            listening=self.listening,
+            stats=self.stats,
+            metrics=self.metrics,
+            first_run=lambda: self.first_run,
+            wrote_marker=self.wrote_marker,
+            read_marker=self.read_marker,
+            judge=self.judge,
+            refuse=self.refuse,
+            done=self.worker_done,
+        )
 
     def worker_done(self, worker: SlotWorker) -> None:
         with self._lock:
@@ -1079,7 +444,7 @@ class Relay:
         if not row or not next(iter(row.values())):
             conn.close()
             return False
-        worker = SlotWorker(self, slot, conn)
+        worker = SlotWorker(self._slot_context(slot), slot, conn)
         with self._lock:
             self.workers[slot] = worker
         worker.start()
