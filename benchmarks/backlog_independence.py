@@ -33,6 +33,7 @@ from benchmarks.harness import (
 )
 from outbox import sql
 from outbox.partitioner import shards_of_slot
+from outbox.relay.config import RelayConfig
 
 TARGET = 1.2
 
@@ -70,7 +71,14 @@ def claim_plans(db: Database, size: Size) -> dict[str, Any]:
     with db.connect() as conn:
         for slots in (1, 4):
             claim = "EXPLAIN (ANALYZE, FORMAT JSON) " + sql.claim_batch(shards_of_slot(0, slots))
-            rows = conn.execute(claim, {"limit": size.batch_size})
+            defaults = RelayConfig(dsn=db.url, bootstrap_servers="unused:9092")
+            params = sql.claim_params(
+                limit=size.batch_size,
+                held=[],
+                max_value_bytes=defaults.producer_plan().message_max_bytes,
+                max_bytes=defaults.batch_bytes,
+            )
+            rows = conn.execute(claim, params)
             doc = rows.fetchone()[0][0]  # type: ignore[index]
             node = doc["Plan"]
             while node.get("Plans") and node["Node Type"] == "Limit":

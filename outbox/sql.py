@@ -6,7 +6,7 @@ through SQLAlchemy ``text()`` with ``:name`` (see ``publish.py``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from outbox.partitioner import SHARD_COUNT as _SHARD_COUNT
 from outbox.schema import NOTIFY_CHANNEL as _CHANNEL
@@ -141,6 +141,20 @@ def claim_batch(shards: Iterable[int]) -> str:
         return CLAIM_BATCH
     merged = "\nUNION ALL\n".join(CLAIM_SHARD.format(shard=shard) for shard in own)
     return _BUDGETED.format(claim=f"{merged}\nORDER BY id\nLIMIT %(limit)s")
+
+
+def claim_params(
+    *, limit: int, held: Sequence[str], max_value_bytes: int, max_bytes: int
+) -> dict[str, object]:
+    """The parameters ``claim_batch``'s statement takes: at most ``limit`` rows and about
+    ``max_bytes`` of values, none of the ``held`` topics; values over ``max_value_bytes``
+    come back as NULL (with their size), never loaded."""
+    return {
+        "limit": limit,
+        "held": list(held),
+        "max_value_bytes": max_value_bytes,
+        "max_bytes": max_bytes,
+    }
 
 
 # Remove rows whose Kafka transaction has committed (I2).

@@ -376,12 +376,12 @@ class SlotWorker(threading.Thread):
             raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
 
     def _claim(self) -> list[Row]:
-        params = {
-            "limit": 1 if self._narrow_until is not None else self.config.batch_size,
-            "held": self.holds.held(time.monotonic()),
-            "max_value_bytes": self.context.plan.message_max_bytes,
-            "max_bytes": self.config.batch_bytes,
-        }
+        params = sql.claim_params(
+            limit=1 if self._narrow_until is not None else self.config.batch_size,
+            held=self.holds.held(time.monotonic()),
+            max_value_bytes=self.context.plan.message_max_bytes,
+            max_bytes=self.config.batch_bytes,
+        )
         # Binary: bytea arrives as bytes, not hex text to decode for every row.
         with self._connection_held(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
             cur.execute(self.claim_statement, params, prepare=True)
