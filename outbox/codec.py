@@ -192,6 +192,11 @@ def encode_value(
             allow_nan=False,
             default=_json_default(json_default),
         )
+    except RecursionError:
+        raise TypeError(
+            "value is nested too deeply to encode as JSON (or refers to itself); flatten it, "
+            "or pass bytes you encoded yourself"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"value is not JSON-serialisable ({exc}); convert it to plain "
@@ -215,6 +220,8 @@ def encode_headers(headers: Headers | None) -> tuple[list[str], list[bytes]]:
         name, raw = pair
         if not isinstance(name, str) or not name:
             raise TypeError(f"header names must be non-empty str, got {name!r}")
+        if "\x00" in name:  # header names are stored as PostgreSQL text, which refuses NUL
+            raise EventError(f"header name {name!r} contains a NUL character; rename the header")
         if name.lower() in RESERVED_HEADERS:
             raise EventError(f"header {name!r} is set by the outbox itself; rename your header")
         _utf8(name, f"header name {name!r}")
