@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import PurePath
 from typing import Any
 
-from outbox.errors import EventError
+from outbox.errors import EventError, EventTooLarge
 from outbox.partitioner import shard_for
 
 EVENT_ID_HEADER = "outbox-event-id"
@@ -277,7 +277,7 @@ def encode_event(
         header_values=values,
     )
     if max_message_bytes is not None and event.size > max_message_bytes:
-        raise EventError(
+        raise EventTooLarge(
             f"event for topic {topic!r} is {event.size} bytes, above "
             f"max_message_bytes={max_message_bytes} (the producer's message.max.bytes): "
             "Kafka would refuse it; store the payload elsewhere and publish a reference, "
