@@ -78,6 +78,12 @@ BATCH_LINGER = 0.005
 """Seconds a started batch waits for more records: the consumer's linger.ms."""
 
 
+_REFUSED_CREDENTIALS = frozenset(
+    {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._SSL}
+)
+"""librdkafka errors that say the cluster refuses who we are: retrying cannot help."""
+
+
 class DeadLetterError(OutboxError):
     """A record could not even be dead-lettered (e.g. an illegal DLT topic): the consumer stops."""
 
@@ -200,6 +206,7 @@ class IdempotentConsumer:
         # A broker outage: one line per backoff step, not one per failed connection.
         self._librdkafka_log = ThrottledLog(logging.getLogger("outbox.librdkafka"))
         self._kafka_errors = ThrottledLog(log)
+        self._refused: ConfigError | None = None  # credentials the cluster refuses (I8)
 
     # -- the user's part ---------------------------------------------------------
 
@@ -277,6 +284,8 @@ class IdempotentConsumer:
         )
         try:
             while not self.stop.is_set():
+                if self._refused is not None:
+                    raise self._refused
                 self._maybe_purge()
                 messages = self._next_batch()
                 records = self._owned(self._records(messages))
@@ -784,6 +793,11 @@ class IdempotentConsumer:
 
     def _on_kafka_error(self, err: Any) -> None:
         self._kafka_errors.log(logging.WARNING, "kafka: %s", redact(str(err)))
+        if err.code() in _REFUSED_CREDENTIALS:  # no retry can help: stop, naming the fix
+            self._refused = ConfigError(
+                f"Kafka refused the consumer's credentials ({redact(err.str())}): check "
+                "sasl.*/ssl.* in --consumer-config or -X"
+            )
 
     # -- purge ------------------------------------------------------------------------
 
