@@ -44,7 +44,12 @@ from consumer.config import (
     horizon_warning,
     parse_topics,
 )
-from consumer.deadletter import dead_letter_headers, dead_letter_id, describe
+from consumer.deadletter import (
+    dead_letter_headers,
+    dead_letter_id,
+    describe,
+    lean_dead_letter_headers,
+)
 from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key
 from consumer.event import (
     Event,
@@ -59,7 +64,7 @@ from consumer.retry import Action, Reason, RetryPolicy, is_infrastructure_error,
 from consumer.throttle import ThrottledLog
 from outbox.codec import JSON
 from outbox.db import redact, sqlalchemy_url
-from outbox.errors import ConfigError, NotMigrated, OutboxError
+from outbox.errors import ConfigError, EventTooLarge, NotMigrated, OutboxError
 from outbox.publish import publish
 from outbox.tracing import restored_context
 
@@ -71,6 +76,12 @@ HORIZON_TIMEOUT = 5.0
 
 BATCH_LINGER = 0.005
 """Seconds a started batch waits for more records: the consumer's linger.ms."""
+
+
+_REFUSED_CREDENTIALS = frozenset(
+    {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._SSL}
+)
+"""librdkafka errors that say the cluster refuses who we are: retrying cannot help."""
 
 
 class DeadLetterError(OutboxError):
@@ -195,6 +206,7 @@ class IdempotentConsumer:
         # A broker outage: one line per backoff step, not one per failed connection.
         self._librdkafka_log = ThrottledLog(logging.getLogger("outbox.librdkafka"))
         self._kafka_errors = ThrottledLog(log)
+        self._refused: ConfigError | None = None  # credentials the cluster refuses (I8)
 
     # -- the user's part ---------------------------------------------------------
 
@@ -272,6 +284,8 @@ class IdempotentConsumer:
         )
         try:
             while not self.stop.is_set():
+                if self._refused is not None:
+                    raise self._refused
                 self._maybe_purge()
                 messages = self._next_batch()
                 records = self._owned(self._records(messages))
@@ -655,21 +669,37 @@ class IdempotentConsumer:
         """Publish the dead letter through the outbox, in the transaction marking it processed."""
         record = item.record
         topic = self.config.dead_letter_topic(record.topic)
-        publish(
-            session,
-            topic=topic,
-            key=record.key,
-            value=record.value,
-            headers=dead_letter_headers(
-                record,
-                group_id=self.config.group_id,
-                key=item.key,
-                error=error,
-                attempts=attempts,
-                reason=reason,
-            ),
-            event_id=dead_letter_id(self.config.group_id, item.key),
+        headers = dead_letter_headers(
+            record,
+            group_id=self.config.group_id,
+            key=item.key,
+            error=error,
+            attempts=attempts,
+            reason=reason,
         )
+        event_id = dead_letter_id(self.config.group_id, item.key)
+        try:
+            publish(
+                session,
+                topic=topic,
+                key=record.key,
+                value=record.value,
+                headers=headers,
+                event_id=event_id,
+            )
+        except EventTooLarge as exc:
+            # A record near the broker's limit does not fit with the dead letter's headers
+            # (or the broker allows more than publish()): dead-letter it without its payload,
+            # rather than stop the consumer on it (I10). The original stays at its position.
+            log.warning("%s is too large to dead-letter whole: %s", record.position, exc)
+            publish(
+                session,
+                topic=topic,
+                key=None,
+                value=None,
+                headers=lean_dead_letter_headers(headers, exc),
+                event_id=event_id,
+            )
         log.error(
             "%s (event %s) dead-lettered to %s after %d attempt(s), %s: %s",
             record.position,
@@ -763,6 +793,11 @@ class IdempotentConsumer:
 
     def _on_kafka_error(self, err: Any) -> None:
         self._kafka_errors.log(logging.WARNING, "kafka: %s", redact(str(err)))
+        if err.code() in _REFUSED_CREDENTIALS:  # no retry can help: stop, naming the fix
+            self._refused = ConfigError(
+                f"Kafka refused the consumer's credentials ({redact(err.str())}): check "
+                "sasl.*/ssl.* in --consumer-config or -X"
+            )
 
     # -- purge ------------------------------------------------------------------------
 

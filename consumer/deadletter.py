@@ -54,6 +54,8 @@ ORIGINAL_TIMESTAMP_HEADER = "dlt-original-timestamp"
 ORIGINAL_EVENT_ID_HEADER = "dlt-original-event-id"
 ORIGINAL_CONTENT_TYPE_HEADER = "dlt-original-content-type"
 CONSUMER_GROUP_HEADER = "dlt-consumer-group"
+LEFT_OUT_HEADER = "dlt-left-out"
+"""Set when the record was too large to dead-letter whole: what was left out, and why."""
 ENCODED_HEADER_PREFIX = "dlt-header-b64:"
 """Prefix of an original header whose name could not be stored as is; base64url follows."""
 
@@ -133,6 +135,17 @@ def _original_headers(record: Record, key: str) -> list[tuple[str, str | bytes]]
         else:
             headers.append((encoded_header_name(name), value))
     return headers
+
+
+def lean_dead_letter_headers(
+    headers: list[tuple[str, str | bytes]], too_large: BaseException
+) -> list[tuple[str, str | bytes]]:
+    """The dead letter's own headers without the record's: for a record too large to
+    dead-letter whole (its value and headers stay readable at the original position)."""
+    own = [(n, v) for n, v in headers if n.startswith(DLT_PREFIX) and n != LEFT_OUT_HEADER]
+    own = [(n, v) for n, v in own if not n.startswith(ENCODED_HEADER_PREFIX)]
+    note = f"value, key and original headers: {error_message(too_large, 500)}"
+    return [*own, (LEFT_OUT_HEADER, note)]
 
 
 def dead_letter_headers(

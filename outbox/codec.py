@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import PurePath
 from typing import Any
 
-from outbox.errors import EventError
+from outbox.errors import EventError, EventTooLarge
 from outbox.partitioner import shard_for
 
 EVENT_ID_HEADER = "outbox-event-id"
@@ -192,6 +192,11 @@ def encode_value(
             allow_nan=False,
             default=_json_default(json_default),
         )
+    except RecursionError:
+        raise TypeError(
+            "value is nested too deeply to encode as JSON (or refers to itself); flatten it, "
+            "or pass bytes you encoded yourself"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"value is not JSON-serialisable ({exc}); convert it to plain "
@@ -215,6 +220,8 @@ def encode_headers(headers: Headers | None) -> tuple[list[str], list[bytes]]:
         name, raw = pair
         if not isinstance(name, str) or not name:
             raise TypeError(f"header names must be non-empty str, got {name!r}")
+        if "\x00" in name:  # header names are stored as PostgreSQL text, which refuses NUL
+            raise EventError(f"header name {name!r} contains a NUL character; rename the header")
         if name.lower() in RESERVED_HEADERS:
             raise EventError(f"header {name!r} is set by the outbox itself; rename your header")
         _utf8(name, f"header name {name!r}")
@@ -270,7 +277,7 @@ def encode_event(
         header_values=values,
     )
     if max_message_bytes is not None and event.size > max_message_bytes:
-        raise EventError(
+        raise EventTooLarge(
             f"event for topic {topic!r} is {event.size} bytes, above "
             f"max_message_bytes={max_message_bytes} (the producer's message.max.bytes): "
             "Kafka would refuse it; store the payload elsewhere and publish a reference, "

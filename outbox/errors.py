@@ -18,6 +18,10 @@ class EventError(OutboxError, ValueError):
     """An event that can never be published (bad topic, oversized record, ...)."""
 
 
+class EventTooLarge(EventError):
+    """An event above ``max_message_bytes``: a smaller one (a reference) may still go."""
+
+
 class SlotLost(OutboxError):
     """This relay no longer owns a slot (its lock connection died or it was fenced)."""
 

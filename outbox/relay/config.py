@@ -6,6 +6,7 @@ that would silently break a delivery guarantee, and name the setting and fix.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -408,9 +409,23 @@ def default_tid_prefix(outbox_id: uuid.UUID) -> str:
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
     """``-X key=value`` pairs, as kcat and librdkafka tools take them."""
     out: dict[str, str] = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, 1):
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            raise ConfigError(f"-X {pair!r} is not key=value (e.g. -X linger.ms=10)")
+            raise ConfigError(
+                f"-X {_unquoted_entry(pair, number)} is not key=value (e.g. -X linger.ms=10)"
+            )
         out[name.strip()] = value.strip()
     return out
+
+
+_PROPERTY_NAME = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+")
+
+
+def _unquoted_entry(pair: str, number: int) -> str:
+    """Which entry is malformed, without echoing it: a mistyped ``sasl.password secret``
+    (a space or a colon for ``=``) holds a secret. Only a leading property name is shown."""
+    head = re.split(r"[\s:]", pair.strip(), maxsplit=1)[0]
+    if _PROPERTY_NAME.fullmatch(head):
+        return f"entry {number} (starting {head!r})"
+    return f"entry {number}"

@@ -347,3 +347,23 @@ def consumer_for_property(start: Callable[..., Running]) -> Iterator[Running]:
     running = start(batch_size=3)
     yield running
     assert running.thread.is_alive()
+
+
+def test_i10_a_record_too_large_to_dead_letter_whole_is_dead_lettered_without_its_payload(
+    env: Env, start: Callable[..., Running]
+) -> None:
+    """A record just under the broker's limit gains the dead letter's headers and no longer
+    fits publish()'s max_message_bytes: the consumer stopped on it (exit 1, a crash loop)."""
+    big = b"{" + b"x" * 999_800  # fits the producer's message.max.bytes, not with the headers
+    sent: list[Any] = [(big, JSON), (GOOD, JSON)]
+    positions = env.produce(sent)
+    running = start()
+    wait_for(lambda: _settled(env, running, positions), timeout=120, what="both records settled")
+    assert env.effects() == Counter({positions[1]: 1})
+    (letter,) = env.dead_letters()[positions[0]]
+    stored = dict(letter["headers"])
+    assert letter["value"] is None
+    assert stored["dlt-reason"] == b"undecodable"
+    assert b"max_message_bytes" in stored["dlt-left-out"]
+    assert running.thread.is_alive()
+    assert (running.stop().dead_lettered, 1) == (1, 1)

@@ -85,6 +85,26 @@ def test_i8_bad_value_fails_inside_the_transaction_before_commit(engine: Engine)
     assert _pending(engine) == 1
 
 
+def test_i8_unstorable_header_names_and_deep_values_leave_the_callers_transaction_usable(
+    engine: Engine,
+) -> None:
+    """A NUL in a header name reached PostgreSQL (raw DataError with the SQL, the caller's
+    transaction aborted); a deeply nested value raised a bare RecursionError."""
+    _make_business_table(engine)
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    with Session(engine) as session:
+        session.execute(text("INSERT INTO orders VALUES (1, '1')"))
+        with pytest.raises(EventError, match="header name 'a\\\\x00b' contains a NUL"):
+            publish(session, topic="t", key="k", value="v", headers={"a\x00b": b"x"})
+        with pytest.raises(TypeError, match="nested too deeply"):
+            publish(session, topic="t", key="k", value=deep)
+        publish(session, topic="t", key="k", value="fine")
+        session.commit()
+    assert _pending(engine) == 1
+
+
 def test_i8_oversized_value_refused_when_limit_configured(engine: Engine) -> None:
     saved = configure().max_message_bytes
     configure(max_message_bytes=1000)

@@ -518,6 +518,22 @@ def test_i8_parse_overrides_refuses_what_is_not_key_value(pair: str) -> None:
         parse_overrides([pair])
 
 
+@pytest.mark.parametrize(
+    ("pair", "shown"),
+    [
+        ("sasl.password S3cr3t-pw", "entry 1 (starting 'sasl.password')"),
+        ("sasl.password: S3cr3t-pw", "entry 1 (starting 'sasl.password')"),
+        ("S3cr3t-pw", "entry 1"),
+    ],
+)
+def test_i8_a_malformed_setting_is_named_without_echoing_its_value(pair: str, shown: str) -> None:
+    """A password typed with a space or a colon instead of '=' never reaches the error."""
+    with pytest.raises(ConfigError) as caught:
+        parse_overrides([pair])
+    assert "S3cr3t-pw" not in str(caught.value)
+    assert str(caught.value).startswith(f"-X {shown} is not key=value")
+
+
 SECURED = {
     "security.protocol": "SASL_SSL",
     "sasl.mechanisms": "SCRAM-SHA-512",
