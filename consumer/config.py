@@ -8,6 +8,7 @@ happened. Those are refused with a message naming the setting and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -138,7 +139,15 @@ class ConsumerConfig:
             ) from None
 
     def dead_letter_topic(self, topic: str) -> str:
-        return topic + self.dead_letter_suffix
+        """``<topic><suffix>``; for a topic too long for that (one a regex subscription
+        matched), the topic cut short plus 8 hex digits of its hash, so that the name stays
+        legal, distinct and the same on every run, and no record can stop the consumer."""
+        name = topic + self.dead_letter_suffix
+        if len(name) <= MAX_TOPIC_LENGTH:
+            return name
+        digest = hashlib.sha256(topic.encode()).hexdigest()[:8]
+        keep = MAX_TOPIC_LENGTH - len(self.dead_letter_suffix) - len(digest) - 1
+        return f"{topic[:keep]}-{digest}{self.dead_letter_suffix}"
 
     def plan(self) -> ConsumerPlan:
         """The librdkafka consumer settings, checked against the rules of I5."""

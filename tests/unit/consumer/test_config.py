@@ -213,3 +213,21 @@ def test_purge_schedule_runs_at_start_then_every_interval_and_soon_after_a_backl
     assert schedule.due(610.0)
     schedule.ran(610.0, finished=False)
     assert schedule.due(611.0)
+
+
+@pytest.mark.parametrize("length", [1, 200, 245, 246, 247, 249])
+def test_i10_every_topic_a_regex_can_match_has_a_legal_dead_letter_topic(length: int) -> None:
+    """A topic of 246-249 characters used to get a DLT name Kafka refuses, and its first
+    poison record stopped the consumer at every restart."""
+    from outbox.codec import check_topic
+
+    config = _config(topics=("^t.*",))
+    topic = "t" * length
+    dlt = config.dead_letter_topic(topic)
+    check_topic(dlt)  # legal: raises otherwise
+    assert dlt.endswith(".DLT")
+    assert dlt == config.dead_letter_topic(topic)  # the same on every run
+    if length + len(".DLT") <= 249:
+        assert dlt == topic + ".DLT"
+    else:
+        assert dlt != config.dead_letter_topic("t" * (length - 1))  # distinct per topic
