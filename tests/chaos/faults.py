@@ -71,8 +71,9 @@ class Rates:
     """None: one restart for runs under a minute, two for longer ones."""
     outage_seconds: float = 0.0
     """If positive: one broker-wide outage this long replaces the random cuts (made longer than
-    the relay's delivery timeout, so records expire while it lasts). No relay is killed while
-    it lasts: a relay killed then would take its expiring records with it."""
+    the relay's delivery timeout, so records expire while it lasts). No process is killed while
+    it lasts: a relay killed then would take its expiring records with it, and a consumer
+    kill would wait in vain for a consumer to be inside its offset-commit window."""
 
 
 def schedule(
@@ -126,16 +127,17 @@ def schedule(
         if rng.random() < rates.kill_after_cut and kill_at + rates.dead_seconds[1] < seconds:
             after_cuts.append(kill_at)
 
-    relay_kills = sorted(every(rates.relay_kill_every) + after_cuts)
-    if rates.outage_seconds > 0:
-        outages = [(f.at - rates.dead_seconds[1], f.at + f.duration) for f in faults]
-        relay_kills = [t for t in relay_kills if not any(a <= t <= b for a, b in outages)]
+    outages = [
+        (f.at - rates.dead_seconds[1], f.at + f.duration) for f in faults if rates.outage_seconds
+    ]
     for kind, count, planned_kills in (
-        (FaultKind.KILL_RELAY, relays, relay_kills),
+        (FaultKind.KILL_RELAY, relays, sorted(every(rates.relay_kill_every) + after_cuts)),
         (FaultKind.KILL_CONSUMER, consumers, every(rates.consumer_kill_every)),
     ):
-        # A short run still meets every kind of fault once.
-        times = planned_kills or [round(rng.uniform(start, end), 3)]
+        times = [t for t in planned_kills if not any(a <= t <= b for a, b in outages)]
+        if not times:  # a short run still meets every kind of fault once
+            after = max([start, *(b for _, b in outages)])
+            times = [round(rng.uniform(after, max(after, end)), 3)]
         dead_until = [0.0] * count
         for at in times:
             alive = [i for i in range(count) if dead_until[i] < at]
