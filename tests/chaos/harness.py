@@ -134,6 +134,10 @@ class ChaosConfig:
             raise ValueError(f"--guarantee={self.guarantee}: exactly-once or at-least-once")
         if self.guarantee == "at-least-once" and self.broker != "tansu":
             raise ValueError("--guarantee at-least-once runs on --broker tansu only")
+        if self.rates.outage_seconds and self.broker != "tansu":
+            raise ValueError("--outage runs on --broker tansu (a cut of every connection)")
+        if self.rates.outage_seconds >= self.seconds * 0.7:
+            raise ValueError("--outage must be shorter than 70 % of --seconds")
         if not 0 <= self.missing_topic_share < 1:
             raise ValueError("--missing-topic-share must be in [0, 1)")
         if self.missing_topic_share and self.broker != "kafka":
