@@ -10,6 +10,7 @@ import random
 import sys
 from pathlib import Path
 
+from tests.chaos.faults import Rates
 from tests.chaos.harness import ChaosConfig, Summary, run_chaos
 
 
@@ -39,6 +40,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="tansu behind a proxy (the broker fault cuts it) or a 3-node Apache Kafka cluster "
         "(the broker fault SIGKILLs a node; the topic must hold no duplicate)",
     )
+    parser.add_argument(
+        "--guarantee",
+        choices=("exactly-once", "at-least-once"),
+        default="exactly-once",
+        help="the relays' --guarantee; at-least-once (tansu only) gives records an 8 s "
+        "delivery timeout",
+    )
+    parser.add_argument(
+        "--outage",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="one broker-wide outage this long instead of the random cuts (tansu; with "
+        "--guarantee at-least-once, make it longer than 8 s so records expire)",
+    )
+    parser.add_argument(
+        "--missing-topic-share",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of events written to a topic that does not exist (kafka only): they must "
+        "all end in outbox_dead_events, and nothing else",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep process logs here")
     parser.add_argument("--keep-logs", action="store_true", help="keep logs of a passing run")
@@ -64,6 +88,14 @@ def _print(summary: Summary) -> None:
         ("  of which between Kafka and DB commit", summary.relay_kills_in_commit_window),
         ("effects applied", summary.effects_applied),
         ("duplicate effects (must be 0)", summary.duplicate_effects),
+        *(
+            (
+                f"outbox {name}: missing-topic events buried / not buried",
+                f"{r['missing_topic_dead']} / {r['missing_topic_not_dead']}",
+            )
+            for name, r in summary.outboxes.items()
+            if r["missing_topic_dead"] or r["missing_topic_not_dead"]
+        ),
         ("lost (must be 0)", summary.lost),
         ("phantoms (must be 0)", summary.phantoms),
         ("order violations (must be 0)", summary.order_violations),
@@ -112,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
             second_outbox=not args.no_second_outbox,
             broker=args.broker,
+            guarantee=args.guarantee,
+            missing_topic_share=args.missing_topic_share,
+            rates=Rates(outage_seconds=args.outage),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -92,6 +92,13 @@ class Observations:
     """The broker hides records of aborted transactions: every copy is a committed one."""
     excluded_reasons: dict[str, int] = field(default_factory=dict)
     """Why transactions failed before or during their commit: error class -> events."""
+    to_missing_topic: set[str] = field(default_factory=set)
+    """Events published to a topic that does not exist, in acknowledged transactions: each
+    must end in ``outbox_dead_events``."""
+    to_missing_topic_unknown: set[str] = field(default_factory=set)
+    """The same, in transactions whose commit outcome is unknown: dead rows or nothing."""
+    dead_of_missing_topic: set[str] = field(default_factory=set)
+    """Event ids of the dead rows whose topic is the missing one (counted in ``dead_rows``)."""
 
 
 @dataclass(slots=True)
@@ -130,7 +137,11 @@ class Report:
     uncommitted_in_database: int = 0
     pending_outbox: int = 0
     dead_rows: int = 0
+    """Dead rows other than the events written to the missing topic."""
     dead_letters: int = 0
+    missing_topic_dead: int = 0
+    """Events written to the missing topic that became dead rows (reported)."""
+    missing_topic_not_dead: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
@@ -158,7 +169,8 @@ MUST_BE_ZERO = (
     ("excluded_over_limit", f"events left out of the check above {MAX_EXCLUDED_SHARE:.0%}"),
     ("too_few_committed", f"committed events short of {MIN_COMMITTED_SHARE:.0%} of the plan"),
     ("pending_outbox", "rows still in the outbox at the end"),
-    ("dead_rows", "rows moved to outbox_dead_events (no poison in this run)"),
+    ("dead_rows", "rows moved to outbox_dead_events (no poison but the missing topic's)"),
+    ("missing_topic_not_dead", "events to the missing topic not in outbox_dead_events"),
     ("dead_letters", "records dead-lettered by the consumers (no poison in this run)"),
 )
 
@@ -223,7 +235,6 @@ def check(obs: Observations) -> Report:
         effects_applied=len(obs.effects),
         topic_records=len(obs.topic),
         pending_outbox=obs.pending_outbox,
-        dead_rows=obs.dead_rows,
         dead_letters=obs.dead_letters,
     )
     examples: dict[str, list[str]] = {}
@@ -236,6 +247,16 @@ def check(obs: Observations) -> Report:
 
     # The writers' own view must agree with the database (a harness or durability check).
     report.acknowledged_missing = note("acknowledged_missing", obs.acknowledged - committed.keys())
+
+    # Events to a topic that does not exist: all of them, and nothing else, are dead rows.
+    expected_dead = obs.dead_of_missing_topic & (
+        obs.to_missing_topic | obs.to_missing_topic_unknown
+    )
+    report.missing_topic_dead = len(expected_dead)
+    report.dead_rows = obs.dead_rows - len(expected_dead)
+    report.missing_topic_not_dead = note(
+        "missing_topic_not_dead", obs.to_missing_topic - obs.dead_of_missing_topic
+    )
     report.uncommitted_in_database = note(
         "uncommitted_in_database", (obs.rolled_back | obs.failed) & committed.keys()
     )

@@ -69,6 +69,11 @@ class Rates:
     the cut built up: the moment it is most likely to be inside a Kafka transaction."""
     postgres_restarts: int | None = None
     """None: one restart for runs under a minute, two for longer ones."""
+    outage_seconds: float = 0.0
+    """If positive: one broker-wide outage this long replaces the random cuts (made longer than
+    the relay's delivery timeout, so records expire while it lasts). No process is killed while
+    it lasts: a relay killed then would take its expiring records with it, and a consumer
+    kill would wait in vain for a consumer to be inside its offset-commit window."""
 
 
 def schedule(
@@ -92,6 +97,8 @@ def schedule(
     end = seconds - max(rates.cut_seconds[1], rates.dead_seconds[1]) - 1.5
     if end <= start:
         end = start + seconds * 0.5
+    if rates.outage_seconds >= seconds - start:
+        raise ValueError(f"an outage of {rates.outage_seconds}s does not fit in {seconds}s")
     faults: list[Fault] = []
 
     def every(mean: float) -> list[float]:
@@ -103,23 +110,34 @@ def schedule(
 
     cut_end = start
     after_cuts: list[float] = []
-    for planned in every(rates.cut_every) or [round(rng.uniform(start, end), 3)]:
+    cuts = every(rates.cut_every) or [round(rng.uniform(start, end), 3)]
+    if rates.outage_seconds > 0:
+        # After some traffic (so the kills before it strike batches), with time left after it.
+        lo = start + seconds * 0.2
+        latest = seconds - rates.outage_seconds - 1.5 - rates.dead_seconds[1]
+        cuts = [round(rng.uniform(lo, max(lo, min(latest, lo + seconds * 0.1))), 3)]
+    for planned in cuts:
         at = round(max(planned, cut_end + 1.0), 3)
-        if at >= end:
+        if at >= end and rates.outage_seconds <= 0:
             break
-        duration = round(rng.uniform(*rates.cut_seconds), 3)
+        duration = round(rates.outage_seconds or rng.uniform(*rates.cut_seconds), 3)
         faults.append(Fault(at, FaultKind.CUT_BROKER, 0, duration))
         cut_end = at + duration
         kill_at = round(cut_end + rng.uniform(0.2, 1.5), 3)
         if rng.random() < rates.kill_after_cut and kill_at + rates.dead_seconds[1] < seconds:
             after_cuts.append(kill_at)
 
+    outages = [
+        (f.at - rates.dead_seconds[1], f.at + f.duration) for f in faults if rates.outage_seconds
+    ]
     for kind, count, planned_kills in (
         (FaultKind.KILL_RELAY, relays, sorted(every(rates.relay_kill_every) + after_cuts)),
         (FaultKind.KILL_CONSUMER, consumers, every(rates.consumer_kill_every)),
     ):
-        # A short run still meets every kind of fault once.
-        times = planned_kills or [round(rng.uniform(start, end), 3)]
+        times = [t for t in planned_kills if not any(a <= t <= b for a, b in outages)]
+        if not times:  # a short run still meets every kind of fault once
+            after = max([start, *(b for _, b in outages)])
+            times = [round(rng.uniform(after, max(after, end)), 3)]
         dead_until = [0.0] * count
         for at in times:
             alive = [i for i in range(count) if dead_until[i] < at]

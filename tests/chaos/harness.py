@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -77,6 +77,16 @@ RELAY_PRODUCER_SETTINGS = {
     "transaction.timeout.ms": "30000",
     "reconnect.backoff.max.ms": "1000",
 }
+
+AT_LEAST_ONCE_SETTINGS = {"message.timeout.ms": "8000"}
+"""With ``--guarantee at-least-once``: records expire 8 s after they were produced, so an
+outage longer than that makes deliveries fail (the relay must keep those rows)."""
+
+MISSING_TOPIC_TIMEOUT = 5.0
+"""``--missing-topic-timeout`` when writers publish to a topic that does not exist."""
+
+MISSING_TOPIC_SETTINGS = {"topic.metadata.propagation.max.ms": "1000"}
+"""librdkafka reports an unknown topic after 1 s instead of 30 s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +122,26 @@ class ChaosConfig:
     """``tansu`` (behind a proxy; the broker fault cuts it) or ``kafka`` (the 3-node Apache
     Kafka cluster; the broker fault SIGKILLs a node, and the topic must hold no duplicate)."""
     rates: Rates = field(default_factory=Rates)
+    guarantee: str = "exactly-once"
+    """The relays' ``--guarantee``: ``exactly-once`` or ``at-least-once`` (Tansu only; then
+    records expire after ``AT_LEAST_ONCE_SETTINGS``, and the marker recovery is not there)."""
+    missing_topic_share: float = 0.0
+    """Share of events the writers publish to a topic that does not exist (Apache Kafka only,
+    where auto-create is off): they must all end, alone, in ``outbox_dead_events``."""
 
     def __post_init__(self) -> None:
+        if self.guarantee not in ("exactly-once", "at-least-once"):
+            raise ValueError(f"--guarantee={self.guarantee}: exactly-once or at-least-once")
+        if self.guarantee == "at-least-once" and self.broker != "tansu":
+            raise ValueError("--guarantee at-least-once runs on --broker tansu only")
+        if self.rates.outage_seconds and self.broker != "tansu":
+            raise ValueError("--outage runs on --broker tansu (a cut of every connection)")
+        if self.rates.outage_seconds >= self.seconds * 0.7:
+            raise ValueError("--outage must be shorter than 70 % of --seconds")
+        if not 0 <= self.missing_topic_share < 1:
+            raise ValueError("--missing-topic-share must be in [0, 1)")
+        if self.missing_topic_share and self.broker != "kafka":
+            raise ValueError("--missing-topic-share needs --broker kafka (Tansu auto-creates)")
         if self.events < 1 or self.seconds <= 0:
             raise ValueError("--events and --seconds must be positive")
         if not 1 <= self.relays <= SLOTS:
@@ -126,6 +154,10 @@ class ChaosConfig:
     @property
     def topic(self) -> str:
         return f"chaos.orders.{self.seed}"
+
+    @property
+    def at_least_once(self) -> bool:
+        return self.guarantee == "at-least-once"
 
     def outboxes(self) -> list[OutboxSpec]:
         """The services of the run: ``a`` at full size, ``b`` (if on) a third of it."""
@@ -184,11 +216,22 @@ class Ledger:
     errors: list[str] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
     """Events of transactions that failed or whose commit was cut, by error class."""
+    to_missing_topic: dict[Outcome, set[str]] = field(
+        default_factory=lambda: {outcome: set() for outcome in Outcome}
+    )
+    """Events published to the missing topic (no business row), by their transaction's outcome."""
 
-    def record(self, ids: list[str], outcome: Outcome, reason: str | None = None) -> None:
+    def record(
+        self,
+        ids: list[str],
+        outcome: Outcome,
+        reason: str | None = None,
+        missing: list[str] | None = None,
+    ) -> None:
         with self.lock:
             self.attempted += len(ids)
             self.by_outcome[outcome].update(ids)
+            self.to_missing_topic[outcome].update(missing or ())
             if reason is not None:
                 self.reasons[reason] += len(ids)
 
@@ -212,14 +255,19 @@ class WriteError(Exception):
 
 
 def write_transaction(
-    engine: Engine, topic: str, batch: list[tuple[uuid.UUID, str, int]], rollback: bool
+    engine: Engine,
+    topic: str,
+    batch: list[tuple[uuid.UUID, str, int]],
+    rollback: bool,
+    missing: Sequence[uuid.UUID] = (),
 ) -> tuple[Outcome, str | None]:
     """One application transaction: business rows and their events, committed or rolled back.
 
     A lost connection before the commit was sent means nothing committed; one during the
     commit (PostgreSQL restarted under it) leaves the outcome unknown until the database is
     read back. Either way the reason (the error class) comes back with the outcome. Any
-    other database error raises ``WriteError``: the run fails on it.
+    other database error raises ``WriteError``: the run fails on it. ``missing``: events
+    published, in the same transaction, to ``missing_topic(topic)``, with no business row.
     """
     committing = False
     try:
@@ -229,6 +277,8 @@ def write_transaction(
                 conn.execute(_INSERT_ORDER, {"event_id": event_id, "key": key, "seq": seq})
                 value = {"key": key, "seq": seq}
                 publish(conn, topic=topic, key=key, value=value, event_id=event_id)
+            for event_id in missing:
+                publish(conn, topic=missing_topic(topic), key="m", value={}, event_id=event_id)
             if rollback:
                 tx.rollback()
                 return Outcome.ROLLED_BACK, None
@@ -242,6 +292,11 @@ def write_transaction(
         return (Outcome.AMBIGUOUS if committing else Outcome.FAILED), type(cause).__name__
     except (sa_exc.DBAPIError, sa_exc.InvalidRequestError, psycopg.Error) as exc:
         raise WriteError(f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+def missing_topic(topic: str) -> str:
+    """The topic nobody creates, of the outbox whose topic is ``topic``."""
+    return f"{topic}.missing"
 
 
 class Writer(threading.Thread):
@@ -294,13 +349,17 @@ class Writer(threading.Thread):
                 batch.append((uuid.uuid4(), key, self.next_seq[key]))
             rollback = self.rng.random() < self.config.rollback_ratio
             ids = [str(e) for e, _, _ in batch]
+            share = self.config.missing_topic_share
+            missing = [uuid.uuid4() for _ in batch if share and self.rng.random() < share]
             try:
-                outcome, reason = write_transaction(self.engine, self.spec.topic, batch, rollback)
+                outcome, reason = write_transaction(
+                    self.engine, self.spec.topic, batch, rollback, missing
+                )
             except WriteError as exc:  # not a fault: fail the run, keep writing
                 with self.ledger.lock:
                     self.ledger.errors.append(f"{self.name}: {exc}")
                 outcome, reason = Outcome.FAILED, "WriteError"
-            self.ledger.record(ids, outcome, reason)
+            self.ledger.record(ids, outcome, reason, [str(e) for e in missing])
             written += n
             if outcome in (Outcome.FAILED, Outcome.AMBIGUOUS):
                 self._wait_for_database()
@@ -662,10 +721,18 @@ def _prepare(svc: Services, spec: OutboxSpec, relay_commit_delay: float) -> None
         create_topic(svc.bootstrap, f"{spec.topic}.DLT", PARTITIONS)
 
 
-def relay_command(svc: Services, spec: OutboxSpec) -> list[str]:
+def relay_command(svc: Services, spec: OutboxSpec, config: ChaosConfig) -> list[str]:
     """``outbox relay`` with default settings (no transactional-id prefix, default state topic),
-    as two services deployed side by side would run it."""
-    settings = [arg for k, v in RELAY_PRODUCER_SETTINGS.items() for arg in ("-X", f"{k}={v}")]
+    as two services deployed side by side would run it; the run's guarantee, and a short
+    delivery timeout in at-least-once and missing-topic timeout with a missing topic."""
+    extra: list[str] = ["--guarantee", config.guarantee]
+    producer = dict(RELAY_PRODUCER_SETTINGS)
+    if config.at_least_once:
+        producer |= AT_LEAST_ONCE_SETTINGS
+    if config.missing_topic_share:
+        producer |= MISSING_TOPIC_SETTINGS
+        extra += ["--missing-topic-timeout", str(MISSING_TOPIC_TIMEOUT)]
+    settings = [arg for k, v in producer.items() for arg in ("-X", f"{k}={v}")]
     return [
         sys.executable,
         "-m",
@@ -682,6 +749,7 @@ def relay_command(svc: Services, spec: OutboxSpec) -> list[str]:
         "--poll-interval",
         "0.5",
         *settings,
+        *extra,
         "--log-level",
         "INFO",
     ]
@@ -798,6 +866,13 @@ def collect(svc: Services, spec: OutboxSpec, ledger: Ledger) -> tuple[Observatio
         ]
         pending = conn.execute("SELECT count(*) FROM outbox_events").fetchone()
         dead = conn.execute("SELECT count(*) FROM outbox_dead_events").fetchone()
+        dead_of_missing_topic = {
+            str(e)
+            for (e,) in conn.execute(
+                "SELECT event_id FROM outbox_dead_events WHERE topic = %s",
+                (missing_topic(spec.topic),),
+            )
+        }
     unread: list[str] = []
     copies: dict[str, list[TopicRecord]] = {}
     for topic in (spec.topic, f"{spec.topic}.DLT"):
@@ -809,6 +884,7 @@ def collect(svc: Services, spec: OutboxSpec, ledger: Ledger) -> tuple[Observatio
     with ledger.lock:
         outcomes = {k: set(v) for k, v in ledger.by_outcome.items()}
         reasons = dict(ledger.reasons)
+        to_missing = {k: set(v) for k, v in ledger.to_missing_topic.items()}
     obs = Observations(
         committed=committed,
         acknowledged=outcomes[Outcome.COMMITTED],
@@ -823,6 +899,9 @@ def collect(svc: Services, spec: OutboxSpec, ledger: Ledger) -> tuple[Observatio
         planned=spec.events,
         filters_aborts=svc.filters_aborts,
         excluded_reasons=reasons,
+        to_missing_topic=to_missing[Outcome.COMMITTED],
+        to_missing_topic_unknown=to_missing[Outcome.AMBIGUOUS],
+        dead_of_missing_topic=dead_of_missing_topic,
     )
     return obs, unread
 
@@ -835,6 +914,8 @@ LOG_PATTERNS = {
     "relay_slots_lost": re.compile(r"slot \d+ lost: "),
     "relay_transaction_retries": re.compile(r"Kafka transaction failed"),
     "relay_worker_crashes": re.compile(r"worker failed; the slot is released"),
+    "relay_deliveries_expired": re.compile(r"records failed: .*_MSG_TIMED_OUT"),
+    "relay_topics_held": re.compile(r"is missing or not writable .*holding its rows back"),
     "consumer_duplicates_skipped": re.compile(r"already processed; skipped"),
     "consumer_batch_fallbacks": re.compile(r"redoing it one record at a time"),
     "consumer_partitions_lost": re.compile(r"without a clean revoke"),
@@ -870,6 +951,25 @@ STRUCK = (
     ),
 )
 """What each scheduled fault class is there to hit; a run where one never struck fails."""
+
+AT_LEAST_ONCE_STRUCK = (
+    (
+        "relay_deliveries_expired",
+        "no delivery report said _MSG_TIMED_OUT: the outage did not outlast the relay's "
+        "delivery timeout (log line 'records failed: ..._MSG_TIMED_OUT')",
+    ),
+    STRUCK[1],
+    STRUCK[2],
+)
+"""At-least-once has no recovery marker; its outage must make records expire instead."""
+
+MISSING_TOPIC_STRUCK = (
+    (
+        "relay_topics_held",
+        "no relay held back the rows of the missing topic (log line 'is missing or not "
+        "writable ... holding its rows back')",
+    ),
+)
 
 
 @dataclass
@@ -990,7 +1090,12 @@ class Run:
                         Service(
                             spec,
                             Ledger(),
-                            Fleet(f"relay{suffix}", spec.relays, relay_command(svc, spec), log_dir),
+                            Fleet(
+                                f"relay{suffix}",
+                                spec.relays,
+                                relay_command(svc, spec, config),
+                                log_dir,
+                            ),
                             Fleet(
                                 f"consumer{suffix}",
                                 spec.consumers,
@@ -1267,7 +1372,10 @@ class Run:
         crashes = [e for e in exits if not e["refused_start_during_db_restart"]]
         logs = scan_logs(log_dir)
         struck = {**logs, "relay_kills_mid_batch": self.mid_batch}
-        for name, meaning in STRUCK:
+        aims = [*(AT_LEAST_ONCE_STRUCK if config.at_least_once else STRUCK)]
+        if config.missing_topic_share:
+            aims += MISSING_TOPIC_STRUCK
+        for name, meaning in aims:
             if not struck[name]:
                 failures.append(f"{name}=0: {meaning}")
         if config.strict and crashes:
@@ -1314,6 +1422,9 @@ class Run:
                 "offset_commit_delay": config.offset_commit_delay,
                 "relay_commit_delay": config.relay_commit_delay,
                 "relay_producer_settings": RELAY_PRODUCER_SETTINGS,
+                "guarantee": config.guarantee,
+                "outage_seconds": config.rates.outage_seconds,
+                "missing_topic_share": config.missing_topic_share,
                 "postgresql": DURABLE_SETTINGS,
             },
             failures=failures,

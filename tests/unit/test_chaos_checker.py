@@ -290,3 +290,39 @@ def test_rates_shape_the_schedule() -> None:
     assert count_by_kind(faults) == dict.fromkeys(count_by_kind(faults), 1)
     with pytest.raises(ValueError, match="seconds"):
         schedule(1, 0, relays=1, consumers=1)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_an_outage_is_one_cut_of_its_length_with_no_kill_while_it_lasts(seed: int) -> None:
+    faults = schedule(seed, 30, relays=3, consumers=2, rates=Rates(outage_seconds=12))
+    (cut,) = [f for f in faults if f.kind is FaultKind.CUT_BROKER]
+    assert cut.duration == 12
+    assert cut.at + cut.duration < 30 - 1.5
+    assert min(count_by_kind(faults).values()) >= 1, count_by_kind(faults)
+    kills = [f for f in faults if f.kind in (FaultKind.KILL_RELAY, FaultKind.KILL_CONSUMER)]
+    assert not [f for f in kills if cut.at - f.duration <= f.at <= cut.at + cut.duration]
+    with pytest.raises(ValueError, match="outage"):
+        schedule(seed, 30, relays=3, consumers=2, rates=Rates(outage_seconds=29))
+
+
+# -- events published to a topic that does not exist ---------------------------------
+
+
+def test_events_to_a_missing_topic_are_expected_as_dead_rows_and_only_them() -> None:
+    obs = _clean()
+    obs.to_missing_topic = {"m1", "m2"}
+    obs.to_missing_topic_unknown = {"m3"}
+    obs.dead_of_missing_topic = {"m1", "m2", "m3"}
+    obs.dead_rows = 3
+    report = check(obs)
+    assert report.ok, report.failures
+    assert (report.missing_topic_dead, report.dead_rows) == (3, 0)
+
+    obs.dead_of_missing_topic = {"m1"}  # m2 acknowledged but never buried: still held or lost
+    obs.dead_rows = 1
+    assert _failing(obs) == {"missing_topic_not_dead"}
+
+    obs.dead_of_missing_topic = {"m1", "m2", "rb-1"}  # a rolled-back event buried
+    obs.dead_rows = 4  # and a row of another topic
+    assert _failing(obs) == {"dead_rows"}
+    assert check(obs).dead_rows == 2
