@@ -8,6 +8,7 @@ then proves the same event reaches Kafka.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 
 from fastapi.testclient import TestClient
@@ -23,8 +24,13 @@ from tests.support import KafkaReader
 
 
 def test_fastapi_order_and_its_event_commit_together_and_reach_the_projector_once(
-    engine: Engine, database_url: str, bootstrap_servers: str, kafka: KafkaReader
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    kafka: KafkaReader,
+    make_topic: Callable[..., str],
 ) -> None:
+    make_topic(TOPIC)  # Apache Kafka here creates no topic on first use
     with TestClient(create_app(database_url)) as client:
         created = client.post("/orders", json={"customer": "alice", "total": "19.99"})
         refused = client.post("/orders", json={"customer": "bob", "total": "-1"})
