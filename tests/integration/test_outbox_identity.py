@@ -10,7 +10,7 @@ import json
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,10 +130,10 @@ def test_i9_migrate_gives_every_outbox_its_own_identity_shown_by_status(
 
 
 def test_i9_two_outboxes_with_default_settings_relayed_one_after_the_other_lose_nothing(
-    two: Two, kafka: KafkaReader
+    two: Two, kafka: KafkaReader, make_topic: Callable[..., str]
 ) -> None:
     """The issue's smallest case: B's relay used to delete B's rows named by A's marker."""
-    topic_a, topic_b = f"a.{uuid.uuid4().hex[:8]}", f"b.{uuid.uuid4().hex[:8]}"
+    topic_a, topic_b = make_topic(), make_topic()  # Apache Kafka creates none on use
     ids_a = _publish_many(two.a, topic_a, 200)
     ids_b = _publish_many(two.b, topic_b, 200)
     relay_a = _drain(two.a_url, two.bootstrap_servers)
@@ -145,9 +145,9 @@ def test_i9_two_outboxes_with_default_settings_relayed_one_after_the_other_lose_
 
 
 def test_i9_two_outboxes_with_default_settings_side_by_side_lose_nothing_and_never_fence(
-    two: Two, kafka: KafkaReader
+    two: Two, kafka: KafkaReader, make_topic: Callable[..., str]
 ) -> None:
-    topic_a, topic_b = f"a.{uuid.uuid4().hex[:8]}", f"b.{uuid.uuid4().hex[:8]}"
+    topic_a, topic_b = make_topic(), make_topic()  # Apache Kafka creates none on use
     handles = [
         RelayHandle(Relay(_config(dsn, two.bootstrap_servers))) for dsn in (two.a_url, two.b_url)
     ]
@@ -270,10 +270,10 @@ def test_i9_a_forged_or_malformed_marker_deletes_nothing_and_stalls_nothing(
 
 
 def test_i9_two_outboxes_given_the_same_prefix_are_refused_before_fencing_the_other(
-    two: Two, kafka: KafkaReader
+    two: Two, kafka: KafkaReader, make_topic: Callable[..., str]
 ) -> None:
     prefix = f"shared-{uuid.uuid4().hex[:6]}"
-    topic_a, topic_b = f"a.{uuid.uuid4().hex[:8]}", f"b.{uuid.uuid4().hex[:8]}"
+    topic_a, topic_b = make_topic(), make_topic()  # Apache Kafka creates none on use
     config = _config(two.a_url, two.bootstrap_servers, transactional_id_prefix=prefix)
     a = RelayHandle(Relay(config))
     a.thread.start()

@@ -131,7 +131,8 @@ def test_custom_encoder_per_call_and_through_configure(engine: Engine, topic: st
         with pytest.raises(TypeError, match="json_default"):
             publish(session, topic=topic, key=None, value={"p": Cents(5)})
         publish(session, topic=topic, key="call", value={"p": Cents(5)}, json_default=per_call)
-        previous = configure(json_default=configured).json_default
+        previous = configure().json_default  # configure() returns the settings after it
+        configure(json_default=configured)
         try:
             publish(session, topic=topic, key="configured", value={"p": Cents(5)})
             publish(session, topic=topic, key="call wins", value=[Cents(5)], json_default=per_call)
