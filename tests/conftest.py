@@ -35,7 +35,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from outbox.embedded.kafka_cluster import create_topic
@@ -249,6 +249,15 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng = create_engine(database_url)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def effects(engine: Engine) -> Engine:
+    """The test's database with an ``effects`` table, where test handlers record each record
+    they applied (by its position), so a test can count effects."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE effects (position text NOT NULL)"))
+    return engine
 
 
 @pytest.fixture

@@ -39,13 +39,6 @@ def _produce(bootstrap_servers: str, topic: str, n: int) -> None:
 
 
 @pytest.fixture
-def effects(engine: Engine) -> Engine:
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE effects (position text NOT NULL)"))
-    return engine
-
-
-@pytest.fixture
 def consume(
     database_url: str, bootstrap_servers: str, topic: str
 ) -> Iterator[Callable[..., Running]]:

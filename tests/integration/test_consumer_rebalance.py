@@ -80,13 +80,6 @@ class RevokedMidBatch(PositionProjector):
 
 
 @pytest.fixture
-def effects(engine: Engine) -> Engine:
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE effects (position text NOT NULL)"))
-    return engine
-
-
-@pytest.fixture
 def members(
     effects: Engine, bootstrap_servers: str, topic: str
 ) -> Iterator[Callable[..., Running]]:
