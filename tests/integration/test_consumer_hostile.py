@@ -25,6 +25,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer, RetryPolicy
+from outbox.embedded.kafka_cluster import create_topic
 from tests.integration.test_consumer_effects import GROUP_SETTINGS, Running
 from tests.support import wait_for
 
@@ -116,6 +117,9 @@ class Env:
 
 @pytest.fixture
 def env(engine: Engine, bootstrap_servers: str, topic: str) -> Iterator[Env]:
+    # On Tansu too: a consumer that subscribes before its topic exists sees it only at its
+    # next metadata refresh (minutes), and the property test starts its consumer first.
+    create_topic(bootstrap_servers, topic)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE effects (position text NOT NULL)"))
     producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 0})
@@ -342,9 +346,14 @@ def test_i10_any_record_ends_applied_once_or_dead_lettered_once(
 
 
 @pytest.fixture
-def consumer_for_property(start: Callable[..., Running]) -> Iterator[Running]:
+def consumer_for_property(env: Env, start: Callable[..., Running]) -> Iterator[Running]:
     """One consumer for every example (a group join costs seconds)."""
     running = start(batch_size=3)
+    wait_for(
+        lambda: (env.topic, 0) in running.consumer.assignment,
+        timeout=60,
+        what="the consumer's assignment of partition 0",
+    )
     yield running
     assert running.thread.is_alive()
 
