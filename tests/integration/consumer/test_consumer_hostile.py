@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer, RetryPolicy
 from outbox.embedded.kafka_cluster import create_topic
-from tests.integration.test_consumer_effects import GROUP_SETTINGS, Running
+from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
 from tests.support import wait_for
 
 ENCODED_HEADER_PREFIX = "dlt-header-b64:"

@@ -27,7 +27,7 @@ from outbox.errors import TransientError
 from outbox.relay import Relay, Row, SlotWorker, coordinator, worker
 from outbox.relay.config import Guarantee
 from tests.conftest import Broker, RelayHandle
-from tests.integration.test_relay import proxied_broker  # noqa: F401 - a shared fixture
+from tests.integration.relay.test_relay import proxied_broker  # noqa: F401 - a shared fixture
 from tests.support import KafkaReader, TcpProxy, assert_exactly_once, wait_for
 
 ALO = Guarantee.AT_LEAST_ONCE

@@ -1,7 +1,7 @@
 """I5 across real crashes: ``outbox consume`` in a subprocess, killed with SIGKILL mid-flight.
 
 The consumer class below is what the subprocess runs (``outbox consume
-tests.integration.test_consumer_crash:CrashingProjector``). It writes one
+tests.integration.consumer.test_consumer_crash:CrashingProjector``). It writes one
 effect row per event and publishes one downstream event through the outbox,
 and, when told to by ``CONSUMER_TEST_CRASH``, parks itself at the crash point
 after touching a flag file; the test then SIGKILLs it there:
@@ -33,7 +33,7 @@ from consumer import Event, IdempotentConsumer
 from outbox import publish
 from tests.support import KafkaReader, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EVENTS = 5
 
 

@@ -29,8 +29,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from consumer import Event
-from tests.integration.test_consumer_effects import GROUP_SETTINGS, Running
-from tests.integration.test_consumer_hostile import PositionProjector
+from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
+from tests.integration.consumer.test_consumer_hostile import PositionProjector
 from tests.support import wait_for
 
 PARTITIONS = 4

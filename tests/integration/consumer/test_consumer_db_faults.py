@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from consumer import Event, RetryPolicy
-from tests.integration.test_consumer_effects import GROUP_SETTINGS, Running
-from tests.integration.test_consumer_hostile import PositionProjector
+from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
+from tests.integration.consumer.test_consumer_hostile import PositionProjector
 from tests.support import wait_for
 
 ONE_ATTEMPT = RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.05, jitter=0)

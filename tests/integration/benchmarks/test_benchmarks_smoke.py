@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import Broker, Services
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 PLAUSIBLE = {
     "write_overhead": (0.5, 5.0),  # x time per request, with / without publish()

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from consumer import Event, IdempotentConsumer, RetryPolicy
 from tests.support import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ATTEMPTS = 2
 
 
