@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError
 from outbox.errors import ConfigError
 
 # The two secret rules, as the regexes they replace say them (the reference in
-# tests/unit/test_consumer_redact.py), found in linear time: the regexes scan to the end
+# tests/unit/consumer/test_hostile.py), found in linear time: the regexes scan to the end
 # of the line (or text) from every candidate start, quadratic on a long hostile header.
 _URL_USER = re.compile(r"://[^:/?#\s]*:")
 _KV_PREFIX = re.compile(r"""password["']?\s*[=:]\s*""", re.IGNORECASE)
