@@ -10,6 +10,7 @@ of normal operation (a takeover in the same database, a slot-count change).
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,13 +24,13 @@ from sqlalchemy.orm import Session
 
 from outbox import publish, sql
 from outbox.errors import SlotLost
-from outbox.relay import GUARD_NAMESPACE, SLOT_NAMESPACE, Relay, SlotWorker
+from outbox.relay import GUARD_NAMESPACE, SLOT_NAMESPACE, Relay, Row, SlotWorker
 from outbox.relay.config import RelayConfig
 from outbox.relay.fences import RENEW_IDENTITY_SQL, ForeignFence
 from tests.conftest import RelayHandle, Services, create_database, drop_database
 from tests.support import KafkaReader, wait_for
 
-FOREIGN = "another database is relaying with this outbox's identity"
+FOREIGN = "Another database is relaying with this outbox's identity"
 
 
 def _config(dsn: str, bootstrap_servers: str, **overrides: Any) -> RelayConfig:
@@ -131,9 +132,9 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             def fenced_from_outside() -> bool:
                 ids_a.extend(_publish_many(a, topic_a, 20))
                 ids_b.extend(_publish_many(b, topic_b, 20))
-                return sum(h.relay.stats.foreign_fences for h in handles) > 0
+                return bool(_foreign_errors(caplog))
 
-            wait_for(fenced_from_outside, timeout=90, what="a relay reports a foreign fence")
+            wait_for(fenced_from_outside, timeout=90, what="an ERROR about a foreign fence")
             wait_for(
                 lambda: _pending(a) == 0 and _pending(b) == 0,
                 timeout=120,
@@ -151,6 +152,7 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             # Once per slot per period, not once per fence (they fence each other repeatedly).
             assert len(errors) <= 2 * len(handles)
             fences = sum(h.relay.stats.foreign_fences for h in handles)
+            assert fences >= len(errors)
             scraped = sum(
                 h.relay.metrics.registry.get_sample_value("outbox_relay_foreign_fences_total")
                 or 0.0
@@ -201,38 +203,51 @@ def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
     topic: str,
     kafka: KafkaReader,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The first relay's slot connection dies mid-stream; the second relay of the same
-    database takes the slot and fences the first one's producer: a normal takeover."""
+    """The first relay loses the slot in the database with a batch in hand; the second relay
+    of the same database takes the slot, and its init_transactions fences the first one's
+    producer before that one sends the batch: a normal takeover, a warning as before."""
+    first = Relay(_config(database_url, bootstrap_servers, slots=1))
+    second = Relay(_config(database_url, bootstrap_servers, slots=1))
+    taken = threading.Event()
+    start_producer, publish_batch = SlotWorker._start_producer, SlotWorker._publish
+
+    def started(self: SlotWorker) -> None:
+        start_producer(self)
+        if self.context.stats is second.stats:
+            taken.set()  # the second relay's producer is initialised: the first one is fenced
+
+    def publish_after_losing_the_slot(self: SlotWorker, rows: list[Row]) -> None:
+        if self.context.stats is first.stats and not taken.is_set():
+            self.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
+            taken.wait(30)
+        publish_batch(self, rows)
+
+    monkeypatch.setattr(SlotWorker, "_start_producer", started)
+    monkeypatch.setattr(SlotWorker, "_publish", publish_after_losing_the_slot)
+    running = [RelayHandle(first)]
+    running[0].thread.start()
+    ids: list[str] = []
     with _engine(database_url) as engine:
-        first = _start(_config(database_url, bootstrap_servers, slots=1))
-        running = [first]
-        relays = [first.relay]
-        ids: list[str] = []
         try:
-            wait_for(lambda: len(first.relay.workers) == 1, what="the first relay owns the slot")
-            second = _start(_config(database_url, bootstrap_servers, slots=1))
-            running.append(second)
-            relays.append(second.relay)
-            wait_for(lambda: second.relay._members == 2, what="the second relay is up")
-            ids += _publish_many(engine, topic, 200)
-            with engine.connect() as conn:  # the first relay's slot connection dies
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = :name"
-                    ),
-                    {"name": f"{first.relay.name}:slot-0"},
-                )
+            wait_for(lambda: len(first.workers) == 1, what="the first relay owns the slot")
+            running.append(RelayHandle(second))
+            running[1].thread.start()
+            wait_for(lambda: second._members == 2, what="the second relay is up")
             for _ in range(5):
                 ids += _publish_many(engine, topic, 40)
             wait_for(lambda: _pending(engine) == 0, timeout=60, what="the outbox drained")
-            assert sum(r.stats.published for r in relays) >= len(ids)
         finally:
             for h in running:
                 h.stop()
-    assert [r.stats.foreign_fences for r in relays] == [0, 0]
+    assert taken.is_set()
+    assert first.stats.fenced == 1  # the takeover fenced the first relay's batch
+    assert second.stats.published > 0
+    assert [r.stats.foreign_fences for r in (first, second)] == [0, 0]
     assert _foreign_errors(caplog) == []
+    lost = [r.getMessage() for r in caplog.records if "slot 0 lost: fenced" in r.getMessage()]
+    assert lost  # today's warning
     assert _all_on_topic(kafka, topic, ids) == set()
 
 
