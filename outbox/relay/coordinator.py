@@ -193,7 +193,18 @@ class Relay:
         return (not self.stop.is_set(), "stopping" if self.stop.is_set() else "running")
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready: database reachable, owning its share of slots, each with a working producer."""
+        """Ready: database reachable, owning its share of slots, each with a working producer.
+        The reason also says when slots were fenced from outside this database (I9)."""
+        ready, reason = self._readiness()
+        foreign = self.stats.foreign_fences
+        if foreign:
+            reason += (
+                f"; fenced {foreign} times from outside this database (another database relays "
+                "with this outbox's identity: see the relay's ERROR lines)"
+            )
+        return ready, reason
+
+    def _readiness(self) -> tuple[bool, str]:
         if self._control is None or self._control.closed or self._control.broken:
             return False, "no database connection"
         with self._lock:

@@ -160,6 +160,8 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             )
             assert scraped == fences
             assert all(h.relay.stats.fenced >= h.relay.stats.foreign_fences for h in handles)
+            reported = [h for h in handles if h.relay.stats.foreign_fences]
+            assert "from outside this database" in reported[0].relay.readiness()[1]
             running.remove(handles[1])
             handles[1].stop()
             # The fix the message gives: the copy gets its own identity; its relay restarts.
