@@ -33,17 +33,14 @@ from tests.support import KafkaReader, wait_for
 FOREIGN = "Another database is relaying with this outbox's identity"
 
 
-def _config(dsn: str, bootstrap_servers: str, **overrides: Any) -> RelayConfig:
-    """Default settings (no transactional-id prefix): the layout a copy ends up in."""
-    fields: dict[str, Any] = {
-        "dsn": dsn,
-        "bootstrap_servers": bootstrap_servers,
-        "slots": 2,
-        "poll_interval": 0.2,
-        "producer_overrides": {"request.timeout.ms": "40000"},
-    }
-    fields.update(overrides)
-    return RelayConfig(**fields)
+@pytest.fixture
+def default_config(relay_config: Callable[..., RelayConfig]) -> Callable[..., RelayConfig]:
+    """The default transactional-id prefix (the layout a copy ends up in), any database."""
+
+    def make(dsn: str, **overrides: Any) -> RelayConfig:
+        return relay_config(dsn=dsn, transactional_id_prefix=None, **overrides)
+
+    return make
 
 
 def _libpq(url: str) -> str:
@@ -110,7 +107,7 @@ def _all_on_topic(kafka: KafkaReader, topic: str, ids: list[str]) -> set[str]:
 def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_fix(
     database_url: str,
     copy_url: str,
-    bootstrap_servers: str,
+    default_config: Callable[..., RelayConfig],
     make_topic: Callable[..., str],
     kafka: KafkaReader,
     caplog: pytest.LogCaptureFixture,
@@ -119,7 +116,7 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
     assert _identity(copy_url) == original_id  # the copy kept it: the case to report
     topic_a, topic_b = make_topic(), make_topic()
     with _engine(database_url) as a, _engine(copy_url) as b:
-        handles = [_start(_config(url, bootstrap_servers)) for url in (database_url, copy_url)]
+        handles = [_start(default_config(url)) for url in (database_url, copy_url)]
         running = list(handles)
         ids_a: list[str] = []
         ids_b: list[str] = []
@@ -176,7 +173,7 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
                 timeout=60,
                 what="the original relay owns its slots again",
             )
-            renewed = _start(_config(copy_url, bootstrap_servers))
+            renewed = _start(default_config(copy_url))
             running.append(renewed)
             wait_for(lambda: len(renewed.relay.workers) == 2, what="the renewed copy's relay runs")
             before = handles[0].relay.stats.fenced
@@ -201,7 +198,7 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
 
 def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
     database_url: str,
-    bootstrap_servers: str,
+    default_config: Callable[..., RelayConfig],
     topic: str,
     kafka: KafkaReader,
     caplog: pytest.LogCaptureFixture,
@@ -210,8 +207,8 @@ def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
     """The first relay loses the slot in the database with a batch in hand; the second relay
     of the same database takes the slot, and its init_transactions fences the first one's
     producer before that one sends the batch: a normal takeover, a warning as before."""
-    first = Relay(_config(database_url, bootstrap_servers, slots=1))
-    second = Relay(_config(database_url, bootstrap_servers, slots=1))
+    first = Relay(default_config(database_url, slots=1))
+    second = Relay(default_config(database_url, slots=1))
     taken = threading.Event()
     start_producer, publish_batch = SlotWorker._start_producer, SlotWorker._publish
 
@@ -254,10 +251,10 @@ def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
 
 
 @pytest.fixture
-def worker(database_url: str, bootstrap_servers: str) -> Iterator[SlotWorker]:
+def worker(database_url: str, default_config: Callable[..., RelayConfig]) -> Iterator[SlotWorker]:
     """Slot 0's worker (not started) with a connection that took the slot's lock, as the
     coordinator hands it over."""
-    relay = Relay(_config(database_url, bootstrap_servers))
+    relay = Relay(default_config(database_url))
     relay.outbox_id = _identity(database_url)
     conn = psycopg.connect(_libpq(database_url), autocommit=True, row_factory=dict_row)
     row = conn.execute(sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0}).fetchone()
