@@ -73,6 +73,23 @@ WHERE locktype = 'advisory' AND classid::bigint = %(namespace)s AND objid::bigin
 # happen under it, so two relays with different --slots cannot both pass the check).
 GUARD_SLOT_COUNT = "SELECT pg_advisory_xact_lock(%(namespace)s, 0)"
 
+# After a fence: does this session still hold the slot's lock (then the fencer is outside
+# this database, I9), and is a slot-count change settling or settled (a relay of this database
+# fences the old layout's slots)?
+SLOT_LOCK_STATE = f"""
+SELECT EXISTS (
+         SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+           AND classid::bigint = %(namespace)s AND objid::bigint = %(slot)s AND objsubid = 2
+       ) AS holds_slot,
+       EXISTS (
+         SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND pid <> pg_backend_pid() AND granted
+           AND classid::bigint = %(guard)s AND objid = 0 AND objsubid = 2 AND {_THIS_DATABASE}
+       ) OR coalesce((SELECT slot_count FROM outbox_identity), %(slots)s) <> %(slots)s
+         AS layout_changing
+"""
+
 # This outbox's identity and the slot layout its relays last used.
 READ_IDENTITY = "SELECT outbox_id, slot_count FROM outbox_identity"
 

@@ -20,12 +20,12 @@ from outbox.relay.config import (
 )
 from outbox.relay.coordinator import (
     COUNT_NAMESPACE,
-    GUARD_NAMESPACE,
     MARKER_READ_TIMEOUT,
     Relay,
     notified_slot,
 )
 from outbox.relay.worker import (
+    GUARD_NAMESPACE,
     HEADER_ALLOWANCE,
     SLOT_NAMESPACE,
     RelayStats,

@@ -32,9 +32,11 @@ from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
 from outbox.relay.batching import jittered, slots_to_release, slots_to_try, target_share
 from outbox.relay.classify import Verdict, classify, config_fix
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.relay.fences import OncePerSlot
 from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.worker import (
+    GUARD_NAMESPACE,
     SLOT_NAMESPACE,
     RelayStats,
     SlotContext,
@@ -45,7 +47,6 @@ from outbox.relay.worker import (
 log = logging.getLogger("outbox.relay")
 
 COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
-GUARD_NAMESPACE = 0x6F757464  # 'outd': serialises the slot-count check and announcement
 MARKER_READ_TIMEOUT = 30.0
 """How long a takeover reads for the slot's last marker before retrying (never settles
 for an older one)."""
@@ -81,6 +82,7 @@ class Relay:
         # state topic shared with other outboxes would be read back to its start).
         self.first_run = False
         self.wrote_marker: set[int] = set()
+        self.fence_alarm = OncePerSlot()
         self._members = 1
         self._failures: dict[int, int] = {}
         self._not_before: dict[int, float] = {}
@@ -191,7 +193,18 @@ class Relay:
         return (not self.stop.is_set(), "stopping" if self.stop.is_set() else "running")
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready: database reachable, owning its share of slots, each with a working producer."""
+        """Ready: database reachable, owning its share of slots, each with a working producer.
+        The reason also says when slots were fenced from outside this database (I9)."""
+        ready, reason = self._readiness()
+        foreign = self.stats.foreign_fences
+        if foreign:
+            reason += (
+                f"; fenced {foreign} times from outside this database (another database relays "
+                "with this outbox's identity: see the relay's ERROR lines)"
+            )
+        return ready, reason
+
+    def _readiness(self) -> tuple[bool, str]:
         if self._control is None or self._control.closed or self._control.broken:
             return False, "no database connection"
         with self._lock:
@@ -215,6 +228,7 @@ class Relay:
             listening=self.listening,
             stats=self.stats,
             metrics=self.metrics,
+            fence_alarm=self.fence_alarm,
             first_run=lambda: self.first_run,
             wrote_marker=self.wrote_marker,
             read_marker=self.read_marker,

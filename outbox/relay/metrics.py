@@ -48,6 +48,12 @@ RELAY_COUNTERS = (
     ("outbox_relay_batches", "Batches published (one Kafka transaction each).", "batches"),
     ("outbox_relay_kafka_aborts", "Kafka transactions aborted (the batch is retried).", "aborts"),
     ("outbox_relay_fenced", "Times a slot's producer was fenced by a newer owner.", "fenced"),
+    (
+        "outbox_relay_foreign_fences",
+        "Fences while the slot's lock was still held: by a relay of another database with this "
+        "outbox's identity (a copy) or transactional-id prefix (I9).",
+        "foreign_fences",
+    ),
     ("outbox_relay_dead_rows", "Poison rows moved to outbox_dead_events.", "dead"),
     (
         "outbox_relay_recovered_rows",

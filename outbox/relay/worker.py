@@ -31,6 +31,14 @@ from outbox.partitioner import shards_of_slot
 from outbox.relay.batching import claim_ahead, jittered, poll_delay
 from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.relay.fences import (
+    Fence,
+    ForeignFence,
+    OncePerSlot,
+    SlotLockState,
+    explain_fence,
+    foreign_fence_message,
+)
 from outbox.relay.marker import Marker, MarkerReading, recoverable
 from outbox.relay.metrics import RelayMetrics
 
@@ -39,6 +47,7 @@ log = logging.getLogger("outbox.relay")
 HEADER_ALLOWANCE = 16 * 1024
 """Rows whose key + value come within this of message.max.bytes get the exact size check."""
 SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
+GUARD_NAMESPACE = 0x6F757464  # 'outd': serialises the slot-count check, announcement, settling
 
 
 class Row(NamedTuple):
@@ -90,6 +99,7 @@ class RelayStats:
     recovered: int = 0
     aborts: int = 0
     fenced: int = 0
+    foreign_fences: int = 0  # fenced while still holding the slot: from outside this database
     markers_ignored: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -116,6 +126,7 @@ class SlotContext:
     listening: threading.Event  # a LISTEN session is up: NOTIFY wakes the slot
     stats: RelayStats
     metrics: RelayMetrics
+    fence_alarm: OncePerSlot  # a foreign fence's ERROR: once per slot per period
     first_run: Callable[[], bool]  # no marker can exist but those this process writes
     wrote_marker: set[int]  # slots this process has written a marker for
     read_marker: Callable[[int, str, threading.Event], bytes | None]
@@ -182,6 +193,13 @@ class SlotWorker(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
+        except ForeignFence as exc:
+            held = self.context.fence_alarm.admit(self.slot, time.monotonic())
+            if held is None:
+                log.debug("slot %d lost: %s", self.slot, exc)
+            else:
+                more = f" ({held} more since the last one)" if held else ""
+                log.error("%s%s", exc, more, extra={"slot": self.slot})
         except SlotLost as exc:
             log.warning("slot %d lost: %s", self.slot, exc)
         except ConfigError as exc:  # no retry can help: stop the relay, naming the fix (I8)
@@ -223,6 +241,10 @@ class SlotWorker(threading.Thread):
 
         A failed batch is claimed afresh on retry, so rows committed meanwhile join it.
         """
+        if self._fatal is not None and classify(self._fatal) is Verdict.FENCED:
+            fatal, self._fatal = self._fatal, None
+            self._discard_producer()
+            raise self._fenced(f"fenced: another relay took transactional.id {self.tid} ({fatal})")
         if self._fatal is not None:
             log.warning("slot %d: producer failed (%s); building a new one", self.slot, self._fatal)
             self._fatal = None
@@ -492,8 +514,7 @@ class SlotWorker(threading.Thread):
         }
         found = {v: i for i, v in sorted(verdicts.items(), reverse=True)}  # v -> first id
         if Verdict.FENCED in found:
-            self.context.stats.add(fenced=1)
-            return set(), SlotLost(f"fenced: another relay took transactional.id {self.tid}")
+            return set(), self._fenced(f"fenced: another relay took transactional.id {self.tid}")
         if Verdict.CONFIG in found:
             return set(), ConfigError(
                 f"Kafka refused the relay: {config_fix(failures[found[Verdict.CONFIG]])}"
@@ -621,8 +642,9 @@ class SlotWorker(threading.Thread):
             self._discard_producer()
             verdict = classify(exc.args[0])
             if verdict is Verdict.FENCED:
-                self.context.stats.add(fenced=1)
-                raise SlotLost(f"fenced: another relay took transactional.id {self.tid}") from None
+                raise self._fenced(
+                    f"fenced: another relay took transactional.id {self.tid}"
+                ) from None
             if verdict is Verdict.CONFIG:
                 raise ConfigError(f"Kafka refused the relay: {config_fix(exc)}") from None
             _, error = self._handle_failures(rows, failures)
@@ -656,8 +678,44 @@ class SlotWorker(threading.Thread):
         except KafkaException as exc:
             self._discard_producer()
             if classify(exc.args[0]) is Verdict.FENCED:
-                self.context.stats.add(fenced=1)
-                raise SlotLost(f"fenced while aborting: {exc.args[0]}") from None
+                raise self._fenced(f"fenced while aborting: {exc.args[0]}") from None
+
+    def _fenced(self, detail: str) -> SlotLost:
+        """Count a fence and say who fenced: a relay of this database (a takeover, a slot-count
+        change) or, while this connection still holds the slot, something outside it (I9)."""
+        self.context.stats.add(fenced=1)
+        fence = explain_fence(self._slot_lock_state())
+        if fence is Fence.FOREIGN:
+            self.context.stats.add(foreign_fences=1)
+            return ForeignFence(
+                foreign_fence_message(
+                    slot=self.slot,
+                    tid=self.tid,
+                    outbox_id=self.context.outbox_id,
+                    explicit_prefix=self.config.transactional_id_prefix,
+                )
+            )
+        if fence is Fence.LAYOUT:
+            return SlotLost(f"{detail} (a relay of this database is changing the slot count)")
+        return SlotLost(detail)
+
+    def _slot_lock_state(self) -> SlotLockState | None:
+        """What this slot's connection says after a fence; None if it cannot tell (gone)."""
+        try:
+            row = self.conn.execute(
+                sql.SLOT_LOCK_STATE,
+                {
+                    "namespace": SLOT_NAMESPACE,
+                    "slot": self.slot,
+                    "guard": GUARD_NAMESPACE,
+                    "slots": self.config.slots,
+                },
+            ).fetchone()
+        except psycopg.Error:
+            return None
+        if row is None:
+            return None
+        return SlotLockState(bool(row["holds_slot"]), bool(row["layout_changing"]))
 
     def _discard_producer(self) -> None:
         producer, self.producer = self.producer, None

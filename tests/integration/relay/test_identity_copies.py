@@ -1,0 +1,308 @@
+"""I9: a copied database (same outbox identity) relaying beside its original is reported.
+
+A copy made with ``CREATE DATABASE ... TEMPLATE`` (or a dump restored as a second service)
+keeps the outbox identity, so its relay uses the original's default transactional ids and
+the two relays fence each other on every slot. Nothing is lost, but the relay must say
+what is wrong and how to fix it (an ERROR and a metric), and must not say it for the fences
+of normal operation (a takeover in the same database, a slot-count change).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.orm import Session
+
+from outbox import publish, sql
+from outbox.errors import SlotLost
+from outbox.relay import GUARD_NAMESPACE, SLOT_NAMESPACE, Relay, Row, SlotWorker
+from outbox.relay.config import RelayConfig
+from outbox.relay.fences import RENEW_IDENTITY_SQL, ForeignFence
+from tests.conftest import RelayHandle, Services, create_database, drop_database
+from tests.support import KafkaReader, wait_for
+
+FOREIGN = "Another database is relaying with this outbox's identity"
+
+
+@pytest.fixture
+def default_config(relay_config: Callable[..., RelayConfig]) -> Callable[..., RelayConfig]:
+    """The default transactional-id prefix (the layout a copy ends up in), any database."""
+
+    def make(dsn: str, **overrides: Any) -> RelayConfig:
+        return relay_config(dsn=dsn, transactional_id_prefix=None, **overrides)
+
+    return make
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def copy_url(services: Services, database_url: str) -> Iterator[str]:
+    """A copy of the test's database made with CREATE DATABASE ... TEMPLATE: it keeps the
+    original's outbox identity (the ``database_url`` fixture renews only its own)."""
+    url = create_database(services, "outbox_copy", template=make_url(database_url).database)
+    yield url
+    drop_database(services, url)
+
+
+@contextmanager
+def _engine(url: str) -> Iterator[Engine]:
+    eng = create_engine(url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+def _identity(url: str) -> uuid.UUID:
+    with psycopg.connect(_libpq(url)) as conn:
+        row = conn.execute("SELECT outbox_id FROM outbox_identity").fetchone()
+        assert row is not None
+        return uuid.UUID(str(row[0]))
+
+
+def _publish_many(engine: Engine, topic: str, n: int) -> list[str]:
+    with Session(engine) as session, session.begin():
+        return [
+            str(publish(session, topic=topic, key=f"key-{i % 7}", value={"i": i})) for i in range(n)
+        ]
+
+
+def _pending(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one())
+
+
+def _start(config: RelayConfig) -> RelayHandle:
+    handle = RelayHandle(Relay(config))
+    handle.thread.start()
+    return handle
+
+
+def _foreign_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "outbox.relay" and r.levelno == logging.ERROR and FOREIGN in r.getMessage()
+    ]
+
+
+def _all_on_topic(kafka: KafkaReader, topic: str, ids: list[str]) -> set[str]:
+    """The events of ``ids`` that are NOT on the topic (at least once)."""
+    seen = {r.event_id for r in kafka.read(topic, len(ids), timeout=60)}
+    return set(ids) - seen
+
+
+def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_fix(
+    database_url: str,
+    copy_url: str,
+    default_config: Callable[..., RelayConfig],
+    make_topic: Callable[..., str],
+    kafka: KafkaReader,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    original_id = _identity(database_url)
+    assert _identity(copy_url) == original_id  # the copy kept it: the case to report
+    topic_a, topic_b = make_topic(), make_topic()
+    with _engine(database_url) as a, _engine(copy_url) as b:
+        handles = [_start(default_config(url)) for url in (database_url, copy_url)]
+        running = list(handles)
+        ids_a: list[str] = []
+        ids_b: list[str] = []
+        try:
+            wait_for(
+                lambda: all(len(h.relay.workers) == 2 for h in handles),
+                what="each relay owns its database's slots",
+            )
+
+            def fenced_from_outside() -> bool:
+                ids_a.extend(_publish_many(a, topic_a, 20))
+                ids_b.extend(_publish_many(b, topic_b, 20))
+                return bool(_foreign_errors(caplog))
+
+            wait_for(fenced_from_outside, timeout=90, what="an ERROR about a foreign fence")
+            wait_for(
+                lambda: _pending(a) == 0 and _pending(b) == 0,
+                timeout=120,
+                what="both outboxes drained despite the fencing",
+            )
+            errors = _foreign_errors(caplog)
+            assert errors, "no ERROR for a fence from outside the database"
+            message = errors[0].getMessage()
+            assert str(original_id) in message
+            assert f"outbox-{original_id.hex[:12]}-" in message  # the transactional id
+            assert "CREATE DATABASE ... TEMPLATE" in message
+            assert RENEW_IDENTITY_SQL in message  # the fix
+            assert "postgresql://" not in message
+            assert "@" not in message
+            # Once per slot per period, not once per fence (they fence each other repeatedly).
+            assert len(errors) <= 2 * len(handles)
+            fences = sum(h.relay.stats.foreign_fences for h in handles)
+            assert fences >= len(errors)
+            scraped = sum(
+                h.relay.metrics.registry.get_sample_value("outbox_relay_foreign_fences_total")
+                or 0.0
+                for h in handles
+            )
+            assert scraped == fences
+            assert all(h.relay.stats.fenced >= h.relay.stats.foreign_fences for h in handles)
+            reported = [h for h in handles if h.relay.stats.foreign_fences]
+            assert "from outside this database" in reported[0].relay.readiness()[1]
+            running.remove(handles[1])
+            handles[1].stop()
+            # The fix the message gives: the copy gets its own identity; its relay restarts.
+            with psycopg.connect(_libpq(copy_url), autocommit=True) as conn:
+                conn.execute(RENEW_IDENTITY_SQL)
+            assert _identity(copy_url) != original_id
+            # A slot of the original fenced by the copy's last takeover finds out at its next
+            # batch: one round for both slots, then the original owns them with its own epoch.
+            ids_a += _publish_many(a, topic_a, 40)
+            wait_for(
+                lambda: _pending(a) == 0 and len(handles[0].relay.workers) == 2,
+                timeout=60,
+                what="the original relay owns its slots again",
+            )
+            renewed = _start(default_config(copy_url))
+            running.append(renewed)
+            wait_for(lambda: len(renewed.relay.workers) == 2, what="the renewed copy's relay runs")
+            before = handles[0].relay.stats.fenced
+            for _ in range(5):
+                ids_a += _publish_many(a, topic_a, 40)
+                ids_b += _publish_many(b, topic_b, 40)
+            wait_for(
+                lambda: _pending(a) == 0 and _pending(b) == 0,
+                timeout=60,
+                what="both outboxes drained",
+            )
+            assert renewed.relay.stats.fenced == 0
+            assert renewed.relay.stats.foreign_fences == 0
+            assert handles[0].relay.stats.fenced == before  # the fencing stopped
+        finally:
+            for h in running:
+                h.stop()
+    # Nothing was lost: every event of both is on its topic at least once.
+    assert _all_on_topic(kafka, topic_a, ids_a) == set()
+    assert _all_on_topic(kafka, topic_b, ids_b) == set()
+
+
+def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
+    database_url: str,
+    default_config: Callable[..., RelayConfig],
+    topic: str,
+    kafka: KafkaReader,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first relay loses the slot in the database with a batch in hand; the second relay
+    of the same database takes the slot, and its init_transactions fences the first one's
+    producer before that one sends the batch: a normal takeover, a warning as before."""
+    first = Relay(default_config(database_url, slots=1))
+    second = Relay(default_config(database_url, slots=1))
+    taken = threading.Event()
+    start_producer, publish_batch = SlotWorker._start_producer, SlotWorker._publish
+
+    def started(self: SlotWorker) -> None:
+        start_producer(self)
+        if self.context.stats is second.stats:
+            taken.set()  # the second relay's producer is initialised: the first one is fenced
+
+    def publish_after_losing_the_slot(self: SlotWorker, rows: list[Row]) -> None:
+        if self.context.stats is first.stats and not taken.is_set():
+            self.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
+            taken.wait(30)
+        publish_batch(self, rows)
+
+    monkeypatch.setattr(SlotWorker, "_start_producer", started)
+    monkeypatch.setattr(SlotWorker, "_publish", publish_after_losing_the_slot)
+    running = [RelayHandle(first)]
+    running[0].thread.start()
+    ids: list[str] = []
+    with _engine(database_url) as engine:
+        try:
+            wait_for(lambda: len(first.workers) == 1, what="the first relay owns the slot")
+            running.append(RelayHandle(second))
+            running[1].thread.start()
+            wait_for(lambda: second._members == 2, what="the second relay is up")
+            for _ in range(5):
+                ids += _publish_many(engine, topic, 40)
+            wait_for(lambda: _pending(engine) == 0, timeout=60, what="the outbox drained")
+        finally:
+            for h in running:
+                h.stop()
+    assert taken.is_set()
+    assert first.stats.fenced == 1  # the takeover fenced the first relay's batch
+    assert second.stats.published > 0
+    assert [r.stats.foreign_fences for r in (first, second)] == [0, 0]
+    assert _foreign_errors(caplog) == []
+    lost = [r.getMessage() for r in caplog.records if "slot 0 lost: fenced" in r.getMessage()]
+    assert lost  # today's warning
+    assert _all_on_topic(kafka, topic, ids) == set()
+
+
+@pytest.fixture
+def worker(database_url: str, default_config: Callable[..., RelayConfig]) -> Iterator[SlotWorker]:
+    """Slot 0's worker (not started) with a connection that took the slot's lock, as the
+    coordinator hands it over."""
+    relay = Relay(default_config(database_url))
+    relay.outbox_id = _identity(database_url)
+    conn = psycopg.connect(_libpq(database_url), autocommit=True, row_factory=dict_row)
+    row = conn.execute(sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0}).fetchone()
+    assert row is not None
+    assert next(iter(row.values()))
+    with psycopg.connect(_libpq(database_url), autocommit=True) as admin:
+        admin.execute(sql.RECORD_SLOT_COUNT, {"slots": 2})
+    yield SlotWorker(relay._slot_context(0), 0, conn)
+    conn.close()
+
+
+def test_i9_a_fence_while_this_database_still_holds_the_slot_is_foreign(
+    worker: SlotWorker,
+) -> None:
+    lost = worker._fenced("fenced")
+    assert isinstance(lost, ForeignFence)
+    assert worker.context.stats.foreign_fences == 1
+    assert worker.context.stats.fenced == 1
+
+
+def test_i9_a_fence_after_the_slot_was_lost_in_this_database_is_a_takeover(
+    worker: SlotWorker, database_url: str
+) -> None:
+    worker.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
+    with psycopg.connect(_libpq(database_url), autocommit=True) as other:  # the new owner
+        other.execute(sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
+        lost = worker._fenced("fenced")
+    assert type(lost) is SlotLost
+    assert worker.context.stats.foreign_fences == 0
+    worker.conn.close()  # the connection is gone: no check possible, today's warning
+    assert type(worker._fenced("fenced")) is SlotLost
+    assert worker.context.stats.foreign_fences == 0
+    assert worker.context.stats.fenced == 2
+
+
+def test_i9_a_fence_by_a_slot_count_change_of_this_database_is_not_foreign(
+    worker: SlotWorker, database_url: str
+) -> None:
+    """``_settle_layout`` fences the old layout's slots under the guard lock, then records
+    the new count: neither moment reads as a fence from outside."""
+    with psycopg.connect(_libpq(database_url)) as settling:
+        settling.execute(sql.GUARD_SLOT_COUNT, {"namespace": GUARD_NAMESPACE})
+        lost = worker._fenced("fenced")
+        assert type(lost) is SlotLost
+        assert "slot count" in str(lost)
+        settling.execute(sql.RECORD_SLOT_COUNT, {"slots": 4})
+        settling.commit()
+    lost = worker._fenced("fenced")
+    assert type(lost) is SlotLost
+    assert "slot count" in str(lost)
+    assert worker.context.stats.foreign_fences == 0
