@@ -91,6 +91,14 @@ dead_app = typer.Typer(
     context_settings=CONTEXT,
 )
 app.add_typer(dead_app, name="dead")
+identity_app = typer.Typer(
+    help="This outbox's identity (it names its transactional ids and recovery markers).",
+    short_help="This outbox's identity: renew a copied database's.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
+)
+app.add_typer(identity_app, name="identity")
 
 
 def _version(value: bool) -> None:
@@ -645,6 +653,22 @@ def dead_discard(ids: IdArgument, db: Db) -> None:
     except (OutboxError, ConnectionError) as exc:
         raise _fail(exc) from None
     typer.echo(f"discarded {n} rows")
+
+
+@identity_app.command("renew", short_help="Give a copied database its own identity.")
+def identity_renew(db: Db) -> None:
+    """Give this database a new outbox identity: the fix for a COPY of another outbox's database
+    (CREATE DATABASE ... TEMPLATE, a dump restored as a second service), whose relays would
+    otherwise fence the original's on every slot. Run it on the copy, with its relays stopped;
+    they use transactional ids of their own from their next start. Nothing pending is lost.
+    """
+    from outbox.cli.views import renew_identity
+
+    try:
+        old, new = renew_identity(db)
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    typer.echo(f"outbox identity renewed: {old} -> {new}")
 
 
 @app.command(short_help="The whole pipeline on embedded services, checked.")

@@ -24,8 +24,9 @@ from rich.table import Table
 from outbox import sql
 from outbox.codec import BINARY, CONTENT_TYPE_HEADER, JSON
 from outbox.db import connect
-from outbox.errors import NotFound, NotMigrated
+from outbox.errors import ConfigError, NotFound, NotMigrated
 from outbox.relay.config import default_tid_prefix
+from outbox.relay.coordinator import COUNT_NAMESPACE
 from outbox.relay.worker import SLOT_NAMESPACE
 
 Row = dict[str, Any]
@@ -275,3 +276,28 @@ def discard(db: str, ids: list[int]) -> int:
     with _session(db, "outbox-discard") as conn, conn.transaction():
         _locked(conn, ids)
         return len(conn.execute(sql.DISCARD_DEAD, {"ids": ids}).fetchall())
+
+
+def renew_identity(db: str) -> tuple[str, str]:
+    """Give this database a new outbox identity (a copy's fix, I9): (old id, new id).
+
+    Refused while a relay of this database runs: it would keep the old transactional ids
+    until it restarts, and go on fencing the original's relays."""
+    with _session(db, "outbox-identity") as conn, conn.transaction():
+        old = conn.execute(sql.READ_IDENTITY_FOR_UPDATE).fetchone()
+        if old is None:
+            raise NotMigrated("the outbox has no identity row yet: run `outbox migrate` first")
+        live = conn.execute(
+            sql.LIVE_RELAYS,
+            {"slot_namespace": SLOT_NAMESPACE, "count_namespace": COUNT_NAMESPACE},
+        ).fetchone()
+        running = int(str(live["n"])) if live is not None else 0
+        if running:
+            raise ConfigError(
+                f"{running} relay process(es) of this database are running: stop them first "
+                "(a running relay keeps the old transactional ids until it restarts), then "
+                "run `outbox identity renew` again"
+            )
+        new = conn.execute(sql.RENEW_IDENTITY).fetchone()
+        assert new is not None
+        return str(old["outbox_id"]), str(new["outbox_id"])

@@ -62,15 +62,16 @@ def foreign_fence_message(
             f"Another database is relaying with this outbox's identity {outbox_id} (a copy made "
             "with CREATE DATABASE ... TEMPLATE, or a restored dump running beside the original?); "
             "the two relays fence each other on every slot and publish slowly. Nothing is lost. "
-            f"Fix: in the COPY's database run `{RENEW_IDENTITY_SQL}`, then restart the copy's "
-            "relays (the copy then uses transactional ids of its own)"
+            "Fix: stop the COPY's relays, run `outbox identity renew` on the copy's database "
+            f"(or `{RENEW_IDENTITY_SQL}`), then start them again (the copy then uses "
+            "transactional ids of its own)"
         )
     return happened + (
         f"Another outbox (another database) uses --transactional-id-prefix={explicit_prefix} "
         f"too (this is outbox {outbox_id}), or a copy of this database relays under it; the "
         "two relays fence each other on every slot. Nothing is lost. Fix: give each outbox its "
         "own --transactional-id-prefix (or drop the option to use the default derived from the "
-        f"identity), and give a copied database its own identity: `{RENEW_IDENTITY_SQL}`"
+        "identity), and give a copied database its own identity with `outbox identity renew`"
     )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from outbox import publish, sql
 from outbox.cli.commands import ExitCode
 from outbox.db import connect
+from outbox.relay import SLOT_NAMESPACE
 from tests.conftest import Broker
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
@@ -81,6 +82,7 @@ def _dead_row(engine: Engine, database_url: str, topic: str) -> int:
         ("dead", "requeue", "--all"),
         ("dead", "requeue", "1"),
         ("dead", "discard", "1"),
+        ("identity", "renew"),
     ],
 )
 def test_unmigrated_database_says_run_outbox_migrate(
@@ -275,6 +277,8 @@ COMMANDS = [
     ["dead", "show"],
     ["dead", "requeue"],
     ["dead", "discard"],
+    ["identity"],
+    ["identity", "renew"],
 ]
 
 
@@ -391,3 +395,42 @@ def test_demo_measures_latency_at_a_steady_rate_after_the_burst_and_labels_it(
     assert "latency commit -> handler at a steady 20 events/s p50" in done.stdout
     assert "queueing of the 200-event burst (not the steady latency) p99" in done.stdout
     assert "transactions committed (events)" in done.stdout
+
+
+# -- identity: a copied database gets its own -------------------------------------------------
+
+
+def _status_id(database_url: str) -> str:
+    done = run("status", "--json", "--db", database_url)
+    assert done.returncode == ExitCode.OK, done.stderr
+    return str(json.loads(done.stdout)["outbox_id"])
+
+
+def test_i9_identity_renew_gives_the_database_a_new_identity_and_keeps_pending_rows(
+    engine: Engine, database_url: str
+) -> None:
+    with Session(engine) as session, session.begin():
+        publish(session, topic="orders", key="k", value={"n": 1})
+    before = _status_id(database_url)
+    done = run("identity", "renew", "--db", database_url)
+    assert done.returncode == ExitCode.OK, done.stderr
+    after = _status_id(database_url)
+    assert after != before
+    assert done.stdout.strip() == f"outbox identity renewed: {before} -> {after}"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM outbox_events")).scalar_one() == 1
+        assert conn.execute(text("SELECT slot_count FROM outbox_identity")).scalar_one() is None
+
+
+def test_i9_identity_renew_is_refused_while_a_relay_of_the_database_runs(
+    database_url: str,
+) -> None:
+    """A running relay keeps its transactional ids until it restarts: renewing under it would
+    change nothing but the status output. A relay is seen by the slot lock it holds."""
+    before = _status_id(database_url)
+    with connect(database_url, application_name="outbox-relay") as relay_session:
+        relay_session.execute("SELECT pg_advisory_lock(%s, 0)", (SLOT_NAMESPACE,))
+        done = run("identity", "renew", "--db", database_url)
+    assert done.returncode == ExitCode.USAGE
+    assert "stop them first" in one_line_error(done)
+    assert _status_id(database_url) == before

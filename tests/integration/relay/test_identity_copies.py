@@ -23,6 +23,7 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
+from outbox.cli.views import renew_identity
 from outbox.errors import SlotLost
 from outbox.relay import GUARD_NAMESPACE, SLOT_NAMESPACE, Relay, Row, SlotWorker
 from outbox.relay.config import RelayConfig
@@ -143,7 +144,8 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             assert str(original_id) in message
             assert f"outbox-{original_id.hex[:12]}-" in message  # the transactional id
             assert "CREATE DATABASE ... TEMPLATE" in message
-            assert RENEW_IDENTITY_SQL in message  # the fix
+            assert "outbox identity renew" in message  # the fix
+            assert RENEW_IDENTITY_SQL in message
             assert "postgresql://" not in message
             assert "@" not in message
             # Once per slot per period, not once per fence (they fence each other repeatedly).
@@ -162,9 +164,8 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             running.remove(handles[1])
             handles[1].stop()
             # The fix the message gives: the copy gets its own identity; its relay restarts.
-            with psycopg.connect(_libpq(copy_url), autocommit=True) as conn:
-                conn.execute(RENEW_IDENTITY_SQL)
-            assert _identity(copy_url) != original_id
+            old, new = renew_identity(copy_url)
+            assert (uuid.UUID(old), _identity(copy_url)) == (original_id, uuid.UUID(new))
             # A slot of the original fenced by the copy's last takeover finds out at its next
             # batch: one round for both slots, then the original owns them with its own epoch.
             ids_a += _publish_many(a, topic_a, 40)
