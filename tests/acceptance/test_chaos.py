@@ -90,7 +90,11 @@ def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker:
     for kind in FaultKind:
         assert summary.faults_scheduled[kind.value] >= 1, f"{where}: {summary.faults_scheduled}"
     if not on_kafka:
-        assert summary.faults == summary.faults_scheduled, f"{where}: {summary.faults}"
+        # Every fault lands, but a kill whose target (and its whole fleet) is down: a process
+        # that refused to start during the PostgreSQL restart, not restarted yet.
+        refused = sum(e["refused_start_during_db_restart"] for e in summary.unexpected_exits)
+        skipped = sum(summary.faults_scheduled.values()) - sum(summary.faults.values())
+        assert 0 <= skipped <= refused, f"{where}: {summary.faults}, {refused} refused starts"
     # On Kafka the schedule drifts (a relay kill waits up to 2 s for a batch in flight, and
     # batches take longer there), so a kill can come due while its target, killed by the
     # fault before, is not started again yet, and is skipped: each kind still struck above.

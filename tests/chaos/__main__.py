@@ -86,6 +86,7 @@ def _print(summary: Summary) -> None:
         *((f"faults: {kind}", n) for kind, n in summary.faults.items()),
         ("relay kills with a batch in flight", summary.relay_kills_mid_batch),
         ("  of which between Kafka and DB commit", summary.relay_kills_in_commit_window),
+        ("consumer kills between DB and offset commit", summary.consumer_kills_in_window),
         ("effects applied", summary.effects_applied),
         ("duplicate effects (must be 0)", summary.duplicate_effects),
         *(

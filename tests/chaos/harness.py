@@ -992,6 +992,7 @@ class Summary:
     faults_scheduled: dict[str, int]
     relay_kills_mid_batch: int
     relay_kills_in_commit_window: int
+    consumer_kills_in_window: int
     effects_applied: int
     duplicate_effects: int
     lost: int
@@ -1063,6 +1064,9 @@ class Run:
         self.db_restarts: list[float] = []
         self.substitutes: dict[int, int] = {}
         """Scheduled relay target -> the relay killed in its place (started again in its place)."""
+        self.consumer_kills_in_window = 0
+        self.consumer_substitutes: dict[int, int] = {}
+        """The same for consumers."""
         self.window_dir = Path(tempfile.mkdtemp(prefix="outbox-chaos-window-"))
 
     def execute(self) -> Summary:
@@ -1255,19 +1259,28 @@ class Run:
             return alive[0], ""  # the target is down (killed in another's place): a live one
         return index, ""
 
-    def _in_window(self, fleet: Fleet, index: int, *, aim: float) -> bool:
-        """Wait up to ``aim`` seconds for the consumer to be between a batch's DB commit and its
-        offset commit (the projector shows it with a file named after its pid)."""
-        member = fleet.members[index]
-        if member is None or member.proc.poll() is not None:
-            return False
-        flag = self.window_dir / str(member.proc.pid)
-        deadline = time.monotonic() + aim
-        while not flag.exists():
+    def _aim_consumer_kill(self, fleet: Fleet, index: int) -> tuple[int, bool]:
+        """The consumer to kill, and whether it is between a batch's DB commit and its offset
+        commit (the projector shows it with a file named after its pid).
+
+        For up to ``CONSUMER_AIM_SECONDS``, look for the scheduled target, or else another live
+        consumer of its fleet, inside that window: a target that owns no partition, or none
+        with records, would never get there. Without such a moment the target is hit anyway.
+        """
+        alive = [i for i, m in enumerate(fleet.members) if m is not None and m.proc.poll() is None]
+        candidates = sorted(alive, key=lambda i: i != index)
+        deadline = time.monotonic() + CONSUMER_AIM_SECONDS
+        while candidates:
+            for i in candidates:
+                member = fleet.members[i]
+                if member is not None and (self.window_dir / str(member.proc.pid)).exists():
+                    return i, True
             if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)  # polling for the moment to strike, bounded by ``aim``
-        return True
+                break
+            time.sleep(0.01)  # polling for the moment to strike, bounded by the aim
+        if index not in alive and alive:
+            return alive[0], False  # the target is down (killed in another's place): a live one
+        return index, False
 
     def _do(self, action: Action, svc: Services, at: float) -> None:
         done = True
@@ -1285,10 +1298,13 @@ class Run:
                 done = fleet.start(index)
             case Step.KILL_CONSUMER:
                 fleet, index = self._target("consumer", action.target)
-                self._in_window(fleet, index, aim=CONSUMER_AIM_SECONDS)
-                done = fleet.kill(index)
+                victim, in_window = self._aim_consumer_kill(fleet, index)
+                done = fleet.kill(victim)
+                self.consumer_kills_in_window += int(done and in_window)
+                self.consumer_substitutes[action.target] = victim - index + action.target
             case Step.START_CONSUMER:
-                fleet, index = self._target("consumer", action.target)
+                target = self.consumer_substitutes.pop(action.target, action.target)
+                fleet, index = self._target("consumer", target)
                 done = fleet.start(index)
             case Step.RESTART_POSTGRES:
                 self.db_restarts.append(time.monotonic())
@@ -1404,6 +1420,7 @@ class Run:
             faults_scheduled=count_by_kind(self.faults),
             relay_kills_mid_batch=self.mid_batch,
             relay_kills_in_commit_window=self.in_commit_window,
+            consumer_kills_in_window=self.consumer_kills_in_window,
             effects_applied=total("effects_applied"),
             duplicate_effects=total("duplicate_effects"),
             lost=total("lost"),
