@@ -420,10 +420,15 @@ class SlotWorker(threading.Thread):
         """A transaction on the slot's connection (``psycopg.Rollback`` ends it quietly).
 
         A connection lost at the COMMIT after a Kafka commit loses the slot; the next
-        owner's recovery deletes the rows (I4).
+        owner's recovery deletes the rows (I4). psycopg lets ``Rollback`` out only when the
+        rollback itself failed: the connection is gone, and so is the slot.
         """
-        with self._connection_held(), self.conn.transaction():
-            yield
+        with self._connection_held():
+            try:
+                with self.conn.transaction():
+                    yield
+            except psycopg.Rollback:
+                raise SlotLost("database connection lost while rolling a batch back") from None
 
     def _bury(self, row: Row, error: str) -> None:
         """Move a poison row aside so its shard moves on (I6)."""

@@ -829,6 +829,11 @@ CONSUMER_AIM_SECONDS = 6.0
 """How long a consumer kill may wait for its target to be inside its offset-commit window (a
 consumer that just joined the group may need a few seconds to get records)."""
 
+FIRST_STRIKE_AIM_SECONDS = 10.0
+"""How long a kill may wait for its moment while no kill of its kind has hit that moment yet:
+the run fails if none ever does (a few large batches on Apache Kafka, a loaded machine), so
+the first one is worth a late kill."""
+
 
 def _topic_records(bootstrap: str, topic: str, timeout: float) -> list[TopicRecord]:
     """Every copy on ``topic``, every partition read to its end (``TopicReadError`` if not)."""
@@ -1230,7 +1235,8 @@ class Run:
         """The relay to kill and the moment it is at: ``commit`` (its Kafka transaction committed,
         its DB commit pending), ``batch`` (a batch in flight) or ``""``.
 
-        For up to ``AIM_SECONDS``, look for the scheduled target, or else another live relay of
+        For up to ``AIM_SECONDS`` (``FIRST_STRIKE_AIM_SECONDS`` until one kill has hit a commit
+        window), look for the scheduled target, or else another live relay of
         its fleet, inside its commit window; failing that, take one with a batch in flight. A
         relay that owns no slot (it lost the race for them after its restart) can never be
         killed mid-batch. The kill lands a little after its schedule; without such a moment it
@@ -1238,7 +1244,8 @@ class Run:
         """
         alive = [i for i, m in enumerate(fleet.members) if m is not None and m.proc.poll() is None]
         candidates = sorted(alive, key=lambda i: i != index)
-        deadline = time.monotonic() + AIM_SECONDS
+        aim = AIM_SECONDS if self.in_commit_window else FIRST_STRIKE_AIM_SECONDS
+        deadline = time.monotonic() + aim
         in_batch: int | None = None
         while candidates:
             rows = self.services[0].probe.query(RELAY_MID_BATCH_SQL) or []
@@ -1263,13 +1270,15 @@ class Run:
         """The consumer to kill, and whether it is between a batch's DB commit and its offset
         commit (the projector shows it with a file named after its pid).
 
-        For up to ``CONSUMER_AIM_SECONDS``, look for the scheduled target, or else another live
+        For up to ``CONSUMER_AIM_SECONDS`` (``FIRST_STRIKE_AIM_SECONDS`` until one kill has hit
+        that window), look for the scheduled target, or else another live
         consumer of its fleet, inside that window: a target that owns no partition, or none
         with records, would never get there. Without such a moment the target is hit anyway.
         """
         alive = [i for i, m in enumerate(fleet.members) if m is not None and m.proc.poll() is None]
         candidates = sorted(alive, key=lambda i: i != index)
-        deadline = time.monotonic() + CONSUMER_AIM_SECONDS
+        aim = CONSUMER_AIM_SECONDS if self.consumer_kills_in_window else FIRST_STRIKE_AIM_SECONDS
+        deadline = time.monotonic() + aim
         while candidates:
             for i in candidates:
                 member = fleet.members[i]

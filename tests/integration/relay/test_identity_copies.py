@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session
 
@@ -251,59 +250,43 @@ def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
     assert _all_on_topic(kafka, topic, ids) == set()
 
 
-@pytest.fixture
-def worker(database_url: str, default_config: Callable[..., RelayConfig]) -> Iterator[SlotWorker]:
-    """Slot 0's worker (not started) with a connection that took the slot's lock, as the
-    coordinator hands it over."""
-    relay = Relay(default_config(database_url))
-    relay.outbox_id = _identity(database_url)
-    conn = psycopg.connect(_libpq(database_url), autocommit=True, row_factory=dict_row)
-    row = conn.execute(sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0}).fetchone()
-    assert row is not None
-    assert next(iter(row.values()))
-    with psycopg.connect(_libpq(database_url), autocommit=True) as admin:
-        admin.execute(sql.RECORD_SLOT_COUNT, {"slots": 2})
-    yield SlotWorker(relay._slot_context(0), 0, conn)
-    conn.close()
-
-
 def test_i9_a_fence_while_this_database_still_holds_the_slot_is_foreign(
-    worker: SlotWorker,
+    slot_worker: SlotWorker,
 ) -> None:
-    lost = worker._fenced("fenced")
+    lost = slot_worker._fenced("fenced")
     assert isinstance(lost, ForeignFence)
-    assert worker.context.stats.foreign_fences == 1
-    assert worker.context.stats.fenced == 1
+    assert slot_worker.context.stats.foreign_fences == 1
+    assert slot_worker.context.stats.fenced == 1
 
 
 def test_i9_a_fence_after_the_slot_was_lost_in_this_database_is_a_takeover(
-    worker: SlotWorker, database_url: str
+    slot_worker: SlotWorker, database_url: str
 ) -> None:
-    worker.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
+    slot_worker.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
     with psycopg.connect(_libpq(database_url), autocommit=True) as other:  # the new owner
         other.execute(sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
-        lost = worker._fenced("fenced")
+        lost = slot_worker._fenced("fenced")
     assert type(lost) is SlotLost
-    assert worker.context.stats.foreign_fences == 0
-    worker.conn.close()  # the connection is gone: no check possible, today's warning
-    assert type(worker._fenced("fenced")) is SlotLost
-    assert worker.context.stats.foreign_fences == 0
-    assert worker.context.stats.fenced == 2
+    assert slot_worker.context.stats.foreign_fences == 0
+    slot_worker.conn.close()  # the connection is gone: no check possible, today's warning
+    assert type(slot_worker._fenced("fenced")) is SlotLost
+    assert slot_worker.context.stats.foreign_fences == 0
+    assert slot_worker.context.stats.fenced == 2
 
 
 def test_i9_a_fence_by_a_slot_count_change_of_this_database_is_not_foreign(
-    worker: SlotWorker, database_url: str
+    slot_worker: SlotWorker, database_url: str
 ) -> None:
     """``_settle_layout`` fences the old layout's slots under the guard lock, then records
     the new count: neither moment reads as a fence from outside."""
     with psycopg.connect(_libpq(database_url)) as settling:
         settling.execute(sql.GUARD_SLOT_COUNT, {"namespace": GUARD_NAMESPACE})
-        lost = worker._fenced("fenced")
+        lost = slot_worker._fenced("fenced")
         assert type(lost) is SlotLost
         assert "slot count" in str(lost)
         settling.execute(sql.RECORD_SLOT_COUNT, {"slots": 4})
         settling.commit()
-    lost = worker._fenced("fenced")
+    lost = slot_worker._fenced("fenced")
     assert type(lost) is SlotLost
     assert "slot count" in str(lost)
-    assert worker.context.stats.foreign_fences == 0
+    assert slot_worker.context.stats.foreign_fences == 0

@@ -1,0 +1,42 @@
+"""The slot's database connection lost at the worst moments: the slot is lost, never a row."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from outbox.errors import SlotLost
+from outbox.relay import SlotWorker
+from tests.conftest import _libpq
+
+
+def test_i2_a_connection_lost_while_a_batch_rolls_back_loses_the_slot_not_the_worker(
+    slot_worker: SlotWorker, database_url: str
+) -> None:
+    """A batch whose records failed leaves its transaction with ``psycopg.Rollback``. When
+    the server is gone by then (a PostgreSQL restart), the rollback itself fails and psycopg
+    lets ``Rollback`` out: the worker took it for a crash (a traceback, ``failed``). It is a
+    lost connection like any other: the slot is lost and the rows stay in the outbox (I2)."""
+
+    def roll_back_after_the_server_went_away() -> None:
+        with slot_worker._db_transaction():
+            slot_worker.conn.execute("SELECT 1")
+            with psycopg.connect(_libpq(database_url), autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(%s)", (slot_worker.conn.info.backend_pid,)
+                )
+            raise psycopg.Rollback  # as _publish_transaction does when records failed
+
+    with pytest.raises(SlotLost, match="database connection lost"):
+        roll_back_after_the_server_went_away()
+
+
+def test_i2_a_batch_rolled_back_on_a_live_connection_ends_quietly(
+    slot_worker: SlotWorker,
+) -> None:
+    with slot_worker._db_transaction():
+        slot_worker.conn.execute("CREATE TEMPORARY TABLE rolled_back (n int)")
+        raise psycopg.Rollback
+    assert slot_worker.conn.execute("SELECT to_regclass('rolled_back') AS t").fetchone() == {
+        "t": None
+    }
