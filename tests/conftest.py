@@ -26,7 +26,6 @@ migrated template (fast, isolated) and, on brokers that do not auto-create topic
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,9 +39,9 @@ from sqlalchemy.engine import make_url
 
 from outbox.embedded.kafka_cluster import create_topic
 from outbox.migrate import upgrade
-from outbox.relay import Relay
+from outbox.relay import Relay, RelayStats
 from outbox.relay.config import RelayConfig
-from tests.support import KafkaReader, wait_for
+from tests.support import InThread, KafkaReader, stop_all, wait_for
 
 BROKERS = ("tansu", "kafka")
 TOPIC_PARTITIONS = 4  # what Tansu auto-creates; tests that compute partitions rely on it
@@ -295,26 +294,12 @@ def kafka(bootstrap_servers: str) -> Iterator[KafkaReader]:
     reader.close()
 
 
-class RelayHandle:
-    """A relay running in a thread of the test process."""
+class RelayHandle(InThread[RelayStats]):
+    """A relay running in a thread of the test process (``thread.start()`` or ``with``)."""
 
     def __init__(self, relay: Relay) -> None:
+        super().__init__(relay, what="relay")
         self.relay = relay
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.relay.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self.relay.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "relay did not stop within 60 s"
-        if self.error is not None:
-            raise self.error
 
 
 @pytest.fixture
@@ -345,10 +330,7 @@ def start_relay(relay_config: Callable[..., RelayConfig]) -> Iterator[Callable[.
         return handle
 
     yield start
-    for h in handles:
-        h.relay.stop.set()
-    for h in handles:
-        h.thread.join(60)
+    stop_all(handles)
 
 
 @pytest.fixture

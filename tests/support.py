@@ -1,21 +1,27 @@
-"""Helpers shared by the integration and acceptance tests: waiting, reading topics back."""
+"""Helpers shared by the integration and acceptance tests: waiting, reading topics back,
+relays and consumers in threads, ``outbox consume`` in a subprocess."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
 import time
 import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from outbox.relay.classify import message_headers
 
 T = TypeVar("T")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
 def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
@@ -203,6 +209,95 @@ def assert_exactly_once(
     else:
         assert extra == 0, f"{extra} extra copies: {dict(list(repeated.items())[:5])}"
     return extra
+
+
+class Runs(Protocol[R_co]):
+    """A relay or a consumer: ``run()`` works until its ``stop`` event is set."""
+
+    stop: threading.Event
+
+    def run(self) -> R_co: ...
+
+
+class InThread(Generic[R]):
+    """``target.run()`` in a daemon thread of the test process, started by ``thread.start()``
+    or ``with``; ``stop()`` ends it and returns what ``run()`` returned (its counters) or
+    raises what it raised."""
+
+    def __init__(self, target: Runs[R], *, what: str, name: str | None = None) -> None:
+        self.target = target
+        self.what = what
+        self.error: BaseException | None = None
+        self.result: R | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.result = self.target.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self) -> R:
+        self.target.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), f"{self.what} did not stop within 60 s"
+        if self.error is not None:
+            raise self.error
+        return cast(R, self.result)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def stop_all(handles: Iterable[InThread[Any]]) -> None:
+    """A fixture's teardown: every one is told to stop first, so they wind down together;
+    what they raised is left to the tests, which stop them themselves to check it."""
+    handles = list(handles)
+    for handle in handles:
+        handle.target.stop.set()
+    for handle in handles:
+        handle.thread.join(60)
+
+
+def consume_command(
+    consumer_class: str,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    group: str,
+    *extra: str,
+) -> list[str]:
+    """``outbox consume`` for a subprocess, with a short group session so that joining the
+    group, and handing a killed member's partitions over, take seconds."""
+    return [
+        sys.executable,
+        "-m",
+        "outbox.cli",
+        "consume",
+        consumer_class,
+        "--db",
+        database_url,
+        "--bootstrap-servers",
+        bootstrap_servers,
+        "--topic",
+        topic,
+        "--group-id",
+        group,
+        "-X",
+        "session.timeout.ms=6000",
+        "-X",
+        "heartbeat.interval.ms=1000",
+        *extra,
+    ]
 
 
 class TcpProxy:

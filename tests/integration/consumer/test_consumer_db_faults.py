@@ -20,7 +20,7 @@ from sqlalchemy.pool import NullPool
 from consumer import Event, RetryPolicy
 from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
 from tests.integration.consumer.test_consumer_hostile import PositionProjector
-from tests.support import wait_for
+from tests.support import stop_all, wait_for
 
 ONE_ATTEMPT = RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.05, jitter=0)
 """Two handler attempts: a fault charged to the record would dead-letter it at once."""
@@ -64,9 +64,7 @@ def consume(
         return handle
 
     yield start
-    for handle in handles:
-        handle.consumer.stop.set()
-        handle.thread.join(60)
+    stop_all(handles)
     for engine in engines:
         engine.dispose()
 

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer, RetryPolicy
-from tests.support import wait_for
+from tests.support import consume_command, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 ATTEMPTS = 2
@@ -51,25 +50,7 @@ class KilledBy(IdempotentConsumer):
 def _launch(database_url: str, bootstrap_servers: str, topic: str, group: str, log: Path) -> Any:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "outbox.cli",
-                "consume",
-                f"{__name__}:KilledBy",
-                "--db",
-                database_url,
-                "--bootstrap-servers",
-                bootstrap_servers,
-                "--topic",
-                topic,
-                "--group-id",
-                group,
-                "-X",
-                "session.timeout.ms=6000",
-                "-X",
-                "heartbeat.interval.ms=1000",
-            ],
+            consume_command(f"{__name__}:KilledBy", database_url, bootstrap_servers, topic, group),
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -31,7 +31,7 @@ from consumer import (
 from consumer.dedup import mark_processed
 from outbox import publish
 from outbox.errors import ConfigError
-from tests.support import KafkaReader, wait_for
+from tests.support import InThread, KafkaReader, stop_all, wait_for
 
 GROUP_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
 """The group join takes ~3 s on Tansu with these, ~23 s with the defaults."""
@@ -65,32 +65,19 @@ class Projector(IdempotentConsumer):
         )
 
 
-class Running:
+class Running(InThread[ConsumerStats]):
     """A consumer in a thread; ``stop()`` returns its counters (and re-raises its failure)."""
 
     def __init__(self, consumer: Projector) -> None:
+        super().__init__(consumer, what="consumer")
         self.consumer = consumer
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.consumer.run()
-        except BaseException as exc:
-            self.error = exc
 
     @property
     def stats(self) -> ConsumerStats:
         if self.error is not None:
             raise self.error
         return self.consumer.stats
-
-    def stop(self) -> ConsumerStats:
-        self.consumer.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "consumer did not stop within 60 s"
-        return self.stats
 
 
 @dataclass
@@ -130,10 +117,7 @@ def start_consumer(env: Fixture) -> Iterator[Callable[..., Running]]:
         return handle
 
     yield start
-    for handle in running:
-        handle.consumer.stop.set()
-    for handle in running:
-        handle.thread.join(60)
+    stop_all(running)
 
 
 def _effects(engine: Engine) -> Counter[str]:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from consumer import Event, IdempotentConsumer, RetryPolicy
 from outbox.embedded.kafka_cluster import create_topic
 from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
-from tests.support import wait_for
+from tests.support import stop_all, wait_for
 
 ENCODED_HEADER_PREFIX = "dlt-header-b64:"
 """How a dead letter carries a header whose name cannot be stored (spelt out: the test
@@ -141,10 +141,7 @@ def start(env: Env) -> Iterator[Callable[..., Running]]:
         return handle
 
     yield run
-    for handle in running:
-        handle.consumer.stop.set()
-    for handle in running:
-        handle.thread.join(60)
+    stop_all(running)
 
 
 def _settled(env: Env, running: Running, positions: list[str]) -> bool:

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from consumer import Event
 from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
 from tests.integration.consumer.test_consumer_hostile import PositionProjector
-from tests.support import wait_for
+from tests.support import stop_all, wait_for
 
 PARTITIONS = 4
 PER_PARTITION = 5
@@ -100,10 +100,7 @@ def members(
         return handle
 
     yield start
-    for handle in handles:
-        handle.consumer.stop.set()
-    for handle in handles:
-        handle.thread.join(60)
+    stop_all(handles)
 
 
 def _committed(bootstrap_servers: str, group: str, topic: str) -> dict[int, int]:

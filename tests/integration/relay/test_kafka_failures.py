@@ -30,11 +30,11 @@ from confluent_kafka.admin import AdminClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from consumer import Event, IdempotentConsumer
+from consumer import ConsumerStats, Event, IdempotentConsumer
 from outbox import publish
 from outbox.embedded.kafka_cluster import KafkaCluster
 from tests.conftest import Broker, RelayHandle
-from tests.support import KafkaReader, wait_for
+from tests.support import InThread, KafkaReader, stop_all, wait_for
 
 pytestmark = [pytest.mark.needs_apache_kafka, pytest.mark.timeout(420)]
 
@@ -54,27 +54,13 @@ class Effects(IdempotentConsumer):
         )
 
 
-class Member:
+class Member(InThread[ConsumerStats]):
     """A consumer running in a named thread (log records carry the name)."""
 
     def __init__(self, consumer: IdempotentConsumer, name: str) -> None:
+        super().__init__(consumer, what=name, name=name)
         self.consumer = consumer
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.consumer.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self.consumer.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), f"{self.thread.name} did not stop within 60 s"
-        if self.error is not None:
-            raise self.error
 
 
 @pytest.fixture
@@ -122,10 +108,7 @@ def start_member(effects: Engine, bootstrap_servers: str) -> Iterator[Callable[.
         return member
 
     yield start
-    for m in members:
-        m.consumer.stop.set()
-    for m in members:
-        m.thread.join(60)
+    stop_all(members)
 
 
 class Writers:

@@ -6,6 +6,7 @@ test is about an explicit prefix: the layout most teams deploy (many services, o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
@@ -148,12 +149,11 @@ def test_i9_two_outboxes_with_default_settings_side_by_side_lose_nothing_and_nev
     two: Two, kafka: KafkaReader, make_topic: Callable[..., str]
 ) -> None:
     topic_a, topic_b = make_topic(), make_topic()  # Apache Kafka creates none on use
-    handles = [
-        RelayHandle(Relay(_config(dsn, two.bootstrap_servers))) for dsn in (two.a_url, two.b_url)
-    ]
-    for h in handles:
-        h.thread.start()
-    try:
+    with contextlib.ExitStack() as running:
+        handles = [
+            running.enter_context(RelayHandle(Relay(_config(dsn, two.bootstrap_servers))))
+            for dsn in (two.a_url, two.b_url)
+        ]
         wait_for(
             lambda: all(len(h.relay.workers) == 2 for h in handles), what="relays own their slots"
         )
@@ -167,9 +167,6 @@ def test_i9_two_outboxes_with_default_settings_side_by_side_lose_nothing_and_nev
             timeout=60,
             what="both outboxes drained",
         )
-    finally:
-        for h in handles:
-            h.stop()
     assert [h.relay.stats.fenced for h in handles] == [0, 0]
     assert [h.relay.stats.recovered for h in handles] == [0, 0]
     assert _on_topic(kafka, topic_a, 800) == Counter(ids_a)
@@ -275,9 +272,7 @@ def test_i9_two_outboxes_given_the_same_prefix_are_refused_before_fencing_the_ot
     prefix = f"shared-{uuid.uuid4().hex[:6]}"
     topic_a, topic_b = make_topic(), make_topic()  # Apache Kafka creates none on use
     config = _config(two.a_url, two.bootstrap_servers, transactional_id_prefix=prefix)
-    a = RelayHandle(Relay(config))
-    a.thread.start()
-    try:
+    with RelayHandle(Relay(config)) as a:
         ids_a = _publish_many(two.a, topic_a, 50)
         wait_for(lambda: _pending(two.a) == 0, what="A publishes (its markers name A)")
         ids_b = _publish_many(two.b, topic_b, 50)
@@ -285,8 +280,6 @@ def test_i9_two_outboxes_given_the_same_prefix_are_refused_before_fencing_the_ot
             _drain(two.b_url, two.bootstrap_servers, transactional_id_prefix=prefix)
         ids_a += _publish_many(two.a, topic_a, 50)
         wait_for(lambda: _pending(two.a) == 0, what="A goes on publishing")
-    finally:
-        a.stop()
     assert a.relay.stats.fenced == 0  # B refused before its init_transactions
     message = str(refused.value)
     assert f"--transactional-id-prefix={prefix}" in message
@@ -420,14 +413,11 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
     of settling for the older marker and publishing the last batch twice."""
     monkeypatch.setattr("outbox.relay.coordinator.MARKER_READ_TIMEOUT", 1.0)
     prefix = f"lso-{uuid.uuid4().hex[:6]}"
-    handle = RelayHandle(
-        Relay(_config(database_url, bootstrap_servers, slots=1, transactional_id_prefix=prefix))
-    )
-    handle.thread.start()
-    intruder = Producer(
-        {"bootstrap.servers": bootstrap_servers, "transactional.id": f"intruder-{prefix}"}
-    )
-    try:
+    config = _config(database_url, bootstrap_servers, slots=1, transactional_id_prefix=prefix)
+    with RelayHandle(Relay(config)) as handle:
+        intruder = Producer(
+            {"bootstrap.servers": bootstrap_servers, "transactional.id": f"intruder-{prefix}"}
+        )
         first = _publish_many(engine, topic, 10)
         wait_for(lambda: _pending(engine) == 0, what="first batch published (marker 1)")
         intruder.init_transactions(30)
@@ -444,8 +434,6 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
         assert _pending(engine) == 10
         intruder.commit_transaction(30)
         wait_for(lambda: _pending(engine) == 0, what="marker 2 applied")
-    finally:
-        handle.stop()
     assert handle.relay.stats.recovered == 10
     assert _on_topic(kafka, topic, 20) == Counter(first + second)  # each exactly once
 
@@ -462,12 +450,8 @@ def test_i4_the_first_relay_of_a_new_outbox_still_recovers_the_batches_it_wrote(
     ids) only until it wrote one: a slot it takes again recovers as always."""
     crashed = _lose_the_first_delete(monkeypatch)
     ids = _publish_many(engine, topic, 40)
-    handle = RelayHandle(Relay(_config(database_url, bootstrap_servers, slots=1)))
-    handle.thread.start()
-    try:
+    with RelayHandle(Relay(_config(database_url, bootstrap_servers, slots=1))) as handle:
         wait_for(lambda: _pending(engine) == 0, what="the slot is taken again and recovered")
-    finally:
-        handle.stop()
     assert handle.relay.first_run
     assert crashed
     assert handle.relay.stats.recovered == 40
