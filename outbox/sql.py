@@ -98,9 +98,10 @@ READ_IDENTITY_FOR_UPDATE = READ_IDENTITY + " FOR UPDATE"
 
 # Give a copied database its own outbox identity (`outbox identity renew`); its relays then
 # use transactional ids of their own, and re-learn the slot layout.
-RENEW_IDENTITY = """
-UPDATE outbox_identity SET outbox_id = gen_random_uuid(), slot_count = NULL RETURNING outbox_id
-"""
+RENEW_IDENTITY_UPDATE = (
+    "UPDATE outbox_identity SET outbox_id = gen_random_uuid(), slot_count = NULL"
+)
+RENEW_IDENTITY = RENEW_IDENTITY_UPDATE + " RETURNING outbox_id"
 
 # Relay processes of this database that hold a slot or announce a slot count right now.
 LIVE_RELAYS = f"""

@@ -659,8 +659,9 @@ def dead_discard(ids: IdArgument, db: Db) -> None:
 def identity_renew(db: Db) -> None:
     """Give this database a new outbox identity: the fix for a COPY of another outbox's database
     (CREATE DATABASE ... TEMPLATE, a dump restored as a second service), whose relays would
-    otherwise fence the original's on every slot. Run it on the copy, with its relays stopped;
-    they use transactional ids of their own from their next start. Nothing pending is lost.
+    otherwise fence the original's on every slot. Run it on the copy, with its relays stopped
+    by SIGTERM; they use transactional ids of their own from their next start. Nothing
+    pending is lost.
     """
     from outbox.cli.views import renew_identity
 

@@ -27,7 +27,7 @@ from outbox.db import connect
 from outbox.errors import ConfigError, NotFound, NotMigrated
 from outbox.relay.config import default_tid_prefix
 from outbox.relay.coordinator import COUNT_NAMESPACE
-from outbox.relay.worker import SLOT_NAMESPACE
+from outbox.relay.worker import GUARD_NAMESPACE, SLOT_NAMESPACE
 
 Row = dict[str, Any]
 
@@ -284,6 +284,9 @@ def renew_identity(db: str) -> tuple[str, str]:
     Refused while a relay of this database runs: it would keep the old transactional ids
     until it restarts, and go on fencing the original's relays."""
     with _session(db, "outbox-identity") as conn, conn.transaction():
+        # The relays' start-up lock: a relay that read the old identity and starts (or
+        # reconnects) after this commits sees the change there and stops, naming it.
+        conn.execute(sql.GUARD_SLOT_COUNT, {"namespace": GUARD_NAMESPACE})
         old = conn.execute(sql.READ_IDENTITY_FOR_UPDATE).fetchone()
         if old is None:
             raise NotMigrated("the outbox has no identity row yet: run `outbox migrate` first")
@@ -294,9 +297,10 @@ def renew_identity(db: str) -> tuple[str, str]:
         running = int(str(live["n"])) if live is not None else 0
         if running:
             raise ConfigError(
-                f"{running} relay process(es) of this database are running: stop them first "
-                "(a running relay keeps the old transactional ids until it restarts), then "
-                "run `outbox identity renew` again"
+                f"relays of this database are running ({running} connections hold slot "
+                "locks): stop them first, with SIGTERM so that no batch is left in flight (a "
+                "running relay keeps the old transactional ids until it restarts), then run "
+                "`outbox identity renew` again"
             )
         new = conn.execute(sql.RENEW_IDENTITY).fetchone()
         assert new is not None

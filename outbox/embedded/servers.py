@@ -805,6 +805,8 @@ class EmbeddedBroker(Service):
         advertised = f"tcp://{self.host}:{self.advertised_port}"
         self._cluster_id = f"kafka-outbox-{uuid.uuid4().hex[:12]}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._server is not None:  # a Tansu that exited on its own: reap it, its watchdog
+            self._server.reap(time.monotonic())  # and its log file before a new one starts
         self._server = ProcessGroup(
             [
                 str(self._binary),

@@ -32,7 +32,7 @@ from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
 from outbox.relay.batching import jittered, slots_to_release, slots_to_try, target_share
 from outbox.relay.classify import Verdict, classify, config_fix
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
-from outbox.relay.fences import OncePerSlot
+from outbox.relay.fences import FOREIGN_FENCE_WINDOW, FenceAlarm
 from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.worker import (
@@ -82,7 +82,7 @@ class Relay:
         # state topic shared with other outboxes would be read back to its start).
         self.first_run = False
         self.wrote_marker: set[int] = set()
-        self.fence_alarm = OncePerSlot()
+        self.fence_alarm = FenceAlarm()
         self._members = 1
         self._failures: dict[int, int] = {}
         self._not_before: dict[int, float] = {}
@@ -196,11 +196,12 @@ class Relay:
         """Ready: database reachable, owning its share of slots, each with a working producer.
         The reason also says when slots were fenced from outside this database (I9)."""
         ready, reason = self._readiness()
-        foreign = self.stats.foreign_fences
-        if foreign:
+        since = time.monotonic() - FOREIGN_FENCE_WINDOW
+        if slots := self.fence_alarm.confirmed_since(since):
             reason += (
-                f"; fenced {foreign} times from outside this database (another database relays "
-                "with this outbox's identity: see the relay's ERROR lines)"
+                f"; {slots} slots fenced from outside this database in the last "
+                f"{FOREIGN_FENCE_WINDOW / 60:.0f} minutes (another database relays with this "
+                "outbox's identity: see the relay's ERROR lines)"
             )
         return ready, reason
 
@@ -275,6 +276,15 @@ class Relay:
                 )
             self._control.execute(sql.LOCK_SLOT_COUNT, params)
             row = self._control.execute(sql.READ_IDENTITY).fetchone()
+            if row is not None and uuid.UUID(str(row["outbox_id"])) != self.outbox_id:
+                # `outbox identity renew` ran after this relay read the identity (it is
+                # serialised with this check by the same lock): the transactional ids and
+                # markers of this process are the old identity's.
+                raise ConfigError(
+                    f"the outbox identity changed from {self.outbox_id} to {row['outbox_id']} "
+                    "while this relay was starting or reconnecting (`outbox identity renew`): "
+                    "start the relay again to use the new one"
+                )
             before = row["slot_count"] if row else None
             self.first_run = before is None and self.config.transactional_id_prefix is None
             if before != self.config.slots:

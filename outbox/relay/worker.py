@@ -33,8 +33,9 @@ from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, set
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.fences import (
     Fence,
+    FenceAlarm,
     ForeignFence,
-    OncePerSlot,
+    Say,
     SlotLockState,
     explain_fence,
     foreign_fence_message,
@@ -126,7 +127,7 @@ class SlotContext:
     listening: threading.Event  # a LISTEN session is up: NOTIFY wakes the slot
     stats: RelayStats
     metrics: RelayMetrics
-    fence_alarm: OncePerSlot  # a foreign fence's ERROR: once per slot per period
+    fence_alarm: FenceAlarm  # a foreign fence: a warning, an ERROR once it repeats
     first_run: Callable[[], bool]  # no marker can exist but those this process writes
     wrote_marker: set[int]  # slots this process has written a marker for
     read_marker: Callable[[int, str, threading.Event], bytes | None]
@@ -177,6 +178,8 @@ class SlotWorker(threading.Thread):
         self.producer: Any = None
         self.tid = context.transactional_id
         self.transactional = self.config.guarantee is Guarantee.EXACTLY_ONCE
+        self._txn_begun: float | None = None  # the open (or last) Kafka transaction's span
+        self._txn_ended: float | None = None
         self._needs_recovery = self.transactional
         # The next batch, claimed while the last one was in flight; kept only if that one
         # committed, so a failed batch is claimed afresh, ahead of it, in id order (I3).
@@ -194,12 +197,20 @@ class SlotWorker(threading.Thread):
         try:
             self._run()
         except ForeignFence as exc:
-            held = self.context.fence_alarm.admit(self.slot, time.monotonic())
-            if held is None:
-                log.debug("slot %d lost: %s", self.slot, exc)
-            else:
+            say, held = self.context.fence_alarm.admit(self.slot, time.monotonic())
+            if say is Say.ERROR:
                 more = f" ({held} more since the last one)" if held else ""
                 log.error("%s%s", exc, more, extra={"slot": self.slot})
+            elif say is Say.WARNING:
+                log.warning(
+                    "slot %d lost: fenced on transactional.id %s while this relay still held "
+                    "the slot's lock; if this repeats, another database relays with this "
+                    "outbox's identity (an ERROR then says so)",
+                    self.slot,
+                    self.tid,
+                )
+            else:
+                log.debug("slot %d lost: %s", self.slot, exc)
         except SlotLost as exc:
             log.warning("slot %d lost: %s", self.slot, exc)
         except ConfigError as exc:  # no retry can help: stop the relay, naming the fix (I8)
@@ -396,6 +407,13 @@ class SlotWorker(threading.Thread):
             yield
         except psycopg.OperationalError as exc:
             raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
+        except psycopg.Error as exc:
+            # A server that ends the session says why in an error of another class (an
+            # idle-in-transaction timeout is an InternalError): the connection is gone all
+            # the same.
+            if self.conn.closed or self.conn.broken:
+                raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
+            raise
 
     def _claim(self) -> list[Row]:
         params = sql.claim_params(
@@ -608,6 +626,7 @@ class SlotWorker(threading.Thread):
         committed = False
         try:
             self.producer.begin_transaction()
+            self._txn_begun, self._txn_ended = time.monotonic(), None
             self._produce(rows, failures)
             with self._db_transaction():
                 self._delete_rows(ids)
@@ -636,6 +655,7 @@ class SlotWorker(threading.Thread):
                 )
                 self._commit()
                 committed = True
+                self._txn_ended = time.monotonic()
         except SlotLost:
             if not committed:  # nothing of this batch may commit now; if it did, recovery
                 with contextlib.suppress(KafkaException):  # deletes its rows (I4)
@@ -680,6 +700,7 @@ class SlotWorker(threading.Thread):
         self.context.stats.add(aborts=1)
         try:
             self.producer.abort_transaction(self.config.transaction_timeout)
+            self._txn_ended = time.monotonic()
         except KafkaException as exc:
             self._discard_producer()
             if classify(exc.args[0]) is Verdict.FENCED:
@@ -689,7 +710,16 @@ class SlotWorker(threading.Thread):
         """Count a fence and say who fenced: a relay of this database (a takeover, a slot-count
         change) or, while this connection still holds the slot, something outside it (I9)."""
         self.context.stats.add(fenced=1)
-        fence = explain_fence(self._slot_lock_state())
+        age = self._transaction_age()
+        limit = float(self.context.plan.settings.get("transaction.timeout.ms", "60000")) / 1000
+        fence = explain_fence(
+            self._slot_lock_state(), transaction_age=age, transaction_timeout=limit
+        )
+        if fence is Fence.TIMEOUT:
+            return SlotLost(
+                f"{detail}: the broker aborted a Kafka transaction open for {age or 0:.0f} s "
+                f"(transaction.timeout.ms is {limit:.0f} s); its rows stay in the outbox"
+            )
         if fence is Fence.FOREIGN:
             self.context.stats.add(foreign_fences=1)
             return ForeignFence(
@@ -703,6 +733,12 @@ class SlotWorker(threading.Thread):
         if fence is Fence.LAYOUT:
             return SlotLost(f"{detail} (a relay of this database is changing the slot count)")
         return SlotLost(detail)
+
+    def _transaction_age(self) -> float | None:
+        """Seconds the open (or last) Kafka transaction was open; None before the first."""
+        if self._txn_begun is None:
+            return None
+        return (self._txn_ended or time.monotonic()) - self._txn_begun
 
     def _slot_lock_state(self) -> SlotLockState | None:
         """What this slot's connection says after a fence; None if it cannot tell (gone)."""
@@ -723,6 +759,8 @@ class SlotWorker(threading.Thread):
         return SlotLockState(bool(row["holds_slot"]), bool(row["layout_changing"]))
 
     def _discard_producer(self) -> None:
+        if self._txn_begun is not None and self._txn_ended is None:
+            self._txn_ended = time.monotonic()  # its transaction goes with it
         producer, self.producer = self.producer, None
         if producer is not None:
             with contextlib.suppress(KafkaException, RuntimeError):
