@@ -93,9 +93,6 @@ SELECT EXISTS (
 # This outbox's identity and the slot layout its relays last used.
 READ_IDENTITY = "SELECT outbox_id, slot_count FROM outbox_identity"
 
-# The same, locked: `outbox identity renew` replaces it.
-READ_IDENTITY_FOR_UPDATE = READ_IDENTITY + " FOR UPDATE"
-
 # Give a copied database its own outbox identity (`outbox identity renew`); its relays then
 # use transactional ids of their own, and re-learn the slot layout.
 RENEW_IDENTITY_UPDATE = (
@@ -103,7 +100,7 @@ RENEW_IDENTITY_UPDATE = (
 )
 RENEW_IDENTITY = RENEW_IDENTITY_UPDATE + " RETURNING outbox_id"
 
-# Relay processes of this database that hold a slot or announce a slot count right now.
+# Connections of this database's relays that hold a slot or announce a slot count right now.
 LIVE_RELAYS = f"""
 SELECT count(DISTINCT pid) AS n FROM pg_locks
 WHERE locktype = 'advisory' AND classid::bigint IN (%(slot_namespace)s, %(count_namespace)s)

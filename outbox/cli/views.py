@@ -287,7 +287,7 @@ def renew_identity(db: str) -> tuple[str, str]:
         # The relays' start-up lock: a relay that read the old identity and starts (or
         # reconnects) after this commits sees the change there and stops, naming it.
         conn.execute(sql.GUARD_SLOT_COUNT, {"namespace": GUARD_NAMESPACE})
-        old = conn.execute(sql.READ_IDENTITY_FOR_UPDATE).fetchone()
+        old = conn.execute(sql.READ_IDENTITY).fetchone()  # the lock serialises renews too
         if old is None:
             raise NotMigrated("the outbox has no identity row yet: run `outbox migrate` first")
         live = conn.execute(

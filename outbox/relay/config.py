@@ -173,6 +173,11 @@ class ProducerPlan:
         return _int(self.settings, "message.max.bytes")
 
     @property
+    def transaction_timeout(self) -> float:
+        """Seconds the broker lets a transaction stay open (``transaction.timeout.ms``)."""
+        return _int(self.settings, "transaction.timeout.ms") / 1000
+
+    @property
     def connection(self) -> dict[str, str]:
         """What the relay's admin client and marker consumer get (see ``connection_settings``)."""
         return connection_settings(self.settings)

@@ -711,7 +711,7 @@ class SlotWorker(threading.Thread):
         change) or, while this connection still holds the slot, something outside it (I9)."""
         self.context.stats.add(fenced=1)
         age = self._transaction_age()
-        limit = float(self.context.plan.settings.get("transaction.timeout.ms", "60000")) / 1000
+        limit = self.context.plan.transaction_timeout
         fence = explain_fence(
             self._slot_lock_state(), transaction_age=age, transaction_timeout=limit
         )

@@ -368,6 +368,12 @@ def test_plan_message_max_bytes_default_and_override() -> None:
     assert _plan(overrides={"message.max.bytes": "2000"}).message_max_bytes == 2000
 
 
+def test_plan_transaction_timeout_default_and_override_in_seconds() -> None:
+    """What a fence at the end of a long transaction is measured against (I9)."""
+    assert _plan().transaction_timeout == 60.0
+    assert _plan(overrides={"transaction.timeout.ms": "90000"}).transaction_timeout == 90.0
+
+
 def test_canonical_maps_librdkafka_aliases() -> None:
     assert canonical("delivery.timeout.ms") == "message.timeout.ms"
     assert canonical("queue.buffering.max.ms") == "linger.ms"
