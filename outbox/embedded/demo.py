@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer, RetryPolicy
 from outbox.db import sqlalchemy_url
+from outbox.embedded.client_settings import consumer_settings
 from outbox.embedded.kafka_cluster import create_topic
 from outbox.errors import ConfigError
 from outbox.migrate import upgrade
@@ -64,14 +65,6 @@ effects = SATable(
 
 REPLAYED = 50
 """Records the demo sends to the topic a second time (same event id), as a relay replay would."""
-
-CONSUMER_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
-"""A short session timeout: the group join takes ~3 s on Tansu instead of ~23 s."""
-
-TANSU_CONSUMER_SETTINGS = {"fetch.wait.max.ms": "5"}
-"""Tansu answers a fetch only when fetch.wait.max.ms (500 ms) expires, where Kafka answers as
-soon as a record arrives: without this the steady latency would measure Tansu's long poll
-(benchmarks/end_to_end_latency.py measures both)."""
 
 
 class DemoProjector(IdempotentConsumer):
@@ -113,7 +106,7 @@ def _start_consumer(engine: Engine, bootstrap: str, topic: str, *, tansu: bool) 
         topics=[topic],
         group_id=f"outbox-demo-{topic}",
         batch_size=500,
-        settings=CONSUMER_SETTINGS | (TANSU_CONSUMER_SETTINGS if tansu else {}),
+        settings=consumer_settings(tansu=tansu),
     )
     run = ConsumerRun(projector, threading.Thread(name="consumer", daemon=True))
 
