@@ -754,6 +754,60 @@ def demo(
     raise typer.Exit(ExitCode.OK if ok else ExitCode.FAILED)
 
 
+@app.command(short_help="Local PostgreSQL and broker for development, until Ctrl-C.")
+def dev(
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Also write the export lines to this file (`. FILE` in another shell).",
+            dir_okay=False,
+        ),
+    ] = None,
+    db_port: Annotated[
+        int | None,
+        typer.Option(metavar="PORT", min=1, max=65535, help="PostgreSQL port (default: free)."),
+    ] = None,
+    broker_port: Annotated[
+        int | None,
+        typer.Option(metavar="PORT", min=1, max=65535, help="Broker port (default: free)."),
+    ] = None,
+    log_level: LogLevel = LogLevelName.WARNING,
+) -> None:
+    """Start a throwaway PostgreSQL (outbox tables migrated) and Tansu broker, print where they
+    are as shell assignments (OUTBOX_DB, OUTBOX_BOOTSTRAP_SERVERS, and OUTBOX_CONSUMER_CONFIG,
+    which makes `outbox consume` join in seconds), and keep them until SIGINT/SIGTERM. Data is
+    deleted on exit. For development only."""
+    from outbox.embedded import EmbeddedServiceError
+    from outbox.embedded.dev import dev_servers
+
+    _setup_logging(log_level)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        with dev_servers(db_port=db_port, broker_port=broker_port) as servers:
+            lines = servers.assignments()
+            if env_file is not None:
+                env_file.write_text("\n".join(lines) + "\n")
+            for line in lines:
+                typer.echo(line)
+            sys.stdout.flush()
+            typer.echo(
+                "# outbox dev: PostgreSQL and Tansu are running; Ctrl-C (or SIGTERM) stops them. "
+                "In another shell: "
+                + (f"`. {env_file}`" if env_file is not None else "run the export lines above")
+                + ", then e.g. `outbox relay` and `outbox consume mypkg.mod:MyConsumer`.",
+                err=True,
+            )
+            stop.wait()
+    except (OutboxError, ConnectionError, EmbeddedServiceError, OSError) as exc:
+        raise _fail(exc) from None
+    finally:
+        if env_file is not None:
+            env_file.unlink(missing_ok=True)
+    typer.echo("# outbox dev: stopped, data deleted", err=True)
+
+
 def _dedup_window(hours: float) -> timedelta:
     if hours <= 0:
         raise ConfigError(f"--dedup-window-hours={hours} must be > 0 (e.g. 168 for a week)")

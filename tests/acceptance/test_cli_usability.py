@@ -271,6 +271,7 @@ COMMANDS = [
     ["relay"],
     ["status"],
     ["demo"],
+    ["dev"],
     ["consume"],
     ["dead"],
     ["dead", "list"],
@@ -326,7 +327,7 @@ def test_version_short_help_python_m_and_completion() -> None:
     completion = run(
         env={"_OUTBOX_COMPLETE": "complete_bash", "COMP_WORDS": "outbox de", "COMP_CWORD": "1"}
     )
-    assert set(completion.stdout.split()) == {"dead", "demo"}
+    assert set(completion.stdout.split()) == {"dead", "demo", "dev"}
     # Typer's own switch to name the shell instead of detecting it from the parent process.
     script = run(
         "--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
