@@ -152,16 +152,43 @@ def test_each_test_gets_its_own_database(outbox_database_url: str) -> None:
 """
 
 
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def tested_blocks(page: Path) -> dict[str, str]:
+    """The code blocks of a docs page marked ``<!-- tested: FILE -->``, by file name."""
+    blocks: dict[str, str] = {}
+    for part in page.read_text().split("<!-- tested: ")[1:]:
+        name, _, rest = part.partition(" -->")
+        blocks[name] = rest.split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
+    return blocks
+
+
 def test_the_pytest_plugin_gives_a_users_tests_a_database_and_a_broker_in_seconds(
     tmp_path: Path,
 ) -> None:
-    """A user's test file, run by pytest outside the checkout, with only the plugin's fixtures:
+    """A user's test files, run by pytest outside the checkout, with only the plugin's fixtures:
     a fresh migrated database per test, a running broker, and a consumer group that joins in
-    seconds without settings copied from anywhere."""
+    seconds without settings copied from anywhere. The complete example of docs/testing.md
+    is among them, as the page shows it."""
+    blocks = tested_blocks(DOCS / "testing.md")
+    assert set(blocks) == {"shop.py", "test_shop.py"}
+    for name, code in blocks.items():
+        (tmp_path / name).write_text(code)
     (tmp_path / "test_app.py").write_text(textwrap.dedent(USER_TESTS))
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "test_app.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "test_app.py",
+            "test_shop.py",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -170,7 +197,7 @@ def test_the_pytest_plugin_gives_a_users_tests_a_database_and_a_broker_in_second
     )
     took = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "3 passed" in result.stdout
+    assert "6 passed" in result.stdout
     [line] = [ln for ln in result.stdout.splitlines() if "JOINED_AND_APPLIED_IN" in ln]
     joined = float(line.split("JOINED_AND_APPLIED_IN")[1].split()[0])
     print(f"user test run {took:.1f}s; consumer joined and applied in {joined:.2f}s")
