@@ -598,19 +598,22 @@ def dead_list(
     typer.echo(to_json(rows) if as_json else render_dead(rows))
 
 
-@dead_app.command("show")
+@dead_app.command("show", short_help="Show one poison row: key, headers, value, error.")
 def dead_show(
     row_id: Annotated[
         int, typer.Argument(metavar="ID", help="Id from `outbox dead list`.", show_default=False)
     ],
     db: Db,
     as_json: Json = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="Print the whole value (default: its first 4096 chars).")
+    ] = False,
 ) -> None:
-    """Show one poison row whole: key, headers, value and error."""
+    """Show one poison row: key, headers, value (cut at 4096 characters unless --full), error."""
     from outbox.cli.views import read_dead_row, render_dead_row, to_json
 
     try:
-        row = read_dead_row(db, row_id)
+        row = read_dead_row(db, row_id, full=full)
     except (OutboxError, ConnectionError) as exc:
         raise _fail(exc) from None
     typer.echo(to_json(row) if as_json else render_dead_row(row))
