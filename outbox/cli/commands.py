@@ -545,7 +545,8 @@ def status(
         bool,
         typer.Option(
             "--check",
-            help="Exit 1 when there are dead rows, or lag above --max-lag (cron jobs, probes).",
+            help="One line; exit 1 when there are dead rows, or lag above --max-lag (cron jobs, "
+            "probes).",
         ),
     ] = False,
     max_lag: Annotated[
@@ -558,8 +559,9 @@ def status(
         ),
     ] = None,
 ) -> None:
-    """Pending rows per topic, oldest pending age, slot owners, dead rows."""
-    from outbox.cli.views import read_status, render_status, status_problems, to_json
+    """Pending rows per topic, oldest pending age, slot owners, dead rows. With --check: one
+    line, `ok: ...` on stdout, or the problems on stderr with exit 1."""
+    from outbox.cli.views import read_status, render_status, status_line, status_problems, to_json
 
     try:
         report = read_status(db)
@@ -568,6 +570,9 @@ def status(
     problems = status_problems(report, max_lag=max_lag) if check or max_lag is not None else []
     if as_json:
         typer.echo(to_json({**report, "problems": problems}))
+    elif check:
+        if not problems:
+            typer.echo(status_line(report))
     else:
         typer.echo(render_status(report))
     if problems:

@@ -126,6 +126,14 @@ def status_problems(report: Row, *, max_lag: float | None) -> list[str]:
     return problems
 
 
+def status_line(report: Row) -> str:
+    """``status --check`` when nothing is wrong: one line for cron mail and probe logs."""
+    return (
+        f"ok: {report['pending_total']} pending (oldest {report['oldest_age_s']:.1f} s), "
+        f"{report['dead_rows']} dead rows, {len(report['slots'])} slots held"
+    )
+
+
 def render_status(report: Row) -> str:
     t0 = Table(title="outbox identity", show_header=False)
     t0.add_column("field", no_wrap=True)
