@@ -7,24 +7,20 @@ and one of the exit codes of ``ExitCode`` (listed in the README).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
 import threading
 import uuid
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import IntEnum, StrEnum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, runtime_checkable
 
 import typer
-
-# typer >= 0.20 vendors click: its exceptions and parameter sources live here.
-from typer._click import ClickException, Context
-from typer._click.core import ParameterSource
-from typer._click.exceptions import BadParameter, MissingParameter, NoArgsIsHelpError
-from typer._click.globals import get_current_context
 
 from outbox.db import redact
 from outbox.errors import (
@@ -236,21 +232,33 @@ def _outbox_id(value: str | None) -> uuid.UUID | None:
         ) from None
 
 
-def _env_sources(ctx: Context | None) -> dict[str, str]:
-    """``--flag`` -> ``ENV_VAR`` for the options of this command whose value came from the env."""
+def env_sourced_flags(command: Any, args: list[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """``--flag`` -> ``ENV_VAR`` for the options of the invoked command (and its groups) whose
+    value comes from the environment: the variable is set and the flag is not given.
+
+    Worked out from the command tree (only public attributes of typer's commands), so an
+    error can name where a value came from without typer's private click.
+    """
     found: dict[str, str] = {}
-    while ctx is not None:
-        for param in ctx.command.params:
+    cmd, rest = command, list(args)
+    while cmd is not None:
+        for param in getattr(cmd, "params", []):
             envvar = getattr(param, "envvar", None)
-            if (
-                param.name
-                and isinstance(envvar, str)
-                and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
-            ):
-                for opt in param.opts:
-                    found[opt] = envvar
-        ctx = ctx.parent
+            opts = list(getattr(param, "opts", []))
+            given = any(a == o or a.startswith(f"{o}=") for a in args for o in opts)
+            if isinstance(envvar, str) and envvar in environ and not given:
+                found.update(dict.fromkeys(opts, envvar))
+        subcommands = getattr(cmd, "commands", None)
+        name = next((a for a in rest if not a.startswith("-")), None)
+        if not subcommands or name is None:
+            break
+        rest = rest[rest.index(name) + 1 :]
+        cmd = subcommands.get(name)
     return found
+
+
+_ENV_SOURCED: dict[str, str] = {}
+"""``env_sourced_flags`` of this process's command line, set by ``main()``."""
 
 
 def name_sources(message: str, env_sources: dict[str, str]) -> str:
@@ -262,7 +270,7 @@ def name_sources(message: str, env_sources: dict[str, str]) -> str:
 
 def _fail(exc: BaseException, code: ExitCode | None = None) -> typer.Exit:
     """Print ``error: ...`` in one line (no password, the right option name); the Exit to raise."""
-    message = name_sources(redact(str(exc)), _env_sources(get_current_context(silent=True)))
+    message = name_sources(redact(str(exc)), _ENV_SOURCED)
     typer.echo(f"error: {' '.join(message.split())}", err=True)
     return typer.Exit(int(code if code is not None else exit_code_for(exc)))
 
@@ -925,18 +933,30 @@ def consume(
             server.stop()
 
 
-def usage_message(exc: ClickException) -> str:
+@runtime_checkable
+class UsageError(Protocol):
+    """What typer's (vendored) click raises for bad usage: its classes are private."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+
+def _from_environment(ctx: Any, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "ENVIRONMENT"
+
+
+def usage_message(exc: UsageError) -> str:
     """A usage error in one line, naming the flag, or the environment variable it came from."""
     ctx = getattr(exc, "ctx", None)
-    if isinstance(exc, BadParameter) and not isinstance(exc, MissingParameter):
+    # A missing parameter is a BadParameter too, told apart by its param_type.
+    if isinstance(exc, typer.BadParameter) and not hasattr(exc, "param_type"):
         param = exc.param
         where = None
         if param is not None and param.name and ctx is not None:
             envvar = getattr(param, "envvar", None)
-            if (
-                isinstance(envvar, str)
-                and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
-            ):
+            if isinstance(envvar, str) and _from_environment(ctx, param.name):
                 where = envvar
             else:
                 where = max(param.opts, key=len) if param.opts else param.name
@@ -952,16 +972,22 @@ def usage_message(exc: ClickException) -> str:
 def main(args: list[str] | None = None) -> None:
     """Run the command; usage errors in one line with exit code 2, never a traceback."""
     command = typer.main.get_command(app)
+    argv = sys.argv[1:] if args is None else args
+    _ENV_SOURCED.clear()
+    _ENV_SOURCED.update(env_sourced_flags(command, argv, os.environ))
     try:
-        code = command.main(args=args, prog_name="outbox", standalone_mode=False)
-    except NoArgsIsHelpError as exc:  # bare `outbox` or `outbox dead`: the help, on stdout
-        typer.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
-        code = ExitCode.USAGE
-    except ClickException as exc:
-        typer.echo(f"error: {usage_message(exc)}", err=True)
-        code = ExitCode.USAGE
+        code = command.main(args=argv, prog_name="outbox", standalone_mode=False)
     except typer.Abort:
         code = 130
+    except Exception as exc:
+        if not isinstance(exc, UsageError):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `outbox` or `outbox dead`: help
+            typer.echo(ctx.get_help() if ctx is not None else exc.format_message())
+        else:
+            typer.echo(f"error: {usage_message(exc)}", err=True)
+        code = ExitCode.USAGE
     sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 
