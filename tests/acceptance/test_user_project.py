@@ -155,7 +155,7 @@ def test_each_test_gets_its_own_database(outbox_database_url: str) -> None:
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def tested_blocks(page: Path) -> dict[str, str]:
+def code_blocks_marked_tested(page: Path) -> dict[str, str]:
     """The code blocks of a docs page marked ``<!-- tested: FILE -->``, by file name."""
     blocks: dict[str, str] = {}
     for part in page.read_text().split("<!-- tested: ")[1:]:
@@ -171,7 +171,7 @@ def test_the_pytest_plugin_gives_a_users_tests_a_database_and_a_broker_in_second
     a fresh migrated database per test, a running broker, and a consumer group that joins in
     seconds without settings copied from anywhere. The complete example of docs/testing.md
     is among them, as the page shows it."""
-    blocks = tested_blocks(DOCS / "testing.md")
+    blocks = code_blocks_marked_tested(DOCS / "testing.md")
     assert set(blocks) == {"shop.py", "test_shop.py"}
     for name, code in blocks.items():
         (tmp_path / name).write_text(code)
