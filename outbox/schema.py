@@ -64,6 +64,13 @@ outbox_events = Table(
     Column("id", BigInteger, Identity(always=True), primary_key=True),
     *_event_columns(),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "dead_attempts",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="Times this event was moved aside as dead before `outbox dead requeue`.",
+    ),
     Index("outbox_events_shard_id", "shard", "id"),
     comment="Committed events waiting for the relay; a row is deleted once Kafka has it.",
 )

@@ -207,8 +207,10 @@ DELETE FROM outbox_events WHERE id = ANY(%(ids)s) AND event_id = ANY(%(event_ids
 MOVE_TO_DEAD = """
 WITH moved AS (DELETE FROM outbox_events WHERE id = %(id)s RETURNING *)
 INSERT INTO outbox_dead_events
-  (id, event_id, topic, shard, key, value, header_names, header_values, created_at, error)
-SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at, %(error)s
+  (id, event_id, topic, shard, key, value, header_names, header_values, created_at, error,
+   attempts)
+SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at, %(error)s,
+       dead_attempts + 1
 FROM moved
 ON CONFLICT (event_id) DO UPDATE
   SET error = EXCLUDED.error, failed_at = now(),
@@ -246,15 +248,17 @@ SELECT id, event_id, topic, octet_length(value) AS value_bytes, error, attempts,
 FROM outbox_dead_events ORDER BY failed_at DESC LIMIT %(limit)s
 """
 
-# Put dead rows back in the outbox after a fix (they keep their id, hence their order).
+# Put dead rows back in the outbox after a fix (they keep their id, hence their order, and the
+# count of their failures, which a new failure goes on from).
 REQUEUE_DEAD = """
 WITH moved AS (
   DELETE FROM outbox_dead_events WHERE %(all)s OR id = ANY(%(ids)s) RETURNING *
 )
 INSERT INTO outbox_events
-  (id, event_id, topic, shard, key, value, header_names, header_values, created_at)
+  (id, event_id, topic, shard, key, value, header_names, header_values, created_at, dead_attempts)
 OVERRIDING SYSTEM VALUE
-SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at FROM moved
+SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at, attempts
+FROM moved
 RETURNING id
 """
 

@@ -16,18 +16,24 @@ them::
 ``recorder()`` scopes that to what a block of code published, and ``drain()``
 publishes everything pending to a real broker in this process (the relay's
 ``--once``), for end-to-end tests.
+
+Async code passes its ``AsyncSession``/``AsyncConnection``/``AsyncEngine`` and awaits:
+``await published(async_session)``, ``async with arecorder(async_session) as rec:`` ...
+``await rec.events()``, ``await adrain(url, servers)``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from outbox import sql
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from outbox.relay.worker import RelayStats
 
 Bind = Session | Connection | Engine
+AsyncBind = AsyncSession | AsyncConnection | AsyncEngine
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,15 @@ def _execute(bind: Bind, statement: str, params: dict[str, Any]) -> list[Any]:
     return list(conn.exec_driver_sql(statement, params))
 
 
+async def _aexecute(bind: AsyncBind, statement: str, params: dict[str, Any]) -> list[Any]:
+    """``_execute`` for async binds: the same statement, awaited."""
+    if isinstance(bind, AsyncEngine):
+        async with bind.connect() as conn:
+            return list(await conn.exec_driver_sql(statement, params))
+    conn = await bind.connection() if isinstance(bind, AsyncSession) else bind
+    return list(await conn.exec_driver_sql(statement, params))
+
+
 def _decode(row: Any) -> PublishedEvent:
     from consumer.event import decode_value
 
@@ -111,14 +127,37 @@ def _decode(row: Any) -> PublishedEvent:
     )
 
 
-def published(bind: Bind, *, topic: str | None = None, after: int = 0) -> list[PublishedEvent]:
+@overload
+def published(bind: Bind, *, topic: str | None = None, after: int = 0) -> list[PublishedEvent]: ...
+
+
+@overload
+def published(
+    bind: AsyncBind, *, topic: str | None = None, after: int = 0
+) -> Coroutine[Any, Any, list[PublishedEvent]]: ...
+
+
+def published(
+    bind: Bind | AsyncBind, *, topic: str | None = None, after: int = 0
+) -> list[PublishedEvent] | Coroutine[Any, Any, list[PublishedEvent]]:
     """Events waiting in the outbox, oldest first, as ``bind``'s transaction sees them.
 
     Pass the Session or Connection your code published through to see its
     uncommitted events too; an Engine sees what committed. ``after`` skips
-    rows up to that row id (see ``recorder()``).
+    rows up to that row id (see ``recorder()``). An async bind returns an
+    awaitable: ``await published(async_session)``.
     """
+    if isinstance(bind, AsyncSession | AsyncConnection | AsyncEngine):
+        return apublished(bind, topic=topic, after=after)
     rows = _execute(bind, sql.PUBLISHED_AFTER, {"after": after, "topic": topic})
+    return [_decode(row) for row in rows]
+
+
+async def apublished(
+    bind: AsyncBind, *, topic: str | None = None, after: int = 0
+) -> list[PublishedEvent]:
+    """``published()`` through an ``AsyncSession``, ``AsyncConnection`` or ``AsyncEngine``."""
+    rows = await _aexecute(bind, sql.PUBLISHED_AFTER, {"after": after, "topic": topic})
     return [_decode(row) for row in rows]
 
 
@@ -146,6 +185,29 @@ def recorder(bind: Bind) -> Iterator[Recorder]:
     yield Recorder(bind)
 
 
+class AsyncRecorder:
+    """What was published after it started, through an async bind (see ``arecorder()``)."""
+
+    def __init__(self, bind: AsyncBind, after: int) -> None:
+        self.bind = bind
+        self.after = after
+
+    async def events(self, topic: str | None = None) -> list[PublishedEvent]:
+        return await apublished(self.bind, topic=topic, after=self.after)
+
+
+@asynccontextmanager
+async def arecorder(bind: AsyncBind) -> AsyncIterator[AsyncRecorder]:
+    """``recorder()`` for async code::
+
+    async with arecorder(session) as rec:
+        await place_order(session, ...)
+    assert [e.topic for e in await rec.events()] == ["orders.v1"]
+    """
+    after = int((await _aexecute(bind, sql.LAST_EVENT_ID, {}))[0][0])
+    yield AsyncRecorder(bind, after)
+
+
 def drain(db: str | Engine, bootstrap_servers: str, **options: Any) -> RelayStats:
     """Publish every pending event to a real broker in this process, then return.
 
@@ -157,3 +219,11 @@ def drain(db: str | Engine, bootstrap_servers: str, **options: Any) -> RelayStat
     dsn = db.url.render_as_string(hide_password=False) if isinstance(db, Engine) else db
     config = RelayConfig(dsn=dsn, bootstrap_servers=bootstrap_servers, once=True, **options)
     return Relay(config).run()
+
+
+async def adrain(
+    db: str | Engine | AsyncEngine, bootstrap_servers: str, **options: Any
+) -> RelayStats:
+    """``drain()`` from async code: the relay runs in a worker thread, the event loop goes on."""
+    target = db.sync_engine if isinstance(db, AsyncEngine) else db
+    return await asyncio.to_thread(drain, target, bootstrap_servers, **options)

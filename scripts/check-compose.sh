@@ -147,8 +147,42 @@ for name in ["migrate", "relay", "app", "consumer"]:
     expect(env.get("OUTBOX_DB", "").startswith("postgresql+psycopg://"), f"{name}: OUTBOX_DB")
     expect(bool(env.get("OUTBOX_BOOTSTRAP_SERVERS")), f"{name}: OUTBOX_BOOTSTRAP_SERVERS")
 
+# Secrets only in the environment: no command line names the database (docker inspect, ps).
+for name, svc in services.items():
+    words = " ".join(map(str, svc.get("command") or []))
+    expect("postgresql" not in words and "--db" not in words, f"{name}: the DB URL on its command line")
+
+# The versions the tests run.
+import re, pathlib
+pom = pathlib.Path(sys.argv[1]).read_text()
+kafka_version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom).group(1)
+for name in [*kafka, "kafka-init"]:
+    image = services.get(name, {}).get("image", "")
+    expect(image == f"apache/kafka:{kafka_version}", f"{name}: {image}, the tests run Kafka {kafka_version}")
+
+for e in errors:
+    print(f"check-compose: {e}", file=sys.stderr)
+sys.exit(1 if errors else 0)
+' "$ROOT/outbox/embedded/kafka_broker.pom.xml"
+# 3. The light profile: one Kafka node that answers to the cluster'"'"'s names.
+COMPOSE_PROFILES=light "${COMPOSE[@]}" -f "$FILE" config --format json | python3 -c '
+import json, sys
+services = json.load(sys.stdin)["services"]
+errors = []
+kafka = services.get("kafka", {})
+aliases = kafka.get("networks", {}).get("default", {}).get("aliases", [])
+if sorted(aliases) != ["kafka-1", "kafka-2", "kafka-3"]:
+    errors.append(f"light: kafka answers to {aliases}, not kafka-1..3")
+if any(n in services for n in ("kafka-1", "kafka-2", "kafka-3", "kafka-init")):
+    errors.append("light: the cluster services run too")
+for name in ("relay", "consumer"):
+    if services.get(name, {}).get("depends_on", {}).get("kafka", {}).get("condition") != "service_healthy":
+        errors.append(f"light: {name} does not wait for a healthy kafka")
 for e in errors:
     print(f"check-compose: {e}", file=sys.stderr)
 sys.exit(1 if errors else 0)
 '
-echo "check-compose: $FILE is valid" >&2
+# 4. The example of the relay beside a user'"'"'s own app image.
+APP_DB_URL=postgresql+psycopg://app:secret@db/app KAFKA_BOOTSTRAP_SERVERS=broker:9092 \
+    "${COMPOSE[@]}" -f "$ROOT/examples/compose-relay-beside-your-app.yml" config --quiet
+echo "check-compose: $FILE is valid (profiles cluster and light) and so is examples/compose-relay-beside-your-app.yml" >&2

@@ -7,24 +7,20 @@ and one of the exit codes of ``ExitCode`` (listed in the README).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
 import threading
 import uuid
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import IntEnum, StrEnum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, runtime_checkable
 
 import typer
-
-# typer >= 0.20 vendors click: its exceptions and parameter sources live here.
-from typer._click import ClickException, Context
-from typer._click.core import ParameterSource
-from typer._click.exceptions import BadParameter, MissingParameter, NoArgsIsHelpError
-from typer._click.globals import get_current_context
 
 from outbox.db import redact
 from outbox.errors import (
@@ -236,21 +232,33 @@ def _outbox_id(value: str | None) -> uuid.UUID | None:
         ) from None
 
 
-def _env_sources(ctx: Context | None) -> dict[str, str]:
-    """``--flag`` -> ``ENV_VAR`` for the options of this command whose value came from the env."""
+def env_sourced_flags(command: Any, args: list[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """``--flag`` -> ``ENV_VAR`` for the options of the invoked command (and its groups) whose
+    value comes from the environment: the variable is set and the flag is not given.
+
+    Worked out from the command tree (only public attributes of typer's commands), so an
+    error can name where a value came from without typer's private click.
+    """
     found: dict[str, str] = {}
-    while ctx is not None:
-        for param in ctx.command.params:
+    cmd, rest = command, list(args)
+    while cmd is not None:
+        for param in getattr(cmd, "params", []):
             envvar = getattr(param, "envvar", None)
-            if (
-                param.name
-                and isinstance(envvar, str)
-                and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
-            ):
-                for opt in param.opts:
-                    found[opt] = envvar
-        ctx = ctx.parent
+            opts = list(getattr(param, "opts", []))
+            given = any(a == o or a.startswith(f"{o}=") for a in args for o in opts)
+            if isinstance(envvar, str) and envvar in environ and not given:
+                found.update(dict.fromkeys(opts, envvar))
+        subcommands = getattr(cmd, "commands", None)
+        name = next((a for a in rest if not a.startswith("-")), None)
+        if not subcommands or name is None:
+            break
+        rest = rest[rest.index(name) + 1 :]
+        cmd = subcommands.get(name)
     return found
+
+
+_ENV_SOURCED: dict[str, str] = {}
+"""``env_sourced_flags`` of this process's command line, set by ``main()``."""
 
 
 def name_sources(message: str, env_sources: dict[str, str]) -> str:
@@ -262,7 +270,7 @@ def name_sources(message: str, env_sources: dict[str, str]) -> str:
 
 def _fail(exc: BaseException, code: ExitCode | None = None) -> typer.Exit:
     """Print ``error: ...`` in one line (no password, the right option name); the Exit to raise."""
-    message = name_sources(redact(str(exc)), _env_sources(get_current_context(silent=True)))
+    message = name_sources(redact(str(exc)), _ENV_SOURCED)
     typer.echo(f"error: {' '.join(message.split())}", err=True)
     return typer.Exit(int(code if code is not None else exit_code_for(exc)))
 
@@ -545,7 +553,8 @@ def status(
         bool,
         typer.Option(
             "--check",
-            help="Exit 1 when there are dead rows, or lag above --max-lag (cron jobs, probes).",
+            help="One line; exit 1 when there are dead rows, or lag above --max-lag (cron jobs, "
+            "probes).",
         ),
     ] = False,
     max_lag: Annotated[
@@ -558,8 +567,9 @@ def status(
         ),
     ] = None,
 ) -> None:
-    """Pending rows per topic, oldest pending age, slot owners, dead rows."""
-    from outbox.cli.views import read_status, render_status, status_problems, to_json
+    """Pending rows per topic, oldest pending age, slot owners, dead rows. With --check: one
+    line, `ok: ...` on stdout, or the problems on stderr with exit 1."""
+    from outbox.cli.views import read_status, render_status, status_line, status_problems, to_json
 
     try:
         report = read_status(db)
@@ -568,6 +578,9 @@ def status(
     problems = status_problems(report, max_lag=max_lag) if check or max_lag is not None else []
     if as_json:
         typer.echo(to_json({**report, "problems": problems}))
+    elif check:
+        if not problems:
+            typer.echo(status_line(report))
     else:
         typer.echo(render_status(report))
     if problems:
@@ -598,19 +611,22 @@ def dead_list(
     typer.echo(to_json(rows) if as_json else render_dead(rows))
 
 
-@dead_app.command("show")
+@dead_app.command("show", short_help="Show one poison row: key, headers, value, error.")
 def dead_show(
     row_id: Annotated[
         int, typer.Argument(metavar="ID", help="Id from `outbox dead list`.", show_default=False)
     ],
     db: Db,
     as_json: Json = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="Print the whole value (default: its first 4096 chars).")
+    ] = False,
 ) -> None:
-    """Show one poison row whole: key, headers, value and error."""
+    """Show one poison row: key, headers, value (cut at 4096 characters unless --full), error."""
     from outbox.cli.views import read_dead_row, render_dead_row, to_json
 
     try:
-        row = read_dead_row(db, row_id)
+        row = read_dead_row(db, row_id, full=full)
     except (OutboxError, ConnectionError) as exc:
         raise _fail(exc) from None
     typer.echo(to_json(row) if as_json else render_dead_row(row))
@@ -754,6 +770,60 @@ def demo(
     raise typer.Exit(ExitCode.OK if ok else ExitCode.FAILED)
 
 
+@app.command(short_help="Local PostgreSQL and broker for development, until Ctrl-C.")
+def dev(
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Also write the export lines to this file (`. FILE` in another shell).",
+            dir_okay=False,
+        ),
+    ] = None,
+    db_port: Annotated[
+        int | None,
+        typer.Option(metavar="PORT", min=1, max=65535, help="PostgreSQL port (default: free)."),
+    ] = None,
+    broker_port: Annotated[
+        int | None,
+        typer.Option(metavar="PORT", min=1, max=65535, help="Broker port (default: free)."),
+    ] = None,
+    log_level: LogLevel = LogLevelName.WARNING,
+) -> None:
+    """Start a throwaway PostgreSQL (outbox tables migrated) and Tansu broker, print where they
+    are as shell assignments (OUTBOX_DB, OUTBOX_BOOTSTRAP_SERVERS, and OUTBOX_CONSUMER_CONFIG,
+    which makes `outbox consume` join in seconds), and keep them until SIGINT/SIGTERM. Data is
+    deleted on exit. For development only."""
+    from outbox.embedded import EmbeddedServiceError
+    from outbox.embedded.dev import dev_servers
+
+    _setup_logging(log_level)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        with dev_servers(db_port=db_port, broker_port=broker_port) as servers:
+            lines = servers.assignments()
+            if env_file is not None:
+                env_file.write_text("\n".join(lines) + "\n")
+            for line in lines:
+                typer.echo(line)
+            sys.stdout.flush()
+            typer.echo(
+                "# outbox dev: PostgreSQL and Tansu are running; Ctrl-C (or SIGTERM) stops them. "
+                "In another shell: "
+                + (f"`. {env_file}`" if env_file is not None else "run the export lines above")
+                + ", then e.g. `outbox relay` and `outbox consume mypkg.mod:MyConsumer`.",
+                err=True,
+            )
+            stop.wait()
+    except (OutboxError, ConnectionError, EmbeddedServiceError, OSError) as exc:
+        raise _fail(exc) from None
+    finally:
+        if env_file is not None:
+            env_file.unlink(missing_ok=True)
+    typer.echo("# outbox dev: stopped, data deleted", err=True)
+
+
 def _dedup_window(hours: float) -> timedelta:
     if hours <= 0:
         raise ConfigError(f"--dedup-window-hours={hours} must be > 0 (e.g. 168 for a week)")
@@ -863,18 +933,30 @@ def consume(
             server.stop()
 
 
-def usage_message(exc: ClickException) -> str:
+@runtime_checkable
+class UsageError(Protocol):
+    """What typer's (vendored) click raises for bad usage: its classes are private."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+
+def _from_environment(ctx: Any, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) == "ENVIRONMENT"
+
+
+def usage_message(exc: UsageError) -> str:
     """A usage error in one line, naming the flag, or the environment variable it came from."""
     ctx = getattr(exc, "ctx", None)
-    if isinstance(exc, BadParameter) and not isinstance(exc, MissingParameter):
+    # A missing parameter is a BadParameter too, told apart by its param_type.
+    if isinstance(exc, typer.BadParameter) and not hasattr(exc, "param_type"):
         param = exc.param
         where = None
         if param is not None and param.name and ctx is not None:
             envvar = getattr(param, "envvar", None)
-            if (
-                isinstance(envvar, str)
-                and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT
-            ):
+            if isinstance(envvar, str) and _from_environment(ctx, param.name):
                 where = envvar
             else:
                 where = max(param.opts, key=len) if param.opts else param.name
@@ -890,16 +972,22 @@ def usage_message(exc: ClickException) -> str:
 def main(args: list[str] | None = None) -> None:
     """Run the command; usage errors in one line with exit code 2, never a traceback."""
     command = typer.main.get_command(app)
+    argv = sys.argv[1:] if args is None else args
+    _ENV_SOURCED.clear()
+    _ENV_SOURCED.update(env_sourced_flags(command, argv, os.environ))
     try:
-        code = command.main(args=args, prog_name="outbox", standalone_mode=False)
-    except NoArgsIsHelpError as exc:  # bare `outbox` or `outbox dead`: the help, on stdout
-        typer.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
-        code = ExitCode.USAGE
-    except ClickException as exc:
-        typer.echo(f"error: {usage_message(exc)}", err=True)
-        code = ExitCode.USAGE
+        code = command.main(args=argv, prog_name="outbox", standalone_mode=False)
     except typer.Abort:
         code = 130
+    except Exception as exc:
+        if not isinstance(exc, UsageError):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `outbox` or `outbox dead`: help
+            typer.echo(ctx.get_help() if ctx is not None else exc.format_message())
+        else:
+            typer.echo(f"error: {usage_message(exc)}", err=True)
+        code = ExitCode.USAGE
     sys.exit(code if isinstance(code, int) else ExitCode.OK)
 
 

@@ -126,6 +126,14 @@ def status_problems(report: Row, *, max_lag: float | None) -> list[str]:
     return problems
 
 
+def status_line(report: Row) -> str:
+    """``status --check`` when nothing is wrong: one line for cron mail and probe logs."""
+    return (
+        f"ok: {report['pending_total']} pending (oldest {report['oldest_age_s']:.1f} s), "
+        f"{report['dead_rows']} dead rows, {len(report['slots'])} slots held"
+    )
+
+
 def render_status(report: Row) -> str:
     t0 = Table(title="outbox identity", show_header=False)
     t0.add_column("field", no_wrap=True)
@@ -206,35 +214,53 @@ def _bytes_field(raw: bytes | None, content_type: str | None) -> Row:
     return {"encoding": "base64", "data": base64.b64encode(raw).decode()}
 
 
-def read_dead_row(db: str, row_id: int) -> Row:
+SHOW_CHARS = 4096
+"""How much of a dead row's value (and of each header and key) ``outbox dead show`` prints
+without ``--full``: enough to recognise it, not a 2 MB value on the terminal."""
+
+
+def _shown(field: Row, size: int | None, *, full: bool) -> Row:
+    """``field`` with its data cut at ``SHOW_CHARS`` unless ``full``; says whether it was."""
+    data = field["data"]
+    cut = not full and isinstance(data, str) and len(data) > SHOW_CHARS
+    return {**field, "data": data[:SHOW_CHARS] if cut else data, "bytes": size, "cut": cut}
+
+
+def read_dead_row(db: str, row_id: int, *, full: bool = False) -> Row:
     with _session(db, "outbox-dead") as conn:
         r = conn.execute(sql.SHOW_DEAD, {"id": row_id}).fetchone()
     if r is None:
         raise NotFound(f"no dead row with id {row_id}: `outbox dead list` shows the ids")
     names = list(r["header_names"])  # type: ignore[call-overload]
     values = list(r["header_values"])  # type: ignore[call-overload]
-    headers = {n: _bytes_field(bytes(v), None)["data"] for n, v in zip(names, values, strict=True)}
+    headers = {
+        n: _shown(_bytes_field(bytes(v), None), len(v), full=full)["data"]
+        for n, v in zip(names, values, strict=True)
+    }
     content_type = next(
         (bytes(v).decode() for n, v in zip(names, values, strict=True) if n == CONTENT_TYPE_HEADER),
         None,
     )
-    value = r["value"]
-    key = r["key"]
+    value, key = r["value"], r["key"]
+    value_bytes = bytes(value) if isinstance(value, bytes | memoryview) else None
+    key_bytes = bytes(key) if isinstance(key, bytes | memoryview) else None
     return {
         "id": r["id"],
         "event_id": str(r["event_id"]),
         "topic": r["topic"],
         "shard": r["shard"],
-        "key": _bytes_field(bytes(key) if isinstance(key, bytes | memoryview) else None, None),
+        "key": _shown(_bytes_field(key_bytes, None), _size(key_bytes), full=full),
         "headers": headers,
-        "value": _bytes_field(
-            bytes(value) if isinstance(value, bytes | memoryview) else None, content_type
-        ),
+        "value": _shown(_bytes_field(value_bytes, content_type), _size(value_bytes), full=full),
         "created_at": _iso(r["created_at"]),
         "failed_at": _iso(r["failed_at"]),
         "attempts": r["attempts"],
         "error": r["error"],
     }
+
+
+def _size(raw: bytes | None) -> int | None:
+    return None if raw is None else len(raw)
 
 
 def render_dead_row(row: Row) -> str:
@@ -243,8 +269,15 @@ def render_dead_row(row: Row) -> str:
     lines += [f"header {n}: {v}" for n, v in row["headers"].items()]
     lines += [f"{name}: {row[name]}" for name in ("created_at", "failed_at", "attempts")]
     lines.append(f"error: {row['error']}")
-    lines.append(f"value ({row['value']['encoding']}):")
-    lines.append(str(row["value"]["data"]))
+    value = row["value"]
+    lines.append(f"value ({value['encoding']}, {value['bytes']} bytes):")
+    lines.append(str(value["data"]))
+    cut = [name for name in ("key", "value") if row[name]["cut"]]
+    if cut or any(len(str(v)) >= SHOW_CHARS for v in row["headers"].values()):
+        lines.append(
+            f"... cut at {SHOW_CHARS} characters: `outbox dead show {row['id']} --full` "
+            "prints all of it"
+        )
     return "\n".join(lines)
 
 

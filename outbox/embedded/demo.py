@@ -36,12 +36,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from consumer import Event, IdempotentConsumer, RetryPolicy
-from outbox.db import sqlalchemy_url
+from outbox.db import redact, sqlalchemy_url
+from outbox.embedded.client_settings import consumer_settings
 from outbox.embedded.kafka_cluster import create_topic
 from outbox.errors import ConfigError
-from outbox.migrate import upgrade
+from outbox.migrate import TABLE_PREFIX, upgrade
 from outbox.publish import publish
 from outbox.relay.classify import message_headers
 
@@ -64,14 +66,6 @@ effects = SATable(
 
 REPLAYED = 50
 """Records the demo sends to the topic a second time (same event id), as a relay replay would."""
-
-CONSUMER_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
-"""A short session timeout: the group join takes ~3 s on Tansu instead of ~23 s."""
-
-TANSU_CONSUMER_SETTINGS = {"fetch.wait.max.ms": "5"}
-"""Tansu answers a fetch only when fetch.wait.max.ms (500 ms) expires, where Kafka answers as
-soon as a record arrives: without this the steady latency would measure Tansu's long poll
-(benchmarks/end_to_end_latency.py measures both)."""
 
 
 class DemoProjector(IdempotentConsumer):
@@ -113,7 +107,7 @@ def _start_consumer(engine: Engine, bootstrap: str, topic: str, *, tansu: bool) 
         topics=[topic],
         group_id=f"outbox-demo-{topic}",
         batch_size=500,
-        settings=CONSUMER_SETTINGS | (TANSU_CONSUMER_SETTINGS if tansu else {}),
+        settings=consumer_settings(tansu=tansu),
     )
     run = ConsumerRun(projector, threading.Thread(name="consumer", daemon=True))
 
@@ -400,6 +394,68 @@ def _wait_applied(run: ConsumerRun, count: int) -> None:
         time.sleep(0.05)  # the steady phase starts a little later; nothing is decided by it
 
 
+def demo_database_problem(tables: set[str], pending: int, dead: int) -> str | None:
+    """Why the demo must not run on a database the user named, or None.
+
+    It adds tables, runs relays (which would publish anything pending) and a consumer group
+    there: only an empty database, or one with only empty outbox tables, is fit for that.
+    """
+    foreign = sorted(t for t in tables if not t.startswith(TABLE_PREFIX))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        return f"the database holds tables the demo did not create ({shown})"
+    if pending or dead:
+        return (
+            f"its outbox holds {pending} pending and {dead} dead rows, which the demo's "
+            "relays would publish"
+        )
+    return None
+
+
+def _user_database(url: str) -> int | None:
+    """Refuse a database the demo could harm; the slot layout to restore afterwards."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            tables = set(
+                conn.execute(
+                    text(
+                        "SELECT table_name FROM information_schema.tables WHERE table_schema "
+                        "NOT IN ('pg_catalog', 'information_schema')"
+                    )
+                ).scalars()
+            )
+            migrated = {"outbox_events", "outbox_dead_events", "outbox_identity"} <= tables
+            count = (
+                "SELECT (SELECT count(*) FROM outbox_events), "
+                "(SELECT count(*) FROM outbox_dead_events)"
+            )
+            pending, dead = conn.execute(text(count)).one() if migrated else (0, 0)
+            slots = (
+                conn.execute(text("SELECT slot_count FROM outbox_identity")).scalar()
+                if migrated
+                else None
+            )
+    finally:
+        engine.dispose()
+    if problem := demo_database_problem(tables, pending, dead):
+        raise ConfigError(
+            f"--db {redact(url)}: {problem}; the demo adds tables, relays and a consumer group "
+            "there: give it an empty database (e.g. CREATE DATABASE outbox_demo), or leave "
+            "--db out for an embedded one"
+        )
+    return None if slots is None else int(slots)
+
+
+def _clean_up(engine: Engine, group: str, slots: int | None) -> None:
+    """Leave a user's database as the demo found it: no demo tables, rows or slot layout."""
+    demo_metadata.drop_all(engine)
+    with engine.begin() as conn:
+        for table in ("outbox_processed_events", "outbox_consumer_attempts"):
+            conn.execute(text(f"DELETE FROM {table} WHERE group_id = :g"), {"g": group})
+        conn.execute(text("UPDATE outbox_identity SET slot_count = :s"), {"s": slots})
+
+
 def run_demo(
     *,
     db: str | None,
@@ -418,10 +474,14 @@ def run_demo(
     console = Console()
     topic = f"demo.orders.{uuid.uuid4().hex[:8]}"
     tansu = broker == "tansu" and bootstrap_servers is None
-    with _services(console, db, bootstrap_servers, broker) as (dsn, bootstrap):
+    slots = _user_database(sqlalchemy_url(db)) if db is not None else None
+    with _services(console, db, bootstrap_servers, broker) as (dsn, bootstrap), ExitStack() as undo:
         url = sqlalchemy_url(dsn)
         upgrade(url)
         engine = create_engine(url, pool_size=writers + 4)
+        undo.callback(engine.dispose)
+        if db is not None:
+            undo.callback(_clean_up, engine, f"outbox-demo-{topic}", slots)
         demo_metadata.create_all(engine)
         ledger = Ledger()
         _create_topic(bootstrap, topic)
@@ -500,7 +560,6 @@ def run_demo(
             seen = _read_topic(bootstrap, topic, len(ledger.committed_ids), progress)
             consumer.replayed = _replay(bootstrap, topic, REPLAYED)
             _finish_consumer(consumer, engine, ledger, progress)
-        engine.dispose()
     return _report(
         console,
         ledger,

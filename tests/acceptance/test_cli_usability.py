@@ -203,6 +203,23 @@ def test_status_json_and_check_fail_on_dead_rows(
     assert run("status", "--db", database_url, "--check").returncode == ExitCode.OK
 
 
+def test_status_check_prints_one_line_for_cron(
+    engine: Engine, database_url: str, topic: str
+) -> None:
+    clean = run("status", "--db", database_url, "--check")
+    assert clean.returncode == ExitCode.OK, clean.stderr
+    [line] = clean.stdout.strip().splitlines()
+    assert line.startswith("ok: 0 pending")
+    assert "0 dead rows" in line
+    assert clean.stderr == ""
+    _dead_row(engine, database_url, topic)
+    failed = run("status", "--db", database_url, "--check")
+    assert failed.returncode == ExitCode.FAILED
+    assert failed.stdout == ""
+    assert len(failed.stderr.strip().splitlines()) == 1
+    assert "1 dead rows" in one_line_error(failed)
+
+
 def test_status_check_fails_on_lag_above_the_threshold(
     engine: Engine, database_url: str, topic: str
 ) -> None:
@@ -271,6 +288,7 @@ COMMANDS = [
     ["relay"],
     ["status"],
     ["demo"],
+    ["dev"],
     ["consume"],
     ["dead"],
     ["dead", "list"],
@@ -326,7 +344,7 @@ def test_version_short_help_python_m_and_completion() -> None:
     completion = run(
         env={"_OUTBOX_COMPLETE": "complete_bash", "COMP_WORDS": "outbox de", "COMP_CWORD": "1"}
     )
-    assert set(completion.stdout.split()) == {"dead", "demo"}
+    assert set(completion.stdout.split()) == {"dead", "demo", "dev"}
     # Typer's own switch to name the shell instead of detecting it from the parent process.
     script = run(
         "--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}

@@ -1,4 +1,5 @@
-"""The shipped examples, run against the real database and broker, tested with the testing helpers.
+"""The shipped examples, run against the real database and broker, tested with the testing helpers
+and the fixtures of the pytest plugin (``outbox_database_url``, ...), as a user's app would be.
 
 ``outbox.testing`` checks what the application published without a relay;
 ``consumer.testing`` runs the projector's handler without a broker; ``drain``
@@ -24,14 +25,15 @@ from tests.support import KafkaReader
 
 
 def test_fastapi_order_and_its_event_commit_together_and_reach_the_projector_once(
-    engine: Engine,
-    database_url: str,
-    bootstrap_servers: str,
+    outbox_engine: Engine,
+    outbox_database_url: str,
+    outbox_bootstrap_servers: str,
     kafka: KafkaReader,
     make_topic: Callable[..., str],
 ) -> None:
+    engine = outbox_engine
     make_topic(TOPIC)  # Apache Kafka here creates no topic on first use
-    with TestClient(create_app(database_url)) as client:
+    with TestClient(create_app(outbox_database_url)) as client:
         created = client.post("/orders", json={"customer": "alice", "total": "19.99"})
         refused = client.post("/orders", json={"customer": "bob", "total": "-1"})
     assert created.status_code == 201, created.text
@@ -59,13 +61,16 @@ def test_fastapi_order_and_its_event_commit_together_and_reach_the_projector_onc
         ("alice", 1, Decimal("19.99"))
     ]
 
-    stats = drain(database_url, bootstrap_servers, transactional_id_prefix=f"ex-{uuid.uuid4()}")
+    stats = drain(
+        outbox_database_url, outbox_bootstrap_servers, transactional_id_prefix=f"ex-{uuid.uuid4()}"
+    )
     assert stats.published == 1
     assert published(engine) == []
     assert body["event_id"] in {r.event_id for r in kafka.read(TOPIC, 1)}
 
 
-def test_order_app_publishes_only_what_its_transaction_commits(engine: Engine) -> None:
+def test_order_app_publishes_only_what_its_transaction_commits(outbox_engine: Engine) -> None:
+    engine = outbox_engine
     with Session(engine) as session:
         Order.metadata.create_all(session.connection())
         session.commit()

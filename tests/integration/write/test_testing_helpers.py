@@ -171,3 +171,77 @@ def test_apublish_on_an_unmigrated_database_raises_the_librarys_error(
             await engine.dispose()
 
     asyncio.run(attempt())
+
+
+def test_i1_published_and_arecorder_see_an_async_sessions_uncommitted_events(
+    database_url: str, topic: str
+) -> None:
+    """Async apps test with the same helpers: awaited, inside their own transaction."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from outbox.testing import arecorder
+
+    async def scenario() -> tuple[list[str], list[str], int, int]:
+        engine = create_async_engine(database_url)
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                await apublish(session, topic=topic, key="before", value={"n": 0})
+            async with AsyncSession(engine) as session, session.begin():
+                async with arecorder(session) as rec:
+                    await apublish(session, topic=topic, key="inside", value={"n": 1})
+                inside = [e.key_text or "" for e in await rec.events()]
+                seen = [e.key_text or "" for e in await published(session, topic=topic)]
+                committed_meanwhile = len(await published(engine))
+                await session.rollback()
+            async with engine.connect() as conn:
+                after_rollback = len(await published(conn, topic=topic))
+        finally:
+            await engine.dispose()
+        return inside, seen, committed_meanwhile, after_rollback
+
+    inside, seen, committed_meanwhile, after_rollback = asyncio.run(scenario())
+    assert inside == ["inside"]
+    assert seen == ["before", "inside"]
+    assert committed_meanwhile == 1  # the engine sees only what committed
+    assert after_rollback == 1  # the rolled-back event is gone
+
+
+def test_adrain_publishes_pending_events_from_async_code(
+    database_url: str, bootstrap_servers: str, topic: str, kafka: KafkaReader
+) -> None:
+    from outbox.testing import adrain
+
+    async def scenario() -> int:
+        engine = create_async_engine(database_url)
+        try:
+            from sqlalchemy.ext.asyncio import AsyncSession
+
+            async with AsyncSession(engine) as session, session.begin():
+                await apublish(session, topic=topic, key="k", value={"n": 1})
+            stats = await adrain(
+                engine, bootstrap_servers, transactional_id_prefix=f"ad-{uuid.uuid4()}"
+            )
+            assert await published(engine) == []
+            return stats.published
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(scenario()) == 1
+    assert len(kafka.read(topic, 1)) == 1
+
+
+def test_i1_published_reads_an_async_sessions_uncommitted_event(
+    database_url: str, topic: str
+) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async def scenario() -> list[str]:
+        engine = create_async_engine(database_url)
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                await apublish(session, topic=topic, key="mine", value={})
+                return [e.key_text or "" for e in await published(session, topic=topic)]
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(scenario()) == ["mine"]

@@ -121,3 +121,29 @@ def test_a_missing_module_is_told_apart_from_a_missing_dependency(
 ) -> None:
     error = ModuleNotFoundError(f"No module named {missing!r}", name=missing)
     assert _is_the_module_itself(error, module) is itself
+
+
+def test_values_from_the_environment_are_told_apart_from_flags_given_on_the_command_line() -> None:
+    import typer
+
+    from outbox.cli.commands import app, env_sourced_flags
+
+    command = typer.main.get_command(app)
+    environ = {"OUTBOX_DB": "postgresql://x", "OUTBOX_SLOTS": "4", "OUTBOX_DEMO_DB": "y"}
+    relay = env_sourced_flags(command, ["relay", "--slots", "2"], environ)
+    assert relay["--db"] == "OUTBOX_DB"
+    assert "--slots" not in relay  # given on the command line: the flag is named
+    assert "--db" not in env_sourced_flags(command, ["relay", "--db=postgresql://z"], environ)
+    assert env_sourced_flags(command, ["dead", "list"], environ) == {"--db": "OUTBOX_DB"}
+    assert "--db" in env_sourced_flags(command, ["demo"], environ)  # OUTBOX_DEMO_DB's --db
+    assert env_sourced_flags(command, ["demo"], environ)["--db"] == "OUTBOX_DEMO_DB"
+
+
+def test_the_cli_imports_nothing_private_of_typer() -> None:
+    """typer vendors click privately (typer._click); its layout may change in any release."""
+    from pathlib import Path
+
+    import outbox.cli
+
+    for source in Path(outbox.cli.__file__).parent.glob("*.py"):
+        assert "typer._click" not in source.read_text(), source
