@@ -5,18 +5,20 @@ from __future__ import annotations
 import inspect
 from collections.abc import Generator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from consumer import RetryLater, RetryPolicy
+from consumer import RetryLater, RetryPolicy, load_consumer_class
 from consumer.config import horizon_warning
 from consumer.deadletter import dead_letter_headers
 from consumer.event import Record, outbox_event_id
 from consumer.handling import HandlerMisdeclared, handler_is_async, refuse_result
 from consumer.retry import Action, Fault, Reason, classify
+from outbox.errors import ConfigError
 
 
 class SaveFailed(Exception):
@@ -186,3 +188,13 @@ def test_i11_a_compacted_topic_warns_unless_dedup_records_are_kept_forever() -> 
     assert warning is not None
     assert "compact" in warning
     assert horizon_warning("orders", None, configs) is None
+
+
+@pytest.mark.parametrize("name", ["consumer", "outbox"])
+def test_i11_a_user_module_hiding_the_librarys_package_gets_an_error_that_says_so(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / f"{name}.py").write_text("class Projector: ...\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"has the name of kafka-outbox's own package '{name}'"):
+        load_consumer_class(f"{name}:Projector")
