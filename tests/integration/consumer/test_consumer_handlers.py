@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Generator
 from typing import Any, ClassVar
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -33,6 +37,7 @@ from tests.integration.consumer.test_consumer_effects import (
     Running,
     _committed,
     _effects,
+    _produce,
     _publish,
 )
 from tests.support import KafkaReader, wait_for
@@ -517,3 +522,97 @@ def test_i11_a_base_exception_from_the_handler_fails_its_record_not_the_consumer
     )
     running.stop()
     assert _effects(env.engine) == {i: 1 for i in ids if i != bad}
+
+
+# -- the property: arbitrary handler behaviours through the real consumer ------------------------
+
+BEHAVIOURS = ["ok", "raise", "wrapped", "swallow", "rollback", "commit", "timeout", "retry-later"]
+FAILS = {"raise", "swallow", "rollback", "commit", "timeout"}
+"""Behaviours that are the record's own fault, every time: it ends dead-lettered, once."""
+
+
+class Behaves(Projector):
+    """Does to its transaction what the event says; ``wrapped`` and ``retry-later`` only on
+    the first call (a dependency that comes back)."""
+
+    def handle(self, session: Session, event: Event) -> None:
+        do = event.value["do"]
+        first = self.calls[event.id] == 0
+        self.calls[event.id] += 1
+        if do == "raise":
+            raise ValueError("bad data")
+        if do == "wrapped" and first:
+            try:
+                session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+            except OperationalError as exc:
+                raise SaveFailed("could not save") from exc
+        if do == "retry-later" and first:
+            raise RetryLater("dependency down", delay=0.01)
+        if do == "timeout":
+            session.execute(text("SET LOCAL statement_timeout = 20"))
+            session.execute(text("SELECT pg_sleep(1)"))
+        session.execute(INSERT_EFFECT, {"event_id": event.id, "consumer": do})
+        if do == "swallow":
+            with contextlib.suppress(Exception):
+                session.execute(text("SELECT 1/0"))
+        elif do == "rollback":
+            session.rollback()
+        elif do == "commit":
+            session.commit()
+
+
+def _dead_lettered_ids(engine: Engine) -> Counter[str]:
+    return Counter(_dead_letter_header(engine, "dlt-original-event-id"))
+
+
+@pytest.fixture
+def behaving(
+    env: Fixture, drain: Callable[..., Any], start_consumer: Callable[..., Running]
+) -> Running:
+    """One consumer for every example (a group join costs seconds)."""
+    policy = RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.02, stuck_budget=0.3)
+    _publish(env.engine, env.topic, [{"do": "ok"}])  # creates the topic on Tansu
+    drain()
+    running = start_consumer(Behaves, batch_size=3, retry=policy)
+    wait_for(lambda: running.stats.applied == 1, timeout=60, what="the first record applied")
+    return running
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # no shrinking: real services
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(st.sampled_from(BEHAVIOURS), min_size=1, max_size=5))
+def test_i11_whatever_the_handler_does_each_record_ends_applied_once_or_dead_lettered_once(
+    env: Fixture, behaving: Running, batch: list[str]
+) -> None:
+    # Produced straight to Kafka (as the relay would), so the outbox holds only dead letters.
+    ids = [str(uuid.uuid4()) for _ in batch]
+    _produce(
+        env.bootstrap_servers,
+        env.topic,
+        [
+            (
+                b"k",
+                json.dumps({"do": do}).encode(),
+                [("outbox-event-id", i.encode()), ("content-type", b"application/json")],
+            )
+            for i, do in zip(ids, batch, strict=True)
+        ],
+    )
+    expect_applied = {i for i, do in zip(ids, batch, strict=True) if do not in FAILS}
+    expect_dead = {i for i, do in zip(ids, batch, strict=True) if do in FAILS}
+
+    def settled() -> bool:
+        effects, dead = _effects(env.engine), _dead_lettered_ids(env.engine)
+        return all(effects[i] for i in expect_applied) and all(dead[i] for i in expect_dead)
+
+    wait_for(settled, timeout=60, what=f"{batch} settled")
+    effects, dead = _effects(env.engine), _dead_lettered_ids(env.engine)
+    for i in expect_applied:
+        assert (effects[i], dead[i]) == (1, 0), f"{i} applied {effects[i]}, dead {dead[i]}"
+    for i in expect_dead:
+        assert (effects[i], dead[i]) == (0, 1), f"{i} applied {effects[i]}, dead {dead[i]}"
+    assert behaving.thread.is_alive()
