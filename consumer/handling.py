@@ -215,6 +215,7 @@ class _AsyncTransaction:
         self.owner = owner
         self.session = session
         self.opened: SessionTransaction | None = None
+        self.raw: Any = None  # the driver's connection of this transaction, once known
 
     def run(self, work: Callable[[Session], T]) -> T:
         result = self.owner.wait(self.session.run_sync(work))
@@ -229,8 +230,10 @@ class _AsyncTransaction:
         session = self.session
         sync = session.sync_session
         assert isinstance(sync, _GuardedSession)
-        connection = await session.connection()
-        raw = (await connection.get_raw_connection()).driver_connection
+        if self.raw is None:
+            connection = await session.connection()
+            self.raw = (await connection.get_raw_connection()).driver_connection
+        raw = self.raw
         opened = self.opened or sync.get_transaction()
         assert opened is not None
         sync.handler_running = True
