@@ -270,7 +270,7 @@ class IdempotentConsumer:
         self._librdkafka_log = ThrottledLog(logging.getLogger("outbox.librdkafka"))
         self._kafka_errors = ThrottledLog(log)
         self._refused: ConfigError | None = None  # credentials the cluster refuses (I8)
-        self._waiting = False  # in a backoff, with the assigned partitions paused
+        self._waiting_since: float | None = None  # a record waits, its partitions paused
 
     # -- the user's part ---------------------------------------------------------
 
@@ -300,7 +300,17 @@ class IdempotentConsumer:
     # -- operations ----------------------------------------------------------------
 
     def liveness(self) -> tuple[bool, str]:
-        return (not self.stop.is_set(), "stopping" if self.stop.is_set() else "running")
+        """Alive until stopped; says so when a record waits (its partitions paused, still
+        polling: the member keeps its place in the group)."""
+        if self.stop.is_set():
+            return False, "stopping"
+        waiting = self._waiting_since
+        if waiting is not None:
+            return (
+                True,
+                f"running; a record waits to be retried ({time.monotonic() - waiting:.0f} s)",
+            )
+        return True, "running"
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once it joined its group (a member may legitimately own no partition)."""
@@ -851,7 +861,7 @@ class IdempotentConsumer:
                 raise _Stopped()
             return
         deadline = time.monotonic() + seconds
-        self._waiting = True
+        self._waiting_since = self._waiting_since or time.monotonic()
         kafka.pause([TopicPartition(t, p) for t, p in self.assignment])
         try:
             while True:
@@ -864,7 +874,7 @@ class IdempotentConsumer:
                     if msg.error() is None:  # a partition assigned meanwhile: read it later
                         self._rewind(msg)
         finally:
-            self._waiting = False
+            self._waiting_since = None
             if self._kafka is not None:
                 self._kafka.resume([TopicPartition(t, p) for t, p in self.assignment])
 

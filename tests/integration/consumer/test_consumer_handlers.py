@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -616,3 +617,37 @@ def test_i11_whatever_the_handler_does_each_record_ends_applied_once_or_dead_let
     for i in expect_dead:
         assert (effects[i], dead[i]) == (0, 1), f"{i} applied {effects[i]}, dead {dead[i]}"
     assert behaving.thread.is_alive()
+
+
+class WaitsLongerThanThePollInterval(Projector):
+    def handle(self, session: Session, event: Event) -> None:
+        if not self.calls["later"]:
+            self.calls["later"] += 1
+            raise RetryLater("dependency down", delay=9)  # > max.poll.interval.ms below
+        super().handle(session, event)
+
+
+def test_i11_a_record_waiting_longer_than_the_poll_interval_keeps_the_member_in_its_group(
+    env: Fixture,
+    drain: Callable[..., Any],
+    start_consumer: Callable[..., Running],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    ids = _publish(env.engine, env.topic, [{"n": 1}])
+    drain()
+    settings = {**GROUP_SETTINGS, "max.poll.interval.ms": "6000"}
+    running = start_consumer(WaitsLongerThanThePollInterval, settings=settings)
+    wait_for(lambda: running.consumer.calls["later"] == 1, timeout=60, what="the first call")
+    wait_for(
+        lambda: "waits to be retried" in running.consumer.liveness()[1],
+        timeout=10,
+        what="liveness to say a record waits",
+    )
+    wait_for(lambda: running.stats.applied == 1, timeout=60, what="the record applied")
+    stats = running.stop()
+    assert (stats.dead_lettered, stats.retries) == (0, 0)
+    assert _effects(env.engine) == {ids[0]: 1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("assigned")]) == 1  # never re-joined
+    assert not [m for m in messages if m.startswith("lost") or "poll interval" in m.lower()]
