@@ -651,3 +651,34 @@ def test_i11_a_record_waiting_longer_than_the_poll_interval_keeps_the_member_in_
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if m.startswith("assigned")]) == 1  # never re-joined
     assert not [m for m in messages if m.startswith("lost") or "poll interval" in m.lower()]
+
+
+def test_i11_a_regex_subscription_with_a_poison_record_makes_exactly_one_dead_letter(
+    env: Fixture, drain: Callable[..., Any], start_consumer: Callable[..., Running]
+) -> None:
+    """``^topic.*`` also reads ``topic.DLT``: the poison record's dead letter fails there too
+    and is given up, not dead-lettered to ``topic.DLT.DLT`` (and so on, a topic a round)."""
+    ids = _publish(env.engine, env.topic, [{"n": 0}, {"n": 1, "poison": True}])
+    drain()
+    running = start_consumer(
+        topics=[f"^{env.topic}.*"],
+        retry=ONE_TRY,
+        settings={**GROUP_SETTINGS, "topic.metadata.refresh.interval.ms": "1000"},
+        fail=lambda e: ValueError("poison") if e.value.get("poison") else None,
+    )
+    wait_for(
+        lambda: running.stats.applied == 1 and running.stats.dead_lettered == 1,
+        timeout=60,
+        what="the poison record dead-lettered",
+    )
+    assert _outbox_topics(env.engine) == {f"{env.topic}.DLT": 1}
+    drain()  # the dead letter reaches topic.DLT, which the subscription matches
+    wait_for(
+        lambda: running.stats.not_dead_lettered == 1,
+        timeout=60,
+        what="the dead letter read back, failed and given up",
+    )
+    stats = running.stop()
+    assert stats.dead_lettered == 1
+    assert _outbox_topics(env.engine) == {}
+    assert _effects(env.engine) == {ids[0]: 1}
