@@ -297,6 +297,13 @@ class IdempotentConsumer:
         """Called after the DB transaction that applied ``events`` committed, before the
         Kafka offsets are committed (metrics, cache invalidation). Must not raise."""
 
+    def close(self) -> None:
+        """Release the engines and the event loop a consumer that never ran holds (one built
+        by ``consumer.testing.consumer_for_tests``); ``run()`` does this itself."""
+        self._transactions.close()
+        if self._owns_engine:
+            self.engine.dispose()
+
     # -- operations ----------------------------------------------------------------
 
     def liveness(self) -> tuple[bool, str]:

@@ -40,7 +40,8 @@ UNUSED_BROKER = "broker.invalid:9092"
 
 
 def consumer_for_tests(cls: type[C], db: str | Engine | AsyncEngine, **options: Any) -> C:
-    """An instance of your consumer class for ``deliver()``; no Kafka connection is made."""
+    """An instance of your consumer class for ``deliver()``; no Kafka connection is made.
+    Call its ``close()`` when done (an async consumer holds an AsyncEngine and an event loop)."""
     return cls(db, UNUSED_BROKER, **options)
 
 

@@ -124,7 +124,7 @@ def test_i11_an_async_handler_gets_an_async_engine_given_to_the_consumer(
         event = record("t", {"n": 1})
         assert deliver(projector, event) is True
         assert deliver(projector, event) is False  # the same event id: skipped
-        projector._transactions.close()
+        projector.close()
     finally:
         asyncio.run(engine.dispose())
     assert sum(_effects(env.engine).values()) == 1
