@@ -129,10 +129,11 @@ class _HandlerFailed(Exception):
     """The handler of ``items[index]`` failed inside a batch (never calls ``str(error)``,
     which may raise)."""
 
-    def __init__(self, index: int, error: Exception) -> None:
+    def __init__(self, index: int, error: Exception, fresh: frozenset[str]) -> None:
         super().__init__(f"handler failed: {type(error).__name__}")
         self.index = index
         self.error = error
+        self.fresh = fresh  # the keys this batch's transaction recorded as processed
 
 
 _ENDS_RUN = (KeyboardInterrupt, SystemExit)
@@ -589,7 +590,7 @@ class IdempotentConsumer:
                 first_errors[failed.index] = failed.error
                 reason = describe(failed.error)
                 if isinstance(failed.error, TransactionMisuse) and str(failed.error) == ENDED:
-                    self._undo_ended(items, failed.index)
+                    self._undo_ended(items[failed.index :], failed.fresh)
             except Exception as exc:  # the commit or the database failed
                 if not is_infrastructure_error(exc):
                     log.debug("batch failed", exc_info=True)
@@ -611,12 +612,14 @@ class IdempotentConsumer:
         except _Stopped:
             return
 
-    def _undo_ended(self, items: list[_Item], index: int) -> None:
-        """A handler committed the batch's transaction through SQL: the dedup rows of the
-        records whose handler had not finished (it included) committed with it. Delete them,
-        so they are handled again rather than skipped as duplicates (its own partial effects
-        stay: they committed)."""
-        keys = [item.key for item in items[index:]]
+    def _undo_ended(self, unfinished: Sequence[_Item], fresh: frozenset[str]) -> None:
+        """A handler committed the transaction through SQL: the dedup rows that transaction
+        inserted for records whose handler had not finished (its own included) committed with
+        it. Delete those (never a row an earlier transaction committed), so the records are
+        handled again rather than skipped as duplicates; its own partial effects stay."""
+        keys = [item.key for item in unfinished if item.key in fresh]
+        if not keys:
+            return
         while True:
             try:
                 unmark_processed(self.engine, self.config.group_id, keys)
@@ -690,6 +693,7 @@ class IdempotentConsumer:
         group = self.config.group_id
         with self._transactions.open() as tx:
             new = tx.run(lambda s: mark_processed(s, group, (i.key for i in items)))
+            fresh = frozenset(new)
             for index, item in enumerate(items):
                 if item.key not in new:
                     outcomes.append(Outcome.DUPLICATE)
@@ -705,7 +709,7 @@ class IdempotentConsumer:
                 except HandlerMisdeclared:
                     raise
                 except BaseException as exc:
-                    raise _HandlerFailed(index, _as_exception(exc)) from exc
+                    raise _HandlerFailed(index, _as_exception(exc), fresh) from exc
                 outcomes.append(Outcome.APPLIED)
             ranges = _ranges(items)
             tx.run(lambda s: clear_attempts(s, group, ranges))
@@ -794,7 +798,7 @@ class IdempotentConsumer:
                 except BaseException as exc:
                     error = _as_exception(exc)
                     if isinstance(error, TransactionMisuse) and str(error) == ENDED:
-                        self._undo_ended([item], 0)
+                        self._undo_ended([item], frozenset([item.key]))
                     given_back = int(classify(error) is not Fault.RECORD)
                     continue
                 self._committed([item], [outcome])

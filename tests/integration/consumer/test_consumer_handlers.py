@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from consumer import Event, IdempotentConsumer, RetryLater, RetryPolicy
 from consumer.handling import HandlerMisdeclared, TransactionMisuse
 from consumer.testing import consumer_for_tests, deliver, record
+from outbox import publish
 from outbox.errors import ConfigError
 from tests.integration.consumer.test_consumer_effects import (
     GROUP_SETTINGS,
@@ -682,3 +683,33 @@ def test_i11_a_regex_subscription_with_a_poison_record_makes_exactly_one_dead_le
     assert stats.dead_lettered == 1
     assert _outbox_topics(env.engine) == {}
     assert _effects(env.engine) == {ids[0]: 1}
+
+
+def test_i11_a_commit_sent_as_sql_never_lets_an_earlier_duplicate_be_applied_again(
+    env: Fixture, drain: Callable[..., Any], start_consumer: Callable[..., Running]
+) -> None:
+    """The dedup rows the handler's COMMIT committed for records it had not reached are
+    deleted, but never one an earlier transaction committed (that event would apply twice)."""
+    done = uuid.uuid4()
+    with Session(env.engine) as session, session.begin():
+        publish(session, topic=env.topic, key="k", value={"n": 0}, event_id=done)
+    drain()
+    first = start_consumer()
+    wait_for(lambda: first.stats.applied == 1, timeout=60, what="the first event applied")
+    first.stop()
+
+    bad = str(uuid.uuid4())
+    with Session(env.engine) as session, session.begin():
+        publish(session, topic=env.topic, key="k", value={"n": 1}, event_id=uuid.UUID(bad))
+        publish(session, topic=env.topic, key="k", value={"n": 0}, event_id=done)  # again
+        publish(session, topic=env.topic, key="k", value={"n": 2})
+    drain()
+    cls = type("CommitsAsSql", (Misbehaving,), {"how": "sql-commit", "bad": bad})
+    running = start_consumer(cls, batch_size=100)
+    wait_for(
+        lambda: running.stats.dead_lettered == 1 and running.stats.applied == 1,
+        timeout=60,
+        what="the misbehaving one dead-lettered, the new one applied",
+    )
+    running.stop()
+    assert _effects(env.engine)[str(done)] == 1
