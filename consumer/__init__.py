@@ -26,6 +26,7 @@ from consumer.event import (
     UndecodableEvent,
     UnknownEventType,
 )
+from consumer.handling import RetryLater, TransactionMisuse
 from consumer.loader import load_consumer_class
 from consumer.purge import purge_processed
 from consumer.retry import RetryPolicy
@@ -40,7 +41,9 @@ __all__ = [
     "EventTypes",
     "IdempotentConsumer",
     "Record",
+    "RetryLater",
     "RetryPolicy",
+    "TransactionMisuse",
     "UndecodableEvent",
     "UnknownEventType",
     "load_consumer_class",

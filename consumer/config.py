@@ -238,6 +238,14 @@ def horizon_warning(topic: str, window: timedelta | None, configs: Mapping[str, 
     """
     if window is None:
         return None
+    policy = configs.get("cleanup.policy") or ""
+    if {p.strip() for p in policy.split(",")} == {"compact"}:  # compact,delete: retention holds
+        return (
+            f"topic {topic!r} is compacted (cleanup.policy={policy}): its "
+            f"latest records are kept forever, but dedup_window={window}: a replay after the "
+            "group's offsets expire applies purged events again; set dedup_window=None to keep "
+            "dedup records forever"
+        )
     retention, segment = _ms(configs.get("retention.ms")), _ms(configs.get("segment.ms"))
     if retention is None:
         return None

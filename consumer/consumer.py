@@ -21,10 +21,12 @@ committed after the revoke (I10).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -34,9 +36,17 @@ from typing import Any, ClassVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from sqlalchemy import Engine, create_engine
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
-from consumer.attempts import CHECK_ATTEMPTS_TABLE, mark_batch, start_attempt
+from consumer.attempts import (
+    CHECK_ATTEMPTS_TABLE,
+    clear_attempts,
+    give_back,
+    mark_batch,
+    start_attempt,
+)
 from consumer.config import (
     DEFAULT_DEDUP_WINDOW,
     ConsumerConfig,
@@ -50,7 +60,7 @@ from consumer.deadletter import (
     describe,
     lean_dead_letter_headers,
 )
-from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key
+from consumer.dedup import CHECK_TABLE, mark_processed, normalise_key, unmark_processed
 from consumer.event import (
     Event,
     EventTypes,
@@ -59,8 +69,27 @@ from consumer.event import (
     decode_event,
     outbox_event_id,
 )
+from consumer.handling import (
+    ENDED,
+    AsyncTransactions,
+    HandlerMisdeclared,
+    SyncTransactions,
+    Transaction,
+    TransactionMisuse,
+    Transactions,
+    async_engine_for,
+    handler_is_async,
+)
 from consumer.purge import PurgeSchedule, purge_processed
-from consumer.retry import Action, Reason, RetryPolicy, is_infrastructure_error, sqlstate
+from consumer.retry import (
+    Action,
+    Fault,
+    Reason,
+    RetryPolicy,
+    classify,
+    is_infrastructure_error,
+    sqlstate,
+)
 from consumer.throttle import ThrottledLog
 from outbox.codec import JSON
 from outbox.db import redact, sqlalchemy_url
@@ -97,16 +126,37 @@ class _Stopped(Exception):
 
 
 class _HandlerFailed(Exception):
-    def __init__(self, index: int, error: Exception) -> None:
-        super().__init__(str(error))
+    """The handler of ``items[index]`` failed inside a batch (never calls ``str(error)``,
+    which may raise)."""
+
+    def __init__(self, index: int, error: Exception, fresh: frozenset[str]) -> None:
+        super().__init__(f"handler failed: {type(error).__name__}")
         self.index = index
         self.error = error
+        self.fresh = fresh  # the keys this batch's transaction recorded as processed
+
+
+_ENDS_RUN = (KeyboardInterrupt, SystemExit)
+"""What a handler raises that ends run(); anything else it raises is the record's failure."""
+
+
+def _as_exception(exc: BaseException) -> Exception:
+    """A handler's failure as an Exception (a BaseException subclass of the user's, an
+    ``asyncio.CancelledError`` of its own, wrapped)."""
+    if isinstance(exc, _ENDS_RUN):
+        raise exc
+    if isinstance(exc, Exception):
+        return exc
+    wrapped = RuntimeError(f"handle() raised {type(exc).__name__}: {describe(exc)}")
+    wrapped.__cause__ = exc
+    return wrapped
 
 
 class Outcome(Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     DEAD_LETTERED = "dead-lettered"
+    NOT_DEAD_LETTERED = "not-dead-lettered"  # a record of a dead-letter topic failed
 
 
 @dataclass(slots=True)
@@ -120,6 +170,7 @@ class ConsumerStats:
     outages: int = 0  # database failures retried without counting against the record
     transactions: int = 0  # database transactions committed
     fallbacks: int = 0  # batches redone one record at a time
+    not_dead_lettered: int = 0  # failed records of a dead-letter topic: marked processed, logged
     offset_commits: int = 0
     purged: int = 0  # dedup records purged
 
@@ -156,7 +207,7 @@ class IdempotentConsumer:
 
     def __init__(
         self,
-        db: str | Engine,
+        db: str | Engine | AsyncEngine,
         bootstrap_servers: str,
         *,
         topics: Sequence[str] | None = None,
@@ -191,11 +242,24 @@ class IdempotentConsumer:
         )
         if cls.event_types is not None and not isinstance(cls.event_types, EventTypes):
             raise ConfigError(f"{cls.__qualname__}.event_types must be an EventTypes registry")
-        if isinstance(db, Engine):
+        is_async = handler_is_async(cls, cls.handle)
+        if isinstance(db, AsyncEngine):
+            url = db.url.set(drivername="postgresql+psycopg")
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=2)
+            self._owns_engine = True
+        elif isinstance(db, Engine):
             self.engine, self._owns_engine = db, False
         else:
             self.engine = create_engine(sqlalchemy_url(db), pool_pre_ping=True, pool_size=2)
             self._owns_engine = True
+        self._transactions: Transactions
+        if not is_async:
+            self._transactions = SyncTransactions(self.engine, self.handle, cls)
+        elif isinstance(db, AsyncEngine):
+            self._transactions = AsyncTransactions(db, self.handle, cls, owns=False)
+        else:
+            engine = async_engine_for(self.engine.url, pool_pre_ping=True, pool_size=2)
+            self._transactions = AsyncTransactions(engine, self.handle, cls, owns=True)
         self.stop = stop if stop is not None else threading.Event()
         self.stats = ConsumerStats()
         self.assignment: frozenset[tuple[str, int]] = frozenset()
@@ -207,11 +271,18 @@ class IdempotentConsumer:
         self._librdkafka_log = ThrottledLog(logging.getLogger("outbox.librdkafka"))
         self._kafka_errors = ThrottledLog(log)
         self._refused: ConfigError | None = None  # credentials the cluster refuses (I8)
+        self._waiting_since: float | None = None  # a record waits, its partitions paused
 
     # -- the user's part ---------------------------------------------------------
 
-    def handle(self, session: Session, event: Event) -> None:
-        """Apply one event through ``session`` (inside the dedup transaction). Override this."""
+    def handle(self, session: Any, event: Event) -> Awaitable[None] | None:
+        """Apply one event through ``session`` (inside the dedup transaction). Override this.
+
+        ``def handle(self, session: Session, event)`` gets a ``Session``;
+        ``async def handle(self, session: AsyncSession, event)`` gets an ``AsyncSession`` on
+        the same database, and is awaited. Never commit, roll back or swallow a database
+        error without a savepoint (``session.begin_nested()``): the event then fails.
+        """
         raise NotImplementedError
 
     def dedup_key(self, record: Record) -> str | None:
@@ -227,10 +298,27 @@ class IdempotentConsumer:
         """Called after the DB transaction that applied ``events`` committed, before the
         Kafka offsets are committed (metrics, cache invalidation). Must not raise."""
 
+    def close(self) -> None:
+        """Release the engines and the event loop a consumer that never ran holds (one built
+        by ``consumer.testing.consumer_for_tests``); ``run()`` does this itself."""
+        self._transactions.close()
+        if self._owns_engine:
+            self.engine.dispose()
+
     # -- operations ----------------------------------------------------------------
 
     def liveness(self) -> tuple[bool, str]:
-        return (not self.stop.is_set(), "stopping" if self.stop.is_set() else "running")
+        """Alive until stopped; says so when a record waits (its partitions paused, still
+        polling: the member keeps its place in the group)."""
+        if self.stop.is_set():
+            return False, "stopping"
+        waiting = self._waiting_since
+        if waiting is not None:
+            return (
+                True,
+                f"running; a record waits to be retried ({time.monotonic() - waiting:.0f} s)",
+            )
+        return True, "running"
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once it joined its group (a member may legitimately own no partition)."""
@@ -266,7 +354,9 @@ class IdempotentConsumer:
             self._check_database()
             self._kafka = self._new_consumer(plan.settings)
             self._check_horizon(plan.settings)
+            self._check_patterns()
         except BaseException:
+            self._transactions.close()
             if self._owns_engine:
                 self.engine.dispose()
             raise
@@ -298,6 +388,7 @@ class IdempotentConsumer:
             finally:
                 self._kafka.close()  # leaves the group; on_revoke commits anything left
                 self._kafka = None
+                self._transactions.close()
                 if self._owns_engine:
                     self.engine.dispose()
         log.info(
@@ -308,6 +399,51 @@ class IdempotentConsumer:
             self.stats.dead_lettered,
         )
         return self.stats
+
+    async def run_async(self) -> ConsumerStats:
+        """``run()`` for an application's own event loop (e.g. a FastAPI lifespan task).
+
+        The loop runs in a worker thread (librdkafka and the dedup transactions block), so the
+        application's loop stays free; an ``async def handle`` is awaited on the consumer's own
+        event loop in that thread. Cancelling the task sets ``stop`` and waits for the record
+        in hand to finish, then re-raises the cancellation.
+        """
+        task = asyncio.ensure_future(asyncio.to_thread(self.run))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.stop.set()
+            await asyncio.wait([task])
+            raise
+
+    def _check_patterns(self) -> None:
+        """Warn when a regex subscription also matches its own dead-letter topics: their
+        records are consumed too (they are never dead-lettered again, see ``_dead_letter``)."""
+        suffix = self.config.dead_letter_suffix
+        patterns = [t for t in self.config.topics if t.startswith("^")]
+        if not patterns:
+            return
+        try:
+            names = list(self._kafka.list_topics(timeout=HORIZON_TIMEOUT).topics)
+        except Exception:
+            names = []
+        for pattern in patterns:
+            try:
+                regex = re.compile(pattern)
+            except re.error:
+                continue  # librdkafka's regex dialect: it reports its own errors
+            matched = [n for n in names if regex.search(n) and not n.endswith(suffix)]
+            samples = matched or [pattern.lstrip("^").split(".*")[0].rstrip("\\$") or "topic"]
+            if any(regex.search(name + suffix) for name in samples):
+                log.warning(
+                    "the subscription %r also matches its own dead-letter topics (%s): their "
+                    "records are consumed by this group too; a failing one is logged and marked "
+                    "processed, never dead-lettered again. Anchor the pattern so that it cannot "
+                    "match %r, or list the topics",
+                    pattern,
+                    samples[0] + suffix,
+                    suffix,
+                )
 
     def _next_batch(self) -> list[Any]:
         """Up to batch_size records without waiting for a full batch.
@@ -345,6 +481,17 @@ class IdempotentConsumer:
             ("outbox_consumer_attempts", CHECK_ATTEMPTS_TABLE),
         ):
             self._check_table(table, check)
+        self._check_transactions()
+
+    def _check_transactions(self) -> None:
+        """Refuse an engine without transactions (AUTOCOMMIT): the dedup rows would commit
+        before the handler ran, and a failing handler would leave half its effects (I11)."""
+        if self._transactions.autocommit():
+            raise ConfigError(
+                "the consumer's engine runs in AUTOCOMMIT (isolation_level='AUTOCOMMIT'): each "
+                "event's effects and its dedup record must commit in one transaction; pass an "
+                "engine without isolation_level='AUTOCOMMIT' (e.g. create_engine(url))"
+            )
 
     def _check_horizon(self, settings: Mapping[str, str]) -> None:
         """Warn when the dedup window is shorter than a topic's redelivery horizon, as the
@@ -435,9 +582,15 @@ class IdempotentConsumer:
             try:
                 self._apply_batch(items)
                 return
+            except HandlerMisdeclared:
+                raise
             except _HandlerFailed as failed:
+                # The guard checked every earlier handler's transaction: this failure is the
+                # record's own (I11), so it counts as its first attempt.
                 first_errors[failed.index] = failed.error
                 reason = describe(failed.error)
+                if isinstance(failed.error, TransactionMisuse) and str(failed.error) == ENDED:
+                    self._undo_ended(items[failed.index :], failed.fresh)
             except Exception as exc:  # the commit or the database failed
                 if not is_infrastructure_error(exc):
                     log.debug("batch failed", exc_info=True)
@@ -453,9 +606,28 @@ class IdempotentConsumer:
             for i, item in enumerate(items):
                 if self.stop.is_set():
                     return
+                if (item.record.topic, item.record.partition) not in self.assignment:
+                    continue  # revoked while an earlier record waited: its new owner reads it
                 self._apply_one(item, first_errors.get(i))
         except _Stopped:
             return
+
+    def _undo_ended(self, unfinished: Sequence[_Item], fresh: frozenset[str]) -> None:
+        """A handler committed the transaction through SQL: the dedup rows that transaction
+        inserted for records whose handler had not finished (its own included) committed with
+        it. Delete those (never a row an earlier transaction committed), so the records are
+        handled again rather than skipped as duplicates; its own partial effects stay."""
+        keys = [item.key for item in unfinished if item.key in fresh]
+        if not keys:
+            return
+        while True:
+            try:
+                unmark_processed(self.engine, self.config.group_id, keys)
+                return
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                self._sleep(max(0.1, self.config.retry.backoff(1)))
 
     def _mark(self, items: list[_Item]) -> set[tuple[str, int]] | None:
         """Mark the batch as started (it survives a process death); returns the partitions
@@ -515,14 +687,13 @@ class IdempotentConsumer:
             return _Item(record, key, None, exc)
         return _Item(record, key, event, None)
 
-    def _session(self) -> Session:
-        return Session(self.engine)
-
     def _apply_batch(self, items: list[_Item]) -> None:
         """All records in ONE transaction with their dedup records (the fast path)."""
         outcomes: list[Outcome] = []
-        with self._session() as session, session.begin():
-            new = mark_processed(session, self.config.group_id, (i.key for i in items))
+        group = self.config.group_id
+        with self._transactions.open() as tx:
+            new = tx.run(lambda s: mark_processed(s, group, (i.key for i in items)))
+            fresh = frozenset(new)
             for index, item in enumerate(items):
                 if item.key not in new:
                     outcomes.append(Outcome.DUPLICATE)
@@ -530,15 +701,18 @@ class IdempotentConsumer:
                 new.discard(item.key)  # a second copy in the same batch is a duplicate
                 if item.event is None:
                     assert item.error is not None
-                    self._dead_letter(session, item, item.error, 0, Reason.UNDECODABLE)
-                    outcomes.append(Outcome.DEAD_LETTERED)
+                    outcomes.append(self._dead_letter(tx, item, item.error, 0, Reason.UNDECODABLE))
                     continue
                 try:
                     with restored_context(item.event.headers):
-                        self.handle(session, item.event)
-                except Exception as exc:
-                    raise _HandlerFailed(index, exc) from exc
+                        tx.handle(item.event)
+                except HandlerMisdeclared:
+                    raise
+                except BaseException as exc:
+                    raise _HandlerFailed(index, _as_exception(exc), fresh) from exc
                 outcomes.append(Outcome.APPLIED)
+            ranges = _ranges(items)
+            tx.run(lambda s: clear_attempts(s, group, ranges))
         self._committed(items, outcomes)
 
     def _apply_one(self, item: _Item, first_error: Exception | None) -> None:
@@ -549,63 +723,122 @@ class IdempotentConsumer:
             return
         failures = 0  # attempts that failed or never finished (earlier runs included)
         outages = 0
-        given_back = 0  # the last attempt ended by a database fault: not charged
+        given_back = 0  # the last attempt ended by a transient fault, not given back yet
+        stuck_since: float | None = None  # first timeout/resource error in a row
         error = first_error
         record = item.record
-        while True:
-            if error is not None:
-                decision = self.config.retry.decide(error, failures, outages)
-                if decision.counted:
-                    failures += 1
-                    outages = 0
-                else:
-                    outages += 1
-                if decision.action is Action.DEAD_LETTER:
-                    assert decision.reason is not None
-                    self._dead_letter_alone(item, error, failures, decision.reason)
-                    return
-                self._log_retry(item, error, failures, decision.counted, decision.delay)
-                self._sleep(decision.delay)
-            if self.stop.is_set():
-                raise _Stopped()
-            try:
-                started = start_attempt(
-                    self.engine,
-                    self.config.group_id,
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    given_back,
-                )
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                error = exc
-                continue
-            given_back = 0
-            earlier = started - 1
-            if earlier > failures and earlier >= self.config.retry.attempts:
-                died = ConsumerDied(
-                    f"{earlier} attempt(s) at this record started and never finished "
-                    "(the consumer process died or was stopped in them)"
-                )
-                self._dead_letter_alone(item, died, earlier, Reason.CONSUMER_DIED)
-                return
-            failures = max(failures, earlier)
-            try:
-                with self._session() as session, session.begin():
-                    if mark_processed(session, self.config.group_id, [item.key]):
-                        with restored_context(item.event.headers):
-                            self.handle(session, item.event)
-                        outcome = Outcome.APPLIED
+        group = self.config.group_id
+        tp = (record.topic, record.partition)
+        try:
+            while True:
+                if error is not None:
+                    fault = classify(error)
+                    if fault is Fault.AMBIGUOUS:
+                        stuck_since = stuck_since or time.monotonic()
                     else:
-                        outcome = Outcome.DUPLICATE
-            except Exception as exc:
-                given_back = int(is_infrastructure_error(exc))
-                error = exc
-                continue
-            self._committed([item], [outcome])
-            return
+                        stuck_since = None
+                    decision = self.config.retry.decide(
+                        error,
+                        failures,
+                        outages,
+                        stuck_for=0.0 if stuck_since is None else time.monotonic() - stuck_since,
+                        database_healthy=self._database_healthy,
+                    )
+                    if decision.counted:
+                        failures += 1
+                        outages = 0
+                    else:
+                        outages += 1
+                        if given_back and self._give_back(record):
+                            given_back = 0
+                    if decision.action is Action.DEAD_LETTER:
+                        assert decision.reason is not None
+                        self._dead_letter_alone(item, error, failures, decision.reason)
+                        return
+                    self._log_retry(item, error, failures, decision.counted, decision.delay)
+                    self._sleep(decision.delay)
+                    if tp not in self.assignment:
+                        return  # revoked while waiting: the new owner handles it
+                self._check_stop()
+                try:
+                    started = start_attempt(
+                        self.engine,
+                        group,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        given_back,
+                    )
+                except Exception as exc:
+                    if not is_infrastructure_error(exc):
+                        raise
+                    error = exc
+                    continue
+                given_back = 0
+                earlier = started - 1
+                if earlier > failures and earlier >= self.config.retry.attempts:
+                    died = ConsumerDied(
+                        f"{earlier} attempt(s) at this record started and never finished "
+                        "(the consumer process died or was stopped in them)"
+                    )
+                    self._dead_letter_alone(item, died, earlier, Reason.CONSUMER_DIED)
+                    return
+                failures = max(failures, earlier)
+                try:
+                    with self._transactions.open() as tx:
+                        if tx.run(lambda s: mark_processed(s, group, [item.key])):
+                            with restored_context(item.event.headers):
+                                tx.handle(item.event)
+                            outcome = Outcome.APPLIED
+                        else:
+                            outcome = Outcome.DUPLICATE
+                        tx.run(lambda s: clear_attempts(s, group, _ranges([item])))
+                except HandlerMisdeclared:
+                    raise
+                except BaseException as exc:
+                    error = _as_exception(exc)
+                    if isinstance(error, TransactionMisuse) and str(error) == ENDED:
+                        self._undo_ended([item], frozenset([item.key]))
+                    given_back = int(classify(error) is not Fault.RECORD)
+                    continue
+                self._committed([item], [outcome])
+                return
+        except _Stopped:
+            if given_back:
+                self._give_back(record)  # stopped during the backoff: not charged either
+            raise
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped()
+
+    def _give_back(self, record: Record) -> bool:
+        """Give back the attempt a transient fault ended (the record is not charged for it);
+        False when the database cannot be reached (the next attempt gives it back)."""
+        try:
+            give_back(
+                self.engine, self.config.group_id, record.topic, record.partition, record.offset
+            )
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            return False
+        return True
+
+    def _database_healthy(self) -> bool:
+        """Whether a fresh connection answers at once: a timeout or resource error while it
+        does is the record's (a probe through the pool could reuse a sick connection)."""
+        probe = create_engine(
+            self.engine.url, poolclass=NullPool, connect_args={"connect_timeout": 5}
+        )
+        try:
+            with probe.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception:
+            return False
+        finally:
+            probe.dispose()
+        return True
 
     def _log_retry(
         self, item: _Item, error: Exception, failures: int, counted: bool, delay: float
@@ -631,24 +864,55 @@ class IdempotentConsumer:
             )
 
     def _sleep(self, seconds: float) -> None:
-        if self.stop.wait(seconds):
-            raise _Stopped()
+        """Wait, polling Kafka with every assigned partition paused: the member keeps its
+        place in the group (max.poll.interval.ms) however long a record waits (I10)."""
+        kafka = self._kafka
+        if kafka is None:
+            if self.stop.wait(seconds):
+                raise _Stopped()
+            return
+        deadline = time.monotonic() + seconds
+        self._waiting_since = self._waiting_since or time.monotonic()
+        kafka.pause([TopicPartition(t, p) for t, p in self.assignment])
+        try:
+            while True:
+                if self.stop.is_set():
+                    raise _Stopped()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                for msg in kafka.consume(num_messages=100, timeout=min(remaining, 0.5)):
+                    if msg.error() is None:  # a partition assigned meanwhile: read it later
+                        self._rewind(msg)
+        finally:
+            self._waiting_since = None
+            if self._kafka is not None:
+                self._kafka.resume([TopicPartition(t, p) for t, p in self.assignment])
+
+    def _rewind(self, msg: Any) -> None:
+        tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+        try:
+            self._kafka.seek(tp)
+            self._kafka.pause([tp])
+        except KafkaException as exc:
+            log.warning("cannot rewind %s/%d: %s", msg.topic(), msg.partition(), exc)
 
     def _dead_letter_alone(
         self, item: _Item, error: BaseException, attempts: int, reason: Reason
     ) -> None:
         """Dead-letter in a transaction of its own; database outages are waited out."""
         outages = 0
+        group = self.config.group_id
         while True:
             if self.stop.is_set():
                 raise _Stopped()
             try:
-                with self._session() as session, session.begin():
-                    if mark_processed(session, self.config.group_id, [item.key]):
-                        self._dead_letter(session, item, error, attempts, reason)
-                        outcome = Outcome.DEAD_LETTERED
+                with self._transactions.open() as tx:
+                    if tx.run(lambda s: mark_processed(s, group, [item.key])):
+                        outcome = self._dead_letter(tx, item, error, attempts, reason)
                     else:
                         outcome = Outcome.DUPLICATE
+                    tx.run(lambda s: clear_attempts(s, group, _ranges([item])))
             except Exception as exc:
                 if not is_infrastructure_error(exc):
                     raise DeadLetterError(
@@ -664,9 +928,29 @@ class IdempotentConsumer:
             return
 
     def _dead_letter(
+        self, tx: Transaction, item: _Item, error: BaseException, attempts: int, reason: Reason
+    ) -> Outcome:
+        """Publish the dead letter through the outbox, in the transaction marking it processed;
+        a record of a dead-letter topic is only logged (a regex subscription matching its own
+        dead-letter topics would otherwise dead-letter forever, one new topic a round)."""
+        record = item.record
+        if record.topic.endswith(self.config.dead_letter_suffix):
+            log.error(
+                "%s (event %s) of a dead-letter topic failed after %d attempt(s), %s: %s; "
+                "marked processed, not dead-lettered again",
+                record.position,
+                item.key,
+                attempts,
+                reason.value,
+                describe(error),
+            )
+            return Outcome.NOT_DEAD_LETTERED
+        tx.run(lambda s: self._publish_dead_letter(s, item, error, attempts, reason))
+        return Outcome.DEAD_LETTERED
+
+    def _publish_dead_letter(
         self, session: Session, item: _Item, error: BaseException, attempts: int, reason: Reason
     ) -> None:
-        """Publish the dead letter through the outbox, in the transaction marking it processed."""
         record = item.record
         topic = self.config.dead_letter_topic(record.topic)
         headers = dead_letter_headers(
@@ -722,6 +1006,8 @@ class IdempotentConsumer:
             elif outcome is Outcome.DUPLICATE:
                 self.stats.duplicates += 1
                 log.debug("%s: event %s already processed; skipped", item.record.position, item.key)
+            elif outcome is Outcome.NOT_DEAD_LETTERED:
+                self.stats.not_dead_lettered += 1
             else:
                 self.stats.dead_lettered += 1
             tp = (item.record.topic, item.record.partition)
@@ -824,6 +1110,16 @@ class IdempotentConsumer:
         if deleted:
             log.info("purged %d dedup records older than %s", deleted, window)
         self._purge.ran(time.monotonic(), finished=finished)
+
+
+def _ranges(items: Sequence[_Item]) -> list[tuple[str, int, int, int]]:
+    """``(topic, partition, first, last)`` offsets of the items, per partition."""
+    ranges: dict[tuple[str, int], tuple[int, int]] = {}
+    for item in items:
+        tp, offset = (item.record.topic, item.record.partition), item.record.offset
+        first, last = ranges.get(tp, (offset, offset))
+        ranges[tp] = (min(first, offset), max(last, offset))
+    return [(t, p, first, last) for (t, p), (first, last) in ranges.items()]
 
 
 def _names(partitions: list[Any]) -> str:

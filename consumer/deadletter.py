@@ -7,11 +7,13 @@ too: never lost, never doubled, and the partition moves on.
 The record keeps the original key and the original value bytes (its
 ``content-type`` becomes ``application/octet-stream``; the original one is in
 ``dlt-original-content-type``). The original headers are copied, except the
-outbox's own (``outbox-event-id``, ``content-type``) and earlier ``dlt-*``
-headers, and these are added (all UTF-8 text):
+outbox's own (``outbox-event-id``, ``content-type``) and the headers below of
+an earlier dead letter (an application's other ``dlt-*`` headers are kept), and
+these are added (all UTF-8 text):
 
 =============================  ===============================================
-``dlt-reason``                 ``retries-exhausted``, ``non-retryable`` or ``undecodable``
+``dlt-reason``                 ``retries-exhausted``, ``non-retryable``, ``undecodable``,
+                               ``consumer-died`` or ``stuck``
 ``dlt-error-type``             exception class, ``module.QualName`` (builtins bare)
 ``dlt-error-message``          ``str(exception)``, passwords redacted, cut at 2000 chars
 ``dlt-attempts``               handler calls made (``0`` when undecodable)
@@ -58,6 +60,25 @@ LEFT_OUT_HEADER = "dlt-left-out"
 """Set when the record was too large to dead-letter whole: what was left out, and why."""
 ENCODED_HEADER_PREFIX = "dlt-header-b64:"
 """Prefix of an original header whose name could not be stored as is; base64url follows."""
+
+OWN_HEADERS = frozenset(
+    {
+        REASON_HEADER,
+        ERROR_TYPE_HEADER,
+        ERROR_MESSAGE_HEADER,
+        ATTEMPTS_HEADER,
+        ORIGINAL_TOPIC_HEADER,
+        ORIGINAL_PARTITION_HEADER,
+        ORIGINAL_OFFSET_HEADER,
+        ORIGINAL_TIMESTAMP_HEADER,
+        ORIGINAL_EVENT_ID_HEADER,
+        ORIGINAL_CONTENT_TYPE_HEADER,
+        CONSUMER_GROUP_HEADER,
+        LEFT_OUT_HEADER,
+    }
+)
+"""The headers a dead letter sets; a record's own header of one of these names is replaced.
+Other ``dlt-*`` headers (the application's own) are kept."""
 
 MAX_ERROR_MESSAGE = 2000
 _UNSTORABLE_NAME = re.compile(r"[\x00\ud800-\udfff]")
@@ -123,8 +144,8 @@ def _original_headers(record: Record, key: str) -> list[tuple[str, str | bytes]]
     headers: list[tuple[str, str | bytes]] = []
     for name, value in record.headers:
         lowered = name.lower()
-        if lowered.startswith(DLT_PREFIX):
-            continue  # an earlier dead letter's explanation
+        if lowered in OWN_HEADERS:
+            continue  # an earlier dead letter's explanation (a replayed dead letter)
         if lowered == EVENT_ID_HEADER:
             if value != key.encode("utf-8", "surrogateescape"):  # hashed, trimmed: keep it
                 headers.append((encoded_header_name(name), value))

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from datetime import timedelta
 
-from sqlalchemy import Connection, bindparam, text
+from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, INTERVAL
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Integer, Text
@@ -34,6 +34,11 @@ SELECT :group_id, event_id FROM unnest(:event_ids) AS ids(event_id)
 ON CONFLICT (group_id, event_id) DO NOTHING
 RETURNING event_id
 """
+).bindparams(bindparam("event_ids", type_=ARRAY(Text)))
+
+# Forget events recorded as processed (their handler did not finish: see the runner).
+UNMARK_PROCESSED = text(
+    "DELETE FROM outbox_processed_events WHERE group_id = :group_id AND event_id = ANY(:event_ids)"
 ).bindparams(bindparam("event_ids", type_=ARRAY(Text)))
 
 # Whether one event is recorded as processed for a group (operations and tests).
@@ -87,6 +92,12 @@ def mark_processed(session: Session | Connection, group_id: str, keys: Iterable[
         return set()
     rows = session.execute(MARK_PROCESSED, {"group_id": group_id, "event_ids": ordered})
     return {row[0] for row in rows}
+
+
+def unmark_processed(engine: Engine, group_id: str, keys: Iterable[str]) -> None:
+    """Delete dedup records in a transaction of its own."""
+    with engine.begin() as conn:
+        conn.execute(UNMARK_PROCESSED, {"group_id": group_id, "event_ids": sorted(set(keys))})
 
 
 def is_processed(session: Session | Connection, group_id: str, key: str) -> bool:

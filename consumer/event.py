@@ -326,7 +326,7 @@ def outbox_event_id(record: Record) -> str | None:
     raw = record.raw_header(EVENT_ID_HEADER)
     if raw is None:
         return None
-    value = raw.decode("utf-8", "surrogateescape").strip()
+    value = raw.decode("utf-8", "surrogateescape")  # not stripped: "a1 " and "a1" differ
     return value or None
 
 

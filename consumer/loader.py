@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from consumer.consumer import IdempotentConsumer
 from outbox.errors import ConfigError
@@ -20,6 +21,7 @@ def load_consumer_class(path: str) -> type[IdempotentConsumer]:
     if not sep or not module_name or not attr_path:
         raise ConfigError(f"{path!r} is not module:Class; pass e.g. mypkg.projector:OrderProjector")
     cwd = os.getcwd()
+    _refuse_shadowing(module_name, Path(cwd))
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
@@ -48,6 +50,26 @@ def load_consumer_class(path: str) -> type[IdempotentConsumer]:
             f"{path!r} is the IdempotentConsumer base class itself; point at your subclass"
         )
     return obj
+
+
+OWN_PACKAGES = ("consumer", "outbox")
+"""kafka-outbox's top-level packages: a user module of one of these names hides it."""
+
+
+def _refuse_shadowing(module_name: str, cwd: Path) -> None:
+    """A module ``consumer.py`` (or ``outbox.py``) of the user's beside the command has the
+    name of this library's package: ``consumer:MyClass`` would look in the library's package
+    and fail with a confusing "no attribute"; say what is wrong instead (I8)."""
+    top = module_name.partition(".")[0]
+    if top not in OWN_PACKAGES:
+        return
+    ours = Path(str(importlib.import_module(top).__file__)).resolve().parent
+    for candidate in (cwd / f"{top}.py", cwd / top):
+        if candidate.exists() and candidate.resolve() != ours:
+            raise ConfigError(
+                f"{candidate} has the name of kafka-outbox's own package {top!r}, which it "
+                f"hides: rename your module (e.g. my_{top}.py) and pass my_{top}:YourClass"
+            )
 
 
 def _is_the_module_itself(exc: ModuleNotFoundError, module_name: str) -> bool:

@@ -22,7 +22,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from consumer.consumer import IdempotentConsumer
 from consumer.dedup import mark_processed, normalise_key
@@ -39,8 +39,9 @@ UNUSED_BROKER = "broker.invalid:9092"
 """The bootstrap servers of a consumer built for tests: ``deliver()`` never contacts Kafka."""
 
 
-def consumer_for_tests(cls: type[C], db: str | Engine, **options: Any) -> C:
-    """An instance of your consumer class for ``deliver()``; no Kafka connection is made."""
+def consumer_for_tests(cls: type[C], db: str | Engine | AsyncEngine, **options: Any) -> C:
+    """An instance of your consumer class for ``deliver()``; no Kafka connection is made.
+    Call its ``close()`` when done (an async consumer holds an AsyncEngine and an event loop)."""
     return cls(db, UNUSED_BROKER, **options)
 
 
@@ -76,10 +77,12 @@ def record(
 def deliver(consumer: IdempotentConsumer, event: Record | PublishedEvent) -> bool:
     """Run ``consumer.handle`` on ``event`` with its dedup record in ONE transaction.
 
-    Returns True when the handler ran and committed, False when the event had
-    already been processed by this consumer group (skipped, as ``run()`` skips
-    it). A handler's exception, or a value that cannot be decoded
-    (``UndecodableEvent``), propagates and nothing is committed.
+    Returns True when the handler ran (an ``async def`` one awaited) and committed, False
+    when the event had already been processed by this consumer group (skipped, as ``run()``
+    skips it). A handler's exception, ``TransactionMisuse`` when it committed, rolled back
+    or swallowed a database error, or a value that cannot be decoded (``UndecodableEvent``),
+    propagates and nothing is committed. Call it from plain (not async) test functions: an
+    async handler runs on the consumer's own event loop.
     """
     rec = event if isinstance(event, Record) else event.record()
     key = normalise_key(outbox_event_id(rec) or consumer.dedup_key(rec) or rec.position)
@@ -89,9 +92,10 @@ def deliver(consumer: IdempotentConsumer, event: Record | PublishedEvent) -> boo
         types=type(consumer).event_types,
         default_content_type=consumer.config.default_content_type,
     )
-    with Session(consumer.engine) as session, session.begin():
-        if not mark_processed(session, consumer.config.group_id, [key]):
+    group = consumer.config.group_id
+    with consumer._transactions.open() as tx:
+        if not tx.run(lambda session: mark_processed(session, group, [key])):
             return False
         with restored_context(decoded.headers):
-            consumer.handle(session, decoded)
+            tx.handle(decoded)  # awaited when async; its transaction checked (I11)
     return True

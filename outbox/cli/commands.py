@@ -902,9 +902,11 @@ def consume(
 ) -> None:
     """Run a deduplicating consumer: each event's effects and its dedup record in one DB
     transaction, the Kafka offset committed after it; failures dead-lettered to <topic>.DLT."""
-    from consumer import DeadLetterError, load_consumer_class
-
     _setup_logging(log_level, log_format)
+    try:
+        from consumer import DeadLetterError, load_consumer_class
+    except ImportError as exc:  # a module of the user's named consumer.py imported instead
+        raise _fail(ConfigError(_shadowed("consumer", exc))) from None
     try:
         cls = load_consumer_class(consumer_class)
         settings = _client_settings(consumer_config, consumer_setting)
@@ -921,7 +923,7 @@ def consume(
     except (ConfigError, ConnectionError) as exc:
         raise _fail(exc) from None
     _stop_on_signals(runner.stop)
-    from outbox.cli.metrics import ConsumerMetrics
+    from consumer.metrics import ConsumerMetrics
 
     server = _serve_health(metrics_host, metrics_port, runner, ConsumerMetrics(runner).registry)
     try:
@@ -931,6 +933,17 @@ def consume(
     finally:
         if server is not None:
             server.stop()
+
+
+def _shadowed(package: str, exc: ImportError) -> str:
+    import importlib
+
+    module = importlib.import_module(package)
+    where = getattr(module, "__file__", None)
+    return (
+        f"cannot load kafka-outbox's {package!r} package ({exc}): {where} has its name and "
+        f"hides it; rename that module (e.g. my_{package}.py)"
+    )
 
 
 @runtime_checkable

@@ -26,10 +26,11 @@ from typing import Any, ClassVar
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import Engine, text
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from consumer import Event, IdempotentConsumer
-from outbox import publish
+from outbox import apublish, publish
 from tests.support import KafkaReader, consume_command, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
@@ -68,6 +69,19 @@ class CrashingProjector(IdempotentConsumer):
         os._exit(3)
 
 
+class AsyncCrashingProjector(CrashingProjector):
+    """The same projector with an ``async def handle`` (an AsyncSession, ``apublish``)."""
+
+    async def handle(self, session: AsyncSession, event: Event) -> None:  # type: ignore[override]
+        await session.execute(
+            text("INSERT INTO effects (event_id, pid) VALUES (:e, :pid)"),
+            {"e": event.id, "pid": os.getpid()},
+        )
+        await apublish(session, topic=self.downstream, key=event.key, value={"source": event.id})
+        if self.crash == "in-handler":
+            self._park()
+
+
 class Subprocess:
     def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.proc = proc
@@ -83,7 +97,9 @@ def launch(
 ) -> Iterator[Callable[..., Subprocess]]:
     started: list[Subprocess] = []
 
-    def start(topic: str, group: str, downstream: str, crash: str = "") -> Subprocess:
+    def start(
+        topic: str, group: str, downstream: str, crash: str = "", cls: str = "CrashingProjector"
+    ) -> Subprocess:
         log = tmp_path / f"consumer-{len(started)}.log"
         env = os.environ | {
             "CONSUMER_TEST_CRASH": crash,
@@ -93,7 +109,7 @@ def launch(
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 consume_command(
-                    f"{__name__}:CrashingProjector",
+                    f"{__name__}:{cls}",
                     database_url,
                     bootstrap_servers,
                     topic,
@@ -245,6 +261,33 @@ def test_i5_sigkill_inside_the_handler_leaves_nothing_and_restart_publishes_once
     second = launch(topic, group, downstream)
     log = _finish_gracefully(second, bootstrap_servers, group, topic, records)
     assert f"stopped: {EVENTS} applied, 0 duplicates skipped" in log, log
+    assert _effects(effects) == dict.fromkeys(inputs, 1)
+    drain()
+    assert _downstream_sources(kafka, downstream, EVENTS) == dict.fromkeys(inputs, 1)
+
+
+@pytest.mark.parametrize("crash", ["in-handler", "after-db-commit"])
+def test_i11_an_async_projector_run_by_outbox_consume_applies_every_event_once_across_sigkill(
+    effects: Engine,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Any],
+    kafka: KafkaReader,
+    launch: Callable[..., Subprocess],
+    make_topic: Callable[..., str],
+    tmp_path: Path,
+    crash: str,
+) -> None:
+    group = f"crash-{uuid.uuid4().hex[:8]}"
+    downstream = make_topic(f"{topic}.out")
+    records = _inputs(effects, topic, drain, kafka)
+    inputs = [r.event_id for r in records]
+
+    first = launch(topic, group, downstream, crash=crash, cls="AsyncCrashingProjector")
+    _kill_when_parked(first, tmp_path / "parked")
+    drain()
+    second = launch(topic, group, downstream, cls="AsyncCrashingProjector")
+    _finish_gracefully(second, bootstrap_servers, group, topic, records)
     assert _effects(effects) == dict.fromkeys(inputs, 1)
     drain()
     assert _downstream_sources(kafka, downstream, EVENTS) == dict.fromkeys(inputs, 1)

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a consumer (``outbox consume --metrics-port``), read at scrape time."""
+"""Prometheus metrics of a consumer (``outbox consume --metrics-port``, or your own registry:
+``ConsumerMetrics(consumer, registry)``), read at scrape time."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ CONSUMER_COUNTERS = (
         "outbox_consumer_db_outages",
         "Database failures retried without charging the event.",
         "outages",
+    ),
+    (
+        "outbox_consumer_not_dead_lettered",
+        "Failed records of a dead-letter topic: logged and marked processed, not dead-lettered.",
+        "not_dead_lettered",
     ),
     ("outbox_consumer_transactions", "Database transactions committed.", "transactions"),
     (
