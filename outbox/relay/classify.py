@@ -70,8 +70,7 @@ CONFIG_FIXES: Mapping[int, str] = {
         "grant the relay's principal Write on TransactionalId <prefix>-*"
     ),
     KafkaError.INVALID_TRANSACTION_TIMEOUT: (
-        "lower --transaction-timeout / transaction.timeout.ms below the broker's "
-        "transaction.max.timeout.ms"
+        "lower -X transaction.timeout.ms below the broker's transaction.max.timeout.ms"
     ),
     KafkaError.UNSUPPORTED_VERSION: (
         "this broker lacks a needed feature (transactions?): try --guarantee at-least-once"

@@ -116,7 +116,7 @@ class Relay:
             self.stop.set()
             self.wake_all()
             for worker in list(self.workers.values()):
-                worker.join(self.config.transaction_timeout + 10)
+                worker.join(self.plan.transaction_timeout + 10)
             self._close_clients()
             if listener is not None:
                 listener.join(5)
@@ -306,7 +306,7 @@ class Relay:
             tid = self.transactional_id(slot)
             producer = Producer(self.relay_settings(tid) | {"logger": librdkafka_logger()})
             try:
-                producer.init_transactions(self.config.transaction_timeout)
+                producer.init_transactions(self.plan.transaction_timeout)
                 raw = self.read_marker(slot, tid, self.stop)
             except KafkaException as exc:
                 raise TransientError(f"settling slot {slot} of the old layout: {exc}") from None

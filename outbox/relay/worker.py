@@ -51,6 +51,11 @@ SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
 GUARD_NAMESPACE = 0x6F757464  # 'outd': serialises the slot-count check, announcement, settling
 
 
+class DatabaseRefused(TransientError):
+    """The database refused a statement on a live session (read-only, a revoked privilege, a
+    trigger that raises): retried with backoff, the slot kept (I12)."""
+
+
 class Row(NamedTuple):
     """One claimed outbox row, in CLAIM_BATCH's column order.
 
@@ -322,6 +327,8 @@ class SlotWorker(threading.Thread):
         )
 
     def _close(self) -> None:
+        with contextlib.suppress(Exception):  # a worker ending mid-batch leaves none open (I12)
+            self._abort_open()
         if self.producer is not None:
             try:
                 self.producer.flush(5)
@@ -349,7 +356,7 @@ class SlotWorker(threading.Thread):
             # Fences the previous owner of this transactional.id, aborts its open transaction (I4).
             while True:
                 try:
-                    self.producer.init_transactions(self.config.transaction_timeout)
+                    self.producer.init_transactions(self.context.plan.transaction_timeout)
                     return
                 except KafkaException as exc:
                     err = exc.args[0]
@@ -413,7 +420,11 @@ class SlotWorker(threading.Thread):
             # the same.
             if self.conn.closed or self.conn.broken:
                 raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
-            raise
+            reason = " ".join(str(exc.diag.message_primary or exc).split())
+            raise DatabaseRefused(
+                f"the database refused the slot's work ({type(exc).__name__}: "
+                f"{redact(reason, 300)})"
+            ) from None
 
     def _claim(self) -> list[Row]:
         params = sql.claim_params(
@@ -477,7 +488,7 @@ class SlotWorker(threading.Thread):
         if self.config.guarantee is Guarantee.AT_MOST_ONCE:
             self._delete_rows([r.id for r in sendable])
             self._produce(sendable, {})
-            self.producer.flush(self.config.transaction_timeout)
+            self.producer.flush(self.context.plan.transaction_timeout)
             self.context.stats.add(published=len(sendable), batches=1)
             return
         if self.transactional:
@@ -613,11 +624,14 @@ class SlotWorker(threading.Thread):
     def _publish_transaction(self, rows: list[Row]) -> None:
         """One Kafka transaction: the rows, then the slot's recovery marker.
 
-        While the broker acknowledges the records, a database transaction deletes
-        the rows (and, in a backlog, claims the next batch, which no longer sees
-        them); it commits only after the Kafka transaction did, so a row leaves the
-        outbox only once its record is committed (I2), and the database's work
-        overlaps the broker's instead of following it.
+        The database transaction deletes the rows first: a database that refuses the
+        delete (read-only, a revoked privilege, a trigger) refuses the batch before any
+        record is sent. While the broker acknowledges the records, it claims the next
+        batch in a backlog (which no longer sees these rows); it commits only after the
+        Kafka transaction did, so a row leaves the outbox only once its record is
+        committed (I2). Every way out of a batch that did not commit aborts its Kafka
+        transaction first (I12): an open one would hold back every read_committed reader
+        of its partitions, other producers' records included.
         """
         ids = [r.id for r in rows]
         failures: dict[int, Any] = {}
@@ -625,20 +639,20 @@ class SlotWorker(threading.Thread):
         ahead: list[Row] = []
         committed = False
         try:
-            self.producer.begin_transaction()
-            self._txn_begun, self._txn_ended = time.monotonic(), None
-            self._produce(rows, failures)
             with self._db_transaction():
                 self._delete_rows(ids)
+                self.producer.begin_transaction()
+                self._txn_begun, self._txn_ended = time.monotonic(), None
+                self._produce(rows, failures)
                 if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
                     ahead = self._claim()
                 # The marker goes out only once every record of the batch is acknowledged. On
                 # a broker that shows aborted transactions (Tansu), a marker can then never
                 # name a row whose record is missing, so recovery cannot delete an unpublished
                 # row.
-                unsent = self.producer.flush(self.config.transaction_timeout)
+                unsent = self.producer.flush(self.context.plan.transaction_timeout)
                 if failures or unsent:
-                    raise psycopg.Rollback  # the rows stay in the outbox
+                    raise psycopg.Rollback  # noqa: TRY301 - the rows stay in the outbox
                 self.context.wrote_marker.add(self.slot)
                 marker = Marker.of_batch(
                     self.context.outbox_id,
@@ -656,16 +670,15 @@ class SlotWorker(threading.Thread):
                 self._commit()
                 committed = True
                 self._txn_ended = time.monotonic()
-        except SlotLost:
-            if not committed:  # nothing of this batch may commit now; if it did, recovery
-                with contextlib.suppress(KafkaException):  # deletes its rows (I4)
-                    self.producer.abort_transaction(5)
-            raise
         except KafkaException as exc:
-            # The transaction's fate may be unknown: rebuild the producer (init_transactions
-            # settles it) and let the marker tell whether these rows were committed.
+            err = exc.args[0]
+            if not committed and err.txn_requires_abort():
+                self._abort_open()
+            # Otherwise the transaction's fate may be unknown: rebuild the producer
+            # (init_transactions settles it) and let the marker tell whether these rows
+            # were committed.
             self._discard_producer()
-            verdict = classify(exc.args[0])
+            verdict = classify(err)
             if verdict is Verdict.FENCED:
                 raise self._fenced(
                     f"fenced: another relay took transactional.id {self.tid}"
@@ -673,7 +686,15 @@ class SlotWorker(threading.Thread):
             if verdict is Verdict.CONFIG:
                 raise ConfigError(f"Kafka refused the relay: {config_fix(exc)}") from None
             _, error = self._handle_failures(rows, failures)
-            raise error or TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
+            raise error or TransientError(f"Kafka transaction failed: {err}") from None
+        except BaseException:
+            if committed:
+                # The Kafka transaction committed, only the delete did not: the marker names
+                # these rows, so recovery deletes them before anything is published again (I4).
+                self._needs_recovery = self.transactional
+            else:
+                self._abort_open()
+            raise
         if failures or unsent:
             self._abort()
             if not failures:
@@ -686,10 +707,28 @@ class SlotWorker(threading.Thread):
         self.holds.succeeded({r.topic for r in rows})
         self.context.stats.add(published=len(rows), batches=1)
 
+    @property
+    def _txn_open(self) -> bool:
+        return self._txn_begun is not None and self._txn_ended is None
+
+    def _abort_open(self) -> None:
+        """Abort the batch's Kafka transaction, if one is open, on the way out of a batch that
+        did not commit (I12). A producer that cannot abort is dropped: the next one's
+        init_transactions aborts it, and the broker does at transaction.timeout.ms."""
+        if self.producer is None or not self._txn_open:
+            return
+        self.context.stats.add(aborts=1)
+        try:
+            self.producer.abort_transaction(self.context.plan.transaction_timeout)
+            self._txn_ended = time.monotonic()
+        except KafkaException as exc:
+            log.debug("slot %d: abort failed (%s); dropping the producer", self.slot, exc)
+            self._discard_producer()
+
     def _commit(self) -> None:
         while True:
             try:
-                self.producer.commit_transaction(self.config.transaction_timeout)
+                self.producer.commit_transaction(self.context.plan.transaction_timeout)
                 return
             except KafkaException as exc:
                 if exc.args[0].retriable() and not self._stopping():
@@ -699,7 +738,7 @@ class SlotWorker(threading.Thread):
     def _abort(self) -> None:
         self.context.stats.add(aborts=1)
         try:
-            self.producer.abort_transaction(self.config.transaction_timeout)
+            self.producer.abort_transaction(self.context.plan.transaction_timeout)
             self._txn_ended = time.monotonic()
         except KafkaException as exc:
             self._discard_producer()
@@ -793,7 +832,7 @@ class SlotWorker(threading.Thread):
             if self._stopping():
                 return False
             now = time.monotonic()
-            if now - last_said >= self.config.transaction_timeout:
+            if now - last_said >= self.context.plan.transaction_timeout:
                 last_said = now
                 log.warning(
                     "slot %d: %d records not acknowledged after %.0f s; they stay in the "
