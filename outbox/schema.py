@@ -65,6 +65,14 @@ outbox_events = Table(
     *_event_columns(),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("outbox_events_shard_id", "shard", "id"),
+    # A row no Kafka record can be built from is poison (I6): keep such rows out.
+    CheckConstraint(
+        "cardinality(header_names) = cardinality(header_values)",
+        name="outbox_events_headers_paired",
+    ),
+    CheckConstraint(
+        "array_position(header_names, NULL) IS NULL", name="outbox_events_headers_named"
+    ),
     comment="Committed events waiting for the relay; a row is deleted once Kafka has it.",
 )
 

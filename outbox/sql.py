@@ -203,6 +203,15 @@ DELETE_RECOVERED = """
 DELETE FROM outbox_events WHERE id = ANY(%(ids)s) AND event_id = ANY(%(event_ids)s)
 """
 
+# Give the id of a row about to be buried up, when a dead row of another event has it (ids
+# repeat after TRUNCATE ... RESTART IDENTITY): that row moves past every dead row's id.
+FREE_DEAD_ID = """
+UPDATE outbox_dead_events
+SET id = (SELECT max(id) + 1 FROM outbox_dead_events)
+WHERE id = %(id)s
+  AND event_id <> (SELECT event_id FROM outbox_events WHERE id = %(id)s)
+"""
+
 # Move one poison row aside with its error, in one statement (I6).
 MOVE_TO_DEAD = """
 WITH moved AS (DELETE FROM outbox_events WHERE id = %(id)s RETURNING *)

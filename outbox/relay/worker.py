@@ -93,6 +93,26 @@ class Row(NamedTuple):
         return self.value_bytes + len(self.key or b"") + HEADER_ALLOWANCE > limit
 
 
+def record_defect(row: Row) -> str | None:
+    """Why no Kafka record can be built from ``row``, or None. Such a row is poison (I6):
+    ``publish()`` never writes one, but another writer (a SQL backfill, another service, a
+    table from before its constraints) can."""
+    names, values = row.header_names, row.header_values
+    if names is None or values is None:
+        return "header_names or header_values is NULL"
+    if len(names) != len(values):
+        return f"header_names has {len(names)} entries but header_values {len(values)}"
+    for i, name in enumerate(names, 1):  # positions as SQL counts them
+        if name is None:
+            return f"header_names[{i}] is NULL"
+        if not isinstance(name, str):
+            return f"header_names[{i}] is not text (a multidimensional array?)"
+    for i, value in enumerate(values, 1):
+        if value is not None and not isinstance(value, bytes):
+            return f"header_values[{i}] is not bytea (a multidimensional array?)"
+    return None
+
+
 @dataclass(slots=True)
 class RelayStats:
     """Counters shared by the workers of one process (read by the demo and status)."""
@@ -469,7 +489,10 @@ class SlotWorker(threading.Thread):
             row.topic,
             error,
         )
-        with self._connection_held():
+        with self._connection_held(), self.conn.transaction():
+            # A dead row of an older table (ids repeat after TRUNCATE ... RESTART IDENTITY)
+            # gives its id up to this one, which keeps its order for a re-queue.
+            self.conn.execute(sql.FREE_DEAD_ID, {"id": row.id})
             self.conn.execute(sql.MOVE_TO_DEAD, {"id": row.id, "error": error})
         self.context.stats.add(dead=1)
 
@@ -479,7 +502,9 @@ class SlotWorker(threading.Thread):
         limit = self.context.plan.message_max_bytes
         sendable = []
         for row in rows:
-            if row.left_out or (row.may_exceed(limit) and row.size > limit):
+            if defect := record_defect(row):
+                self._bury(row, f"no Kafka record can be built from this row: {defect}")
+            elif row.left_out or (row.may_exceed(limit) and row.size > limit):
                 self._bury(row, f"record of {row.size} bytes exceeds message.max.bytes={limit}")
             else:
                 sendable.append(row)
@@ -527,6 +552,9 @@ class SlotWorker(threading.Thread):
                     self.producer.poll(0.05)
                 except KafkaException as exc:
                     failures[row.id] = exc.args[0]
+                    break
+                except (TypeError, ValueError) as exc:  # arguments no record is built from
+                    failures[row.id] = KafkaError(KafkaError._INVALID_ARG, str(exc))
                     break
 
     def _handle_failures(
