@@ -45,6 +45,15 @@ SELECT to_regclass('outbox_events') AS events, to_regclass('outbox_dead_events')
 # Take a slot for this session; released when the session ends (crash included).
 TRY_LOCK_SLOT = "SELECT pg_try_advisory_lock(%(namespace)s, %(slot)s)"
 
+# Bound a slot or control session on the server (outbox.relay.sessions): names, values.
+SET_SESSION = """
+SELECT set_config(name, setting, false)
+FROM unnest(%(names)s::text[], %(settings)s::text[]) AS s(name, setting)
+"""
+
+# A slot connection's heartbeat: the server ends a session silent for the takeover timeout.
+HEARTBEAT = "SELECT 1"
+
 # Give a slot back on purpose (rebalancing, shutdown).
 UNLOCK_SLOT = "SELECT pg_advisory_unlock(%(namespace)s, %(slot)s)"
 

@@ -22,10 +22,11 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from psycopg.conninfo import conninfo_to_dict
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import sql
-from outbox.db import connect, redact
+from outbox.db import connect, libpq_dsn, redact
 from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
@@ -35,6 +36,7 @@ from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.fences import FOREIGN_FENCE_WINDOW, FenceAlarm
 from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
+from outbox.relay.sessions import client_settings, server_settings
 from outbox.relay.worker import (
     GUARD_NAMESPACE,
     SLOT_NAMESPACE,
@@ -47,6 +49,9 @@ from outbox.relay.worker import (
 log = logging.getLogger("outbox.relay")
 
 COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
+CONTROL_SILENCE = 5.0
+"""/readyz fails when the control connection has not answered for this long (a few of the
+coordinator's 1 s loops): the relay may be cut off from its database."""
 MARKER_READ_TIMEOUT = 30.0
 """How long a takeover reads for the slot's last marker before retrying (never settles
 for an older one)."""
@@ -87,6 +92,11 @@ class Relay:
         self._failures: dict[int, int] = {}
         self._not_before: dict[int, float] = {}
         self.name = f"outbox-relay:{os.getpid()}"
+        self._keepalives = client_settings(
+            config.takeover_timeout, conninfo_to_dict(libpq_dsn(config.dsn))
+        )
+        self._bounds_refused: set[str] = set()  # session settings this server does not know
+        self._control_answered = time.monotonic()
         self.metrics = RelayMetrics(self)
 
     # -- public ----------------------------------------------------------------
@@ -208,6 +218,9 @@ class Relay:
     def _readiness(self) -> tuple[bool, str]:
         if self._control is None or self._control.closed or self._control.broken:
             return False, "no database connection"
+        silent = time.monotonic() - self._control_answered
+        if silent > CONTROL_SILENCE:
+            return False, f"the database has not answered for {silent:.0f} s"
         with self._lock:
             workers = list(self.workers.values())
         want = target_share(self.config.slots, self._members, self.config.max_slots)
@@ -421,10 +434,11 @@ class Relay:
                 owned = sorted(self.workers)
             try:
                 members = self._members = self._count_members()
+                self._control_answered = time.monotonic()
                 if members > 1:  # another relay may write markers for slots this one takes
                     self.first_run = False
-            except psycopg.OperationalError:
-                log.warning("control connection lost; reconnecting")
+            except psycopg.Error as exc:  # ended by the server's session timeout, too
+                log.warning("control connection lost (%s); reconnecting", _line(exc))
                 self._reconnect_control()
                 continue
             for slot in slots_to_release(owned, self.config.slots, members):
@@ -453,11 +467,12 @@ class Relay:
 
     def _try_take(self, slot: int) -> bool:
         try:
-            conn = connect(self.config.dsn, application_name=f"{self.name}:slot-{slot}")
+            conn = self._session(f"{self.name}:slot-{slot}")
         except ConnectionError as exc:
             log.warning("%s", exc)
             return False
         try:
+            self._bound(conn)
             row = conn.execute(
                 sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}
             ).fetchone()
@@ -484,7 +499,8 @@ class Relay:
             with attempt:
                 if self._control is not None:
                     self._control.close()
-                self._control = connect(self.config.dsn, application_name=self.name)
+                self._control = self._session(self.name)
+                self._bound(self._control)
                 try:
                     self._announce_slot_count()
                 except ConfigError as exc:  # another slot count took over meanwhile
@@ -495,7 +511,9 @@ class Relay:
         attempt = 0
         while True:
             try:
-                return connect(self.config.dsn, application_name=self.name)
+                conn = self._session(self.name)
+                self._bound(conn)
+                return conn
             except ConnectionError as exc:
                 if self.config.once or self.stop.is_set():
                     raise
@@ -503,6 +521,31 @@ class Relay:
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
                 log.warning("%s; retrying in %.0f s", exc, delay)
                 self.stop.wait(delay)
+
+    def _session(self, application_name: str) -> psycopg.Connection[dict[str, Any]]:
+        """A connection with the relay's keepalives: a relay cut off from its database
+        notices within --takeover-timeout."""
+        return connect(self.config.dsn, application_name=application_name, params=self._keepalives)
+
+    def _bound(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        """Have the server end this session once it has been silent for --takeover-timeout
+        (frozen or cut off), freeing its slot and its announcement for another relay (I12)."""
+        wanted = server_settings(self.config.takeover_timeout)
+        settings = {k: v for k, v in wanted.items() if k not in self._bounds_refused}
+        try:
+            conn.execute(
+                sql.SET_SESSION, {"names": list(settings), "settings": list(settings.values())}
+            )
+        except psycopg.errors.UndefinedObject as exc:  # idle_session_timeout: PostgreSQL < 14
+            if "idle_session_timeout" in self._bounds_refused:
+                raise
+            self._bounds_refused.add("idle_session_timeout")
+            log.warning(
+                "this PostgreSQL has no idle_session_timeout (%s; it came in 14): a frozen "
+                "relay's slots are freed only by TCP keepalives, which its kernel still answers",
+                _line(exc),
+            )
+            self._bound(conn)
 
     def _pause(self, seconds: float) -> None:
         self.stop.wait(seconds)
@@ -532,7 +575,7 @@ class Relay:
         failures = 0
         while not self.stop.is_set():
             try:
-                with connect(self.config.dsn, application_name=f"{self.name}:listen") as conn:
+                with self._session(f"{self.name}:listen") as conn:  # idle by design: unbounded
                     conn.execute(sql.LISTEN)
                     self.listening.set()
                     failures = 0
@@ -729,6 +772,10 @@ class Relay:
             if msg.key() == key and msg.value():
                 last = msg.value()
         return last
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(redact(str(exc)).split())
 
 
 def _position(consumer: Any, tp: TopicPartition) -> int:

@@ -42,6 +42,7 @@ from outbox.relay.fences import (
 )
 from outbox.relay.marker import Marker, MarkerReading, recoverable
 from outbox.relay.metrics import RelayMetrics
+from outbox.relay.sessions import heartbeat_interval
 
 log = logging.getLogger("outbox.relay")
 
@@ -215,10 +216,14 @@ class SlotWorker(threading.Thread):
         # row at fault is buried, and in id order (I3, I6).
         self._narrow_until: int | None = None
         self._fatal: Any = None  # a fatal error librdkafka reported through error_cb
+        self._ended = threading.Event()  # the worker is closing: its heartbeat stops
 
     # -- lifecycle -------------------------------------------------------------
 
     def run(self) -> None:
+        threading.Thread(
+            target=self._heartbeat, name=f"outbox-slot-{self.slot}-heartbeat", daemon=True
+        ).start()
         try:
             self._run()
         except ForeignFence as exc:
@@ -346,7 +351,21 @@ class SlotWorker(threading.Thread):
             state.attempt_number,
         )
 
+    def _heartbeat(self) -> None:
+        """Speak on the slot's connection a few times per --takeover-timeout, so the server
+        ends the session (freeing the slot) only when this relay stopped answering: frozen
+        or cut off, not merely waiting on Kafka, a backoff or a poll (I12). psycopg runs it
+        between the worker's statements (inside its transaction, if one is open)."""
+        interval = heartbeat_interval(self.config.takeover_timeout)
+        while not self._ended.wait(interval):
+            try:
+                self.conn.execute(sql.HEARTBEAT)
+            except psycopg.Error:
+                if self.conn.closed or self.conn.broken:
+                    return  # the worker finds out at its next statement
+
     def _close(self) -> None:
+        self._ended.set()
         with contextlib.suppress(Exception):  # a worker ending mid-batch leaves none open (I12)
             self._abort_open()
         if self.producer is not None:
