@@ -103,8 +103,10 @@ def test_i12_a_frozen_relays_slots_are_taken_over_and_it_publishes_nothing_twice
     wait_for(lambda: _pending(engine) == 0, timeout=60, what="both relays publish")
 
     os.kill(a.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
     ids += _publish(engine, topic, 20, "frozen")  # spread over both slots
     wait_for(lambda: _pending(engine) == 0, timeout=60, what="b takes the frozen relay's slot")
+    assert time.monotonic() - frozen_at < 60
     assert _owners(database_url) == Counter({b.pid: 2})
 
     os.kill(a.pid, signal.SIGCONT)
