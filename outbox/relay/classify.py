@@ -177,6 +177,19 @@ class TopicHolds:
         """Topics the next claim leaves out."""
         return sorted(t for t, until in self.until.items() if until > now)
 
+    def next_try(self, now: float) -> float | None:
+        """When the next held topic is tried again (``--once`` waits for it); None when none
+        is held. A hold whose time is past holds nothing back and must not hide a live one."""
+        return min((until for until in self.until.values() if until > now), default=None)
+
+
+def reached(rows: Iterable[tuple[int, str]], acked: Set[int], failures: Set[int]) -> set[str]:
+    """Topics the broker acknowledged a record of, in a batch that may have failed for other
+    rows: they are there and writable, so their hold clocks start again (a hold timed from an
+    older failure would bury their rows early, I6)."""
+    failed = {topic for row_id, topic in rows if row_id in failures}
+    return {topic for row_id, topic in rows if row_id in acked} - failed
+
 
 def message_headers(msg: Any) -> dict[str, bytes]:
     """A consumed record's headers as ``{name: bytes}`` (the last value wins on repeats)."""

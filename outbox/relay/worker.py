@@ -29,7 +29,7 @@ from outbox.errors import ConfigError, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
 from outbox.relay.batching import claim_ahead, jittered, poll_delay
-from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, settled
+from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, reached, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.fences import (
     Fence,
@@ -262,10 +262,10 @@ class SlotWorker(threading.Thread):
                 self.drained.clear()
                 empty_polls = 0
                 continue
-            wait_held = min(self.holds.until.values(), default=0.0) - time.monotonic()
-            if self.config.once and wait_held > 0:
+            next_try = self.holds.next_try(time.monotonic())
+            if self.config.once and next_try is not None:
                 # --once drains held topics too: wait for their next try (or burial).
-                self.wake.wait(wait_held)
+                self.wake.wait(max(0.0, next_try - time.monotonic()))
                 continue
             self.drained.set()
             if self.config.once:
@@ -682,6 +682,7 @@ class SlotWorker(threading.Thread):
         """
         ids = [r.id for r in rows]
         failures: dict[int, Any] = {}
+        acked: set[int] = set()
         unsent = 0
         ahead: list[Row] = []
         committed = False
@@ -690,7 +691,7 @@ class SlotWorker(threading.Thread):
                 self._delete_rows(ids)
                 self.producer.begin_transaction()
                 self._txn_begun, self._txn_ended = time.monotonic(), None
-                self._produce(rows, failures)
+                self._produce(rows, failures, acked)
                 if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
                     ahead = self._claim()
                 # The marker goes out only once every record of the batch is acknowledged. On
@@ -744,6 +745,7 @@ class SlotWorker(threading.Thread):
             raise
         if failures or unsent:
             self._abort()
+            self.holds.succeeded(reached(((r.id, r.topic) for r in rows), acked, failures.keys()))
             if not failures:
                 raise TransientError(f"{unsent} records not acknowledged in time")
             _, error = self._handle_failures(rows, failures)
