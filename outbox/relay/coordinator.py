@@ -468,15 +468,17 @@ class Relay:
     def _try_take(self, slot: int) -> bool:
         try:
             conn = self._session(f"{self.name}:slot-{slot}")
-        except ConnectionError as exc:
-            log.warning("%s", exc)
+        except (ConnectionError, ConfigError) as exc:
+            # A credential refused now (rotated, revoked) was good when the relay started: the
+            # control connection retries it too, so the slot is tried again, not the daemon ended.
+            log.warning("slot %d: cannot take it now: %s", slot, exc)
             return False
         try:
             self._bound(conn)
             row = conn.execute(
                 sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}
             ).fetchone()
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             log.warning("slot %d: cannot take it now: %s", slot, redact(str(exc)))
             conn.close()
             return False
