@@ -57,6 +57,12 @@ MARKER_READ_TIMEOUT = 30.0
 for an older one)."""
 
 
+def state_topic_replicas(brokers: int) -> int:
+    """The state topic's replication factor: 3 where the cluster has them (a stock broker's
+    default is 1, and the markers are what keeps a takeover from publishing twice)."""
+    return max(1, min(3, brokers))
+
+
 def notified_slot(payload: str, slots: int) -> int | None:
     """The slot a NOTIFY payload (``publish()`` sends the shard) wakes; None: every slot."""
     if payload.isdecimal() and int(payload) < SHARD_COUNT:
@@ -663,8 +669,23 @@ class Relay:
                     "(one per possible slot): delete it or pick another --state-topic"
                 )
             return
+        replicas = state_topic_replicas(len(md.brokers))
+        if replicas == 1:
+            log.warning(
+                "creating the state topic %r with replication factor 1 (the cluster has one "
+                "broker): losing that broker's disk loses the recovery markers, and a relay "
+                "taking a slot over could publish its last batch again",
+                topic,
+            )
         futures = admin.create_topics(
-            [NewTopic(topic, SHARD_COUNT, config={"cleanup.policy": "compact"})],
+            [
+                NewTopic(
+                    topic,
+                    SHARD_COUNT,
+                    replication_factor=replicas,
+                    config={"cleanup.policy": "compact"},
+                )
+            ],
             operation_timeout=30,
         )
         for fut in futures.values():
