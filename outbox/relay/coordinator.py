@@ -17,7 +17,8 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
+import zlib
+from typing import Any, NamedTuple
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -49,12 +50,42 @@ from outbox.relay.worker import (
 log = logging.getLogger("outbox.relay")
 
 COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
+# Shared locks announcing the other settings every relay of one outbox must share: a relay
+# with another prefix or state topic neither fences the others nor reads their markers, and
+# one with another guarantee publishes beside them without the recovery marker.
+PREFIX_NAMESPACE = 0x6F757470  # 'outp': the transactional-id prefix in use
+STATE_TOPIC_NAMESPACE = 0x6F757473  # 'outs': the state topic
+GUARANTEE_NAMESPACE = 0x6F757467  # 'outg': the delivery guarantee
+GUARANTEES = list(Guarantee)
 CONTROL_SILENCE = 5.0
 """/readyz fails when the control connection has not answered for this long (a few of the
 coordinator's 1 s loops): the relay may be cut off from its database."""
 MARKER_READ_TIMEOUT = 30.0
 """How long a takeover reads for the slot's last marker before retrying (never settles
 for an older one)."""
+
+
+def _lock_value(text: str) -> int:
+    """A setting as an advisory lock's second key (a non-negative int4, as pg_locks shows it)."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def announced_settings(prefix: str, state_topic: str, guarantee: Guarantee) -> list[Announced]:
+    """What a relay announces beside its slot count, so a relay of the same outbox with other
+    values is refused in one line: (lock namespace, value, the option and its value)."""
+    return [
+        Announced(
+            PREFIX_NAMESPACE, _lock_value(prefix), f"--transactional-id-prefix (in use: {prefix})"
+        ),
+        Announced(STATE_TOPIC_NAMESPACE, _lock_value(state_topic), f"--state-topic={state_topic}"),
+        Announced(GUARANTEE_NAMESPACE, GUARANTEES.index(guarantee), f"--guarantee={guarantee}"),
+    ]
+
+
+class Announced(NamedTuple):
+    namespace: int
+    value: int
+    option: str
 
 
 def state_topic_replicas(brokers: int) -> int:
@@ -294,6 +325,7 @@ class Relay:
                     "count (stop the others first to change it)"
                 )
             self._control.execute(sql.LOCK_SLOT_COUNT, params)
+            self._announce_settings()
             row = self._control.execute(sql.READ_IDENTITY).fetchone()
             if row is not None and uuid.UUID(str(row["outbox_id"])) != self.outbox_id:
                 # `outbox identity renew` ran after this relay read the identity (it is
@@ -310,6 +342,27 @@ class Relay:
                 if before is not None and self.config.guarantee is Guarantee.EXACTLY_ONCE:
                     self._settle_layout(int(before))
                 self._control.execute(sql.RECORD_SLOT_COUNT, {"slots": self.config.slots})
+
+    def _announce_settings(self) -> None:
+        """Refuse to run beside a relay of this outbox with another prefix, state topic or
+        guarantee (under the caller's guard lock), then announce this relay's."""
+        assert self._control is not None
+        for item in announced_settings(
+            self.config.tid_prefix(self.outbox_id), self.config.state_topic, self.config.guarantee
+        ):
+            params = {"namespace": item.namespace, "slots": item.value}
+            others = self._control.execute(sql.OTHER_SLOT_COUNTS, params).fetchall()
+            if others:
+                theirs = ""
+                if item.namespace == GUARANTEE_NAMESPACE:
+                    theirs = f" (--guarantee={GUARANTEES[int(others[0]['slots'])]})"
+                same = "--transactional-id-prefix, --state-topic and --guarantee"
+                raise ConfigError(
+                    f"{item.option}, but a running relay of this outbox uses another value"
+                    f"{theirs}: every relay of one outbox must use the same {same} (stop the "
+                    "others first to change them)"
+                )
+            self._control.execute(sql.LOCK_SLOT_COUNT, params)
 
     def _settle_layout(self, before: int) -> None:
         """The slot count changed: fence every slot of the old layout (a zombie's open
