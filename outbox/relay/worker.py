@@ -367,7 +367,7 @@ class SlotWorker(threading.Thread):
     def _close(self) -> None:
         self._ended.set()
         with contextlib.suppress(Exception):  # a worker ending mid-batch leaves none open (I12)
-            self._abort_open()
+            self._abort_open(5.0)
         if self.producer is not None:
             try:
                 self.producer.flush(5)
@@ -735,13 +735,14 @@ class SlotWorker(threading.Thread):
                 raise ConfigError(f"Kafka refused the relay: {config_fix(exc)}") from None
             _, error = self._handle_failures(rows, failures)
             raise error or TransientError(f"Kafka transaction failed: {err}") from None
-        except BaseException:
+        except BaseException as exc:
             if committed:
                 # The Kafka transaction committed, only the delete did not: the marker names
                 # these rows, so recovery deletes them before anything is published again (I4).
                 self._needs_recovery = self.transactional
             else:
-                self._abort_open()
+                # A lost slot's next owner fences this producer anyway: do not wait long.
+                self._abort_open(5.0 if isinstance(exc, SlotLost) else None)
             raise
         if failures or unsent:
             self._abort()
@@ -760,7 +761,7 @@ class SlotWorker(threading.Thread):
     def _txn_open(self) -> bool:
         return self._txn_begun is not None and self._txn_ended is None
 
-    def _abort_open(self) -> None:
+    def _abort_open(self, timeout: float | None = None) -> None:
         """Abort the batch's Kafka transaction, if one is open, on the way out of a batch that
         did not commit (I12). A producer that cannot abort is dropped: the next one's
         init_transactions aborts it, and the broker does at transaction.timeout.ms."""
@@ -768,7 +769,7 @@ class SlotWorker(threading.Thread):
             return
         self.context.stats.add(aborts=1)
         try:
-            self.producer.abort_transaction(self.context.plan.transaction_timeout)
+            self.producer.abort_transaction(timeout or self.context.plan.transaction_timeout)
             self._txn_ended = time.monotonic()
         except KafkaException as exc:
             log.debug("slot %d: abort failed (%s); dropping the producer", self.slot, exc)
