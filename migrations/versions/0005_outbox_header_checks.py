@@ -30,6 +30,8 @@ CHECKS = {
 
 def upgrade() -> None:
     for name, condition in CHECKS.items():
+        # Tables made from outbox.metadata have them already: replaced, not refused.
+        op.execute(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}")
         op.create_check_constraint(name, "outbox_events", condition, postgresql_not_valid=True)
 
 

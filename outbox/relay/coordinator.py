@@ -133,7 +133,7 @@ class Relay:
             config.takeover_timeout, conninfo_to_dict(libpq_dsn(config.dsn))
         )
         self._bounds_refused: set[str] = set()  # session settings this server does not know
-        self._control_answered = time.monotonic()
+        self._control_answered: float | None = None  # set once the coordinator loop runs
         self.metrics = RelayMetrics(self)
 
     # -- public ----------------------------------------------------------------
@@ -180,7 +180,10 @@ class Relay:
             self._control = self._first_connection()
             try:
                 self._check_schema()
-                return self._start_up()
+                ready = self._start_up()
+                if ready:  # bounded from now on: start-up may wait on Kafka for long
+                    self._bound(self._control)
+                return ready
             except psycopg.OperationalError as exc:
                 message = f"database connection lost during start-up: {redact(str(exc))}"
                 self._control.close()
@@ -255,7 +258,7 @@ class Relay:
     def _readiness(self) -> tuple[bool, str]:
         if self._control is None or self._control.closed or self._control.broken:
             return False, "no database connection"
-        silent = time.monotonic() - self._control_answered
+        silent = time.monotonic() - (self._control_answered or time.monotonic())
         if silent > CONTROL_SILENCE:
             return False, f"the database has not answered for {silent:.0f} s"
         with self._lock:
@@ -488,6 +491,7 @@ class Relay:
 
     def _coordinate(self) -> None:
         start = os.getpid() % self.config.slots
+        self._control_answered = time.monotonic()
         while not self.stop.is_set():
             with self._lock:
                 owned = sorted(self.workers)
@@ -561,20 +565,18 @@ class Relay:
                 if self._control is not None:
                     self._control.close()
                 self._control = self._session(self.name)
-                self._bound(self._control)
                 try:
                     self._announce_slot_count()
                 except ConfigError as exc:  # another slot count took over meanwhile
                     self.refuse(exc)
+                self._bound(self._control)  # after a layout settle, which may wait on Kafka
 
     def _first_connection(self) -> psycopg.Connection[dict[str, Any]]:
         """A daemon waits for its database (it may start first); ``--once`` fails at once."""
         attempt = 0
         while True:
             try:
-                conn = self._session(self.name)
-                self._bound(conn)
-                return conn
+                return self._session(self.name)
             except ConnectionError as exc:
                 if self.config.once or self.stop.is_set():
                     raise
