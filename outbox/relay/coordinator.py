@@ -547,6 +547,9 @@ class Relay:
             return False
         if not row or not next(iter(row.values())):
             conn.close()
+            # Someone holds it: another relay was here, however briefly (it may be gone by the
+            # next member count), and may have written markers this relay must read (I4).
+            self.first_run = False
             return False
         worker = SlotWorker(self._slot_context(slot), slot, conn)
         with self._lock:
