@@ -8,7 +8,7 @@ password reach a log line or an error message.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from urllib.parse import unquote
 
 import psycopg
@@ -273,10 +273,18 @@ _REFUSED_FOR_GOOD = (
 
 
 def connect(
-    db: str, *, application_name: str, autocommit: bool = True
+    db: str,
+    *,
+    application_name: str,
+    autocommit: bool = True,
+    params: Mapping[str, str] | None = None,
 ) -> psycopg.Connection[dict[str, object]]:
-    """A dedicated session: advisory locks and LISTEN need one (not a transaction pooler)."""
+    """A dedicated session: advisory locks and LISTEN need one (not a transaction pooler).
+
+    ``params``: more libpq connection parameters (e.g. the relay's keepalives)."""
     dsn = libpq_dsn(db)
+    if params:
+        dsn = make_conninfo(dsn, **params)
     try:
         return psycopg.connect(
             dsn,

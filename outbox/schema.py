@@ -72,6 +72,14 @@ outbox_events = Table(
         comment="Times this event was moved aside as dead before `outbox dead requeue`.",
     ),
     Index("outbox_events_shard_id", "shard", "id"),
+    # A row no Kafka record can be built from is poison (I6): keep such rows out.
+    CheckConstraint(
+        "cardinality(header_names) = cardinality(header_values)",
+        name="outbox_events_headers_paired",
+    ),
+    CheckConstraint(
+        "array_position(header_names, NULL) IS NULL", name="outbox_events_headers_named"
+    ),
     comment="Committed events waiting for the relay; a row is deleted once Kafka has it.",
 )
 

@@ -45,6 +45,15 @@ SELECT to_regclass('outbox_events') AS events, to_regclass('outbox_dead_events')
 # Take a slot for this session; released when the session ends (crash included).
 TRY_LOCK_SLOT = "SELECT pg_try_advisory_lock(%(namespace)s, %(slot)s)"
 
+# Bound a slot or control session on the server (outbox.relay.sessions): names, values.
+SET_SESSION = """
+SELECT set_config(name, setting, false)
+FROM unnest(%(names)s::text[], %(settings)s::text[]) AS s(name, setting)
+"""
+
+# A slot connection's heartbeat: the server ends a session silent for the takeover timeout.
+HEARTBEAT = "SELECT 1"
+
 # Give a slot back on purpose (rebalancing, shutdown).
 UNLOCK_SLOT = "SELECT pg_advisory_unlock(%(namespace)s, %(slot)s)"
 
@@ -201,6 +210,15 @@ FOR UPDATE
 # Delete the rows recovery matched to the marker's events (id AND event id): published (I4, I9).
 DELETE_RECOVERED = """
 DELETE FROM outbox_events WHERE id = ANY(%(ids)s) AND event_id = ANY(%(event_ids)s)
+"""
+
+# Give the id of a row about to be buried up, when a dead row of another event has it (ids
+# repeat after TRUNCATE ... RESTART IDENTITY): that row moves past every dead row's id.
+FREE_DEAD_ID = """
+UPDATE outbox_dead_events
+SET id = (SELECT max(id) + 1 FROM outbox_dead_events)
+WHERE id = %(id)s
+  AND event_id <> (SELECT event_id FROM outbox_events WHERE id = %(id)s)
 """
 
 # Move one poison row aside with its error, in one statement (I6).

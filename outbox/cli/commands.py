@@ -471,6 +471,15 @@ def relay(
             help="A claim stops adding rows past this many key+value bytes (bounds memory).",
         ),
     ] = 16 * 1024 * 1024,
+    takeover_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="OUTBOX_TAKEOVER_TIMEOUT",
+            metavar="SECONDS",
+            help="A relay that has not answered its database for this long (frozen, cut off) "
+            "loses its slots to another relay: the server ends its sessions.",
+        ),
+    ] = 30.0,
     processes: Annotated[
         int,
         typer.Option(
@@ -523,6 +532,7 @@ def relay(
             missing_topic_timeout=missing_topic_timeout,
             batch_bytes=batch_bytes,
             replaces_outbox=_outbox_id(replaces_outbox),
+            takeover_timeout=takeover_timeout,
         )
         runner = Relay(config)
     except (ConfigError, ConnectionError) as exc:

@@ -70,8 +70,7 @@ CONFIG_FIXES: Mapping[int, str] = {
         "grant the relay's principal Write on TransactionalId <prefix>-*"
     ),
     KafkaError.INVALID_TRANSACTION_TIMEOUT: (
-        "lower --transaction-timeout / transaction.timeout.ms below the broker's "
-        "transaction.max.timeout.ms"
+        "lower -X transaction.timeout.ms below the broker's transaction.max.timeout.ms"
     ),
     KafkaError.UNSUPPORTED_VERSION: (
         "this broker lacks a needed feature (transactions?): try --guarantee at-least-once"
@@ -177,6 +176,19 @@ class TopicHolds:
     def held(self, now: float) -> list[str]:
         """Topics the next claim leaves out."""
         return sorted(t for t, until in self.until.items() if until > now)
+
+    def next_try(self, now: float) -> float | None:
+        """When the next held topic is tried again (``--once`` waits for it); None when none
+        is held. A hold whose time is past holds nothing back and must not hide a live one."""
+        return min((until for until in self.until.values() if until > now), default=None)
+
+
+def reached(rows: Iterable[tuple[int, str]], acked: Set[int], failures: Set[int]) -> set[str]:
+    """Topics the broker acknowledged a record of, in a batch that may have failed for other
+    rows: they are there and writable, so their hold clocks start again (a hold timed from an
+    older failure would bury their rows early, I6)."""
+    failed = {topic for row_id, topic in rows if row_id in failures}
+    return {topic for row_id, topic in rows if row_id in acked} - failed
 
 
 def message_headers(msg: Any) -> dict[str, bytes]:

@@ -330,6 +330,7 @@ class RelayConfig:
     missing_topic_timeout: float = 300.0
     batch_bytes: int = 16 * 1024 * 1024
     replaces_outbox: uuid.UUID | None = None  # markers of this identity are ignored, not refused
+    takeover_timeout: float = 30.0  # a relay silent this long loses its slots (I12)
 
     def __post_init__(self) -> None:
         for name, kind in (("guarantee", Guarantee), ("profile", Profile)):
@@ -355,6 +356,11 @@ class RelayConfig:
             )
         if self.batch_bytes < 1:
             raise ConfigError(f"--batch-bytes={self.batch_bytes} must be a positive byte count")
+        if self.takeover_timeout < 1:
+            raise ConfigError(
+                f"--takeover-timeout={self.takeover_timeout:g} must be at least 1 second (the "
+                "server ends a relay's sessions after this much silence)"
+            )
         if self.poll_interval <= 0:
             raise ConfigError(f"--poll-interval={self.poll_interval} must be > 0 seconds")
         prefix = self.transactional_id_prefix

@@ -17,15 +17,17 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
+import zlib
+from typing import Any, NamedTuple
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from psycopg.conninfo import conninfo_to_dict
 from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 
 from outbox import sql
-from outbox.db import connect, redact
+from outbox.db import connect, libpq_dsn, redact
 from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
@@ -35,6 +37,7 @@ from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.fences import FOREIGN_FENCE_WINDOW, FenceAlarm
 from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
+from outbox.relay.sessions import client_settings, server_settings
 from outbox.relay.worker import (
     GUARD_NAMESPACE,
     SLOT_NAMESPACE,
@@ -47,9 +50,48 @@ from outbox.relay.worker import (
 log = logging.getLogger("outbox.relay")
 
 COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
+# Shared locks announcing the other settings every relay of one outbox must share: a relay
+# with another prefix or state topic neither fences the others nor reads their markers, and
+# one with another guarantee publishes beside them without the recovery marker.
+PREFIX_NAMESPACE = 0x6F757470  # 'outp': the transactional-id prefix in use
+STATE_TOPIC_NAMESPACE = 0x6F757473  # 'outs': the state topic
+GUARANTEE_NAMESPACE = 0x6F757467  # 'outg': the delivery guarantee
+GUARANTEES = list(Guarantee)
+CONTROL_SILENCE = 5.0
+"""/readyz fails when the control connection has not answered for this long (a few of the
+coordinator's 1 s loops): the relay may be cut off from its database."""
 MARKER_READ_TIMEOUT = 30.0
 """How long a takeover reads for the slot's last marker before retrying (never settles
 for an older one)."""
+
+
+def _lock_value(text: str) -> int:
+    """A setting as an advisory lock's second key (a non-negative int4, as pg_locks shows it)."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def announced_settings(prefix: str, state_topic: str, guarantee: Guarantee) -> list[Announced]:
+    """What a relay announces beside its slot count, so a relay of the same outbox with other
+    values is refused in one line: (lock namespace, value, the option and its value)."""
+    return [
+        Announced(
+            PREFIX_NAMESPACE, _lock_value(prefix), f"--transactional-id-prefix (in use: {prefix})"
+        ),
+        Announced(STATE_TOPIC_NAMESPACE, _lock_value(state_topic), f"--state-topic={state_topic}"),
+        Announced(GUARANTEE_NAMESPACE, GUARANTEES.index(guarantee), f"--guarantee={guarantee}"),
+    ]
+
+
+class Announced(NamedTuple):
+    namespace: int
+    value: int
+    option: str
+
+
+def state_topic_replicas(brokers: int) -> int:
+    """The state topic's replication factor: 3 where the cluster has them (a stock broker's
+    default is 1, and the markers are what keeps a takeover from publishing twice)."""
+    return max(1, min(3, brokers))
 
 
 def notified_slot(payload: str, slots: int) -> int | None:
@@ -87,6 +129,11 @@ class Relay:
         self._failures: dict[int, int] = {}
         self._not_before: dict[int, float] = {}
         self.name = f"outbox-relay:{os.getpid()}"
+        self._keepalives = client_settings(
+            config.takeover_timeout, conninfo_to_dict(libpq_dsn(config.dsn))
+        )
+        self._bounds_refused: set[str] = set()  # session settings this server does not know
+        self._control_answered: float | None = None  # set once the coordinator loop runs
         self.metrics = RelayMetrics(self)
 
     # -- public ----------------------------------------------------------------
@@ -116,7 +163,7 @@ class Relay:
             self.stop.set()
             self.wake_all()
             for worker in list(self.workers.values()):
-                worker.join(self.config.transaction_timeout + 10)
+                worker.join(self.plan.transaction_timeout + 10)
             self._close_clients()
             if listener is not None:
                 listener.join(5)
@@ -133,7 +180,10 @@ class Relay:
             self._control = self._first_connection()
             try:
                 self._check_schema()
-                return self._start_up()
+                ready = self._start_up()
+                if ready:  # bounded from now on: start-up may wait on Kafka for long
+                    self._bound(self._control)
+                return ready
             except psycopg.OperationalError as exc:
                 message = f"database connection lost during start-up: {redact(str(exc))}"
                 self._control.close()
@@ -208,6 +258,9 @@ class Relay:
     def _readiness(self) -> tuple[bool, str]:
         if self._control is None or self._control.closed or self._control.broken:
             return False, "no database connection"
+        silent = time.monotonic() - (self._control_answered or time.monotonic())
+        if silent > CONTROL_SILENCE:
+            return False, f"the database has not answered for {silent:.0f} s"
         with self._lock:
             workers = list(self.workers.values())
         want = target_share(self.config.slots, self._members, self.config.max_slots)
@@ -275,6 +328,7 @@ class Relay:
                     "count (stop the others first to change it)"
                 )
             self._control.execute(sql.LOCK_SLOT_COUNT, params)
+            self._announce_settings()
             row = self._control.execute(sql.READ_IDENTITY).fetchone()
             if row is not None and uuid.UUID(str(row["outbox_id"])) != self.outbox_id:
                 # `outbox identity renew` ran after this relay read the identity (it is
@@ -292,6 +346,27 @@ class Relay:
                     self._settle_layout(int(before))
                 self._control.execute(sql.RECORD_SLOT_COUNT, {"slots": self.config.slots})
 
+    def _announce_settings(self) -> None:
+        """Refuse to run beside a relay of this outbox with another prefix, state topic or
+        guarantee (under the caller's guard lock), then announce this relay's."""
+        assert self._control is not None
+        for item in announced_settings(
+            self.config.tid_prefix(self.outbox_id), self.config.state_topic, self.config.guarantee
+        ):
+            params = {"namespace": item.namespace, "slots": item.value}
+            others = self._control.execute(sql.OTHER_SLOT_COUNTS, params).fetchall()
+            if others:
+                theirs = ""
+                if item.namespace == GUARANTEE_NAMESPACE:
+                    theirs = f" (--guarantee={GUARANTEES[int(others[0]['slots'])]})"
+                same = "--transactional-id-prefix, --state-topic and --guarantee"
+                raise ConfigError(
+                    f"{item.option}, but a running relay of this outbox uses another value"
+                    f"{theirs}: every relay of one outbox must use the same {same} (stop the "
+                    "others first to change them)"
+                )
+            self._control.execute(sql.LOCK_SLOT_COUNT, params)
+
     def _settle_layout(self, before: int) -> None:
         """The slot count changed: fence every slot of the old layout (a zombie's open
         transaction is aborted) and apply its last marker, before any new slot publishes,
@@ -306,7 +381,7 @@ class Relay:
             tid = self.transactional_id(slot)
             producer = Producer(self.relay_settings(tid) | {"logger": librdkafka_logger()})
             try:
-                producer.init_transactions(self.config.transaction_timeout)
+                producer.init_transactions(self.plan.transaction_timeout)
                 raw = self.read_marker(slot, tid, self.stop)
             except KafkaException as exc:
                 raise TransientError(f"settling slot {slot} of the old layout: {exc}") from None
@@ -416,15 +491,17 @@ class Relay:
 
     def _coordinate(self) -> None:
         start = os.getpid() % self.config.slots
+        self._control_answered = time.monotonic()
         while not self.stop.is_set():
             with self._lock:
                 owned = sorted(self.workers)
             try:
                 members = self._members = self._count_members()
+                self._control_answered = time.monotonic()
                 if members > 1:  # another relay may write markers for slots this one takes
                     self.first_run = False
-            except psycopg.OperationalError:
-                log.warning("control connection lost; reconnecting")
+            except psycopg.Error as exc:  # ended by the server's session timeout, too
+                log.warning("control connection lost (%s); reconnecting", _line(exc))
                 self._reconnect_control()
                 continue
             for slot in slots_to_release(owned, self.config.slots, members):
@@ -453,20 +530,26 @@ class Relay:
 
     def _try_take(self, slot: int) -> bool:
         try:
-            conn = connect(self.config.dsn, application_name=f"{self.name}:slot-{slot}")
-        except ConnectionError as exc:
-            log.warning("%s", exc)
+            conn = self._session(f"{self.name}:slot-{slot}")
+        except (ConnectionError, ConfigError) as exc:
+            # A credential refused now (rotated, revoked) was good when the relay started: the
+            # control connection retries it too, so the slot is tried again, not the daemon ended.
+            log.warning("slot %d: cannot take it now: %s", slot, exc)
             return False
         try:
+            self._bound(conn)
             row = conn.execute(
                 sql.TRY_LOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": slot}
             ).fetchone()
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             log.warning("slot %d: cannot take it now: %s", slot, redact(str(exc)))
             conn.close()
             return False
         if not row or not next(iter(row.values())):
             conn.close()
+            # Someone holds it: another relay was here, however briefly (it may be gone by the
+            # next member count), and may have written markers this relay must read (I4).
+            self.first_run = False
             return False
         worker = SlotWorker(self._slot_context(slot), slot, conn)
         with self._lock:
@@ -484,18 +567,19 @@ class Relay:
             with attempt:
                 if self._control is not None:
                     self._control.close()
-                self._control = connect(self.config.dsn, application_name=self.name)
+                self._control = self._session(self.name)
                 try:
                     self._announce_slot_count()
                 except ConfigError as exc:  # another slot count took over meanwhile
                     self.refuse(exc)
+                self._bound(self._control)  # after a layout settle, which may wait on Kafka
 
     def _first_connection(self) -> psycopg.Connection[dict[str, Any]]:
         """A daemon waits for its database (it may start first); ``--once`` fails at once."""
         attempt = 0
         while True:
             try:
-                return connect(self.config.dsn, application_name=self.name)
+                return self._session(self.name)
             except ConnectionError as exc:
                 if self.config.once or self.stop.is_set():
                     raise
@@ -503,6 +587,31 @@ class Relay:
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6))
                 log.warning("%s; retrying in %.0f s", exc, delay)
                 self.stop.wait(delay)
+
+    def _session(self, application_name: str) -> psycopg.Connection[dict[str, Any]]:
+        """A connection with the relay's keepalives: a relay cut off from its database
+        notices within --takeover-timeout."""
+        return connect(self.config.dsn, application_name=application_name, params=self._keepalives)
+
+    def _bound(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        """Have the server end this session once it has been silent for --takeover-timeout
+        (frozen or cut off), freeing its slot and its announcement for another relay (I12)."""
+        wanted = server_settings(self.config.takeover_timeout)
+        settings = {k: v for k, v in wanted.items() if k not in self._bounds_refused}
+        try:
+            conn.execute(
+                sql.SET_SESSION, {"names": list(settings), "settings": list(settings.values())}
+            )
+        except psycopg.errors.UndefinedObject as exc:  # idle_session_timeout: PostgreSQL < 14
+            if "idle_session_timeout" in self._bounds_refused:
+                raise
+            self._bounds_refused.add("idle_session_timeout")
+            log.warning(
+                "this PostgreSQL has no idle_session_timeout (%s; it came in 14): a frozen "
+                "relay's slots are freed only by TCP keepalives, which its kernel still answers",
+                _line(exc),
+            )
+            self._bound(conn)
 
     def _pause(self, seconds: float) -> None:
         self.stop.wait(seconds)
@@ -532,7 +641,7 @@ class Relay:
         failures = 0
         while not self.stop.is_set():
             try:
-                with connect(self.config.dsn, application_name=f"{self.name}:listen") as conn:
+                with self._session(f"{self.name}:listen") as conn:  # idle by design: unbounded
                     conn.execute(sql.LISTEN)
                     self.listening.set()
                     failures = 0
@@ -618,8 +727,23 @@ class Relay:
                     "(one per possible slot): delete it or pick another --state-topic"
                 )
             return
+        replicas = state_topic_replicas(len(md.brokers))
+        if replicas == 1:
+            log.warning(
+                "creating the state topic %r with replication factor 1 (the cluster has one "
+                "broker): losing that broker's disk loses the recovery markers, and a relay "
+                "taking a slot over could publish its last batch again",
+                topic,
+            )
         futures = admin.create_topics(
-            [NewTopic(topic, SHARD_COUNT, config={"cleanup.policy": "compact"})],
+            [
+                NewTopic(
+                    topic,
+                    SHARD_COUNT,
+                    replication_factor=replicas,
+                    config={"cleanup.policy": "compact"},
+                )
+            ],
             operation_timeout=30,
         )
         for fut in futures.values():
@@ -729,6 +853,10 @@ class Relay:
             if msg.key() == key and msg.value():
                 last = msg.value()
         return last
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(redact(str(exc)).split())
 
 
 def _position(consumer: Any, tp: TopicPartition) -> int:

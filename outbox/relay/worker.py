@@ -29,7 +29,7 @@ from outbox.errors import ConfigError, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
 from outbox.relay.batching import claim_ahead, jittered, poll_delay
-from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, settled
+from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, reached, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.fences import (
     Fence,
@@ -42,6 +42,7 @@ from outbox.relay.fences import (
 )
 from outbox.relay.marker import Marker, MarkerReading, recoverable
 from outbox.relay.metrics import RelayMetrics
+from outbox.relay.sessions import heartbeat_interval
 
 log = logging.getLogger("outbox.relay")
 
@@ -49,6 +50,11 @@ HEADER_ALLOWANCE = 16 * 1024
 """Rows whose key + value come within this of message.max.bytes get the exact size check."""
 SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
 GUARD_NAMESPACE = 0x6F757464  # 'outd': serialises the slot-count check, announcement, settling
+
+
+class DatabaseRefused(TransientError):
+    """The database refused a statement on a live session (read-only, a revoked privilege, a
+    trigger that raises): retried with backoff, the slot kept (I12)."""
 
 
 class Row(NamedTuple):
@@ -86,6 +92,26 @@ class Row(NamedTuple):
     def may_exceed(self, limit: int) -> bool:
         """Cheap pre-check: only rows near the limit pay for the exact size."""
         return self.value_bytes + len(self.key or b"") + HEADER_ALLOWANCE > limit
+
+
+def record_defect(row: Row) -> str | None:
+    """Why no Kafka record can be built from ``row``, or None. Such a row is poison (I6):
+    ``publish()`` never writes one, but another writer (a SQL backfill, another service, a
+    table from before its constraints) can."""
+    names, values = row.header_names, row.header_values
+    if names is None or values is None:
+        return "header_names or header_values is NULL"
+    if len(names) != len(values):
+        return f"header_names has {len(names)} entries but header_values {len(values)}"
+    for i, name in enumerate(names, 1):  # positions as SQL counts them
+        if name is None:
+            return f"header_names[{i}] is NULL"
+        if not isinstance(name, str):
+            return f"header_names[{i}] is not text (a multidimensional array?)"
+    for i, value in enumerate(values, 1):
+        if value is not None and not isinstance(value, bytes):
+            return f"header_values[{i}] is not bytea (a multidimensional array?)"
+    return None
 
 
 @dataclass(slots=True)
@@ -190,10 +216,14 @@ class SlotWorker(threading.Thread):
         # row at fault is buried, and in id order (I3, I6).
         self._narrow_until: int | None = None
         self._fatal: Any = None  # a fatal error librdkafka reported through error_cb
+        self._ended = threading.Event()  # the worker is closing: its heartbeat stops
 
     # -- lifecycle -------------------------------------------------------------
 
     def run(self) -> None:
+        threading.Thread(
+            target=self._heartbeat, name=f"outbox-slot-{self.slot}-heartbeat", daemon=True
+        ).start()
         try:
             self._run()
         except ForeignFence as exc:
@@ -232,10 +262,10 @@ class SlotWorker(threading.Thread):
                 self.drained.clear()
                 empty_polls = 0
                 continue
-            wait_held = min(self.holds.until.values(), default=0.0) - time.monotonic()
-            if self.config.once and wait_held > 0:
+            next_try = self.holds.next_try(time.monotonic())
+            if self.config.once and next_try is not None:
                 # --once drains held topics too: wait for their next try (or burial).
-                self.wake.wait(wait_held)
+                self.wake.wait(max(0.0, next_try - time.monotonic()))
                 continue
             self.drained.set()
             if self.config.once:
@@ -321,7 +351,23 @@ class SlotWorker(threading.Thread):
             state.attempt_number,
         )
 
+    def _heartbeat(self) -> None:
+        """Speak on the slot's connection a few times per --takeover-timeout, so the server
+        ends the session (freeing the slot) only when this relay stopped answering: frozen
+        or cut off, not merely waiting on Kafka, a backoff or a poll (I12). psycopg runs it
+        between the worker's statements (inside its transaction, if one is open)."""
+        interval = heartbeat_interval(self.config.takeover_timeout)
+        while not self._ended.wait(interval):
+            try:
+                self.conn.execute(sql.HEARTBEAT)
+            except psycopg.Error:
+                if self.conn.closed or self.conn.broken:
+                    return  # the worker finds out at its next statement
+
     def _close(self) -> None:
+        self._ended.set()
+        with contextlib.suppress(Exception):  # a worker ending mid-batch leaves none open (I12)
+            self._abort_open(5.0)
         if self.producer is not None:
             try:
                 self.producer.flush(5)
@@ -349,7 +395,7 @@ class SlotWorker(threading.Thread):
             # Fences the previous owner of this transactional.id, aborts its open transaction (I4).
             while True:
                 try:
-                    self.producer.init_transactions(self.config.transaction_timeout)
+                    self.producer.init_transactions(self.context.plan.transaction_timeout)
                     return
                 except KafkaException as exc:
                     err = exc.args[0]
@@ -413,7 +459,11 @@ class SlotWorker(threading.Thread):
             # the same.
             if self.conn.closed or self.conn.broken:
                 raise SlotLost(f"database connection lost: {redact(str(exc))}") from None
-            raise
+            reason = " ".join(str(exc.diag.message_primary or exc).split())
+            raise DatabaseRefused(
+                f"the database refused the slot's work ({type(exc).__name__}: "
+                f"{redact(reason, 300)})"
+            ) from None
 
     def _claim(self) -> list[Row]:
         params = sql.claim_params(
@@ -458,7 +508,10 @@ class SlotWorker(threading.Thread):
             row.topic,
             error,
         )
-        with self._connection_held():
+        with self._connection_held(), self.conn.transaction():
+            # A dead row of an older table (ids repeat after TRUNCATE ... RESTART IDENTITY)
+            # gives its id up to this one, which keeps its order for a re-queue.
+            self.conn.execute(sql.FREE_DEAD_ID, {"id": row.id})
             self.conn.execute(sql.MOVE_TO_DEAD, {"id": row.id, "error": error})
         self.context.stats.add(dead=1)
 
@@ -468,7 +521,9 @@ class SlotWorker(threading.Thread):
         limit = self.context.plan.message_max_bytes
         sendable = []
         for row in rows:
-            if row.left_out or (row.may_exceed(limit) and row.size > limit):
+            if defect := record_defect(row):
+                self._bury(row, f"no Kafka record can be built from this row: {defect}")
+            elif row.left_out or (row.may_exceed(limit) and row.size > limit):
                 self._bury(row, f"record of {row.size} bytes exceeds message.max.bytes={limit}")
             else:
                 sendable.append(row)
@@ -477,7 +532,7 @@ class SlotWorker(threading.Thread):
         if self.config.guarantee is Guarantee.AT_MOST_ONCE:
             self._delete_rows([r.id for r in sendable])
             self._produce(sendable, {})
-            self.producer.flush(self.config.transaction_timeout)
+            self.producer.flush(self.context.plan.transaction_timeout)
             self.context.stats.add(published=len(sendable), batches=1)
             return
         if self.transactional:
@@ -516,6 +571,9 @@ class SlotWorker(threading.Thread):
                     self.producer.poll(0.05)
                 except KafkaException as exc:
                     failures[row.id] = exc.args[0]
+                    break
+                except (TypeError, ValueError) as exc:  # arguments no record is built from
+                    failures[row.id] = KafkaError(KafkaError._INVALID_ARG, str(exc))
                     break
 
     def _handle_failures(
@@ -613,32 +671,36 @@ class SlotWorker(threading.Thread):
     def _publish_transaction(self, rows: list[Row]) -> None:
         """One Kafka transaction: the rows, then the slot's recovery marker.
 
-        While the broker acknowledges the records, a database transaction deletes
-        the rows (and, in a backlog, claims the next batch, which no longer sees
-        them); it commits only after the Kafka transaction did, so a row leaves the
-        outbox only once its record is committed (I2), and the database's work
-        overlaps the broker's instead of following it.
+        The database transaction deletes the rows first: a database that refuses the
+        delete (read-only, a revoked privilege, a trigger) refuses the batch before any
+        record is sent. While the broker acknowledges the records, it claims the next
+        batch in a backlog (which no longer sees these rows); it commits only after the
+        Kafka transaction did, so a row leaves the outbox only once its record is
+        committed (I2). Every way out of a batch that did not commit aborts its Kafka
+        transaction first (I12): an open one would hold back every read_committed reader
+        of its partitions, other producers' records included.
         """
         ids = [r.id for r in rows]
         failures: dict[int, Any] = {}
+        acked: set[int] = set()
         unsent = 0
         ahead: list[Row] = []
         committed = False
         try:
-            self.producer.begin_transaction()
-            self._txn_begun, self._txn_ended = time.monotonic(), None
-            self._produce(rows, failures)
             with self._db_transaction():
                 self._delete_rows(ids)
+                self.producer.begin_transaction()
+                self._txn_begun, self._txn_ended = time.monotonic(), None
+                self._produce(rows, failures, acked)
                 if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
                     ahead = self._claim()
                 # The marker goes out only once every record of the batch is acknowledged. On
                 # a broker that shows aborted transactions (Tansu), a marker can then never
                 # name a row whose record is missing, so recovery cannot delete an unpublished
                 # row.
-                unsent = self.producer.flush(self.config.transaction_timeout)
+                unsent = self.producer.flush(self.context.plan.transaction_timeout)
                 if failures or unsent:
-                    raise psycopg.Rollback  # the rows stay in the outbox
+                    raise psycopg.Rollback  # noqa: TRY301 - the rows stay in the outbox
                 self.context.wrote_marker.add(self.slot)
                 marker = Marker.of_batch(
                     self.context.outbox_id,
@@ -656,16 +718,15 @@ class SlotWorker(threading.Thread):
                 self._commit()
                 committed = True
                 self._txn_ended = time.monotonic()
-        except SlotLost:
-            if not committed:  # nothing of this batch may commit now; if it did, recovery
-                with contextlib.suppress(KafkaException):  # deletes its rows (I4)
-                    self.producer.abort_transaction(5)
-            raise
         except KafkaException as exc:
-            # The transaction's fate may be unknown: rebuild the producer (init_transactions
-            # settles it) and let the marker tell whether these rows were committed.
+            err = exc.args[0]
+            if not committed and err.txn_requires_abort():
+                self._abort_open()
+            # Otherwise the transaction's fate may be unknown: rebuild the producer
+            # (init_transactions settles it) and let the marker tell whether these rows
+            # were committed.
             self._discard_producer()
-            verdict = classify(exc.args[0])
+            verdict = classify(err)
             if verdict is Verdict.FENCED:
                 raise self._fenced(
                     f"fenced: another relay took transactional.id {self.tid}"
@@ -673,9 +734,19 @@ class SlotWorker(threading.Thread):
             if verdict is Verdict.CONFIG:
                 raise ConfigError(f"Kafka refused the relay: {config_fix(exc)}") from None
             _, error = self._handle_failures(rows, failures)
-            raise error or TransientError(f"Kafka transaction failed: {exc.args[0]}") from None
+            raise error or TransientError(f"Kafka transaction failed: {err}") from None
+        except BaseException as exc:
+            if committed:
+                # The Kafka transaction committed, only the delete did not: the marker names
+                # these rows, so recovery deletes them before anything is published again (I4).
+                self._needs_recovery = self.transactional
+            else:
+                # A lost slot's next owner fences this producer anyway: do not wait long.
+                self._abort_open(5.0 if isinstance(exc, SlotLost) else None)
+            raise
         if failures or unsent:
             self._abort()
+            self.holds.succeeded(reached(((r.id, r.topic) for r in rows), acked, failures.keys()))
             if not failures:
                 raise TransientError(f"{unsent} records not acknowledged in time")
             _, error = self._handle_failures(rows, failures)
@@ -686,10 +757,28 @@ class SlotWorker(threading.Thread):
         self.holds.succeeded({r.topic for r in rows})
         self.context.stats.add(published=len(rows), batches=1)
 
+    @property
+    def _txn_open(self) -> bool:
+        return self._txn_begun is not None and self._txn_ended is None
+
+    def _abort_open(self, timeout: float | None = None) -> None:
+        """Abort the batch's Kafka transaction, if one is open, on the way out of a batch that
+        did not commit (I12). A producer that cannot abort is dropped: the next one's
+        init_transactions aborts it, and the broker does at transaction.timeout.ms."""
+        if self.producer is None or not self._txn_open:
+            return
+        self.context.stats.add(aborts=1)
+        try:
+            self.producer.abort_transaction(timeout or self.context.plan.transaction_timeout)
+            self._txn_ended = time.monotonic()
+        except KafkaException as exc:
+            log.debug("slot %d: abort failed (%s); dropping the producer", self.slot, exc)
+            self._discard_producer()
+
     def _commit(self) -> None:
         while True:
             try:
-                self.producer.commit_transaction(self.config.transaction_timeout)
+                self.producer.commit_transaction(self.context.plan.transaction_timeout)
                 return
             except KafkaException as exc:
                 if exc.args[0].retriable() and not self._stopping():
@@ -699,7 +788,7 @@ class SlotWorker(threading.Thread):
     def _abort(self) -> None:
         self.context.stats.add(aborts=1)
         try:
-            self.producer.abort_transaction(self.config.transaction_timeout)
+            self.producer.abort_transaction(self.context.plan.transaction_timeout)
             self._txn_ended = time.monotonic()
         except KafkaException as exc:
             self._discard_producer()
@@ -793,7 +882,7 @@ class SlotWorker(threading.Thread):
             if self._stopping():
                 return False
             now = time.monotonic()
-            if now - last_said >= self.config.transaction_timeout:
+            if now - last_said >= self.context.plan.transaction_timeout:
                 last_said = now
                 log.warning(
                     "slot %d: %d records not acknowledged after %.0f s; they stay in the "

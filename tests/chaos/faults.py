@@ -19,6 +19,7 @@ class FaultKind(StrEnum):
     KILL_CONSUMER = "kill-consumer"
     RESTART_POSTGRES = "restart-postgres"
     CUT_BROKER = "cut-broker"
+    FREEZE_RELAY = "freeze-relay"
 
 
 class Step(StrEnum):
@@ -31,15 +32,17 @@ class Step(StrEnum):
     RESTART_POSTGRES = "restart-postgres"
     CUT_BROKER = "cut-broker"
     RESTORE_BROKER = "restore-broker"
+    FREEZE_RELAY = "freeze-relay"  # SIGSTOP
+    THAW_RELAY = "thaw-relay"  # SIGCONT
 
 
 @dataclass(frozen=True, slots=True)
 class Fault:
     """One fault: ``at`` seconds into the fault phase.
 
-    ``target`` is the index of the relay or consumer to kill; ``duration`` is how
-    long the broker link stays cut, or how long a killed process stays dead
-    before its replacement starts.
+    ``target`` is the index of the relay or consumer to kill (or relay to freeze);
+    ``duration`` is how long the broker link stays cut, how long a killed process
+    stays dead before its replacement starts, or how long a relay stays frozen.
     """
 
     at: float
@@ -74,6 +77,9 @@ class Rates:
     the relay's delivery timeout, so records expire while it lasts). No process is killed while
     it lasts: a relay killed then would take its expiring records with it, and a consumer
     kill would wait in vain for a consumer to be inside its offset-commit window."""
+    freeze_seconds: float = 6.0
+    """How long a relay stays frozen (SIGSTOP, then SIGCONT): longer than the takeover time of
+    the run's relays (``--takeover-timeout``), so its slots are taken over meanwhile (I12)."""
 
 
 def schedule(
@@ -148,6 +154,13 @@ def schedule(
             dead_until[target] = at + dead
             faults.append(Fault(at, kind, target, dead))
 
+    # One relay freeze in the middle of the run, over by the end of the fault phase.
+    latest = max(start, seconds - rates.freeze_seconds - 1.5)
+    freeze_at = round(rng.uniform(start, max(start, min(latest, end))), 3)
+    faults.append(
+        Fault(freeze_at, FaultKind.FREEZE_RELAY, rng.randrange(relays), rates.freeze_seconds)
+    )
+
     restarts = rates.postgres_restarts
     if restarts is None:
         restarts = 1 if seconds < 60 else 2
@@ -182,6 +195,11 @@ def actions(faults: list[Fault]) -> list[Action]:
                 ]
             case FaultKind.RESTART_POSTGRES:
                 out.append(Action(f.at, Step.RESTART_POSTGRES))
+            case FaultKind.FREEZE_RELAY:
+                out += [
+                    Action(f.at, Step.FREEZE_RELAY, f.target),
+                    Action(f.at + f.duration, Step.THAW_RELAY, f.target),
+                ]
     # Stable sort: a zero-length death still kills before it starts.
     return sorted(out, key=lambda a: a.at)
 

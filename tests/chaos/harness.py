@@ -522,6 +522,10 @@ class Fleet:
     def alive(self) -> int:
         return sum(1 for m in self.members if m is not None and m.proc.poll() is None)
 
+    def pid(self, index: int) -> str:
+        member = self.members[index]
+        return str(member.proc.pid) if member is not None else ""
+
     def stop(self, timeout: float) -> None:
         """SIGTERM all, wait; a process still running after ``timeout`` is a hang: SIGKILL it.
 
@@ -541,6 +545,7 @@ class Fleet:
         running = [m for m in self.members if m is not None and m.proc.poll() is None]
         for m in running:
             m.killed = True  # stopping on purpose
+            m.proc.send_signal(signal.SIGCONT)  # a frozen relay handles SIGTERM only once woken
             m.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for m in running:
@@ -748,6 +753,8 @@ def relay_command(svc: Services, spec: OutboxSpec, config: ChaosConfig) -> list[
         "100",
         "--poll-interval",
         "0.5",
+        "--takeover-timeout",
+        f"{TAKEOVER_SECONDS:g}",
         *settings,
         *extra,
         "--log-level",
@@ -820,6 +827,22 @@ SELECT split_part(application_name, ':', 2), bool_or(wait_event = 'PgSleep')
 (its rows locked FOR UPDATE, or deleted and waiting for the DB commit); the second column says
 whether one sleeps in ``chaos_slow_commit``, i.e. its Kafka transaction committed and its DB
 commit has not: the moment a kill leaves work for the recovery marker."""
+
+RELAY_SLOTS_SQL = """
+SELECT split_part(a.application_name, ':', 2), count(*)
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock' AND l.objsubid = 2
+   AND a.application_name LIKE 'outbox-relay:%:slot-%'
+ GROUP BY 1
+"""
+"""Slots held per relay (by pid), on every database of the server."""
+
+TAKEOVER_SECONDS = 3.0
+"""The relays' --takeover-timeout: a frozen relay's slots are taken over after about this long
+(the fault keeps it frozen for ``Rates.freeze_seconds``, longer)."""
+
+FREEZE_AIM_SECONDS = 5.0
+"""How long a freeze may wait for a relay that holds slots (one just restarted may hold none)."""
 
 AIM_SECONDS = 2.0
 """How long a relay kill may wait for a relay inside its commit window (else with a batch in
@@ -954,6 +977,11 @@ STRUCK = (
         "relay_kills_mid_batch",
         "no relay was killed with a batch in flight (a slot transaction holding an xid)",
     ),
+    (
+        "relay_freezes_taken_over",
+        "no frozen relay's slots were taken over while it was frozen (it still held slots "
+        "when woken: --takeover-timeout did not free them)",
+    ),
 )
 """What each scheduled fault class is there to hit; a run where one never struck fails."""
 
@@ -965,6 +993,7 @@ AT_LEAST_ONCE_STRUCK = (
     ),
     STRUCK[1],
     STRUCK[2],
+    STRUCK[3],
 )
 """At-least-once has no recovery marker; its outage must make records expire instead."""
 
@@ -1070,6 +1099,9 @@ class Run:
         self.substitutes: dict[int, int] = {}
         """Scheduled relay target -> the relay killed in its place (started again in its place)."""
         self.consumer_kills_in_window = 0
+        self.frozen: tuple[Fleet, int, str, int] | None = None
+        """The frozen relay: its fleet, index, pid, and the slots it held when frozen."""
+        self.freezes_taken_over = 0
         self.consumer_substitutes: dict[int, int] = {}
         """The same for consumers."""
         self.window_dir = Path(tempfile.mkdtemp(prefix="outbox-chaos-window-"))
@@ -1315,6 +1347,10 @@ class Run:
                 target = self.consumer_substitutes.pop(action.target, action.target)
                 fleet, index = self._target("consumer", target)
                 done = fleet.start(index)
+            case Step.FREEZE_RELAY:
+                done = self._freeze_relay(action.target)
+            case Step.THAW_RELAY:
+                done = self._thaw_relay()
             case Step.RESTART_POSTGRES:
                 self.db_restarts.append(time.monotonic())
                 svc.pg.restart(immediate=True)
@@ -1331,6 +1367,7 @@ class Run:
                 Step.KILL_CONSUMER: "kill-consumer",
                 Step.RESTART_POSTGRES: "restart-postgres",
                 Step.CUT_BROKER: "cut-broker",
+                Step.FREEZE_RELAY: "freeze-relay",
             }.get(action.step)
             if kind is not None:
                 self.injected[kind] += 1
@@ -1338,6 +1375,47 @@ class Run:
                 {"at": round(at, 3), "step": action.step.value, "target": action.target}
             )
             log.info("t=%6.2fs %s %s", at, action.step.value, action.target)
+
+    def _slots_held(self) -> Counter[str]:
+        rows = self.services[0].probe.query(RELAY_SLOTS_SQL) or []
+        return Counter({str(pid): int(n) for pid, n in rows})
+
+    def _freeze_relay(self, target: int) -> bool:
+        """SIGSTOP the target relay, or else a live one of its fleet that holds slots (a relay
+        without slots has nothing to take over)."""
+        fleet, index = self._target("relay", target)
+        deadline = time.monotonic() + FREEZE_AIM_SECONDS
+        while True:
+            held = self._slots_held()
+            alive = [i for i, m in enumerate(fleet.members) if m and m.proc.poll() is None]
+            order = sorted(alive, key=lambda i: i != index)
+            owners = [i for i in order if held[fleet.pid(i)] > 0]
+            if owners or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)  # polling for a relay that holds slots, bounded by the aim
+        if not (owners or order):
+            return False
+        victim = (owners or order)[0]
+        member = fleet.members[victim]
+        assert member is not None
+        member.proc.send_signal(signal.SIGSTOP)
+        self.frozen = (fleet, victim, fleet.pid(victim), held[fleet.pid(victim)])
+        return True
+
+    def _thaw_relay(self) -> bool:
+        """SIGCONT the frozen relay; the freeze struck if its slots were taken over meanwhile:
+        it holds none now (I12)."""
+        if self.frozen is None:
+            return False
+        fleet, index, pid, held = self.frozen
+        self.frozen = None
+        member = fleet.members[index]
+        if member is None or str(member.proc.pid) != pid or member.proc.poll() is not None:
+            return True  # killed while frozen: its slots went with it, proving nothing
+        if held > 0 and self._slots_held()[pid] == 0:
+            self.freezes_taken_over += 1
+        member.proc.send_signal(signal.SIGCONT)
+        return True
 
     def _progress(self, at: float) -> None:
         """Log each outbox's progress."""
@@ -1396,7 +1474,11 @@ class Run:
         exits = [asdict(e) for fleet in fleets for e in fleet.exits]
         crashes = [e for e in exits if not e["refused_start_during_db_restart"]]
         logs = scan_logs(log_dir)
-        struck = {**logs, "relay_kills_mid_batch": self.mid_batch}
+        struck = {
+            **logs,
+            "relay_kills_mid_batch": self.mid_batch,
+            "relay_freezes_taken_over": self.freezes_taken_over,
+        }
         aims = [*(AT_LEAST_ONCE_STRUCK if config.at_least_once else STRUCK)]
         if config.missing_topic_share:
             aims += MISSING_TOPIC_STRUCK

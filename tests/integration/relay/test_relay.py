@@ -266,9 +266,9 @@ def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
     real_produce = SlotWorker._produce
 
     def second_batch_fails_once(
-        self: SlotWorker, rows: list[Row], failures: dict[int, Any]
+        self: SlotWorker, rows: list[Row], failures: dict[int, Any], acked: Any = None
     ) -> None:
-        real_produce(self, rows, failures)
+        real_produce(self, rows, failures, acked)
         if not failed and self.context.stats.batches == 1:  # the 2nd batch; the 3rd is claimed
             failed.append(rows[0].id)  # while it is in flight, then dropped with it
             failures[rows[0].id] = KafkaError(KafkaError._MSG_TIMED_OUT)
