@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import EllipsisType
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import Any, ClassVar
 
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,8 +34,6 @@ from outbox.errors import ConfigError
 
 __all__ = ["ConsumerStats", "DeadLetterError", "IdempotentConsumer", "runner_of"]
 
-T = TypeVar("T")
-
 _STATE = "_IdempotentConsumer__state"
 """Where ``IdempotentConsumer.__init__`` keeps its runner's setup (``self.__state``)."""
 
@@ -49,26 +47,18 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)  # run() in a thread, stop here
 
 
-class _RunnerView(Generic[T]):
+class _RunnerView:
     """A read-only view of the runner's attribute of the same name. A non-data descriptor: a
-    user's own instance attribute of that name hides it, and the runner never reads it."""
+    user's own instance attribute of that name hides it, and the runner never reads it (typed
+    ``Any`` so that a user's own attribute of any type type-checks; ``runner_of()`` is typed)."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    @overload
-    def __get__(self, obj: None, objtype: type | None = None) -> _RunnerView[T]: ...
-
-    @overload
-    def __get__(self, obj: IdempotentConsumer, objtype: type | None = None) -> T: ...
-
-    def __get__(
-        self, obj: IdempotentConsumer | None, objtype: type | None = None
-    ) -> T | _RunnerView[T]:
+    def __get__(self, obj: IdempotentConsumer | None, objtype: type | None = None) -> Any:
         if obj is None:
             return self
-        value: T = getattr(runner_of(obj), self.name)
-        return value
+        return getattr(runner_of(obj), self.name)
 
 
 class IdempotentConsumer:
@@ -95,12 +85,12 @@ class IdempotentConsumer:
     default_content_type: ClassVar[str] = JSON
 
     # Views of the runner's state (read-only; see the module docstring).
-    stop: _RunnerView[threading.Event] = _RunnerView()
-    stats: _RunnerView[ConsumerStats] = _RunnerView()
-    config: _RunnerView[ConsumerConfig] = _RunnerView()
-    engine: _RunnerView[Engine] = _RunnerView()
-    assignment: _RunnerView[frozenset[tuple[str, int]]] = _RunnerView()
-    joined: _RunnerView[bool] = _RunnerView()
+    stop = _RunnerView()
+    stats = _RunnerView()
+    config = _RunnerView()
+    engine = _RunnerView()
+    assignment = _RunnerView()
+    joined = _RunnerView()
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ from consumer import (
     Record,
     RetryPolicy,
     purge_processed,
+    runner_of,
 )
 from consumer.dedup import mark_processed
 from outbox import publish
@@ -77,7 +78,7 @@ class Running(InThread[ConsumerStats]):
     def stats(self) -> ConsumerStats:
         if self.error is not None:
             raise self.error
-        return self.consumer.stats
+        return runner_of(self.consumer).stats
 
 
 @dataclass
