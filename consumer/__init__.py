@@ -17,7 +17,7 @@ or ``outbox consume mypkg.projector:OrderProjector --db ... --bootstrap-servers 
 """
 
 from consumer.config import DEAD_LETTER_SUFFIX, ConsumerConfig
-from consumer.consumer import IdempotentConsumer, runner_of
+from consumer.consumer import IdempotentConsumer, consume, runner_of
 from consumer.event import (
     EVENT_TYPE_HEADER,
     Event,
@@ -50,6 +50,7 @@ __all__ = [
     "TransactionMisuse",
     "UndecodableEvent",
     "UnknownEventType",
+    "consume",
     "load_consumer_class",
     "purge_processed",
     "runner_of",

@@ -11,8 +11,9 @@ only hides the view: the runner keeps its own.
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import EllipsisType
@@ -32,7 +33,7 @@ from outbox.codec import JSON
 from outbox.db import sqlalchemy_url
 from outbox.errors import ConfigError
 
-__all__ = ["ConsumerStats", "DeadLetterError", "IdempotentConsumer", "runner_of"]
+__all__ = ["ConsumerStats", "DeadLetterError", "IdempotentConsumer", "consume", "runner_of"]
 
 _STATE = "_IdempotentConsumer__state"
 """Where ``IdempotentConsumer.__init__`` keeps its runner's setup (``self.__state``)."""
@@ -203,3 +204,44 @@ def runner_of(consumer: IdempotentConsumer) -> ConsumerRunner:
                 event_types=type(consumer).event_types,
             )
         return state.runner
+
+
+def consume(
+    handle: Callable[[Any, Event], Any],
+    db: str | Engine | AsyncEngine,
+    bootstrap_servers: str,
+    *,
+    topics: Sequence[str],
+    group_id: str,
+    **options: Any,
+) -> IdempotentConsumer:
+    """A consumer whose handler is a plain function ``handle(session, event)`` (``def`` or
+    ``async def``), with every guarantee of a subclass's; ``options`` are the constructor's.
+    ``consume(project, DB, KAFKA, topics=["orders.v1"], group_id="projector").run()``."""
+    name = getattr(handle, "__name__", "handle")
+    method: Callable[..., Any]
+    if inspect.iscoroutinefunction(handle):
+
+        async def method(self: IdempotentConsumer, session: Any, event: Event) -> None:
+            await handle(session, event)
+
+    elif inspect.isgeneratorfunction(handle) or inspect.isasyncgenfunction(handle):
+        method = handle  # refused by the constructor, naming the fix
+    else:
+
+        def method(self: IdempotentConsumer, session: Any, event: Event) -> Any:
+            return handle(session, event)  # an awaitable returned is refused (I11)
+
+    cls = type(
+        name,
+        (IdempotentConsumer,),
+        {
+            "handle": method,
+            "topics": tuple(topics),
+            "group_id": group_id,
+            "__module__": getattr(handle, "__module__", __name__),
+            "__qualname__": getattr(handle, "__qualname__", name),
+        },
+    )
+    consumer: IdempotentConsumer = cls(db, bootstrap_servers, **options)
+    return consumer

@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
 from confluent_kafka import Producer
 from sqlalchemy import Engine, text
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from consumer import ConsumerStats, Event, IdempotentConsumer
+from consumer import ConsumerStats, Event, IdempotentConsumer, consume, runner_of
+from consumer.handling import HandlerMisdeclared
 from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS
 from tests.support import InThread, wait_for
 
@@ -137,3 +140,59 @@ def test_i11_the_runner_never_reads_a_users_view_names(database_url: str) -> Non
     finally:
         plain.close()
         own.close()
+
+
+def insert_position(session: Session, event: Event) -> None:
+    position = f"{event.topic}/{event.partition}/{event.offset}"
+    session.execute(text("INSERT INTO effects (position) VALUES (:p)"), {"p": position})
+
+
+async def insert_position_async(session: AsyncSession, event: Event) -> None:
+    position = f"{event.topic}/{event.partition}/{event.offset}"
+    await session.execute(text("INSERT INTO effects (position) VALUES (:p)"), {"p": position})
+
+
+@pytest.mark.parametrize("handle", [insert_position, insert_position_async], ids=["def", "async"])
+def test_i5_a_plain_function_as_handler_applies_every_record_once(
+    effects: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    handle: Callable[[Any, Event], Any],
+) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap_servers})
+    for i in range(RECORDS):
+        producer.produce(topic, value=json.dumps({"i": i}).encode(), partition=0)
+    assert producer.flush(30) == 0
+    consumer = consume(
+        handle,
+        database_url,
+        bootstrap_servers,
+        topics=[topic],
+        group_id=f"g-fn-{topic}",
+        settings=GROUP_SETTINGS,
+    )
+    assert type(consumer).__qualname__ == handle.__qualname__  # named after it in errors
+    running = InThread(runner_of(consumer), what="consumer")
+    running.thread.start()
+
+    def applied() -> Counter[str]:
+        with effects.connect() as conn:
+            return Counter(conn.execute(text("SELECT position FROM effects")).scalars())
+
+    wait_for(
+        lambda: running.error is not None or len(applied()) == RECORDS,
+        timeout=60,
+        what="every record applied (or the consumer failed)",
+    )
+    stats = running.stop()
+    assert set(applied().values()) == {1}, applied()
+    assert stats.applied == RECORDS
+
+
+def test_i11_a_generator_function_as_handler_is_refused_with_the_fix(database_url: str) -> None:
+    def handle(session: Session, event: Event) -> Iterator[None]:
+        yield None
+
+    with pytest.raises(HandlerMisdeclared, match="generator function"):
+        consume(handle, database_url, "broker.invalid:9092", topics=["t"], group_id="g")
