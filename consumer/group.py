@@ -5,9 +5,11 @@ what is still pending for the revoked partitions, and records of theirs fetched 
 ``consume()`` of the same batch are dropped before anything is applied (``owned``), so nothing
 of a revoked partition is processed or committed after the revoke (I10).
 
-Two seams, for tests and tools (never needed by a handler): ``fetch`` replaces how one batch
-is fetched (it gets the librdkafka consumer and the default fetch), and ``listeners`` are told
-after each assignment, revoke or loss, once the member's own bookkeeping is done.
+Three seams, for tests and tools (never needed by a handler): ``fetch`` replaces how one batch
+is fetched (it gets the librdkafka consumer and the default fetch), ``commit`` sends offsets
+(one returning None stands for commits that never land, as when a rebalance refuses them),
+and ``listeners`` are told after each assignment, revoke or loss, once the member's own
+bookkeeping is done.
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ class RebalanceListener(Protocol):
 Fetch = Callable[[Any, Callable[[], list[Any]]], list[Any]]
 """``fetch(kafka, default)``: the messages of one batch; ``default()`` is the runner's own."""
 
+Commit = Callable[[Any, list[TopicPartition]], "list[TopicPartition] | None"]
+"""``commit(kafka, offsets)``: commit synchronously; the per-partition results, or None."""
+
+
+def commit_now(kafka: Any, offsets: list[TopicPartition]) -> list[TopicPartition] | None:
+    """The default ``commit``: librdkafka's synchronous commit."""
+    result: list[TopicPartition] | None = kafka.commit(offsets=offsets, asynchronous=False)
+    return result
+
 
 class GroupMember:
     """The librdkafka consumer of one runner and what it owns: assignment, pending offsets."""
@@ -66,6 +77,7 @@ class GroupMember:
         self.joined = False
         self.pending: dict[tuple[str, int], int] = {}
         self.fetch: Fetch | None = None
+        self.commit: Commit = commit_now
         self.listeners: list[RebalanceListener] = []
         self.refused: ConfigError | None = None  # credentials the cluster refuses (I8)
         self.waiting_since: float | None = None  # a record waits, its partitions paused
@@ -214,7 +226,7 @@ class GroupMember:
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
         try:
-            result = self.kafka.commit(offsets=offsets, asynchronous=False)
+            result = self.commit(self.kafka, offsets)
         except KafkaException as exc:
             log.warning(
                 "offset commit failed (%s); the events are recorded as processed, "
@@ -222,8 +234,10 @@ class GroupMember:
                 exc.args[0],
             )
             return
+        if result is None:
+            return
         self.stats.offset_commits += 1
-        for tp in result or ():
+        for tp in result:
             key = (tp.topic, tp.partition)
             if tp.error is not None:
                 log.warning("offset commit for %s/%d failed: %s", tp.topic, tp.partition, tp.error)
