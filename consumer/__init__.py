@@ -17,7 +17,7 @@ or ``outbox consume mypkg.projector:OrderProjector --db ... --bootstrap-servers 
 """
 
 from consumer.config import DEAD_LETTER_SUFFIX, ConsumerConfig
-from consumer.consumer import ConsumerStats, DeadLetterError, IdempotentConsumer
+from consumer.consumer import IdempotentConsumer, consume, runner_of
 from consumer.event import (
     EVENT_TYPE_HEADER,
     Event,
@@ -28,13 +28,17 @@ from consumer.event import (
 )
 from consumer.handling import RetryLater, TransactionMisuse
 from consumer.loader import load_consumer_class
+from consumer.outcomes import DeadLetterError
 from consumer.purge import purge_processed
 from consumer.retry import RetryPolicy
+from consumer.runner import ConsumerRunner
+from consumer.stats import ConsumerStats
 
 __all__ = [
     "DEAD_LETTER_SUFFIX",
     "EVENT_TYPE_HEADER",
     "ConsumerConfig",
+    "ConsumerRunner",
     "ConsumerStats",
     "DeadLetterError",
     "Event",
@@ -46,6 +50,8 @@ __all__ = [
     "TransactionMisuse",
     "UndecodableEvent",
     "UnknownEventType",
+    "consume",
     "load_consumer_class",
     "purge_processed",
+    "runner_of",
 ]

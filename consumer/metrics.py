@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from consumer.consumer import IdempotentConsumer, runner_of
+from consumer.stats import ConsumerStats
 
 # (name, help, ConsumerStats field)
 CONSUMER_COUNTERS = (
@@ -44,16 +47,41 @@ CONSUMER_COUNTERS = (
 )
 
 
+class _Named(Protocol):
+    @property
+    def group_id(self) -> str: ...
+
+
+class Observed(Protocol):
+    """What the collector reads: a ``ConsumerRunner`` (an ``IdempotentConsumer`` is read
+    through its runner)."""
+
+    @property
+    def config(self) -> _Named: ...
+
+    @property
+    def stats(self) -> ConsumerStats: ...
+
+    def lag(self) -> dict[tuple[str, int], int]: ...
+
+
 class ConsumerMetrics:
     """A consumer's registry: its counters and its lag, read at scrape time."""
 
-    def __init__(self, consumer: Any, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        consumer: IdempotentConsumer | Observed,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
-        self.registry.register(_ConsumerCollector(consumer))
+        runner = runner_of(consumer) if isinstance(consumer, IdempotentConsumer) else consumer
+        self.registry.register(_ConsumerCollector(runner))
 
 
 class _ConsumerCollector(Collector):
-    def __init__(self, consumer: Any) -> None:
+    """Reads the runner, never the user's object (whose names are the user's)."""
+
+    def __init__(self, consumer: Observed) -> None:
         self.consumer = consumer
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

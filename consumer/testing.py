@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumer.consumer import IdempotentConsumer
+from consumer.consumer import IdempotentConsumer, runner_of
 from consumer.dedup import mark_processed, normalise_key
 from consumer.event import Record, decode_event, outbox_event_id
 from outbox.codec import Headers, encode_event
@@ -84,16 +84,17 @@ def deliver(consumer: IdempotentConsumer, event: Record | PublishedEvent) -> boo
     propagates and nothing is committed. Call it from plain (not async) test functions: an
     async handler runs on the consumer's own event loop.
     """
+    runner = runner_of(consumer)
     rec = event if isinstance(event, Record) else event.record()
     key = normalise_key(outbox_event_id(rec) or consumer.dedup_key(rec) or rec.position)
     decoded = decode_event(
         rec,
         key,
-        types=type(consumer).event_types,
-        default_content_type=consumer.config.default_content_type,
+        types=runner.event_types,
+        default_content_type=runner.config.default_content_type,
     )
-    group = consumer.config.group_id
-    with consumer._transactions.open() as tx:
+    group = runner.config.group_id
+    with runner.transactions.open() as tx:
         if not tx.run(lambda session: mark_processed(session, group, [key])):
             return False
         with restored_context(decoded.headers):

@@ -914,7 +914,7 @@ def consume(
     transaction, the Kafka offset committed after it; failures dead-lettered to <topic>.DLT."""
     _setup_logging(log_level, log_format)
     try:
-        from consumer import DeadLetterError, load_consumer_class
+        from consumer import DeadLetterError, load_consumer_class, runner_of
     except ImportError as exc:  # a module of the user's named consumer.py imported instead
         raise _fail(ConfigError(_shadowed("consumer", exc))) from None
     try:
@@ -929,7 +929,7 @@ def consume(
             options["batch_size"] = batch_size
         if dedup_window_hours is not None:
             options["dedup_window"] = _dedup_window(dedup_window_hours)
-        runner = cls(db, bootstrap_servers, **options)
+        runner = runner_of(cls(db, bootstrap_servers, **options))  # the user's names are theirs
     except (ConfigError, ConnectionError) as exc:
         raise _fail(exc) from None
     _stop_on_signals(runner.stop)

@@ -121,5 +121,5 @@ def test_i10_a_record_that_kills_the_process_is_dead_lettered_after_n_deaths(
     assert letter["dlt-reason"] == b"consumer-died"
     assert letter["dlt-original-offset"] == b"1"
     assert letter["dlt-attempts"] == str(ATTEMPTS).encode()
-    assert letter["dlt-error-type"] == b"consumer.consumer.ConsumerDied"
+    assert letter["dlt-error-type"] == b"consumer.outcomes.ConsumerDied"
     assert "were being handled when a consumer stopped" in log.read_text()

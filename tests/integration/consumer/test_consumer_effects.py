@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -27,6 +27,7 @@ from consumer import (
     Record,
     RetryPolicy,
     purge_processed,
+    runner_of,
 )
 from consumer.dedup import mark_processed
 from outbox import publish
@@ -77,7 +78,7 @@ class Running(InThread[ConsumerStats]):
     def stats(self) -> ConsumerStats:
         if self.error is not None:
             raise self.error
-        return self.consumer.stats
+        return runner_of(self.consumer).stats
 
 
 @dataclass
@@ -420,8 +421,9 @@ class OffsetCommitsNeverLand(Projector):
     stand between those redeliveries and doubled effects.
     """
 
-    def _commit_offsets(self, only: Sequence[Any] | None = None) -> None:
-        return None
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        runner_of(self).group.commit = lambda kafka, offsets: None  # the runner's seam
 
 
 def test_i5_two_consumers_in_one_group_through_rebalances_apply_every_effect_once(

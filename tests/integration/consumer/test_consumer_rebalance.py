@@ -28,7 +28,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from consumer import Event
+from consumer import Event, runner_of
 from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
 from tests.integration.consumer.test_consumer_hostile import PositionProjector
 from tests.support import stop_all, wait_for
@@ -37,41 +37,51 @@ PARTITIONS = 4
 PER_PARTITION = 5
 
 
-class RevokedMidBatch(PositionProjector):
-    """Holds its first batch until the group rebalanced under it: the revoke lands between
-    the consume() calls of one batch. Notes every record handled outside its assignment."""
+class MidBatchRebalance:
+    """Holds the member's first batch until the group rebalanced under it: the revoke lands
+    between the consume() calls of one batch. Plugged into the runner's seams (its group's
+    ``fetch`` and ``listeners``)."""
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
+    def __init__(self) -> None:
         self.fetched = threading.Event()
-        self.revoked = threading.Event()
+        self.revoke_seen = threading.Event()
         self.reassigned = threading.Event()
-        self.outside: list[str] = []
         self._first = True
 
-    def _next_batch(self) -> list[Any]:
+    def fetch(self, kafka: Any, default: Callable[[], list[Any]]) -> list[Any]:
         if not self._first:
-            return super()._next_batch()
+            return default()
         self._first = False
         messages: list[Any] = []
         deadline = time.monotonic() + 60
         while len({m.partition() for m in messages}) < PARTITIONS:
             assert time.monotonic() < deadline, "never fetched every partition"
-            messages += self._kafka.consume(num_messages=100, timeout=0.5)
+            messages += kafka.consume(num_messages=100, timeout=0.5)
         self.fetched.set()
         while not self.reassigned.is_set():  # the test starts a second member now
             assert time.monotonic() < deadline, "no rebalance"
-            messages += self._kafka.consume(num_messages=1, timeout=0.2)
+            messages += kafka.consume(num_messages=1, timeout=0.2)
         return messages
 
-    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        super()._on_revoke(consumer, partitions)
-        self.revoked.set()
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        self.revoke_seen.set()
 
-    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        super()._on_assign(consumer, partitions)
-        if self.revoked.is_set():
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        if self.revoke_seen.is_set():
             self.reassigned.set()
+
+
+class RevokedMidBatch(PositionProjector):
+    """A member whose first batch is held over a rebalance; notes every record handled
+    outside its assignment."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.hooks = MidBatchRebalance()
+        self.outside: list[str] = []
+        group = runner_of(self).group
+        group.fetch = self.hooks.fetch
+        group.listeners.append(self.hooks)
 
     def handle(self, session: Session, event: Event) -> None:
         if (event.topic, event.partition) not in self.assignment:
@@ -129,9 +139,9 @@ def test_i10_after_a_revoke_mid_batch_nothing_of_the_revoked_partitions_is_proce
     a = members(RevokedMidBatch)
     first = a.consumer
     assert isinstance(first, RevokedMidBatch)
-    wait_for(first.fetched.is_set, timeout=60, what="A to fetch records of every partition")
+    wait_for(first.hooks.fetched.is_set, timeout=60, what="A to fetch records of every partition")
     b = members()
-    wait_for(first.reassigned.is_set, timeout=60, what="the rebalance")
+    wait_for(first.hooks.reassigned.is_set, timeout=60, what="the rebalance")
 
     def all_applied() -> bool:
         with effects.connect() as conn:
