@@ -109,8 +109,10 @@ def test_dev_servers_serve_a_relay_and_a_consumer_that_joins_in_seconds_then_sto
         wait_for(applied, timeout=60, what="the consumer to apply the order")
         took = time.monotonic() - started
         engine.dispose()
-        # A fresh group with librdkafka's defaults waits ~23 s on Tansu.
-        assert took < 15, f"relay + fresh consumer group took {took:.1f}s (expected ~3-5 s)"
+        # A fresh group with librdkafka's defaults waits ~23 s on Tansu before its first fetch
+        # (29.5 s measured for this whole step without the settings file); with it, 3-5 s idle
+        # and up to 16 s seen on a loaded machine. The bound sits below the first, above the last.
+        assert took < 22, f"relay + fresh consumer group took {took:.1f}s (expected ~3-5 s)"
         for proc in others:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
