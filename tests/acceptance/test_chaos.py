@@ -49,6 +49,12 @@ def _seed() -> int:
     return seed
 
 
+def _assert_every_kind_struck(summary: Summary, where: str) -> None:
+    """The faults' aims: a miss was aimed again; only a kind that never struck fails."""
+    print(f"faults aimed again: {summary.faults_reaimed}")
+    assert summary.aim_failures == [], f"{where}: " + "; ".join(summary.aim_failures)
+
+
 def _assert_every_event_applied_once(summary: Summary, where: str) -> None:
     """The checker's verdict, and the counts it rests on, for each outbox."""
     assert summary.failures == [], f"{where}: " + "; ".join(summary.failures)
@@ -84,20 +90,13 @@ def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker:
 
     _assert_every_event_applied_once(summary, where)
     assert set(summary.outboxes) == ({"a", "b"} if config.second_outbox else {"a"})
-    # The run really was chaotic: every kind of fault was scheduled and injected (a kill of a
-    # process that had just crashed on its own is skipped, and --strict fails on such a crash),
-    # and each struck what it aims at (checked in the summary's failures above, shown here).
+    # The run really was chaotic: every kind of fault was scheduled, injected and struck what
+    # it aims at (a batch in flight, a recovery, a dedup skip), in the schedule or in the
+    # bounded extension that aims a kind again when a busy machine made it miss its moment.
+    _assert_every_kind_struck(summary, where)
     for kind in FaultKind:
         assert summary.faults_scheduled[kind.value] >= 1, f"{where}: {summary.faults_scheduled}"
-    if not on_kafka:
-        # Every fault lands, but a kill whose target (and its whole fleet) is down: a process
-        # that refused to start during the PostgreSQL restart, not restarted yet.
-        refused = sum(e["refused_start_during_db_restart"] for e in summary.unexpected_exits)
-        skipped = sum(summary.faults_scheduled.values()) - sum(summary.faults.values())
-        assert 0 <= skipped <= refused, f"{where}: {summary.faults}, {refused} refused starts"
-    # On Kafka the schedule drifts (a relay kill waits up to 2 s for a batch in flight, and
-    # batches take longer there), so a kill can come due while its target, killed by the
-    # fault before, is not started again yet, and is skipped: each kind still struck above.
+        assert summary.faults[kind.value] >= 1, f"{where}: {summary.faults}"
     assert summary.process_logs["relay_recoveries"] >= 1, where
     assert summary.process_logs["consumer_duplicates_skipped"] >= 1, where
     assert summary.relay_kills_mid_batch >= 1, where
@@ -140,7 +139,8 @@ def test_i2_at_least_once_loses_nothing_through_an_outage_longer_than_the_delive
     where = f"seed {seed}, logs in {summary.log_dir}"
     # Duplicates on the topic are allowed in at-least-once; the consumer applies each once.
     _assert_every_event_applied_once(summary, where)
-    assert summary.faults["cut-broker"] == 1, where
+    _assert_every_kind_struck(summary, where)
+    assert summary.faults["cut-broker"] >= 1, where
     # The outage outlasted the delivery timeout: records expired, their rows were kept.
     assert summary.process_logs["relay_deliveries_expired"] >= 1, where
 
@@ -170,6 +170,7 @@ def test_i6_rows_of_a_missing_topic_become_dead_rows_while_every_other_event_arr
     where = f"seed {seed}, logs in {summary.log_dir}"
     # Every other event arrived once; the checker fails on any dead row but theirs.
     _assert_every_event_applied_once(summary, where)
+    _assert_every_kind_struck(summary, where)
     report = summary.outboxes["a"]
     assert report["dead_rows"] == report["missing_topic_not_dead"] == 0, where
     assert report["missing_topic_dead"] > 0, where
