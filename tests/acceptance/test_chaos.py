@@ -68,6 +68,7 @@ def _assert_every_event_applied_once(summary: Summary, where: str) -> None:
         assert report["excluded_over_limit"] == report["too_few_committed"] == 0, at
 
 
+@pytest.mark.both_brokers
 @pytest.mark.timeout(420)
 def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker: Broker) -> None:
     # [tansu] (and an external cluster): the run's own Tansu behind a proxy it can cut.
@@ -145,6 +146,7 @@ def test_i2_at_least_once_loses_nothing_through_an_outage_longer_than_the_delive
     assert summary.process_logs["relay_deliveries_expired"] >= 1, where
 
 
+@pytest.mark.needs_apache_kafka
 @pytest.mark.timeout(420)
 def test_i6_rows_of_a_missing_topic_become_dead_rows_while_every_other_event_arrives(
     tmp_path: Path, broker: Broker

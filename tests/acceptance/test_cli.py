@@ -94,6 +94,7 @@ def test_env_vars_are_documented_in_help() -> None:
     assert "OUTBOX_BOOTSTRAP_SERVERS" in done.stdout
 
 
+@pytest.mark.both_brokers
 def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
     engine: Engine, database_url: str, broker: Broker, topic: str, kafka: KafkaReader
 ) -> None:

@@ -424,6 +424,7 @@ class OffsetCommitsNeverLand(Projector):
         return None
 
 
+@pytest.mark.both_brokers
 def test_i5_two_consumers_in_one_group_through_rebalances_apply_every_effect_once(
     env: Fixture,
     drain: Callable[..., Any],

@@ -112,6 +112,7 @@ def _committed(bootstrap_servers: str, group: str, topic: str) -> dict[int, int]
         reader.close()
 
 
+@pytest.mark.both_brokers
 def test_i10_after_a_revoke_mid_batch_nothing_of_the_revoked_partitions_is_processed(
     effects: Engine,
     bootstrap_servers: str,
@@ -212,6 +213,7 @@ def test_i10_a_broker_outage_writes_one_line_per_backoff_step(
     assert len(lines) <= 15, "\n".join(lines)  # ... once per backoff step of each message
 
 
+@pytest.mark.both_brokers
 @pytest.mark.parametrize(
     ("window", "warned"), [(timedelta(minutes=30), True), (timedelta(hours=2), False)]
 )
