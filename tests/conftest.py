@@ -40,6 +40,7 @@ migrated template (fast, isolated) and, on brokers that do not auto-create topic
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from xdist.scheduler import LoadGroupScheduling
 
 from outbox.embedded.kafka_cluster import create_topic
 from outbox.migrate import upgrade
@@ -151,12 +153,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 BROKER_MARKERS = ("needs_abort_filtering", "needs_apache_kafka", "both_brokers")
 
 
-@pytest.hookimpl(trylast=True)  # after pytest grouped the tests per broker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Leave out the ``[kafka]`` runs of tests that check nothing broker-specific (decided by
-    `runs_on_kafka`), skip, before any broker starts, the runs a broker cannot give (decided by
-    `skip_reason`), and put the ``[kafka]`` runs first: under xdist they are one group, on one
-    worker (one cluster), and the longest unit of work should start first."""
+    `runs_on_kafka`) and skip, before any broker starts, the runs a broker cannot give (decided
+    by `skip_reason`)."""
     external_filters = _external_filters_aborts()
     every_test_on_kafka = (
         os.environ.get("OUTBOX_TEST_BROKER") == "kafka"
@@ -175,12 +175,53 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reason := skip_reason(name, markers, external_filters=external_filters)
         ):
             item.add_marker(pytest.mark.skip(reason=reason))
-        if name == "kafka":
-            item.add_marker(pytest.mark.xdist_group("kafka"))
     if left_out:
         config.hook.pytest_deselected(items=left_out)
-    # Stable: the [kafka] runs first, then everything else in its collection order.
-    items[:] = sorted(kept, key=lambda item: broker_of(item) != "kafka")
+    items[:] = kept
+
+
+class _KafkaFirst:
+    """The ``[kafka]`` runs first (stable), after pytest grouped the tests per broker: under
+    xdist they are the longest unit of work, so they should start first."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        items[:] = sorted(items, key=lambda item: broker_of(item) != "kafka")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_KafkaFirst(), "outbox-tests-kafka-first")
+
+
+ONE_AT_A_TIME = ("tests/acceptance/test_chaos.py::",)
+"""Tests that load both cores (the chaos runs): under xdist they share one worker."""
+
+
+def xdist_group_of(nodeid: str) -> str | None:
+    """The group of tests that must share one xdist worker, from a test's id: its ``[kafka]`` runs
+    (one cluster, started once; a test that kills nodes sees no other test's traffic), then the
+    tests of `ONE_AT_A_TIME`; None: any worker."""
+    if re.search(r"\[kafka[-\]]", nodeid):
+        return "kafka"
+    if nodeid.startswith(ONE_AT_A_TIME):
+        return "one_at_a_time"
+    return None
+
+
+class BrokerGroups(LoadGroupScheduling):  # type: ignore[misc]  # xdist is untyped
+    """xdist's ``loadgroup``, the groups decided by `xdist_group_of` (pytest 9 ignores the node
+    id suffix xdist 3.8's ``xdist_group`` marker relies on, so the groups are named here)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return xdist_group_of(nodeid) or nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` (what ``python3 dev.py test`` passes): `BrokerGroups`."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    return BrokerGroups(config, log)
 
 
 def broker_of(item: pytest.Item) -> str | None:

@@ -39,10 +39,6 @@ from tests.chaos.faults import FaultKind, Rates
 from tests.chaos.harness import AT_LEAST_ONCE_SETTINGS, ChaosConfig, Summary, run_chaos
 from tests.conftest import Broker
 
-# Under xdist the Tansu runs share one worker, one after the other (each loads both cores); the
-# [kafka] runs are in the kafka group (tests/conftest.py), whose marker is closer.
-pytestmark = pytest.mark.xdist_group("chaos")
-
 SECOND_OUTBOX = "1"
 """A second outbox (own database, default relay settings) beside the first on one broker: before
 issue 12's fix the two fenced each other and one deleted the other's rows (a run lost 110 of 432

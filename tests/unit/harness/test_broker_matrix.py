@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import runs_on_kafka, skip_reason
+from tests.conftest import runs_on_kafka, skip_reason, xdist_group_of
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,20 @@ def test_only_tests_that_check_what_apache_kafka_shows_run_on_it_by_default(
     markers: set[str], every_test: bool, kept: bool
 ) -> None:
     assert runs_on_kafka(markers, every_test=every_test) is kept
+
+
+@pytest.mark.parametrize(
+    ("nodeid", "group"),
+    [
+        ("tests/integration/relay/test_relay.py::test_x[kafka]", "kafka"),
+        ("tests/integration/relay/test_relay.py::test_x[kafka-exactly-once]", "kafka"),
+        ("tests/acceptance/test_chaos.py::test_i2_chaos[kafka]", "kafka"),
+        ("tests/acceptance/test_chaos.py::test_i2_chaos[tansu]", "one_at_a_time"),
+        ("tests/integration/relay/test_relay.py::test_x[tansu]", None),
+        ("tests/unit/benchmarks/test_b.py::test_files[default-kafka-default-kafka]", None),
+    ],
+)
+def test_the_kafka_runs_share_one_xdist_worker_and_so_do_the_chaos_runs(
+    nodeid: str, group: str | None
+) -> None:
+    assert xdist_group_of(nodeid) == group
