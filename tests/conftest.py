@@ -18,9 +18,10 @@ Tansu only (``OUTBOX_TEST_ALL_BROKERS=1`` or ``OUTBOX_TEST_BROKER=kafka`` runs e
 Kafka too). A new test that waits for Kafka's behaviour gets ``both_brokers``.
 
 Under pytest-xdist (``python3 dev.py test`` runs ``-n 3 --dist loadgroup``) each worker starts
-its own PostgreSQL and Tansu (seconds); the ``[kafka]`` runs are one ``xdist_group``, so one
-worker starts the cluster, runs them one after another (tests that kill nodes see no other
-test's traffic) and goes first, since it is the longest unit of work.
+its own PostgreSQL and Tansu (seconds); the ``[kafka]`` runs are one group (`xdist_group_of`,
+`BrokerGroups`), so one worker starts the cluster, runs them one after another (tests that kill
+nodes see no other test's traffic) and goes first, since it is the longest unit of work; the
+chaos runs on Tansu are another group.
 
 Environment (read here only):
 
