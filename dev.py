@@ -50,8 +50,13 @@ def run(cmd: list[str]) -> int:
     return subprocess.run(cmd, cwd=ROOT, check=False).returncode
 
 
-def test(extra: list[str]) -> int:
-    """Lint, type-check, validate docker-compose.yml, then the whole pytest suite."""
+WORKERS = 3
+"""pytest-xdist workers of `dev.py test`: the tests mostly wait (consumer group joins, relays,
+subprocesses), so three share two cores well; the [kafka] runs are one group on one worker."""
+
+
+def checks() -> int:
+    """Lint, types, import rules, docker-compose.yml: what every test command starts with."""
     for cmd in (
         [str(BIN / "ruff"), "check", "."],
         [str(BIN / "ruff"), "format", "--check", "."],
@@ -61,7 +66,29 @@ def test(extra: list[str]) -> int:
     ):
         if (rc := run(cmd)) != 0:
             return rc
-    return run([str(BIN / "pytest"), *extra])
+    return 0
+
+
+def parallel(extra: list[str]) -> list[str]:
+    """xdist's options, unless the caller chose (``-n``, ``-p no:xdist``, ``--dist``)."""
+    chosen = any(
+        a in {"no:xdist", "-pno:xdist"} or a.startswith(("-n", "--numprocesses", "--dist"))
+        for a in extra
+    )
+    return [] if chosen else ["-n", str(WORKERS), "--dist", "loadgroup"]
+
+
+def test(extra: list[str]) -> int:
+    """Lint, type-check, validate docker-compose.yml, then the whole pytest suite in parallel
+    (``--quick``: lint, types and the unit tests only, for the inner loop)."""
+    if extra[:1] == ["--quick"]:
+        rest = extra[1:]
+        if (rc := checks()) != 0:
+            return rc
+        return run([str(BIN / "pytest"), "tests/unit", "-q", *rest])
+    if (rc := checks()) != 0:
+        return rc
+    return run([str(BIN / "pytest"), *parallel(extra), *extra])
 
 
 def main(argv: list[str]) -> int:
@@ -69,6 +96,7 @@ def main(argv: list[str]) -> int:
         print(
             "usage: python3 dev.py demo [outbox demo options]  run the demo, embedded services\n"
             "       python3 dev.py test [pytest options]       lint, type-check, run all tests\n"
+            "       python3 dev.py test --quick [options]      lint, type-check, unit tests\n"
             "       python3 dev.py outbox ARGS...              any outbox command in .venv"
         )
         return 2

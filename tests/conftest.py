@@ -1,12 +1,27 @@
 """Real services for the whole test session: PostgreSQL and a Kafka-protocol broker.
 
-PostgreSQL is started here (embedded, run as an unprivileged user under root). Every test
-that talks to Kafka runs once per broker, its id saying which (``[tansu]``, ``[kafka]``):
+PostgreSQL is started here (embedded, run as an unprivileged user under root). A test that
+talks to Kafka runs on a broker its id names (``[tansu]``, ``[kafka]``):
 
-- ``tansu``: the Tansu broker from its wheel, the zero-setup default;
+- ``tansu``: the Tansu broker from its wheel, the zero-setup default: every broker test;
 - ``kafka``: a 3-node Apache Kafka 4.x KRaft cluster (outbox.embedded.kafka_cluster), wherever
   ``java`` (and, for the first fetch of its jars, ``mvn``) are present; elsewhere those
   runs are skipped, and the reason is printed in the header and the skip summary.
+
+The rule for ``[kafka]``: a test runs there too only where Apache Kafka shows something Tansu
+cannot, and says so with a marker: ``needs_abort_filtering`` / ``needs_apache_kafka`` (Kafka
+only) or ``both_brokers`` (both): aborted-transaction filtering (no extra copies after a
+crash, a fence or a failed batch), auto-create off (a missing topic), broker-side record size
+limits, SASL, failover (a node killed), rebalances, LSO and offsets as Kafka reports them.
+Every other broker test checks the product's logic, which the broker does not change: it runs on
+Tansu only (``OUTBOX_TEST_ALL_BROKERS=1`` or ``OUTBOX_TEST_BROKER=kafka`` runs every one on
+Kafka too). A new test that waits for Kafka's behaviour gets ``both_brokers``.
+
+Under pytest-xdist (``python3 dev.py test`` runs ``-n 3 --dist loadgroup``) each worker starts
+its own PostgreSQL and Tansu (seconds); the ``[kafka]`` runs are one group (`xdist_group_of`,
+`BrokerGroups`), so one worker starts the cluster, runs them one after another (tests that kill
+nodes see no other test's traffic) and goes first, since it is the longest unit of work; the
+chaos runs on Tansu are another group.
 
 Environment (read here only):
 
@@ -26,6 +41,7 @@ migrated template (fast, isolated) and, on brokers that do not auto-create topic
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +52,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from xdist.scheduler import LoadGroupScheduling
 
 from outbox.embedded.kafka_cluster import create_topic
 from outbox.migrate import upgrade
@@ -104,9 +121,27 @@ def _kafka_left_out() -> str | None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [f"brokers: {', '.join(_broker_params())}"]
+    if "kafka" in _broker_params() and not os.environ.get("OUTBOX_TEST_BROKER"):
+        lines.append(
+            "[kafka] runs: only tests marked both_brokers, needs_abort_filtering or "
+            "needs_apache_kafka (OUTBOX_TEST_ALL_BROKERS=1: every broker test)"
+        )
     if note := _kafka_left_out():
         lines.append(note)
     return lines
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its services' start-up lines to the controller, which prints them."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["outbox_startups"] = list(_STARTUPS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist's controller: collect what a finished worker started (see pytest_sessionfinish)."""
+    _STARTUPS.extend(getattr(node, "workeroutput", {}).get("outbox_startups", []))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -116,17 +151,97 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(note, yellow=True, bold=True)
 
 
+BROKER_MARKERS = ("needs_abort_filtering", "needs_apache_kafka", "both_brokers")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip, before any broker starts, the runs a broker cannot give (decided by `skip_reason`)."""
+    """Leave out the ``[kafka]`` runs of tests that check nothing broker-specific (decided by
+    `runs_on_kafka`) and skip, before any broker starts, the runs a broker cannot give (decided
+    by `skip_reason`)."""
     external_filters = _external_filters_aborts()
+    every_test_on_kafka = (
+        os.environ.get("OUTBOX_TEST_BROKER") == "kafka"
+        or os.environ.get("OUTBOX_TEST_ALL_BROKERS") == "1"
+    )
+    kept: list[pytest.Item] = []
+    left_out: list[pytest.Item] = []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        name = callspec.params.get("broker") if callspec is not None else None
-        if name is None:
+        name = broker_of(item)
+        markers = {m for m in BROKER_MARKERS if m in item.keywords}
+        if name == "kafka" and not runs_on_kafka(markers, every_test=every_test_on_kafka):
+            left_out.append(item)
             continue
-        markers = {m for m in ("needs_abort_filtering", "needs_apache_kafka") if m in item.keywords}
-        if reason := skip_reason(name, markers, external_filters=external_filters):
+        kept.append(item)
+        if name is not None and (
+            reason := skip_reason(name, markers, external_filters=external_filters)
+        ):
             item.add_marker(pytest.mark.skip(reason=reason))
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+    items[:] = kept
+
+
+class _KafkaFirst:
+    """The ``[kafka]`` runs first (stable), after pytest grouped the tests per broker: under
+    xdist they are the longest unit of work, so they should start first."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        items[:] = sorted(items, key=lambda item: broker_of(item) != "kafka")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_KafkaFirst(), "outbox-tests-kafka-first")
+
+
+ONE_AT_A_TIME = ("tests/acceptance/test_chaos.py::",)
+"""Tests that load both cores (the chaos runs): under xdist they share one worker."""
+
+
+def xdist_group_of(nodeid: str) -> str | None:
+    """The group of tests that must share one xdist worker, from a test's id: its ``[kafka]`` runs
+    (one cluster, started once; a test that kills nodes sees no other test's traffic), then the
+    tests of `ONE_AT_A_TIME`; None: any worker."""
+    if re.search(r"\[kafka[-\]]", nodeid):
+        return "kafka"
+    if nodeid.startswith(ONE_AT_A_TIME):
+        return "one_at_a_time"
+    return None
+
+
+class BrokerGroups(LoadGroupScheduling):  # type: ignore[misc]  # xdist is untyped
+    """xdist's ``loadgroup``, the groups decided by `xdist_group_of` (pytest 9 ignores the node
+    id suffix xdist 3.8's ``xdist_group`` marker relies on, so the groups are named here)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return xdist_group_of(nodeid) or nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` (what ``python3 dev.py test`` passes): `BrokerGroups`."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    return BrokerGroups(config, log)
+
+
+def broker_of(item: pytest.Item) -> str | None:
+    """The broker a test runs on (its ``broker`` fixture's param), or None (also for a test that
+    parametrizes an argument of its own named ``broker``)."""
+    callspec = getattr(item, "callspec", None)
+    name = callspec.params.get("broker") if callspec is not None else None
+    for mark in item.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if "broker" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return None
+    return name if isinstance(name, str) else None
+
+
+def runs_on_kafka(markers: set[str], *, every_test: bool) -> bool:
+    """Whether a test's ``[kafka]`` run is kept: only where Apache Kafka shows something Tansu
+    cannot (a marker of `BROKER_MARKERS`), unless every test is asked for on Kafka
+    (``OUTBOX_TEST_BROKER=kafka``, ``OUTBOX_TEST_ALL_BROKERS=1``)."""
+    return every_test or bool(markers & set(BROKER_MARKERS))
 
 
 def skip_reason(broker: str, markers: set[str], *, external_filters: bool) -> str | None:

@@ -16,10 +16,12 @@ It runs once per broker. ``[tansu]``: the run's own Tansu behind the proxy, whos
 (its leaders move) and starts it again, and the topic must hold every event exactly once for
 read_committed readers: 0 duplicates, asserted.
 
-``CHAOS_EVENTS`` / ``CHAOS_SECONDS`` change the size (default 1500 events, 30 s);
+``CHAOS_EVENTS`` / ``CHAOS_SECONDS`` change the size (default 1000 events, 20 s: the schedule
+then holds every kind of fault, 3 relay kills, 2 consumer kills, 1 cut and 1 restart on average,
+and a kind that missed its moment is aimed again in the harness's bounded extension);
 ``CHAOS_SECOND_OUTBOX=1`` / ``0`` runs the second outbox or not (default: ``SECOND_OUTBOX``).
 
-Two shorter variants (one outbox, 25 s of faults) cover failure classes of issue 14: relays in
+Two variants (one outbox, 20 to 24 s of faults) cover failure classes of issue 14: relays in
 ``--guarantee at-least-once`` through a broker-wide outage longer than their delivery timeout
 (Tansu), and writers that publish a share of events to a topic that does not exist (Apache
 Kafka, where auto-create is off).
@@ -49,6 +51,12 @@ def _seed() -> int:
     return seed
 
 
+def _assert_every_kind_struck(summary: Summary, where: str) -> None:
+    """The faults' aims: a miss was aimed again; only a kind that never struck fails."""
+    print(f"faults aimed again: {summary.faults_reaimed}")
+    assert summary.aim_failures == [], f"{where}: " + "; ".join(summary.aim_failures)
+
+
 def _assert_every_event_applied_once(summary: Summary, where: str) -> None:
     """The checker's verdict, and the counts it rests on, for each outbox."""
     assert summary.failures == [], f"{where}: " + "; ".join(summary.failures)
@@ -62,6 +70,7 @@ def _assert_every_event_applied_once(summary: Summary, where: str) -> None:
         assert report["excluded_over_limit"] == report["too_few_committed"] == 0, at
 
 
+@pytest.mark.both_brokers
 @pytest.mark.timeout(420)
 def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker: Broker) -> None:
     # [tansu] (and an external cluster): the run's own Tansu behind a proxy it can cut.
@@ -70,8 +79,8 @@ def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker:
     seed = _seed()
     config = ChaosConfig(
         seed=seed,
-        events=int(os.environ.get("CHAOS_EVENTS", "1500")),
-        seconds=float(os.environ.get("CHAOS_SECONDS", "30")),
+        events=int(os.environ.get("CHAOS_EVENTS", "1000")),
+        seconds=float(os.environ.get("CHAOS_SECONDS", "20")),
         settle_timeout=90,
         log_dir=tmp_path / "chaos-logs",
         strict=True,  # a relay or consumer that crashes on its own, or logs a traceback, fails
@@ -84,20 +93,13 @@ def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker:
 
     _assert_every_event_applied_once(summary, where)
     assert set(summary.outboxes) == ({"a", "b"} if config.second_outbox else {"a"})
-    # The run really was chaotic: every kind of fault was scheduled and injected (a kill of a
-    # process that had just crashed on its own is skipped, and --strict fails on such a crash),
-    # and each struck what it aims at (checked in the summary's failures above, shown here).
+    # The run really was chaotic: every kind of fault was scheduled, injected and struck what
+    # it aims at (a batch in flight, a recovery, a dedup skip), in the schedule or in the
+    # bounded extension that aims a kind again when a busy machine made it miss its moment.
+    _assert_every_kind_struck(summary, where)
     for kind in FaultKind:
         assert summary.faults_scheduled[kind.value] >= 1, f"{where}: {summary.faults_scheduled}"
-    if not on_kafka:
-        # Every fault lands, but a kill whose target (and its whole fleet) is down: a process
-        # that refused to start during the PostgreSQL restart, not restarted yet.
-        refused = sum(e["refused_start_during_db_restart"] for e in summary.unexpected_exits)
-        skipped = sum(summary.faults_scheduled.values()) - sum(summary.faults.values())
-        assert 0 <= skipped <= refused, f"{where}: {summary.faults}, {refused} refused starts"
-    # On Kafka the schedule drifts (a relay kill waits up to 2 s for a batch in flight, and
-    # batches take longer there), so a kill can come due while its target, killed by the
-    # fault before, is not started again yet, and is skipped: each kind still struck above.
+        assert summary.faults[kind.value] >= 1, f"{where}: {summary.faults}"
     assert summary.process_logs["relay_recoveries"] >= 1, where
     assert summary.process_logs["consumer_duplicates_skipped"] >= 1, where
     assert summary.relay_kills_mid_batch >= 1, where
@@ -126,8 +128,8 @@ def test_i2_at_least_once_loses_nothing_through_an_outage_longer_than_the_delive
     seed = _seed()
     config = ChaosConfig(
         seed=seed,
-        events=1000,
-        seconds=30,
+        events=600,
+        seconds=24,  # the outage, with traffic before it and time after it
         settle_timeout=150,  # consumers took 60-85 s to catch up after the outage on Tansu
         log_dir=tmp_path / "chaos-logs",
         strict=True,
@@ -140,11 +142,13 @@ def test_i2_at_least_once_loses_nothing_through_an_outage_longer_than_the_delive
     where = f"seed {seed}, logs in {summary.log_dir}"
     # Duplicates on the topic are allowed in at-least-once; the consumer applies each once.
     _assert_every_event_applied_once(summary, where)
-    assert summary.faults["cut-broker"] == 1, where
+    _assert_every_kind_struck(summary, where)
+    assert summary.faults["cut-broker"] >= 1, where
     # The outage outlasted the delivery timeout: records expired, their rows were kept.
     assert summary.process_logs["relay_deliveries_expired"] >= 1, where
 
 
+@pytest.mark.needs_apache_kafka
 @pytest.mark.timeout(420)
 def test_i6_rows_of_a_missing_topic_become_dead_rows_while_every_other_event_arrives(
     tmp_path: Path, broker: Broker
@@ -156,8 +160,8 @@ def test_i6_rows_of_a_missing_topic_become_dead_rows_while_every_other_event_arr
     seed = _seed()
     config = ChaosConfig(
         seed=seed,
-        events=600,
-        seconds=25,
+        events=400,
+        seconds=20,
         settle_timeout=90,
         log_dir=tmp_path / "chaos-logs",
         strict=True,
@@ -170,6 +174,7 @@ def test_i6_rows_of_a_missing_topic_become_dead_rows_while_every_other_event_arr
     where = f"seed {seed}, logs in {summary.log_dir}"
     # Every other event arrived once; the checker fails on any dead row but theirs.
     _assert_every_event_applied_once(summary, where)
+    _assert_every_kind_struck(summary, where)
     report = summary.outboxes["a"]
     assert report["dead_rows"] == report["missing_topic_not_dead"] == 0, where
     assert report["missing_topic_dead"] > 0, where

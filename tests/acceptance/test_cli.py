@@ -94,11 +94,12 @@ def test_env_vars_are_documented_in_help() -> None:
     assert "OUTBOX_BOOTSTRAP_SERVERS" in done.stdout
 
 
+@pytest.mark.both_brokers
 def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
     engine: Engine, database_url: str, broker: Broker, topic: str, kafka: KafkaReader
 ) -> None:
     bootstrap_servers = broker.bootstrap_servers
-    total = 20_000
+    total = 10_000  # 50 batches: the kill lands after 10 of them, 40 are left for --once
     ids = _fill_outbox(engine, topic, total)
     args = _relay_args(
         database_url,

@@ -386,6 +386,7 @@ def test_relay_on_an_unmigrated_database_says_run_outbox_migrate(
 # -- 5. the demo's latency --------------------------------------------------------------------
 
 
+@pytest.mark.both_brokers
 def test_demo_measures_latency_at_a_steady_rate_after_the_burst_and_labels_it(
     database_url: str, broker: Broker
 ) -> None:

@@ -63,6 +63,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="share of events written to a topic that does not exist (kafka only): they must "
         "all end in outbox_dead_events, and nothing else",
     )
+    parser.add_argument(
+        "--aim-extension",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after the schedule, aim a fault kind that has not struck yet (e.g. no kill "
+        "landed with a batch in flight) again for up to this long; only then is it a failure",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep process logs here")
     parser.add_argument("--keep-logs", action="store_true", help="keep logs of a passing run")
@@ -84,6 +92,7 @@ def _print(summary: Summary) -> None:
         ("events left out of the check (bounded)", summary.events_excluded),
         *((f"  cut by: {reason}", n) for reason, n in summary.excluded_reasons.items()),
         *((f"faults: {kind}", n) for kind, n in summary.faults.items()),
+        *((f"  aimed again: {kind}", n) for kind, n in summary.faults_reaimed.items()),
         ("relay kills with a batch in flight", summary.relay_kills_mid_batch),
         ("  of which between Kafka and DB commit", summary.relay_kills_in_commit_window),
         ("consumer kills between DB and offset commit", summary.consumer_kills_in_window),
@@ -119,6 +128,8 @@ def _print(summary: Summary) -> None:
     print("RESULT: " + ("PASS" if summary.ok else "FAIL"))
     for failure in summary.failures:
         print(f"  - {failure}")
+    for failure in summary.aim_failures:
+        print(f"  - aim: {failure}")
     if summary.log_dir:
         print(f"logs: {summary.log_dir}")
 
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             guarantee=args.guarantee,
             missing_topic_share=args.missing_topic_share,
             rates=Rates(outage_seconds=args.outage),
+            aim_extension=args.aim_extension,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

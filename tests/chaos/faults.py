@@ -207,3 +207,76 @@ def actions(faults: list[Fault]) -> list[Action]:
 def count_by_kind(faults: list[Fault]) -> dict[str, int]:
     counts = Counter(f.kind.value for f in faults)
     return {kind.value: counts.get(kind.value, 0) for kind in FaultKind}
+
+
+@dataclass(frozen=True, slots=True)
+class Aim:
+    """What a fault kind is there to hit: the run counter that shows it struck at least once."""
+
+    counter: str
+    meaning: str
+
+
+Aims = dict[FaultKind, tuple[Aim, ...]]
+
+
+def aims_of(kinds: list[FaultKind], special: Aims) -> Aims:
+    """The aims of the kinds a run schedules: ``special``'s where it has some, else "injected
+    once" (a kill of a live process, a restart, a cut), so a new kind needs no entry."""
+    return {
+        kind: special.get(kind)
+        or (Aim(kind.value, f"no {kind.value} fault was injected (its target was never up)"),)
+        for kind in FaultKind
+        if kind in kinds
+    }
+
+
+def unstruck(aims: Aims, counts: dict[str, int]) -> list[FaultKind]:
+    """The kinds with an aim whose counter is still 0 (the ones to aim again)."""
+    return [kind for kind, of in aims.items() if any(not counts.get(a.counter, 0) for a in of)]
+
+
+def reaim(
+    kind: FaultKind,
+    at: float,
+    rng: random.Random,
+    *,
+    relays: int,
+    consumers: int,
+    rates: Rates,
+) -> Fault:
+    """One more fault of ``kind`` at ``at``, for a kind that has not struck yet.
+
+    Its target is drawn among the processes of its role (a kind named after ``relay`` or
+    ``consumer``), its duration from the kind's range in ``rates``: the schedule's rules,
+    applied to one fault at a time.
+    """
+    if "relay" in kind.value:
+        target = rng.randrange(relays)
+    elif "consumer" in kind.value:
+        target = rng.randrange(consumers)
+    else:
+        target = 0
+    if kind is FaultKind.CUT_BROKER:
+        duration = rates.outage_seconds or rng.uniform(*rates.cut_seconds)
+    elif kind is FaultKind.RESTART_POSTGRES:
+        duration = 0.0
+    elif kind is FaultKind.FREEZE_RELAY:
+        duration = rates.freeze_seconds
+    else:
+        duration = rng.uniform(*rates.dead_seconds)
+    return Fault(round(at, 3), kind, target, round(duration, 3))
+
+
+def aim_failures(
+    aims: Aims, counts: dict[str, int], reaimed: dict[str, int], extension: float
+) -> list[str]:
+    """One line per aim never struck, saying that the bounded extension did not help either."""
+    return [
+        f"fault kind {kind.value} never struck ({aim.counter}=0), not even after "
+        f"{reaimed.get(kind.value, 0)} extra faults in an extension of up to {extension:.0f}s: "
+        f"{aim.meaning}"
+        for kind, of in aims.items()
+        for aim in of
+        if not counts.get(aim.counter, 0)
+    ]

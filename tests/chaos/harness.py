@@ -60,7 +60,22 @@ from outbox.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceErr
 from outbox.embedded.kafka_cluster import KafkaCluster, create_topic
 from outbox.migrate import upgrade
 from tests.chaos.checker import Effect, Observations, Report, TopicRecord, Written, check
-from tests.chaos.faults import Action, Rates, Step, actions, count_by_kind, schedule
+from tests.chaos.faults import (
+    Action,
+    Aim,
+    Aims,
+    Fault,
+    FaultKind,
+    Rates,
+    Step,
+    actions,
+    aim_failures,
+    aims_of,
+    count_by_kind,
+    reaim,
+    schedule,
+    unstruck,
+)
 from tests.chaos.projector import OFFSET_COMMIT_DELAY_ENV, TABLES, WINDOW_DIR_ENV
 from tests.support import TcpProxy, TopicReadError, read_topic
 
@@ -128,6 +143,10 @@ class ChaosConfig:
     missing_topic_share: float = 0.0
     """Share of events the writers publish to a topic that does not exist (Apache Kafka only,
     where auto-create is off): they must all end, alone, in ``outbox_dead_events``."""
+    aim_extension: float = 30.0
+    """Seconds after the schedule during which a fault kind that has not struck yet (a kill that
+    found no batch in flight on a busy machine) is aimed again, with writers topping up the
+    traffic; a kind that struck in the schedule costs nothing here."""
 
     def __post_init__(self) -> None:
         if self.guarantee not in ("exactly-once", "at-least-once"):
@@ -142,6 +161,8 @@ class ChaosConfig:
             raise ValueError("--missing-topic-share must be in [0, 1)")
         if self.missing_topic_share and self.broker != "kafka":
             raise ValueError("--missing-topic-share needs --broker kafka (Tansu auto-creates)")
+        if self.aim_extension < 0:
+            raise ValueError("--aim-extension must not be negative")
         if self.events < 1 or self.seconds <= 0:
             raise ValueError("--events and --seconds must be positive")
         if not 1 <= self.relays <= SLOTS:
@@ -962,39 +983,47 @@ def scan_logs(log_dir: Path) -> dict[str, int]:
     return counts
 
 
-STRUCK = (
-    (
-        "relay_recoveries",
-        "no relay recovery from the marker: no relay kill landed between a Kafka commit and "
-        "its DB commit (log line 'rows of the last committed Kafka transaction were still')",
+AIMS: Aims = {
+    FaultKind.KILL_RELAY: (
+        Aim(
+            "relay_kills_mid_batch",
+            "no relay was killed with a batch in flight (a slot transaction holding an xid)",
+        ),
+        Aim(
+            "relay_recoveries",
+            "no relay recovery from the marker: no relay kill landed between a Kafka commit and "
+            "its DB commit (log line 'rows of the last committed Kafka transaction were still')",
+        ),
     ),
-    (
-        "consumer_duplicates_skipped",
-        "no redelivery skipped by a consumer's dedup table: no consumer kill landed between a "
-        "batch's DB commit and its offset commit (log line 'already processed; skipped')",
+    FaultKind.KILL_CONSUMER: (
+        Aim(
+            "consumer_duplicates_skipped",
+            "no redelivery skipped by a consumer's dedup table: no consumer kill landed between "
+            "a batch's DB commit and its offset commit (log line 'already processed; skipped')",
+        ),
     ),
-    (
-        "relay_kills_mid_batch",
-        "no relay was killed with a batch in flight (a slot transaction holding an xid)",
+    FaultKind.FREEZE_RELAY: (
+        Aim(
+            "relay_freezes_taken_over",
+            "no frozen relay's slots were taken over while it was frozen (it still held slots "
+            "when woken: --takeover-timeout did not free them)",
+        ),
     ),
-    (
-        "relay_freezes_taken_over",
-        "no frozen relay's slots were taken over while it was frozen (it still held slots "
-        "when woken: --takeover-timeout did not free them)",
-    ),
-)
-"""What each scheduled fault class is there to hit; a run where one never struck fails."""
+}
+"""What each fault kind is there to hit beyond being injected (the other kinds: injected once);
+a run where one never struck, even after the extension that aims it again, fails."""
 
-AT_LEAST_ONCE_STRUCK = (
-    (
-        "relay_deliveries_expired",
-        "no delivery report said _MSG_TIMED_OUT: the outage did not outlast the relay's "
-        "delivery timeout (log line 'records failed: ..._MSG_TIMED_OUT')",
+AT_LEAST_ONCE_AIMS: Aims = {
+    FaultKind.KILL_RELAY: AIMS[FaultKind.KILL_RELAY][:1],
+    FaultKind.KILL_CONSUMER: AIMS[FaultKind.KILL_CONSUMER],
+    FaultKind.CUT_BROKER: (
+        Aim(
+            "relay_deliveries_expired",
+            "no delivery report said _MSG_TIMED_OUT: the outage did not outlast the relay's "
+            "delivery timeout (log line 'records failed: ..._MSG_TIMED_OUT')",
+        ),
     ),
-    STRUCK[1],
-    STRUCK[2],
-    STRUCK[3],
-)
+}
 """At-least-once has no recovery marker; its outage must make records expire instead."""
 
 MISSING_TOPIC_STRUCK = (
@@ -1004,6 +1033,14 @@ MISSING_TOPIC_STRUCK = (
         "writable ... holding its rows back')",
     ),
 )
+"""Not a fault: what the writers' events to a missing topic must make a relay do."""
+
+FAULT_KINDS = frozenset(kind.value for kind in FaultKind)
+"""The first step of each fault bears its kind's name (kill-relay, cut-broker, ...)."""
+
+AIM_EXTENSION_SETTLE = 5.0
+"""Seconds an extra fault of the extension gets to show in the logs (a recovery, a dedup skip)
+before the next one is aimed."""
 
 
 @dataclass
@@ -1039,6 +1076,11 @@ class Summary:
     phases: dict[str, float]
     config: dict[str, Any]
     failures: list[str]
+    """Invariants broken, processes crashed, the run's own errors: always a real failure."""
+    aim_failures: list[str]
+    """Fault kinds that never struck what they aim at, even after the extension."""
+    faults_reaimed: dict[str, int]
+    """Extra faults per kind played in the extension because the kind had not struck yet."""
     unexpected_exits: list[dict[str, Any]]
     process_logs: dict[str, int]
     outboxes: dict[str, dict[str, Any]]
@@ -1087,6 +1129,13 @@ class Run:
             rates=config.rates,
         )
         self.injected: Counter[str] = Counter()
+        self.aims = aims_of(
+            sorted({f.kind for f in self.faults}),
+            AT_LEAST_ONCE_AIMS if config.at_least_once else AIMS,
+        )
+        self.reaimed: Counter[str] = Counter()
+        self.extra_faults: list[Fault] = []
+        self.log_dir: Path | None = None
         self.mid_batch = 0
         self.in_commit_window = 0
         self.timeline: list[dict[str, Any]] = []
@@ -1111,6 +1160,7 @@ class Run:
         started = time.monotonic()
         log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix=f"outbox-chaos-{config.seed}-"))
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir
         log.info(
             "chaos run: seed=%d outboxes=%s seconds=%.0f logs=%s",
             config.seed,
@@ -1211,7 +1261,13 @@ class Run:
         summary = self._summary(reports, started, log_dir)
         (log_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
         (log_dir / "timeline.json").write_text(
-            json.dumps({"schedule": [asdict(f) for f in self.faults], "done": self.timeline})
+            json.dumps(
+                {
+                    "schedule": [asdict(f) for f in self.faults],
+                    "aimed_again": [asdict(f) for f in self.extra_faults],
+                    "done": self.timeline,
+                }
+            )
         )
         if summary.ok and not config.keep_logs and config.log_dir is None:
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -1253,6 +1309,92 @@ class Run:
                 time.sleep(min(0.1, t0 + action.at - now))  # waiting for the schedule
             self._do(action, svc, time.monotonic() - t0)
         self.phases["faults"] = time.monotonic() - t0
+        self._extend(svc, t0)
+
+    def _struck(self) -> dict[str, int]:
+        """The counters the aims read: the processes' logs so far, the kills' moments, and the
+        faults injected per kind."""
+        assert self.log_dir is not None
+        return {
+            **scan_logs(self.log_dir),
+            "relay_kills_mid_batch": self.mid_batch,
+            "relay_freezes_taken_over": self.freezes_taken_over,
+            **self.injected,
+        }
+
+    def _extend(self, svc: Services, t0: float) -> None:
+        """Aim again, for up to ``aim_extension`` seconds, each fault kind that has not struck.
+
+        On a busy machine a fault can miss its moment (a kill finds no batch in flight, its
+        target is down, its recovery did not happen): one more fault of such a kind is played
+        (``faults.reaim``), the kinds taking turns, while extra writers keep batches coming,
+        until every kind struck or the extension is over. Only a kind that never struck then
+        fails the run (``aim_failures``, apart from the invariants' failures).
+        """
+        config = self.config
+        started = time.monotonic()
+        deadline = started + config.aim_extension
+        rng = random.Random(f"{config.seed}-reaim")
+        topups: list[Writer] = []
+        stop_topups = threading.Event()
+        try:
+            while (missing := unstruck(self.aims, self._struck())) and time.monotonic() < deadline:
+                if not topups:
+                    topups = self._start_topups(stop_topups)
+                kind = missing[sum(self.reaimed.values()) % len(missing)]
+                fault = reaim(
+                    kind,
+                    time.monotonic() - t0,
+                    rng,
+                    relays=sum(o.relays for o in self.specs),
+                    consumers=sum(o.consumers for o in self.specs),
+                    rates=config.rates,
+                )
+                self.reaimed[kind.value] += 1
+                self.extra_faults.append(fault)
+                log.info("%s has not struck yet: one more at t=%.2fs", kind.value, fault.at)
+                for action in actions([fault]):
+                    self._wait_until(t0 + action.at)
+                    self._do(action, svc, time.monotonic() - t0)
+                shown_by = min(deadline, time.monotonic() + AIM_EXTENSION_SETTLE)
+                while kind in unstruck(self.aims, self._struck()) and time.monotonic() < shown_by:
+                    self._wait_until(time.monotonic() + 0.25)  # its effect shows in the logs
+        finally:
+            stop_topups.set()
+            for w in topups:
+                w.join(10)
+        self.phases["aim_extension"] = time.monotonic() - started
+
+    def _wait_until(self, when: float) -> None:
+        """Supervise the fleets until ``when`` (the time of the next step)."""
+        while (now := time.monotonic()) < when:
+            self._supervise()
+            time.sleep(min(0.1, when - now))  # waiting for the schedule
+
+    def _start_topups(self, stop: threading.Event) -> list[Writer]:
+        """One more writer per outbox, at the schedule's rate, over the extension: faults aimed
+        again need batches in flight."""
+        config = self.config
+        topups = []
+        for service in self.services:
+            spec = service.spec
+            rate = spec.events / max(1.0, config.seconds * 0.85)
+            quota = max(1, round(rate * config.aim_extension))
+            index = spec.writers + len(service.writers)  # its own keys
+            writer = Writer(
+                index,
+                config,
+                spec,
+                service.engine,
+                service.ledger,
+                quota,
+                config.aim_extension,
+                stop,
+            )
+            writer.start()
+            service.writers.append(writer)
+            topups.append(writer)
+        return topups
 
     def _target(self, role: str, index: int) -> tuple[Fleet, int]:
         """The fleet and member a fault's target index names: outbox a's first, then b's."""
@@ -1362,15 +1504,8 @@ class Run:
                 svc.restore_broker()
                 self.cut = False
         if done:
-            kind = {
-                Step.KILL_RELAY: "kill-relay",
-                Step.KILL_CONSUMER: "kill-consumer",
-                Step.RESTART_POSTGRES: "restart-postgres",
-                Step.CUT_BROKER: "cut-broker",
-                Step.FREEZE_RELAY: "freeze-relay",
-            }.get(action.step)
-            if kind is not None:
-                self.injected[kind] += 1
+            if action.step.value in FAULT_KINDS:  # the step that injects a fault of its kind
+                self.injected[action.step.value] += 1
             self.timeline.append(
                 {"at": round(at, 3), "step": action.step.value, "target": action.target}
             )
@@ -1478,13 +1613,13 @@ class Run:
             **logs,
             "relay_kills_mid_batch": self.mid_batch,
             "relay_freezes_taken_over": self.freezes_taken_over,
+            **self.injected,
         }
-        aims = [*(AT_LEAST_ONCE_STRUCK if config.at_least_once else STRUCK)]
+        missed = aim_failures(self.aims, struck, dict(self.reaimed), config.aim_extension)
         if config.missing_topic_share:
-            aims += MISSING_TOPIC_STRUCK
-        for name, meaning in aims:
-            if not struck[name]:
-                failures.append(f"{name}=0: {meaning}")
+            for name, meaning in MISSING_TOPIC_STRUCK:
+                if not struck[name]:
+                    failures.append(f"{name}=0: {meaning}")
         if config.strict and crashes:
             failures.append(f"{len(crashes)} processes exited on their own (--strict)")
         if config.strict and logs["tracebacks"]:
@@ -1499,7 +1634,7 @@ class Run:
 
         return Summary(
             seed=config.seed,
-            ok=not failures,
+            ok=not failures and not missed,
             events_attempted=attempted,
             events_committed=total("committed"),
             events_rolled_back=total("rolled_back"),
@@ -1536,6 +1671,8 @@ class Run:
                 "postgresql": DURABLE_SETTINGS,
             },
             failures=failures,
+            aim_failures=missed,
+            faults_reaimed=dict(self.reaimed),
             unexpected_exits=exits,
             process_logs=logs,
             outboxes={name: r.as_dict() for name, r in reports.items()},

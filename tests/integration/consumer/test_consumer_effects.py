@@ -426,6 +426,7 @@ class OffsetCommitsNeverLand(Projector):
         runner_of(self).group.commit = lambda kafka, offsets: None  # the runner's seam
 
 
+@pytest.mark.both_brokers
 def test_i5_two_consumers_in_one_group_through_rebalances_apply_every_effect_once(
     env: Fixture,
     drain: Callable[..., Any],

@@ -355,6 +355,7 @@ def consumer_for_property(env: Env, start: Callable[..., Running]) -> Iterator[R
     assert running.thread.is_alive()
 
 
+@pytest.mark.both_brokers
 def test_i10_a_record_too_large_to_dead_letter_whole_is_dead_lettered_without_its_payload(
     env: Env, start: Callable[..., Running]
 ) -> None:

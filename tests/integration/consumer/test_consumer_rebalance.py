@@ -122,6 +122,7 @@ def _committed(bootstrap_servers: str, group: str, topic: str) -> dict[int, int]
         reader.close()
 
 
+@pytest.mark.both_brokers
 def test_i10_after_a_revoke_mid_batch_nothing_of_the_revoked_partitions_is_processed(
     effects: Engine,
     bootstrap_servers: str,
@@ -222,6 +223,14 @@ def test_i10_a_broker_outage_writes_one_line_per_backoff_step(
     assert len(lines) <= 15, "\n".join(lines)  # ... once per backoff step of each message
 
 
+def _reported(admin: AdminClient, topic: str, config: dict[str, str]) -> bool:
+    """Whether the broker asked reports ``config`` for ``topic``."""
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    entries = admin.describe_configs([resource])[resource].result(30)
+    return all(entries[k].value == v for k, v in config.items())
+
+
+@pytest.mark.both_brokers
 @pytest.mark.parametrize(
     ("window", "warned"), [(timedelta(minutes=30), True), (timedelta(hours=2), False)]
 )
@@ -248,6 +257,13 @@ def test_i10_the_dedup_window_is_checked_against_the_horizon_the_broker_reports(
         resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=entries)
         for future in admin.incremental_alter_configs([resource]).values():
             future.result(30)
+    # The brokers learn a change from the controller a moment later: wait until the brokers
+    # asked (any one per call) report it, as the consumer will ask one of them.
+    wait_for(
+        lambda: all(_reported(admin, topic, config) for _ in range(3)),
+        timeout=30,
+        what="the brokers reporting the topic's retention",
+    )
     caplog.set_level(logging.INFO, logger="outbox.consumer")
     running = members(dedup_window=window)
     wait_for(lambda: running.consumer.joined, timeout=60, what="the consumer to join")

@@ -400,6 +400,7 @@ def test_i8_relays_started_together_with_different_slot_counts_cannot_both_run(
             t.join(60)
 
 
+@pytest.mark.both_brokers
 def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transaction(
     engine: Engine,
     database_url: str,

@@ -46,6 +46,7 @@ def _publish_many(engine: Engine, topic: str, n: int) -> list[str]:
     return ids
 
 
+@pytest.mark.both_brokers
 def test_relay_survives_a_postgres_crash_and_keeps_going(
     durable_pg: EmbeddedPostgres,
     topic: str,

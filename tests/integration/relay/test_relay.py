@@ -203,6 +203,7 @@ def test_i2_rows_stay_in_outbox_until_the_broker_has_them(
     assert_exactly_once(records, first + second, aborted_copies_visible=True)
 
 
+@pytest.mark.both_brokers
 def test_i4_crash_between_kafka_commit_and_delete_is_not_published_again(
     engine: Engine,
     topic: str,
@@ -253,6 +254,7 @@ def test_i2_a_batch_leaves_the_outbox_only_after_its_kafka_commit(
     assert sorted(r.event_id for r in kafka.read(topic, 30)) == sorted(ids)
 
 
+@pytest.mark.both_brokers
 def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
     engine: Engine,
     topic: str,
@@ -343,6 +345,7 @@ def test_relays_share_slots_and_take_over_when_one_stops(
     assert sorted(r.event_id for r in kafka.read(topic, 150)) == sorted(ids + more)
 
 
+@pytest.mark.both_brokers
 def test_i4_a_new_owner_fences_the_old_producer_and_the_slot_recovers(
     engine: Engine,
     topic: str,

@@ -156,6 +156,7 @@ def test_a_fatal_producer_error_builds_a_new_producer(
     assert {r.event_id for r in kafka.read(topic, 5)} >= set(ids)
 
 
+@pytest.mark.both_brokers
 @pytest.mark.parametrize("guarantee", [Guarantee.EXACTLY_ONCE, ALO])
 def test_i6_a_missing_topic_is_held_then_buried_while_the_other_topics_flow(
     engine: Engine,
