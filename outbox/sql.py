@@ -311,3 +311,68 @@ ORDER BY id
 
 # The newest outbox row id the transaction sees (0 when empty), where a recorder starts.
 LAST_EVENT_ID = "SELECT coalesce(max(id), 0) FROM outbox_events"
+
+# -- delivery record (outbox.relay.deliveries) -------------------------------------------
+
+# Record a batch's events where their delivery reports placed them: one statement per batch,
+# in the transaction that deletes the batch.
+RECORD_DELIVERIES = """
+INSERT INTO outbox_deliveries (event_id, id, topic, partition, kafka_offset, key_hash)
+SELECT * FROM unnest(%(event_ids)s::uuid[], %(ids)s::int8[], %(topics)s::text[],
+                     %(partitions)s::int4[], %(offsets)s::int8[], %(key_hashes)s::int8[])
+"""
+
+# The key hash of outbox.relay.deliveries.key_hash, in SQL: the first 8 bytes of SHA-256.
+KEY_HASH_SQL = "('x' || left(encode(sha256({key}), 'hex'), 16))::bit(64)::int8"
+
+# Delete the rows recovery matched to the marker's events and record them: the marker tells
+# that they were committed, not where (partition and offset stay NULL).
+DELETE_RECOVERED_AND_RECORD = f"""
+WITH deleted AS ({DELETE_RECOVERED.strip()} RETURNING id, event_id, topic, key)
+INSERT INTO outbox_deliveries (event_id, id, topic, key_hash)
+SELECT event_id, id, topic, {KEY_HASH_SQL.format(key="key")} FROM deleted
+"""
+
+# Does the delivery record exist (NULL: the database is not migrated to it yet)?
+DELIVERIES_TABLE = "SELECT to_regclass('outbox_deliveries') AS deliveries"
+
+# Serialise partition upkeep between relays (a transaction-level lock).
+TRY_LOCK_UPKEEP = "SELECT pg_try_advisory_xact_lock(%(key)s, 0)"
+
+# The partitions of the delivery record.
+DELIVERY_PARTITIONS = """
+SELECT c.relname FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = to_regclass(%(parent)s)
+"""
+
+
+def create_default_delivery_partition(parent: str, default: str) -> str:
+    """The partition catching rows no daily one covers."""
+    return f"CREATE TABLE IF NOT EXISTS {default} PARTITION OF {parent} DEFAULT"
+
+
+def create_delivery_partition(
+    parent: str, default: str, name: str, lower: object, upper: object
+) -> list[str]:
+    """A day's partition: built beside the table, given the rows the default partition holds
+    for that day, then attached (attaching checks that the default partition has none left)."""
+    return [
+        f"CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+        f"""WITH moved AS (
+  DELETE FROM {default} WHERE published_at >= TIMESTAMPTZ '{lower}'
+    AND published_at < TIMESTAMPTZ '{upper}' RETURNING *
+) INSERT INTO {name} SELECT * FROM moved""",
+        f"ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM "
+        f"(TIMESTAMPTZ '{lower}') TO (TIMESTAMPTZ '{upper}')",
+    ]
+
+
+def drop_delivery_partition(name: str) -> str:
+    """Expire a day of the record at once: no DELETE, nothing for vacuum."""
+    return f"DROP TABLE IF EXISTS {name}"
+
+
+def expire_default_deliveries(default: str) -> str:
+    """The default partition's rows older than the retention window (it is rarely used)."""
+    return f"DELETE FROM {default} WHERE published_at < %(before)s"

@@ -480,6 +480,15 @@ def relay(
             "loses its slots to another relay: the server ends its sessions.",
         ),
     ] = 30.0,
+    delivery_retention: Annotated[
+        int,
+        typer.Option(
+            envvar="OUTBOX_DELIVERY_RETENTION",
+            metavar="DAYS",
+            help="Days the delivery record (where each event went: `outbox trace`, `outbox "
+            "verify`) is kept; 0 records nothing.",
+        ),
+    ] = 7,
     processes: Annotated[
         int,
         typer.Option(
@@ -533,6 +542,7 @@ def relay(
             batch_bytes=batch_bytes,
             replaces_outbox=_outbox_id(replaces_outbox),
             takeover_timeout=takeover_timeout,
+            delivery_retention=delivery_retention,
         )
         runner = Relay(config)
     except (ConfigError, ConnectionError) as exc:
