@@ -376,3 +376,28 @@ def drop_delivery_partition(name: str) -> str:
 def expire_default_deliveries(default: str) -> str:
     """The default partition's rows older than the retention window (it is rarely used)."""
     return f"DELETE FROM {default} WHERE published_at < %(before)s"
+
+
+# -- trace (outbox trace) ------------------------------------------------------------------
+
+# The event still waiting in the outbox.
+TRACE_PENDING = """
+SELECT id, topic, created_at, dead_attempts FROM outbox_events WHERE event_id = %(event_id)s
+"""
+
+# The event moved aside as poison, with its error and tries.
+TRACE_DEAD = """
+SELECT id, topic, error, attempts, failed_at FROM outbox_dead_events WHERE event_id = %(event_id)s
+"""
+
+# Where the delivery record says these events went (a recovered batch has no place).
+TRACE_DELIVERIES = """
+SELECT event_id, id, topic, partition, kafka_offset, published_at FROM outbox_deliveries
+WHERE event_id = ANY(%(event_ids)s::uuid[]) ORDER BY published_at
+"""
+
+# The consumer groups that applied the event (their dedup records, I5).
+TRACE_APPLIED = """
+SELECT group_id, processed_at FROM outbox_processed_events
+WHERE event_id = %(event_id)s ORDER BY processed_at, group_id
+"""

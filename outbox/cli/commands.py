@@ -613,6 +613,27 @@ IdArgument = Annotated[
 ]
 
 
+@app.command(short_help="Where one event went: pending, published (where), dead; who applied it.")
+def trace(
+    event_id: Annotated[
+        str,
+        typer.Argument(metavar="EVENT_ID", help="The id publish() returned.", show_default=False),
+    ],
+    db: Db,
+    as_json: Json = False,
+) -> None:
+    """Where one event went: pending, published (topic, partition, offset, time), dead (error
+    and tries) or unknown (older than the delivery record's retention); every consumer group
+    that applied it, and its dead letter if a group dead-lettered it."""
+    from outbox.cli.delivery import parse_event_id, read_trace, render_trace, to_json
+
+    try:
+        found = read_trace(db, parse_event_id(event_id))
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    typer.echo(to_json(found) if as_json else render_trace(found).rstrip("\n"))
+
+
 @dead_app.command("list")
 def dead_list(
     db: Db,

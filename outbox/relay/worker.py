@@ -224,6 +224,7 @@ class SlotWorker(threading.Thread):
         self._narrow_until: int | None = None
         self._fatal: Any = None  # a fatal error librdkafka reported through error_cb
         self._ended = threading.Event()  # the worker is closing: its heartbeat stops
+        self._placed: dict[int, tuple[int, int]] | None = None  # the batch's delivery places
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -492,8 +493,10 @@ class SlotWorker(threading.Thread):
         return rows
 
     def _placements(self) -> dict[int, tuple[int, int]] | None:
-        """Where delivery reports put each record, when the delivery record is kept."""
-        return {} if self.context.records_deliveries else None
+        """A batch's placements: where delivery reports put each record, when the delivery
+        record is kept (None otherwise)."""
+        self._placed = {} if self.context.records_deliveries else None
+        return self._placed
 
     def _record_deliveries(
         self, rows: list[Row], placed: dict[int, tuple[int, int]] | None
@@ -568,15 +571,12 @@ class SlotWorker(threading.Thread):
             self._publish_idempotent(sendable)
 
     def _produce(
-        self,
-        rows: list[Row],
-        failures: dict[int, Any],
-        acked: set[int] | None = None,
-        placed: dict[int, tuple[int, int]] | None = None,
+        self, rows: list[Row], failures: dict[int, Any], acked: set[int] | None = None
     ) -> None:
         """Queue every row; per-row errors land in ``failures`` and, when asked for, the ids
-        of successful delivery reports in ``acked`` and where they put the record in
-        ``placed`` (delivery reports fill them later)."""
+        of successful delivery reports in ``acked``; where they put each record goes to the
+        batch's placements when the delivery record is kept (delivery reports fill them)."""
+        placed = self._placed
 
         def delivered(row_id: int) -> Callable[[Any, Any], None]:
             def cb(err: Any, msg: Any) -> None:
@@ -727,7 +727,7 @@ class SlotWorker(threading.Thread):
                 self._delete_rows(ids)
                 self.producer.begin_transaction()
                 self._txn_begun, self._txn_ended = time.monotonic(), None
-                self._produce(rows, failures, acked, placed)
+                self._produce(rows, failures, acked)
                 if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
                     ahead = self._claim()
                 # The marker goes out only once every record of the batch is acknowledged. On
@@ -897,15 +897,18 @@ class SlotWorker(threading.Thread):
         failures: dict[int, Any] = {}
         acked: set[int] = set()
         placed = self._placements()
-        self._produce(rows, failures, acked, placed)
+        self._produce(rows, failures, acked)
         complete = self._await_reports()
         moved, error = self._handle_failures(rows, failures) if failures else (set(), None)
         acked -= failures.keys()
         done = settled(((r.id, r.topic) for r in rows), acked, moved)
-        if done:
+        if done and placed is None:
+            self._delete_rows(done)
+        elif done:
             with self._db_transaction():
                 self._delete_rows(done)
-                self._record_deliveries([r for r in rows if r.id in done], placed)
+                deleted = set(done)
+                self._record_deliveries([r for r in rows if r.id in deleted], placed)
         self.holds.succeeded({r.topic for r in rows if r.id in acked})
         self.context.stats.add(published=len(done), batches=1)
         if not complete:  # handed over or stopping: unacknowledged rows stay for the next owner

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -14,6 +16,8 @@ from sqlalchemy.orm import Session
 from outbox import publish, sql
 from outbox.relay import Relay
 from outbox.relay.deliveries import key_hash, maintain, partition_name
+from outbox.relay.marker import Marker
+from outbox.relay.worker import delete_recovered
 from tests.conftest import _libpq
 from tests.support import KafkaReader
 
@@ -36,13 +40,19 @@ def _partitions(database_url: str) -> set[str]:
         }
 
 
+@pytest.mark.parametrize("guarantee", ["exactly-once", "at-least-once"])
 def test_i2_the_relay_records_each_event_where_its_record_is_on_the_topic(
-    engine: Engine, database_url: str, topic: str, drain: Callable[..., Relay], kafka: KafkaReader
+    guarantee: str,
+    engine: Engine,
+    database_url: str,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
 ) -> None:
     keys = [b"a", b"b", None, b"a", b"c"]
     with Session(engine) as session, session.begin():
         ids = [str(publish(session, topic=topic, key=k, value=b"v")) for k in keys]
-    drain()
+    drain(guarantee=guarantee)
     records = {r.event_id: r for r in kafka.read(topic, len(ids))}
     recorded = _deliveries(database_url)
     assert set(recorded) == set(ids)
@@ -112,3 +122,22 @@ def test_i2_upkeep_is_done_by_one_relay_at_a_time(database_url: str) -> None:
             holder.execute(sql.TRY_LOCK_UPKEEP, {"key": 0x6F757476})
             assert maintain(other, retention_days=7) is None
         assert maintain(other, retention_days=7) is not None
+
+
+def test_i4_recovery_from_a_marker_records_the_events_it_deletes_without_a_place(
+    engine: Engine, database_url: str, topic: str
+) -> None:
+    with Session(engine) as session, session.begin():
+        event_id = publish(session, topic=topic, key=b"k", value=b"v")
+    with _connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT id, shard FROM outbox_events WHERE event_id = %(e)s", {"e": event_id}
+        ).fetchone()
+        assert row is not None
+        marker = Marker.of_batch(uuid.uuid4(), "tid-0", 0, 1, [(row["id"], event_id)])
+        with conn.transaction():
+            assert delete_recovered(conn, marker, [row["shard"]], record=True) == 1
+    recorded = _deliveries(database_url)[str(event_id)]
+    assert (recorded["topic"], recorded["id"]) == (topic, row["id"])
+    assert (recorded["partition"], recorded["kafka_offset"]) == (None, None)
+    assert recorded["key_hash"] == key_hash(b"k")
