@@ -401,3 +401,17 @@ TRACE_APPLIED = """
 SELECT group_id, processed_at FROM outbox_processed_events
 WHERE event_id = %(event_id)s ORDER BY processed_at, group_id
 """
+
+# -- verify (outbox verify) -------------------------------------------------------------
+
+# The delivery record of one topic since a time, in outbox order.
+TOPIC_DELIVERIES = """
+SELECT event_id::text AS event_id, id, partition, kafka_offset, key_hash FROM outbox_deliveries
+WHERE topic = %(topic)s AND published_at >= %(since)s ORDER BY id
+"""
+
+# Which of these events one consumer group applied (its dedup records, I5).
+GROUP_APPLIED = """
+SELECT event_id FROM outbox_processed_events
+WHERE group_id = %(group)s AND event_id = ANY(%(event_ids)s::text[])
+"""
