@@ -200,6 +200,11 @@ def read_topic_end(
     (read_committed), and each partition's first offset."""
     consumer = Consumer(
         {
+            # Large fetches answered at once: a broker that holds a fetch for the whole
+            # fetch.wait.max.ms (Tansu) otherwise caps the read at ~1 MB per partition per wait.
+            "fetch.wait.max.ms": 10,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "fetch.max.bytes": 64 * 1024 * 1024,
             **settings,
             "bootstrap.servers": bootstrap_servers,
             "group.id": f"outbox-verify-{uuid.uuid4().hex}",  # never joins nor commits

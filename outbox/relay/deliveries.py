@@ -108,7 +108,7 @@ def batch_params(
         "topics": [r.topic for r in rows],
         "partitions": [placed[r.id][0] for r in rows],
         "offsets": [placed[r.id][1] for r in rows],
-        "key_hashes": [key_hash(r.key) for r in rows],
+        "keys": [r.key for r in rows],  # hashed by the server (sql.KEY_HASH_SQL)
     }
 
 

@@ -79,5 +79,5 @@ def test_batch_params_put_each_event_at_its_delivery_reports_place() -> None:
         "topics": ["t", "u"],
         "partitions": [0, 3],
         "offsets": [7, 42],
-        "key_hashes": [key_hash(b"k"), None],
+        "keys": [b"k", None],
     }
