@@ -339,6 +339,10 @@ SELECT event_id, id, topic, {KEY_HASH_SQL.format(key="key")} FROM deleted
 # Does the delivery record exist (NULL: the database is not migrated to it yet)?
 DELIVERIES_TABLE = "SELECT to_regclass('outbox_deliveries') AS deliveries"
 
+# Partition upkeep waits at most this long for a lock: dropping a day locks the whole record
+# briefly, and batches that insert must not queue behind a drop that waits on a long batch.
+UPKEEP_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '2s'"
+
 # Serialise partition upkeep between relays (a transaction-level lock).
 TRY_LOCK_UPKEEP = "SELECT pg_try_advisory_xact_lock(%(key)s, 0)"
 

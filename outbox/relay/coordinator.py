@@ -333,8 +333,10 @@ class Relay:
         assert self._control is not None
         try:
             deliveries.maintain(self._control, self.config.delivery_retention)
+        except psycopg.errors.LockNotAvailable as exc:  # batches hold the record: next turn
+            log.info("delivery record upkeep postponed (%s)", _line(exc))
         except psycopg.OperationalError:
-            raise
+            raise  # the control connection is gone: the coordinator reconnects
         except psycopg.Error as exc:
             log.warning("delivery record upkeep failed (%s); retrying later", _line(exc))
 

@@ -131,6 +131,7 @@ def maintain(
             row = cur.execute(sql.TRY_LOCK_UPKEEP, {"key": LOCK_KEY}).fetchone()
         if not row or not row[0]:
             return None
+        conn.execute(sql.UPKEEP_LOCK_TIMEOUT)
         days, has_default = existing_partitions(conn)
         plan = plan_partitions(now.date(), days, retention_days)
         if not has_default:

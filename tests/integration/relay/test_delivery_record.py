@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -141,3 +142,23 @@ def test_i4_recovery_from_a_marker_records_the_events_it_deletes_without_a_place
     assert (recorded["topic"], recorded["id"]) == (topic, row["id"])
     assert (recorded["partition"], recorded["kafka_offset"]) == (None, None)
     assert recorded["key_hash"] == key_hash(b"k")
+
+
+def test_i12_upkeep_gives_up_on_a_lock_held_by_a_batch_instead_of_queueing_batches_behind_it(
+    database_url: str,
+) -> None:
+    now = dt.datetime(2026, 12, 7, 12, tzinfo=dt.UTC)
+    expired = partition_name(dt.date(2026, 11, 20))
+    with _connect(database_url) as batch, _connect(database_url) as upkeep:
+        batch.execute(
+            f"CREATE TABLE {expired} PARTITION OF outbox_deliveries "
+            "FOR VALUES FROM ('2026-11-20Z') TO ('2026-11-21Z')"
+        )
+        with batch.transaction():
+            batch.execute("SELECT count(*) FROM outbox_deliveries")  # a reader of every day
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                maintain(upkeep, retention_days=7, now=now)
+            assert time.monotonic() - started < 10
+        assert maintain(upkeep, retention_days=7, now=now) is not None  # next turn drops it
+    assert expired not in _partitions(database_url)
