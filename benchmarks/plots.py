@@ -133,6 +133,13 @@ def _memory(ax: Any, data: dict[str, Any]) -> None:
     )
 
 
+def _delivery_record(ax: Any, data: dict[str, Any]) -> None:
+    rounds = data["rounds"]
+    off = sum(r["off_events_per_s"] for r in rounds) / len(rounds)
+    on = sum(r["on_events_per_s"] for r in rounds) / len(rounds)
+    _bars(ax, ["relay, no record", "relay, delivery record"], [off, on], "events/s")
+
+
 PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
     "write_overhead": _write_overhead,
     "relay_throughput": _relay_throughput,
@@ -141,4 +148,5 @@ PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
     "end_to_end_latency": _latency,
     "consumer_overhead": _consumer,
     "relay_memory": _memory,
+    "delivery_record": _delivery_record,
 }

@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks import (
     backlog_independence,
     consumer_overhead,
+    delivery_record,
     end_to_end_latency,
     relay_memory,
     relay_scaling,
@@ -52,6 +53,7 @@ FIGURES: dict[str, Callable[[Services, Size], Result]] = {
     "relay_scaling": relay_scaling.run,
     "backlog_independence": backlog_independence.run,
     "relay_memory": relay_memory.run,
+    "delivery_record": delivery_record.run,
 }
 
 TITLES = {
@@ -62,6 +64,7 @@ TITLES = {
     "end_to_end_latency": "end-to-end latency",
     "consumer_overhead": "consumer overhead",
     "relay_memory": "memory",
+    "delivery_record": "delivery record",
 }
 
 

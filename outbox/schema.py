@@ -137,3 +137,21 @@ consumer_attempts = Table(
         "attempts one record has used across process deaths (I10)."
     ),
 )
+
+deliveries = Table(
+    "outbox_deliveries",
+    metadata,
+    Column("published_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("event_id", Uuid, nullable=False),
+    Column("id", BigInteger, nullable=False, comment="The outbox row's id: the outbox order."),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, comment="NULL when recovered from a marker."),
+    Column("kafka_offset", BigInteger, comment="NULL when recovered from a marker."),
+    Column("key_hash", BigInteger, comment="First 8 bytes of the key's SHA-256; NULL: no key."),
+    Index("outbox_deliveries_event_id", "event_id"),
+    comment=(
+        "Where each published event went, written with the delete of its outbox row; "
+        "daily partitions on published_at, dropped after the retention window."
+    ),
+    postgresql_partition_by="RANGE (published_at)",
+)

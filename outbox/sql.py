@@ -311,3 +311,114 @@ ORDER BY id
 
 # The newest outbox row id the transaction sees (0 when empty), where a recorder starts.
 LAST_EVENT_ID = "SELECT coalesce(max(id), 0) FROM outbox_events"
+
+# -- delivery record (outbox.relay.deliveries) -------------------------------------------
+
+# The key hash of outbox.relay.deliveries.key_hash, in SQL: the first 8 bytes of SHA-256.
+KEY_HASH_SQL = "('x' || left(encode(sha256({key}), 'hex'), 16))::bit(64)::int8"
+
+# Record a batch's events where their delivery reports placed them: one statement per batch,
+# in the transaction that deletes the batch. Parameters go in binary (%(...)b: a UUID or an
+# int is dumped several times faster than as text) and the key is hashed by the server, off
+# the relay's GIL.
+RECORD_DELIVERIES = f"""
+INSERT INTO outbox_deliveries (event_id, id, topic, partition, kafka_offset, key_hash)
+SELECT e, i, t, p, o, {KEY_HASH_SQL.format(key="k")}
+FROM unnest(%(event_ids)b::uuid[], %(ids)b::int8[], %(topics)b::text[],
+            %(partitions)b::int4[], %(offsets)b::int8[], %(keys)b::bytea[]) AS b(e, i, t, p, o, k)
+"""
+
+# Delete the rows recovery matched to the marker's events and record them: the marker tells
+# that they were committed, not where (partition and offset stay NULL).
+DELETE_RECOVERED_AND_RECORD = f"""
+WITH deleted AS ({DELETE_RECOVERED.strip()} RETURNING id, event_id, topic, key)
+INSERT INTO outbox_deliveries (event_id, id, topic, key_hash)
+SELECT event_id, id, topic, {KEY_HASH_SQL.format(key="key")} FROM deleted
+"""
+
+# Does the delivery record exist (NULL: the database is not migrated to it yet)?
+DELIVERIES_TABLE = "SELECT to_regclass('outbox_deliveries') AS deliveries"
+
+# Partition upkeep waits at most this long for a lock: dropping a day locks the whole record
+# briefly, and batches that insert must not queue behind a drop that waits on a long batch.
+UPKEEP_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '2s'"
+
+# Serialise partition upkeep between relays (a transaction-level lock).
+TRY_LOCK_UPKEEP = "SELECT pg_try_advisory_xact_lock(%(key)s, 0)"
+
+# The partitions of the delivery record.
+DELIVERY_PARTITIONS = """
+SELECT c.relname FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = to_regclass(%(parent)s)
+"""
+
+
+def create_default_delivery_partition(parent: str, default: str) -> str:
+    """The partition catching rows no daily one covers."""
+    return f"CREATE TABLE IF NOT EXISTS {default} PARTITION OF {parent} DEFAULT"
+
+
+def create_delivery_partition(
+    parent: str, default: str, name: str, lower: object, upper: object
+) -> list[str]:
+    """A day's partition: built beside the table, given the rows the default partition holds
+    for that day, then attached (attaching checks that the default partition has none left)."""
+    return [
+        f"CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+        f"""WITH moved AS (
+  DELETE FROM {default} WHERE published_at >= TIMESTAMPTZ '{lower}'
+    AND published_at < TIMESTAMPTZ '{upper}' RETURNING *
+) INSERT INTO {name} SELECT * FROM moved""",
+        f"ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM "
+        f"(TIMESTAMPTZ '{lower}') TO (TIMESTAMPTZ '{upper}')",
+    ]
+
+
+def drop_delivery_partition(name: str) -> str:
+    """Expire a day of the record at once: no DELETE, nothing for vacuum."""
+    return f"DROP TABLE IF EXISTS {name}"
+
+
+def expire_default_deliveries(default: str) -> str:
+    """The default partition's rows older than the retention window (it is rarely used)."""
+    return f"DELETE FROM {default} WHERE published_at < %(before)s"
+
+
+# -- trace (outbox trace) ------------------------------------------------------------------
+
+# The event still waiting in the outbox.
+TRACE_PENDING = """
+SELECT id, topic, created_at, dead_attempts FROM outbox_events WHERE event_id = %(event_id)s
+"""
+
+# The event moved aside as poison, with its error and tries.
+TRACE_DEAD = """
+SELECT id, topic, error, attempts, failed_at FROM outbox_dead_events WHERE event_id = %(event_id)s
+"""
+
+# Where the delivery record says these events went (a recovered batch has no place).
+TRACE_DELIVERIES = """
+SELECT event_id, id, topic, partition, kafka_offset, published_at FROM outbox_deliveries
+WHERE event_id = ANY(%(event_ids)s::uuid[]) ORDER BY published_at
+"""
+
+# The consumer groups that applied the event (their dedup records, I5).
+TRACE_APPLIED = """
+SELECT group_id, processed_at FROM outbox_processed_events
+WHERE event_id = %(event_id)s ORDER BY processed_at, group_id
+"""
+
+# -- verify (outbox verify) -------------------------------------------------------------
+
+# The delivery record of one topic since a time, in outbox order.
+TOPIC_DELIVERIES = """
+SELECT event_id::text AS event_id, id, partition, kafka_offset, key_hash FROM outbox_deliveries
+WHERE topic = %(topic)s AND published_at >= %(since)s ORDER BY id
+"""
+
+# Which of these events one consumer group applied (its dedup records, I5).
+GROUP_APPLIED = """
+SELECT event_id FROM outbox_processed_events
+WHERE group_id = %(group)s AND event_id = ANY(%(event_ids)s::text[])
+"""

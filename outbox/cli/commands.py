@@ -480,6 +480,15 @@ def relay(
             "loses its slots to another relay: the server ends its sessions.",
         ),
     ] = 30.0,
+    delivery_retention: Annotated[
+        int,
+        typer.Option(
+            envvar="OUTBOX_DELIVERY_RETENTION",
+            metavar="DAYS",
+            help="Days the delivery record (where each event went: `outbox trace`, `outbox "
+            "verify`) is kept; 0 records nothing.",
+        ),
+    ] = 7,
     processes: Annotated[
         int,
         typer.Option(
@@ -533,6 +542,7 @@ def relay(
             batch_bytes=batch_bytes,
             replaces_outbox=_outbox_id(replaces_outbox),
             takeover_timeout=takeover_timeout,
+            delivery_retention=delivery_retention,
         )
         runner = Relay(config)
     except (ConfigError, ConnectionError) as exc:
@@ -601,6 +611,100 @@ IdArgument = Annotated[
     list[int],
     typer.Argument(metavar="ID", help="Ids from `outbox dead list`.", show_default=False),
 ]
+
+
+@app.command(short_help="Where one event went: pending, published (where), dead; who applied it.")
+def trace(
+    event_id: Annotated[
+        str,
+        typer.Argument(metavar="EVENT_ID", help="The id publish() returned.", show_default=False),
+    ],
+    db: Db,
+    as_json: Json = False,
+) -> None:
+    """Where one event went: pending, published (topic, partition, offset, time), dead (error
+    and tries) or unknown (older than the delivery record's retention); every consumer group
+    that applied it, and its dead letter if a group dead-lettered it."""
+    from outbox.cli.delivery import parse_event_id, read_trace, render_trace, to_json
+
+    try:
+        found = read_trace(db, parse_event_id(event_id))
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    typer.echo(to_json(found) if as_json else render_trace(found).rstrip("\n"))
+
+
+@app.command(
+    short_help="Check a topic against the delivery record and the consumer groups (read-only)."
+)
+def verify(
+    db: Db,
+    bootstrap_servers: Bootstrap,
+    topic: Annotated[
+        str, typer.Option(metavar="TOPIC", help="The topic to check.", show_default=False)
+    ],
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GROUP", help="A consumer group to check too (repeatable).", show_default=False
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Only events published this recently (30m, 24h, 7d); default: the whole "
+            "delivery record.",
+            show_default=False,
+        ),
+    ] = None,
+    client_setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-X",
+            metavar="KEY=VALUE",
+            help="librdkafka settings as given to the relay (repeatable); the connection and "
+            "security ones (SASL/TLS) are used.",
+        ),
+    ] = None,
+    producer_config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="OUTBOX_PRODUCER_CONFIG",
+            metavar="FILE",
+            help="The relay's file of key=value settings; -X wins over it.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Read the topic to its end (read_committed) and the delivery record, and report events
+    lost from their offset, duplicated, or out of key order, records not this outbox's, and per
+    group the lag and the events it can no longer read. Exits 0 when clean, 1 with findings."""
+    from outbox.cli.delivery import parse_duration, read_verify, render_verify, to_json, verify_json
+    from outbox.relay.config import connection_settings
+
+    def progress(read: int, total: int) -> None:
+        typer.echo(f"read {read} of about {total} records", err=True)
+
+    try:
+        window = parse_duration(since) if since is not None else None
+        settings = connection_settings(_client_settings(producer_config, client_setting))
+        report = read_verify(
+            db,
+            bootstrap_servers,
+            settings,
+            topic,
+            group or [],
+            window,
+            None if as_json else progress,
+        )
+    except (OutboxError, ConnectionError) as exc:
+        raise _fail(exc) from None
+    typer.echo(to_json(verify_json(report)) if as_json else render_verify(report, topic))
+    if not report.clean:
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @dead_app.command("list")

@@ -331,6 +331,7 @@ class RelayConfig:
     batch_bytes: int = 16 * 1024 * 1024
     replaces_outbox: uuid.UUID | None = None  # markers of this identity are ignored, not refused
     takeover_timeout: float = 30.0  # a relay silent this long loses its slots (I12)
+    delivery_retention: int = 7  # days the delivery record keeps; 0: no record
 
     def __post_init__(self) -> None:
         for name, kind in (("guarantee", Guarantee), ("profile", Profile)):
@@ -360,6 +361,11 @@ class RelayConfig:
             raise ConfigError(
                 f"--takeover-timeout={self.takeover_timeout:g} must be at least 1 second (the "
                 "server ends a relay's sessions after this much silence)"
+            )
+        if not 0 <= self.delivery_retention <= 3650:
+            raise ConfigError(
+                f"--delivery-retention={self.delivery_retention} must be between 0 (no "
+                "delivery record) and 3650 days"
             )
         if self.poll_interval <= 0:
             raise ConfigError(f"--poll-interval={self.poll_interval} must be > 0 seconds")

@@ -31,6 +31,7 @@ from outbox.db import connect, libpq_dsn, redact
 from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
+from outbox.relay import deliveries
 from outbox.relay.batching import jittered, slots_to_release, slots_to_try, target_share
 from outbox.relay.classify import Verdict, classify, config_fix
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
@@ -134,6 +135,8 @@ class Relay:
         )
         self._bounds_refused: set[str] = set()  # session settings this server does not know
         self._control_answered: float | None = None  # set once the coordinator loop runs
+        self.records_deliveries = False  # the delivery record is on and its table exists
+        self._upkeep_due = 0.0  # monotonic time of the next partition upkeep
         self.metrics = RelayMetrics(self)
 
     # -- public ----------------------------------------------------------------
@@ -284,6 +287,7 @@ class Relay:
             metrics=self.metrics,
             fence_alarm=self.fence_alarm,
             first_run=lambda: self.first_run,
+            records_deliveries=self.records_deliveries,
             wrote_marker=self.wrote_marker,
             read_marker=self.read_marker,
             judge=self.judge,
@@ -311,6 +315,30 @@ class Relay:
         row = self._control.execute(sql.OUTBOX_TABLES).fetchone()
         if row is None or row["events"] is None or row["dead"] is None:
             raise NotMigrated("no outbox_events / outbox_dead_events table")
+        if self.config.delivery_retention > 0:
+            found = self._control.execute(sql.DELIVERIES_TABLE).fetchone()
+            self.records_deliveries = bool(found and found["deliveries"])
+            if not self.records_deliveries:
+                log.warning(
+                    "no outbox_deliveries table: events are published without a delivery "
+                    "record (`outbox trace`, `outbox verify`); run `outbox migrate`"
+                )
+
+    def _keep_deliveries(self) -> None:
+        """Partition upkeep of the delivery record, at most every few minutes; a failure is
+        logged and retried at the next turn (the default partition takes rows meanwhile)."""
+        if not self.records_deliveries or time.monotonic() < self._upkeep_due:
+            return
+        self._upkeep_due = time.monotonic() + jittered(deliveries.MAINTENANCE_INTERVAL)
+        assert self._control is not None
+        try:
+            deliveries.maintain(self._control, self.config.delivery_retention)
+        except psycopg.errors.LockNotAvailable as exc:  # batches hold the record: next turn
+            log.info("delivery record upkeep postponed (%s)", _line(exc))
+        except psycopg.OperationalError:
+            raise  # the control connection is gone: the coordinator reconnects
+        except psycopg.Error as exc:
+            log.warning("delivery record upkeep failed (%s); retrying later", _line(exc))
 
     def _announce_slot_count(self) -> None:
         """Check and announce the slot count under one lock: of relays started together
@@ -395,7 +423,10 @@ class Relay:
                 raise self.fatal or ConfigError(f"{tid}: another outbox's marker") from None
             if reading.marker is not None:
                 deleted = delete_recovered(
-                    self._control, reading.marker, shards_of_slot(slot, before)
+                    self._control,
+                    reading.marker,
+                    shards_of_slot(slot, before),
+                    record=self.records_deliveries,
                 )
                 self.stats.add(recovered=deleted)
 
@@ -498,6 +529,7 @@ class Relay:
             try:
                 members = self._members = self._count_members()
                 self._control_answered = time.monotonic()
+                self._keep_deliveries()
                 if members > 1:  # another relay may write markers for slots this one takes
                     self.first_run = False
             except psycopg.Error as exc:  # ended by the server's session timeout, too

@@ -28,6 +28,7 @@ from outbox.db import redact
 from outbox.errors import ConfigError, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
+from outbox.relay import deliveries
 from outbox.relay.batching import claim_ahead, jittered, poll_delay
 from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, reached, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
@@ -155,6 +156,7 @@ class SlotContext:
     metrics: RelayMetrics
     fence_alarm: FenceAlarm  # a foreign fence: a warning, an ERROR once it repeats
     first_run: Callable[[], bool]  # no marker can exist but those this process writes
+    records_deliveries: bool  # write the delivery record (outbox.relay.deliveries)
     wrote_marker: set[int]  # slots this process has written a marker for
     read_marker: Callable[[int, str, threading.Event], bytes | None]
     judge: Callable[[bytes, int, str, int], MarkerReading]
@@ -163,10 +165,15 @@ class SlotContext:
 
 
 def delete_recovered(
-    conn: psycopg.Connection[dict[str, Any]], marker: Marker, shards: list[int]
+    conn: psycopg.Connection[dict[str, Any]],
+    marker: Marker,
+    shards: list[int],
+    *,
+    record: bool = False,
 ) -> int:
     """Delete the rows that are the marker's very events, among ``shards`` (in a transaction):
-    their Kafka transaction committed, only their delete was lost (I4). Nothing else (I9)."""
+    their Kafka transaction committed, only their delete was lost (I4). Nothing else (I9).
+    With ``record``, the delivery record gets them too, without partition and offset."""
     found = conn.execute(
         sql.RECOVERY_CANDIDATES, {"ids": list(marker.ids), "shards": shards}
     ).fetchall()
@@ -174,7 +181,7 @@ def delete_recovered(
     if not doomed:
         return 0
     cur = conn.execute(
-        sql.DELETE_RECOVERED,
+        sql.DELETE_RECOVERED_AND_RECORD if record else sql.DELETE_RECOVERED,
         {"ids": [i for i, _ in doomed], "event_ids": [e for _, e in doomed]},
     )
     return cur.rowcount
@@ -217,6 +224,7 @@ class SlotWorker(threading.Thread):
         self._narrow_until: int | None = None
         self._fatal: Any = None  # a fatal error librdkafka reported through error_cb
         self._ended = threading.Event()  # the worker is closing: its heartbeat stops
+        self._placed: dict[int, tuple[int, int]] | None = None  # the batch's delivery places
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -433,7 +441,12 @@ class SlotWorker(threading.Thread):
         if reading.marker is None:
             return
         with self._connection_held(), self.conn.transaction():
-            deleted = delete_recovered(self.conn, reading.marker, self.shards)
+            deleted = delete_recovered(
+                self.conn,
+                reading.marker,
+                self.shards,
+                record=self.context.records_deliveries,
+            )
         if deleted:
             log.warning(
                 "slot %d: %d rows of the last committed Kafka transaction were still in the "
@@ -478,6 +491,23 @@ class SlotWorker(threading.Thread):
             rows = list(map(Row._make, cur.fetchall()))
         self.context.stats.add(claimed=len(rows))
         return rows
+
+    def _placements(self) -> dict[int, tuple[int, int]] | None:
+        """A batch's placements: where delivery reports put each record, when the delivery
+        record is kept (None otherwise)."""
+        self._placed = {} if self.context.records_deliveries else None
+        return self._placed
+
+    def _record_deliveries(
+        self, rows: list[Row], placed: dict[int, tuple[int, int]] | None
+    ) -> None:
+        """Record where the batch went, in the transaction that deletes it: one statement."""
+        if placed is None or not rows:
+            return
+        with self._connection_held():
+            self.conn.execute(
+                sql.RECORD_DELIVERIES, deliveries.batch_params(rows, placed), prepare=True
+            )
 
     def _delete_rows(self, ids: list[int]) -> None:
         with self._connection_held():
@@ -544,14 +574,19 @@ class SlotWorker(threading.Thread):
         self, rows: list[Row], failures: dict[int, Any], acked: set[int] | None = None
     ) -> None:
         """Queue every row; per-row errors land in ``failures`` and, when asked for, the ids
-        of successful delivery reports in ``acked`` (delivery reports fill them later)."""
+        of successful delivery reports in ``acked``; where they put each record goes to the
+        batch's placements when the delivery record is kept (delivery reports fill them)."""
+        placed = self._placed
 
         def delivered(row_id: int) -> Callable[[Any, Any], None]:
-            def cb(err: Any, _msg: Any) -> None:
+            def cb(err: Any, msg: Any) -> None:
                 if err is not None:
                     failures[row_id] = err
-                elif acked is not None:
+                    return
+                if acked is not None:
                     acked.add(row_id)
+                if placed is not None:
+                    placed[row_id] = (msg.partition(), msg.offset())
 
             return cb
 
@@ -683,6 +718,7 @@ class SlotWorker(threading.Thread):
         ids = [r.id for r in rows]
         failures: dict[int, Any] = {}
         acked: set[int] = set()
+        placed = self._placements()
         unsent = 0
         ahead: list[Row] = []
         committed = False
@@ -701,6 +737,7 @@ class SlotWorker(threading.Thread):
                 unsent = self.producer.flush(self.context.plan.transaction_timeout)
                 if failures or unsent:
                     raise psycopg.Rollback  # noqa: TRY301 - the rows stay in the outbox
+                self._record_deliveries(rows, placed)
                 self.context.wrote_marker.add(self.slot)
                 marker = Marker.of_batch(
                     self.context.outbox_id,
@@ -859,13 +896,19 @@ class SlotWorker(threading.Thread):
         """Send the batch, then delete exactly the rows whose delivery report succeeded (I2)."""
         failures: dict[int, Any] = {}
         acked: set[int] = set()
+        placed = self._placements()
         self._produce(rows, failures, acked)
         complete = self._await_reports()
         moved, error = self._handle_failures(rows, failures) if failures else (set(), None)
         acked -= failures.keys()
         done = settled(((r.id, r.topic) for r in rows), acked, moved)
-        if done:
+        if done and placed is None:
             self._delete_rows(done)
+        elif done:
+            with self._db_transaction():
+                self._delete_rows(done)
+                deleted = set(done)
+                self._record_deliveries([r for r in rows if r.id in deleted], placed)
         self.holds.succeeded({r.topic for r in rows if r.id in acked})
         self.context.stats.add(published=len(done), batches=1)
         if not complete:  # handed over or stopping: unacknowledged rows stay for the next owner

@@ -34,6 +34,7 @@ PLAUSIBLE = {
     "relay_scaling": (0.1, 10.0),  # 4 slots / 1 slot
     "backlog_independence": (0.1, 20.0),  # time per batch, large / small backlog
     "relay_memory": (0.5, 5.0),  # peak RSS, large / small backlog
+    "delivery_record": (0.2, 5.0),  # relay throughput, delivery record on / off
 }
 """Wide bounds of each headline figure at the smoke size: outside them the benchmark measured
 something else than it says (a zero, a unit slip, a phase that did nothing)."""

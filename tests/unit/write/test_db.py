@@ -250,7 +250,7 @@ WRITE_PATH = {
     "INSERT_NEW_EVENT_AND_NOTIFY",
 }  # SQLAlchemy text(): ':name'
 COLON_BIND = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")  # ':name', not '::int' casts
-PYFORMAT = re.compile(r"%\((\w+)\)s")
+PYFORMAT = re.compile(r"%\((\w+)\)[sb]")  # %(name)b: a parameter sent in binary
 
 
 def test_sql_module_has_the_statements_the_write_path_and_relay_use() -> None:

@@ -1,0 +1,392 @@
+"""Proof of delivery for operators: where one event went (``outbox trace``).
+
+Read once into plain data (``read_trace``), then printed as JSON or rendered (pure), like
+``outbox.cli.views``. The consumer groups come from their dedup records; a group's dead letter
+is found under the id the consumer publishes it with (``consumer.deadletter``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from consumer.deadletter import dead_letter_id
+from outbox import sql
+from outbox.cli.views import _session, to_json
+from outbox.codec import EVENT_ID_HEADER
+from outbox.db import redact
+from outbox.errors import ConfigError, TransientError
+from outbox.logs import librdkafka_logger
+from outbox.reconcile import GroupState, Recorded, Report, Seen, reconcile
+from outbox.relay.deliveries import key_hash
+
+Row = dict[str, Any]
+
+__all__ = ["event_state", "read_trace", "read_verify", "render_trace", "render_verify", "to_json"]
+
+
+def parse_event_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ConfigError(
+            f"EVENT_ID {raw!r} is not a UUID: give the event id publish() returned "
+            "(the record's outbox-event-id header)"
+        ) from None
+
+
+def event_state(pending: Row | None, dead: Row | None, deliveries: Sequence[Row]) -> str:
+    """pending, dead, published or unknown: what the outbox knows of the event now. A row
+    still pending wins over an older delivery (an event id reused after its publication)."""
+    if pending is not None:
+        return "pending"
+    if dead is not None:
+        return "dead"
+    if deliveries:
+        return "published"
+    return "unknown"
+
+
+def _iso(value: object) -> object:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def read_trace(db: str, event_id: uuid.UUID) -> Row:
+    """Everything the database knows of one event, as plain data."""
+    with _session(db, "outbox-trace") as conn:
+        params = {"event_id": event_id}
+        pending = conn.execute(sql.TRACE_PENDING, params).fetchone()
+        dead = conn.execute(sql.TRACE_DEAD, params).fetchone()
+        applied = conn.execute(sql.TRACE_APPLIED, {"event_id": str(event_id)}).fetchall()
+        letters = {
+            str(r["group_id"]): dead_letter_id(str(r["group_id"]), str(event_id)) for r in applied
+        }
+        found = conn.execute(
+            sql.TRACE_DELIVERIES, {"event_ids": [event_id, *letters.values()]}
+        ).fetchall()
+        pending_letters = {
+            g: conn.execute(sql.TRACE_PENDING, {"event_id": i}).fetchone() is not None
+            for g, i in letters.items()
+        }
+    deliveries = [dict(r) for r in found if r["event_id"] == event_id]
+    published_letters = {r["event_id"] for r in found if r["event_id"] != event_id}
+    groups = []
+    for r in applied:
+        group = str(r["group_id"])
+        letter = letters[group]
+        state = (
+            "pending"
+            if pending_letters[group]
+            else "published"
+            if letter in published_letters
+            else None
+        )
+        groups.append(
+            {
+                "group": group,
+                "applied_at": _iso(r["processed_at"]),
+                "dead_letter": None if state is None else {"event_id": str(letter), "state": state},
+            }
+        )
+    return {
+        "event_id": str(event_id),
+        "state": event_state(pending, dead, deliveries),
+        "pending": None
+        if pending is None
+        else {
+            "outbox_id": pending["id"],
+            "topic": pending["topic"],
+            "created_at": _iso(pending["created_at"]),
+            "dead_attempts": pending["dead_attempts"],
+        },
+        "dead": None
+        if dead is None
+        else {
+            "outbox_id": dead["id"],
+            "topic": dead["topic"],
+            "error": dead["error"],
+            "attempts": dead["attempts"],
+            "failed_at": _iso(dead["failed_at"]),
+        },
+        "deliveries": [
+            {
+                "outbox_id": d["id"],
+                "topic": d["topic"],
+                "partition": d["partition"],
+                "offset": d["kafka_offset"],
+                "published_at": _iso(d["published_at"]),
+            }
+            for d in deliveries
+        ],
+        "groups": groups,
+    }
+
+
+def render_trace(trace: Row) -> str:
+    """A few lines an operator reads at a glance."""
+    lines = [f"event {trace['event_id']}: {trace['state']}"]
+    if (p := trace["pending"]) is not None:
+        lines.append(
+            f"  pending in the outbox since {p['created_at']} (topic {p['topic']!r}, "
+            f"outbox id {p['outbox_id']})"
+        )
+    if (d := trace["dead"]) is not None:
+        lines.append(
+            f"  dead since {d['failed_at']} after {d['attempts']} tries (topic {d['topic']!r}, "
+            f"`outbox dead show {d['outbox_id']}`): {d['error']}"
+        )
+    for r in trace["deliveries"]:
+        place = (
+            f"partition {r['partition']} offset {r['offset']}"
+            if r["partition"] is not None
+            else "partition and offset unknown (recovered from a marker)"
+        )
+        lines.append(f"  published {r['published_at']} to {r['topic']!r} {place}")
+    if trace["state"] == "unknown":
+        lines.append(
+            "  not in the outbox, not dead, not in the delivery record (older than its "
+            "retention, published with the record off, or never published here)"
+        )
+    if not trace["groups"]:
+        lines.append("  applied by no consumer group (within their dedup windows)")
+    for g in trace["groups"]:
+        letter = g["dead_letter"]
+        dead = f"; dead-lettered ({letter['state']}, event {letter['event_id']})" if letter else ""
+        lines.append(f"  applied by group {g['group']!r} at {g['applied_at']}{dead}")
+    return "\n".join(lines) + "\n"
+
+
+# -- verify ------------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+STALL_SECONDS = 30.0
+"""verify gives up when the topic yields nothing for this long before its end."""
+
+
+def parse_duration(raw: str) -> dt.timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d``."""
+    number, unit = raw[:-1], raw[-1:].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise ConfigError(
+            f"--since={raw!r} is not a duration: give a positive number with s, m, h or d "
+            "(e.g. --since 24h)"
+        )
+    return dt.timedelta(seconds=value * _UNITS[unit])
+
+
+def _event_id(msg: Any) -> str | None:
+    for name, value in msg.headers() or ():
+        if name == EVENT_ID_HEADER and isinstance(value, bytes):
+            return value.decode(errors="replace")
+    return None
+
+
+def read_topic_end(
+    bootstrap_servers: str,
+    settings: Mapping[str, str],
+    topic: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Seen], dict[int, int]]:
+    """Every committed record of ``topic`` from the start of each partition to its end
+    (read_committed), and each partition's first offset."""
+    consumer = Consumer(
+        {
+            # Large fetches answered at once: a broker that holds a fetch for the whole
+            # fetch.wait.max.ms (Tansu) otherwise caps the read at ~1 MB per partition per wait.
+            "fetch.wait.max.ms": 10,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            **settings,
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"outbox-verify-{uuid.uuid4().hex}",  # never joins nor commits
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "logger": librdkafka_logger(),
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise ConfigError(
+                f"--topic {topic!r}: no such topic on the cluster ({meta and meta.error})"
+            )
+        lows: dict[int, int] = {}
+        total = 0
+        assign = []
+        for p in sorted(meta.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+            lows[p] = low
+            if high > low:
+                total += high - low
+                assign.append(TopicPartition(topic, p, low))
+        open_partitions = {tp.partition for tp in assign}
+        seen: list[Seen] = []
+        if assign:
+            consumer.assign(assign)
+        last_progress = time.monotonic()
+        said = last_progress
+        while open_partitions:
+            messages = consumer.consume(10_000, timeout=1.0)
+            now = time.monotonic()
+            if messages:
+                last_progress = now
+            elif now - last_progress > STALL_SECONDS:
+                raise TransientError(
+                    f"topic {topic!r} yielded nothing for {STALL_SECONDS:g} s before the end of "
+                    f"partitions {sorted(open_partitions)} (an open transaction, or the cluster)"
+                )
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        open_partitions.discard(msg.partition() or 0)
+                        continue
+                    raise TransientError(f"reading {topic!r}: {redact(str(err))}")
+                seen.append(
+                    Seen(
+                        msg.partition() or 0, msg.offset() or 0, _event_id(msg), key_hash(msg.key())
+                    )
+                )
+            if progress is not None and now - said >= 2.0:
+                said = now
+                progress(len(seen), total)
+        return seen, lows
+    except KafkaException as exc:
+        raise TransientError(f"reading {topic!r}: {redact(str(exc.args[0]))}") from None
+    finally:
+        consumer.close()
+
+
+def read_committed_offsets(
+    bootstrap_servers: str,
+    settings: Mapping[str, str],
+    group: str,
+    topic: str,
+    partitions: Iterable[int],
+) -> dict[int, int]:
+    """A group's committed offsets (read only: the group is not joined)."""
+    consumer = Consumer(
+        {
+            **settings,
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "logger": librdkafka_logger(),
+        }
+    )
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=15)
+    except KafkaException as exc:
+        raise TransientError(f"group {group!r}: {redact(str(exc.args[0]))}") from None
+    finally:
+        consumer.close()
+    return {int(tp.partition): int(tp.offset) for tp in found if tp.offset >= 0}
+
+
+def read_verify(
+    db: str,
+    bootstrap_servers: str,
+    settings: Mapping[str, str],
+    topic: str,
+    groups: Sequence[str],
+    since: dt.timedelta | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Read the delivery record, the topic and the groups, then reconcile them (read-only)."""
+    start = (
+        dt.datetime.now(dt.UTC) - since
+        if since is not None
+        else dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    )
+    with _session(db, "outbox-verify") as conn:
+        rows = conn.execute(sql.TOPIC_DELIVERIES, {"topic": topic, "since": start}).fetchall()
+        recorded = [
+            Recorded(
+                str(r["event_id"]),
+                int(r["id"]),  # type: ignore[call-overload]
+                r["partition"],  # type: ignore[arg-type]
+                r["kafka_offset"],  # type: ignore[arg-type]
+                r["key_hash"],  # type: ignore[arg-type]
+            )
+            for r in rows
+        ]
+        ids = [r.event_id for r in recorded]
+        applied = {
+            g: frozenset(
+                str(r["event_id"])
+                for r in conn.execute(sql.GROUP_APPLIED, {"group": g, "event_ids": ids})
+            )
+            for g in groups
+        }
+    seen, lows = read_topic_end(bootstrap_servers, settings, topic, progress)
+    states = {
+        g: GroupState(
+            read_committed_offsets(bootstrap_servers, settings, g, topic, lows), applied[g]
+        )
+        for g in groups
+    }
+    return reconcile(recorded, seen, lows, states)
+
+
+def verify_json(report: Report) -> Row:
+    return {
+        "clean": report.clean,
+        "recorded": report.recorded,
+        "read": report.read,
+        "lost": report.lost,
+        "duplicates": report.duplicates,
+        "order_violations": report.order_violations,
+        "foreign": report.foreign,
+        "unrecorded": report.unrecorded,
+        "unplaced": report.unplaced,
+        "groups": [
+            {
+                "group": g.group,
+                "applied": g.applied,
+                "lag": len(g.lag),
+                "unreadable": g.unreadable,
+                "passed_unapplied": g.passed_unapplied,
+            }
+            for g in report.groups
+        ],
+    }
+
+
+def render_verify(report: Report, topic: str, limit: int = 20) -> str:
+    """A summary, then the first findings of each kind."""
+    verdict = "clean" if report.clean else "FINDINGS"
+    lines = [
+        f"{topic}: {verdict}: {report.recorded} events recorded, {report.read} records read; "
+        f"{len(report.lost)} lost, {len(report.duplicates)} duplicated, "
+        f"{len(report.order_violations)} out of key order; {report.foreign} foreign records, "
+        f"{report.unrecorded} outbox records not in the record, {report.unplaced} recorded "
+        "without a place (recovered)"
+    ]
+    for x in report.lost[:limit]:
+        where = f"partition {x['partition']} offset {x['offset']}"
+        lines.append(f"  lost {x['event_id']} ({where}): {x['reason']}")
+    for e, n in list(report.duplicates.items())[:limit]:
+        lines.append(f"  duplicate {e}: {n} times on the topic")
+    for x in report.order_violations[:limit]:
+        where = f"partition {x['partition']} offset {x['offset']}"
+        lines.append(f"  out of order {x['event_id']} ({where}): {x['reason']}")
+    for g in report.groups:
+        lines.append(
+            f"  group {g.group!r}: {g.applied} applied, {len(g.lag)} not yet (lag), "
+            f"{len(g.unreadable)} gone before it read them, {len(g.passed_unapplied)} read past "
+            "without a dedup record"
+        )
+        lines.extend(f"    unreadable {e}" for e in g.unreadable[:limit])
+        lines.extend(f"    passed {e}" for e in g.passed_unapplied[:limit])
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""``outbox verify``: the delivery record against the topic and the groups, on real services."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import pytest
+from confluent_kafka import Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from consumer import Event, IdempotentConsumer
+from outbox import publish
+from outbox.cli import app
+from outbox.relay import Relay
+from tests.conftest import Broker
+from tests.support import InThread, KafkaReader, Record, wait_for
+
+GROUP_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+
+
+def _verify(database_url: str, bootstrap_servers: str, topic: str, *args: str) -> tuple[int, Any]:
+    result = CliRunner().invoke(
+        app,
+        [
+            "verify",
+            "--db",
+            database_url,
+            "--bootstrap-servers",
+            bootstrap_servers,
+            "--topic",
+            topic,
+            "--json",
+            *args,
+        ],
+    )
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def _published(engine: Engine, topic: str, n: int, keys: int = 3) -> list[str]:
+    with Session(engine) as session, session.begin():
+        return [
+            str(publish(session, topic=topic, key=f"k{i % keys}", value={"i": i})) for i in range(n)
+        ]
+
+
+def _copy(bootstrap_servers: str, records: list[Record]) -> None:
+    """Another producer writes these records again, headers and all, on their partitions."""
+    producer = Producer({"bootstrap.servers": bootstrap_servers})
+    for r in records:
+        producer.produce(
+            r.topic,
+            key=r.key,
+            value=r.value,
+            headers=list(r.headers.items()),
+            partition=r.partition,
+        )
+    assert producer.flush(30) == 0
+
+
+def test_i2_a_relayed_topic_verifies_clean(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Relay],
+) -> None:
+    ids = _published(engine, topic, 30)
+    drain()
+    code, report = _verify(database_url, bootstrap_servers, topic)
+    assert (code, report["clean"], report["recorded"], report["read"]) == (0, True, 30, 30)
+    assert report["lost"] == report["order_violations"] == []
+    assert report["duplicates"] == {}
+    assert len(ids) == 30
+
+
+def test_i4_a_record_copied_onto_the_topic_by_another_producer_is_a_duplicate(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+) -> None:
+    _published(engine, topic, 10)
+    drain()
+    records = kafka.read(topic, 10)
+    last = max(records, key=lambda r: r.offset)
+    _copy(bootstrap_servers, [last])
+    code, report = _verify(database_url, bootstrap_servers, topic)
+    assert code == 1
+    assert report["duplicates"] == {last.event_id: 2}
+    assert report["order_violations"] == []  # a copy after the original keeps the key's order
+    assert report["lost"] == []
+
+
+def test_i3_a_reordered_copy_is_reported_out_of_key_order(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+) -> None:
+    _published(engine, topic, 2, keys=1)
+    drain()
+    records = sorted(kafka.read(topic, 2), key=lambda r: r.offset)
+    first, second = records[0], records[1]
+    _copy(bootstrap_servers, [second, first])  # the later event, then the earlier one
+    code, report = _verify(database_url, bootstrap_servers, topic)
+    assert code == 1
+    assert [v["event_id"] for v in report["order_violations"]] == [first.event_id]
+    assert report["duplicates"] == {first.event_id: 2, second.event_id: 2}
+
+
+def test_foreign_records_are_counted_not_findings(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Relay],
+) -> None:
+    _published(engine, topic, 5)
+    drain()
+    producer = Producer({"bootstrap.servers": bootstrap_servers})
+    producer.produce(topic, key=b"other", value=b"not the outbox's")
+    assert producer.flush(30) == 0
+    code, report = _verify(database_url, bootstrap_servers, topic)
+    assert (code, report["foreign"], report["clean"]) == (0, 1, True)
+
+
+class Applies(IdempotentConsumer):
+    topics: ClassVar[list[str]] = ["set-per-test"]
+    group_id = "set-per-test"
+
+    def handle(self, session: Session, event: Event) -> None:
+        pass
+
+
+def _consume_all(engine: Engine, bootstrap_servers: str, topic: str, group: str, n: int) -> None:
+    consumer = Applies(
+        engine, bootstrap_servers, topics=[topic], group_id=group, settings=GROUP_SETTINGS
+    )
+    running = InThread(consumer, what="consumer")
+    running.thread.start()
+    try:
+        wait_for(lambda: consumer.stats.applied >= n, timeout=60, what="the group applies all")
+    finally:
+        running.stop()
+
+
+def test_i5_a_group_that_applied_everything_has_no_lag_and_a_group_behind_has_lag(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Relay],
+) -> None:
+    _published(engine, topic, 12)
+    drain()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    _consume_all(engine, bootstrap_servers, topic, group, 12)
+    idle = f"idle-{uuid.uuid4().hex[:8]}"
+    code, report = _verify(
+        database_url, bootstrap_servers, topic, "--group", group, "--group", idle
+    )
+    assert code == 0
+    by_name = {g["group"]: g for g in report["groups"]}
+    assert (by_name[group]["applied"], by_name[group]["lag"]) == (12, 0)
+    assert (by_name[idle]["applied"], by_name[idle]["lag"]) == (0, 12)
+
+
+def test_i5_records_deleted_before_a_group_read_them_are_unreadable_for_that_group(
+    broker: Broker,
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    make_topic: Callable[..., str],
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+) -> None:
+    if broker.name != "kafka":
+        pytest.skip("delete_records needs Apache Kafka")
+    topic = make_topic(partitions=1)
+    _published(engine, topic, 6)
+    drain()
+    records = sorted(kafka.read(topic, 6), key=lambda r: r.offset)
+    cut = records[3].offset  # the first three records go
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    futures = admin.delete_records([TopicPartition(topic, 0, cut)])
+    for future in futures.values():
+        future.result(30)
+    group = f"late-{uuid.uuid4().hex[:8]}"  # never read: everything it lacks is lag or gone
+    code, report = _verify(database_url, bootstrap_servers, topic, "--group", group)
+    assert code == 1
+    gone = {r.event_id for r in records[:3]}
+    assert {x["event_id"] for x in report["lost"]} == gone
+    [g] = report["groups"]
+    assert set(g["unreadable"]) == gone
+    assert g["lag"] == 3

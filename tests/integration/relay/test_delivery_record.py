@@ -1,0 +1,164 @@
+"""The delivery record: where each published event went, written with its delete (I2)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from outbox import publish, sql
+from outbox.relay import Relay
+from outbox.relay.deliveries import key_hash, maintain, partition_name
+from outbox.relay.marker import Marker
+from outbox.relay.worker import delete_recovered
+from tests.conftest import _libpq
+from tests.support import KafkaReader
+
+
+def _connect(database_url: str) -> psycopg.Connection[dict[str, Any]]:
+    return psycopg.connect(_libpq(database_url), autocommit=True, row_factory=dict_row)
+
+
+def _deliveries(database_url: str) -> dict[str, dict[str, Any]]:
+    with _connect(database_url) as conn:
+        rows = conn.execute("SELECT * FROM outbox_deliveries ORDER BY id").fetchall()
+    return {str(r["event_id"]): r for r in rows}
+
+
+def _partitions(database_url: str) -> set[str]:
+    with _connect(database_url) as conn:
+        return {
+            r["relname"]
+            for r in conn.execute(sql.DELIVERY_PARTITIONS, {"parent": "outbox_deliveries"})
+        }
+
+
+@pytest.mark.parametrize("guarantee", ["exactly-once", "at-least-once"])
+def test_i2_the_relay_records_each_event_where_its_record_is_on_the_topic(
+    guarantee: str,
+    engine: Engine,
+    database_url: str,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+) -> None:
+    keys = [b"a", b"b", None, b"a", b"c"]
+    with Session(engine) as session, session.begin():
+        ids = [str(publish(session, topic=topic, key=k, value=b"v")) for k in keys]
+    drain(guarantee=guarantee)
+    records = {r.event_id: r for r in kafka.read(topic, len(ids))}
+    recorded = _deliveries(database_url)
+    assert set(recorded) == set(ids)
+    for event_id, key in zip(ids, keys, strict=True):
+        row, record = recorded[event_id], records[event_id]
+        assert (row["topic"], row["partition"], row["kafka_offset"]) == (
+            record.topic,
+            record.partition,
+            record.offset,
+        )
+        assert row["key_hash"] == key_hash(key)
+    assert [recorded[e]["id"] for e in ids] == sorted(recorded[e]["id"] for e in ids)
+    today = dt.datetime.now(dt.UTC).date()
+    assert partition_name(today) in _partitions(database_url)  # the relay's upkeep made it
+
+
+def test_i2_no_delivery_record_with_retention_zero(
+    engine: Engine, database_url: str, topic: str, drain: Callable[..., Relay]
+) -> None:
+    with Session(engine) as session, session.begin():
+        publish(session, topic=topic, key=b"k", value=b"v")
+    relay = drain(delivery_retention=0)
+    assert relay.stats.published == 1
+    assert _deliveries(database_url) == {}
+
+
+def test_i2_key_hash_in_sql_matches_the_relays(database_url: str) -> None:
+    with _connect(database_url) as conn:
+        for key in (b"", b"order-1", bytes(range(256))):
+            row = conn.execute(
+                f"SELECT {sql.KEY_HASH_SQL.format(key='%(k)s::bytea')} AS h", {"k": key}
+            ).fetchone()
+            assert row is not None
+            assert row["h"] == key_hash(key)
+
+
+def test_i2_upkeep_moves_a_days_rows_out_of_the_default_partition_and_drops_expired_days(
+    database_url: str,
+) -> None:
+    now = dt.datetime(2026, 12, 7, 12, tzinfo=dt.UTC)
+    old = now - dt.timedelta(days=9)
+    with _connect(database_url) as conn:
+        conn.execute(  # rows no daily partition covered yet: in the default one
+            "INSERT INTO outbox_deliveries (published_at, event_id, id, topic) VALUES "
+            "(%(now)s, gen_random_uuid(), 1, 't'), (%(old)s, gen_random_uuid(), 2, 't')",
+            {"now": now, "old": old},
+        )
+        expired = dt.date(2026, 11, 27)
+        conn.execute(
+            f"CREATE TABLE {partition_name(expired)} PARTITION OF outbox_deliveries "
+            "FOR VALUES FROM ('2026-11-27Z') TO ('2026-11-28Z')"
+        )
+        plan = maintain(conn, retention_days=7, now=now)
+        assert plan is not None
+        in_default = conn.execute("SELECT id FROM outbox_deliveries_default ORDER BY id").fetchall()
+        in_today = conn.execute(f"SELECT id FROM {partition_name(now.date())}").fetchall()
+    assert [r["id"] for r in in_today] == [1]
+    assert in_default == []  # the 9-day-old row expired with the retention window
+    names = _partitions(database_url)
+    assert partition_name(expired) not in names
+    assert {partition_name(now.date() + dt.timedelta(days=n)) for n in range(3)} <= names
+
+
+def test_i2_upkeep_is_done_by_one_relay_at_a_time(database_url: str) -> None:
+    with _connect(database_url) as holder, _connect(database_url) as other:
+        with holder.transaction():
+            holder.execute(sql.TRY_LOCK_UPKEEP, {"key": 0x6F757476})
+            assert maintain(other, retention_days=7) is None
+        assert maintain(other, retention_days=7) is not None
+
+
+def test_i4_recovery_from_a_marker_records_the_events_it_deletes_without_a_place(
+    engine: Engine, database_url: str, topic: str
+) -> None:
+    with Session(engine) as session, session.begin():
+        event_id = publish(session, topic=topic, key=b"k", value=b"v")
+    with _connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT id, shard FROM outbox_events WHERE event_id = %(e)s", {"e": event_id}
+        ).fetchone()
+        assert row is not None
+        marker = Marker.of_batch(uuid.uuid4(), "tid-0", 0, 1, [(row["id"], event_id)])
+        with conn.transaction():
+            assert delete_recovered(conn, marker, [row["shard"]], record=True) == 1
+    recorded = _deliveries(database_url)[str(event_id)]
+    assert (recorded["topic"], recorded["id"]) == (topic, row["id"])
+    assert (recorded["partition"], recorded["kafka_offset"]) == (None, None)
+    assert recorded["key_hash"] == key_hash(b"k")
+
+
+def test_i12_upkeep_gives_up_on_a_lock_held_by_a_batch_instead_of_queueing_batches_behind_it(
+    database_url: str,
+) -> None:
+    now = dt.datetime(2026, 12, 7, 12, tzinfo=dt.UTC)
+    expired = partition_name(dt.date(2026, 11, 20))
+    with _connect(database_url) as batch, _connect(database_url) as upkeep:
+        batch.execute(
+            f"CREATE TABLE {expired} PARTITION OF outbox_deliveries "
+            "FOR VALUES FROM ('2026-11-20Z') TO ('2026-11-21Z')"
+        )
+        with batch.transaction():
+            batch.execute("SELECT count(*) FROM outbox_deliveries")  # a reader of every day
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                maintain(upkeep, retention_days=7, now=now)
+            assert time.monotonic() - started < 10
+        assert maintain(upkeep, retention_days=7, now=now) is not None  # next turn drops it
+    assert expired not in _partitions(database_url)
