@@ -123,6 +123,7 @@ def test_i9_migrate_gives_every_outbox_its_own_identity_shown_by_status(
         # Back to what revision 0002 left: what the later revisions added is undone.
         conn.execute(text("DROP TABLE outbox_identity, outbox_consumer_attempts"))
         conn.execute(text("ALTER TABLE outbox_events DROP COLUMN dead_attempts"))
+        conn.execute(text("DROP TABLE outbox_deliveries"))
         conn.execute(text("UPDATE outbox_alembic_version SET version_num = '0002'"))
     upgrade(other_db)
     assert _identity(other_engine) != theirs
