@@ -12,9 +12,10 @@ import json
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from io import StringIO
+from itertools import zip_longest
 from typing import Any
 
 import psycopg
@@ -209,7 +210,8 @@ def _bytes_field(raw: bytes | None, content_type: str | None) -> Row:
             pass
         else:
             if content_type == JSON:
-                text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+                with suppress(ValueError):  # labelled JSON but not JSON: shown as it is
+                    text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
             return {"encoding": "utf-8", "data": text}
     return {"encoding": "base64", "data": base64.b64encode(raw).decode()}
 
@@ -231,14 +233,20 @@ def read_dead_row(db: str, row_id: int, *, full: bool = False) -> Row:
         r = conn.execute(sql.SHOW_DEAD, {"id": row_id}).fetchone()
     if r is None:
         raise NotFound(f"no dead row with id {row_id}: `outbox dead list` shows the ids")
-    names = list(r["header_names"])  # type: ignore[call-overload]
-    values = list(r["header_values"])  # type: ignore[call-overload]
+    # A dead row may be one no record could be built from (unpaired header arrays, a NULL
+    # name or value, a content type that is not UTF-8): show it as it is, never fail on it.
+    names: list[str | None] = list(r["header_names"] or [])  # type: ignore[call-overload]
+    values: list[object] = list(r["header_values"] or [])  # type: ignore[call-overload]
+    pairs = list(zip_longest(names, values))
     headers = {
-        n: _shown(_bytes_field(bytes(v), None), len(v), full=full)["data"]
-        for n, v in zip(names, values, strict=True)
+        n: _shown(_bytes_field(_raw(v), None), _size(_raw(v)), full=full)["data"] for n, v in pairs
     }
     content_type = next(
-        (bytes(v).decode() for n, v in zip(names, values, strict=True) if n == CONTENT_TYPE_HEADER),
+        (
+            raw.decode(errors="replace")
+            for n, v in pairs
+            if n == CONTENT_TYPE_HEADER and (raw := _raw(v))
+        ),
         None,
     )
     value, key = r["value"], r["key"]
@@ -257,6 +265,11 @@ def read_dead_row(db: str, row_id: int, *, full: bool = False) -> Row:
         "attempts": r["attempts"],
         "error": r["error"],
     }
+
+
+def _raw(value: object) -> bytes | None:
+    """A bytea cell as bytes (NULL stays None)."""
+    return bytes(value) if isinstance(value, bytes | memoryview) else None
 
 
 def _size(raw: bytes | None) -> int | None:

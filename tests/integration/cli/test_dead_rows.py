@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -64,3 +64,43 @@ def test_dead_show_cuts_a_large_value_to_a_few_kb_unless_full(
     )
     assert full_json["value"]["data"] == value
     assert full_json["value"]["cut"] is False
+
+
+def _insert_raw(engine: Engine, topic: str, names: str, values: str, value: bytes) -> None:
+    """A row as another writer (a SQL backfill, an old table) would insert it."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO outbox_events "
+                "(event_id, topic, shard, key, value, header_names, header_values) "
+                f"VALUES (gen_random_uuid(), :topic, 0, 'k', :value, {names}, {values})"
+            ),
+            {"topic": topic, "value": value},
+        )
+
+
+def test_i6_dead_show_prints_every_row_the_relay_buries_whatever_its_headers_and_value(
+    engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
+) -> None:
+    with engine.begin() as conn:  # an outbox table from before the header constraints
+        for name in ("outbox_events_headers_paired", "outbox_events_headers_named"):
+            conn.execute(text(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}"))
+    json_header = "ARRAY['content-type']::text[]"
+    _insert_raw(engine, topic, "ARRAY['a', 'b']::text[]", "ARRAY['\\x01'::bytea]", b"unpaired")
+    _insert_raw(engine, topic, "ARRAY[NULL]::text[]", "ARRAY['\\x02'::bytea]", b"no name")
+    _insert_raw(  # too large for the relay, labelled JSON but not JSON
+        engine, topic, json_header, "ARRAY['application/json'::bytea]", b"{not json" * 500
+    )
+    _insert_raw(  # too large, its content type not UTF-8
+        engine, topic, json_header, "ARRAY['\\xff'::bytea]", b"\xfe" * 5000
+    )
+    drain(producer_overrides=SMALL, batch_size=50)
+    rows = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
+    assert len(rows) == 4
+    for row in rows:
+        row_id = str(row["id"])
+        shown = _outbox("dead", "show", row_id, "--db", database_url)
+        assert row["error"].split()[0] in shown
+        as_json = json.loads(_outbox("dead", "show", row_id, "--db", database_url, "--json"))
+        assert as_json["id"] == row["id"]
+        assert as_json["value"]["bytes"] > 0
