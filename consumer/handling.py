@@ -158,10 +158,21 @@ class Transactions(Protocol):
         """Release what the adapter holds (its engine, its event loop)."""
 
 
+# The server's id of the open transaction: a COMMIT sent as SQL followed by more statements
+# leaves the connection in a transaction again (the driver opens one), but another one.
+XACT_ID = "SELECT txid_current()"
+XACT_ID_NOW = "SELECT txid_current_if_assigned()"
+
+
 def _check(cls: type, session: _GuardedSession, opened: SessionTransaction, raw: Any) -> None:
     fault = transaction_fault(session, opened, raw.info.transaction_status)
     if fault is not None:
         raise TransactionMisuse(fault)
+
+
+def _check_same(before: object, now: object) -> None:
+    if now != before:
+        raise TransactionMisuse(ENDED)
 
 
 class _SyncTransaction:
@@ -170,6 +181,7 @@ class _SyncTransaction:
         self.handler = handler
         self.cls = cls
         self.opened = session.get_transaction()
+        self.xact: object = None  # the server's id of this transaction, once known
 
     def run(self, work: Callable[[Session], T]) -> T:
         return work(self.session)
@@ -177,7 +189,10 @@ class _SyncTransaction:
     def handle(self, event: Event) -> None:
         session, opened = self.session, self.opened
         assert opened is not None
-        raw = session.connection().connection.dbapi_connection
+        connection = session.connection()
+        raw = connection.connection.dbapi_connection
+        if self.xact is None:
+            self.xact = connection.exec_driver_sql(XACT_ID).scalar()
         session.handler_running = True
         try:
             result = self.handler(session, event)
@@ -185,6 +200,7 @@ class _SyncTransaction:
             session.handler_running = False
         refuse_result(self.cls, result)
         _check(self.cls, session, opened, raw)
+        _check_same(self.xact, session.connection().exec_driver_sql(XACT_ID_NOW).scalar())
 
 
 class SyncTransactions:
@@ -216,6 +232,7 @@ class _AsyncTransaction:
         self.session = session
         self.opened: SessionTransaction | None = None
         self.raw: Any = None  # the driver's connection of this transaction, once known
+        self.xact: object = None  # the server's id of this transaction, once known
 
     def run(self, work: Callable[[Session], T]) -> T:
         result = self.owner.wait(self.session.run_sync(work))
@@ -233,6 +250,7 @@ class _AsyncTransaction:
         if self.raw is None:
             connection = await session.connection()
             self.raw = (await connection.get_raw_connection()).driver_connection
+            self.xact = (await connection.exec_driver_sql(XACT_ID)).scalar()
         raw = self.raw
         opened = self.opened or sync.get_transaction()
         assert opened is not None
@@ -247,6 +265,8 @@ class _AsyncTransaction:
         finally:
             sync.handler_running = False
         _check(self.owner.cls, sync, opened, raw)
+        now = await (await session.connection()).exec_driver_sql(XACT_ID_NOW)
+        _check_same(self.xact, now.scalar())
 
 
 class AsyncTransactions:

@@ -713,3 +713,51 @@ def test_i11_a_commit_sent_as_sql_never_lets_an_earlier_duplicate_be_applied_aga
     )
     running.stop()
     assert _effects(env.engine)[str(done)] == 1
+
+
+class CommitsThenWorks(Projector):
+    """On ``bad``: a COMMIT sent as SQL, then more statements (psycopg opens a new
+    transaction for them, so the connection looks in a transaction again)."""
+
+    bad: ClassVar[str] = ""
+
+    def handle(self, session: Session, event: Event) -> None:
+        if event.id == type(self).bad:
+            session.execute(INSERT_EFFECT, {"event_id": event.id, "consumer": "commits"})
+            session.execute(text("COMMIT"))
+            session.execute(text("SELECT 1"))
+            return
+        super().handle(session, event)
+
+
+def test_i11_a_commit_sent_as_sql_then_more_work_never_loses_the_records_after_it(
+    env: Fixture, drain: Callable[..., Any], start_consumer: Callable[..., Running]
+) -> None:
+    """The records after the handler that ended the transaction are applied once each, even
+    when a later handler fails and the batch is redone."""
+    ids = _publish(env.engine, env.topic, [{"n": i} for i in range(6)])
+    drain()
+    bad, flaky = ids[2], ids[4]
+    failed: list[str] = []
+
+    def fail_once(event: Event) -> Exception | None:
+        if event.id == flaky and not failed:
+            failed.append(event.id)
+            return ValueError("a transient fault of this record")
+        return None
+
+    cls = type("CommitsThenWorksHere", (CommitsThenWorks,), {"bad": bad})
+    running = start_consumer(cls, batch_size=100, fail=fail_once)
+    wait_for(
+        lambda: (
+            all(_effects(env.engine)[i] == 1 for i in ids if i != bad)
+            and running.stats.dead_lettered == 1
+        ),
+        timeout=60,
+        what="every other record applied once, the one that ended its transaction dead-lettered",
+    )
+    running.stop()
+    effects = _effects(env.engine)
+    assert [effects[i] for i in ids if i != bad] == [1] * 5
+    messages = _dead_letter_header(env.engine, "dlt-error-message")
+    assert [m for m in messages if "ended the transaction itself" in m]
