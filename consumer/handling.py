@@ -159,8 +159,14 @@ class Transactions(Protocol):
 
 
 # The server's id of the open transaction: a COMMIT sent as SQL followed by more statements
-# leaves the connection in a transaction again (the driver opens one), but another one.
-XACT_ID = "SELECT txid_current()"
+# leaves the connection in a transaction again (the driver opens one), but another one. The
+# transaction also marks itself with a SET LOCAL application_name, which the server reverts
+# and reports to the client when the transaction ends: while the client sees the mark, it is
+# the same transaction, known without a round trip; otherwise the id decides.
+XACT_MARK = (
+    "SELECT txid_current(), set_config('application_name', "
+    "left(current_setting('application_name'), 40) || ' [outbox handling]', true)"
+)
 XACT_ID_NOW = "SELECT txid_current_if_assigned()"
 
 
@@ -170,8 +176,13 @@ def _check(cls: type, session: _GuardedSession, opened: SessionTransaction, raw:
         raise TransactionMisuse(fault)
 
 
-def _check_same(before: object, now: object) -> None:
-    if now != before:
+def _marked(raw: Any, mark: tuple[object, object]) -> bool:
+    """Whether the client still sees this transaction's mark (no round trip)."""
+    return bool(raw.info.parameter_status("application_name") == mark[1])
+
+
+def _check_same(mark: tuple[object, object], now: object) -> None:
+    if now != mark[0]:
         raise TransactionMisuse(ENDED)
 
 
@@ -181,7 +192,7 @@ class _SyncTransaction:
         self.handler = handler
         self.cls = cls
         self.opened = session.get_transaction()
-        self.xact: object = None  # the server's id of this transaction, once known
+        self.mark: tuple[object, object] | None = None  # this transaction's id and mark
 
     def run(self, work: Callable[[Session], T]) -> T:
         return work(self.session)
@@ -191,8 +202,8 @@ class _SyncTransaction:
         assert opened is not None
         connection = session.connection()
         raw = connection.connection.dbapi_connection
-        if self.xact is None:
-            self.xact = connection.exec_driver_sql(XACT_ID).scalar()
+        if self.mark is None:
+            self.mark = tuple(connection.exec_driver_sql(XACT_MARK).one())
         session.handler_running = True
         try:
             result = self.handler(session, event)
@@ -200,7 +211,8 @@ class _SyncTransaction:
             session.handler_running = False
         refuse_result(self.cls, result)
         _check(self.cls, session, opened, raw)
-        _check_same(self.xact, session.connection().exec_driver_sql(XACT_ID_NOW).scalar())
+        if not _marked(raw, self.mark):
+            _check_same(self.mark, session.connection().exec_driver_sql(XACT_ID_NOW).scalar())
 
 
 class SyncTransactions:
@@ -232,7 +244,7 @@ class _AsyncTransaction:
         self.session = session
         self.opened: SessionTransaction | None = None
         self.raw: Any = None  # the driver's connection of this transaction, once known
-        self.xact: object = None  # the server's id of this transaction, once known
+        self.mark: tuple[object, object] | None = None  # this transaction's id and mark
 
     def run(self, work: Callable[[Session], T]) -> T:
         result = self.owner.wait(self.session.run_sync(work))
@@ -250,7 +262,7 @@ class _AsyncTransaction:
         if self.raw is None:
             connection = await session.connection()
             self.raw = (await connection.get_raw_connection()).driver_connection
-            self.xact = (await connection.exec_driver_sql(XACT_ID)).scalar()
+            self.mark = tuple((await connection.exec_driver_sql(XACT_MARK)).one())
         raw = self.raw
         opened = self.opened or sync.get_transaction()
         assert opened is not None
@@ -265,8 +277,10 @@ class _AsyncTransaction:
         finally:
             sync.handler_running = False
         _check(self.owner.cls, sync, opened, raw)
-        now = await (await session.connection()).exec_driver_sql(XACT_ID_NOW)
-        _check_same(self.xact, now.scalar())
+        assert self.mark is not None
+        if not _marked(raw, self.mark):
+            now = await (await session.connection()).exec_driver_sql(XACT_ID_NOW)
+            _check_same(self.mark, now.scalar())
 
 
 class AsyncTransactions:
