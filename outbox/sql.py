@@ -280,6 +280,15 @@ FROM moved
 RETURNING id
 """
 
+# Dead rows (of those named) the outbox table's header constraints refuse back.
+UNBUILDABLE_DEAD = """
+SELECT id FROM outbox_dead_events
+WHERE (%(all)s OR id = ANY(%(ids)s))
+  AND (cardinality(header_names) IS DISTINCT FROM cardinality(header_values)
+       OR array_position(header_names, NULL) IS NOT NULL)
+ORDER BY id
+"""
+
 # One dead row whole, for ``outbox dead show``.
 SHOW_DEAD = """
 SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at,

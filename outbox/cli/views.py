@@ -308,10 +308,22 @@ def _locked(conn: psycopg.Connection[dict[str, object]], ids: list[int]) -> None
 def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
     """Put dead rows back in the outbox, all of the named ones or none."""
     with _session(db, "outbox-requeue") as conn:
-        with conn.transaction():
-            if not all_rows:
-                _locked(conn, ids)
-            moved = len(conn.execute(sql.REQUEUE_DEAD, {"all": all_rows, "ids": ids}).fetchall())
+        try:
+            with conn.transaction():
+                if not all_rows:
+                    _locked(conn, ids)
+                params = {"all": all_rows, "ids": ids}
+                moved = len(conn.execute(sql.REQUEUE_DEAD, params).fetchall())
+        except psycopg.errors.CheckViolation as exc:
+            # A row buried because no record can be built from it (I6): the table's
+            # constraints refuse it back as it is (its DETAIL, the row's data, is not shown).
+            bad = [r["id"] for r in conn.execute(sql.UNBUILDABLE_DEAD, params).fetchall()]
+            named = " ".join(map(str, bad)) or "ID"
+            raise ConfigError(
+                f"dead rows {named} cannot be re-queued: the outbox table refuses them "
+                f"({exc.diag.constraint_name}: no Kafka record can be built from them); fix "
+                f"their header_names/header_values with SQL, or `outbox dead discard {named}`"
+            ) from None
         if moved:
             conn.execute(sql.WAKE_ALL_SLOTS)  # a relay publishes them now, not at its next poll
         return moved

@@ -104,3 +104,31 @@ def test_i6_dead_show_prints_every_row_the_relay_buries_whatever_its_headers_and
         as_json = json.loads(_outbox("dead", "show", row_id, "--db", database_url, "--json"))
         assert as_json["id"] == row["id"]
         assert as_json["value"]["bytes"] > 0
+
+
+def test_i6_requeueing_a_row_no_record_can_be_built_from_is_refused_in_one_line(
+    engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
+) -> None:
+    constraints = ("outbox_events_headers_paired", "outbox_events_headers_named")
+    with engine.begin() as conn:  # an outbox table from before the header constraints
+        for name in constraints:
+            conn.execute(text(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}"))
+    _insert_raw(engine, topic, "ARRAY['a', 'b']::text[]", "ARRAY['\\x01'::bytea]", b"unpaired")
+    drain()
+    with engine.begin() as conn:  # the migration adds them back, for new rows
+        conn.execute(
+            text(
+                "ALTER TABLE outbox_events ADD CONSTRAINT outbox_events_headers_paired "
+                "CHECK (cardinality(header_names) = cardinality(header_values)) NOT VALID"
+            )
+        )
+    [row] = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
+    result = CliRunner().invoke(app, ["dead", "requeue", str(row["id"]), "--db", database_url])
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    message = result.output.strip()
+    assert "\n" not in message
+    assert str(row["id"]) in message
+    assert "discard" in message
+    assert "unpaired" not in message  # the row's data stays out of the error
+    assert json.loads(_outbox("dead", "list", "--db", database_url, "--json")) == [row]
