@@ -289,6 +289,14 @@ WHERE (%(all)s OR id = ANY(%(ids)s))
 ORDER BY id
 """
 
+# Dead rows (of those named) whose id or event id a row in the outbox has.
+CLASHING_DEAD = """
+SELECT d.id FROM outbox_dead_events d
+WHERE (%(all)s OR d.id = ANY(%(ids)s))
+  AND EXISTS (SELECT 1 FROM outbox_events e WHERE e.id = d.id OR e.event_id = d.event_id)
+ORDER BY d.id
+"""
+
 # One dead row whole, for ``outbox dead show``.
 SHOW_DEAD = """
 SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at,

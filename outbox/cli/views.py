@@ -324,6 +324,16 @@ def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
                 f"({exc.diag.constraint_name}: no Kafka record can be built from them); fix "
                 f"their header_names/header_values with SQL, or `outbox dead discard {named}`"
             ) from None
+        except psycopg.errors.UniqueViolation as exc:
+            # A dead row keeps its id (its order); after TRUNCATE ... RESTART IDENTITY a new
+            # row may have it, or the event was published again under its event id.
+            bad = [r["id"] for r in conn.execute(sql.CLASHING_DEAD, params).fetchall()]
+            named = " ".join(map(str, bad)) or "ID"
+            raise ConfigError(
+                f"dead rows {named} cannot be re-queued: rows in the outbox have their id or "
+                f"event id ({exc.diag.constraint_name}); let the relay publish those first, "
+                f"or `outbox dead discard {named}`"
+            ) from None
         if moved:
             conn.execute(sql.WAKE_ALL_SLOTS)  # a relay publishes them now, not at its next poll
         return moved

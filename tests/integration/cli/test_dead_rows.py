@@ -132,3 +132,25 @@ def test_i6_requeueing_a_row_no_record_can_be_built_from_is_refused_in_one_line(
     assert "discard" in message
     assert "unpaired" not in message  # the row's data stays out of the error
     assert json.loads(_outbox("dead", "list", "--db", database_url, "--json")) == [row]
+
+
+def test_i6_requeueing_a_dead_row_whose_id_a_new_row_has_is_refused_in_one_line(
+    engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
+) -> None:
+    """After TRUNCATE ... RESTART IDENTITY a new row can have a dead row's id: re-queueing that
+    dead row (it keeps its id, hence its order) is refused, naming the row, and nothing moves."""
+    with Session(engine) as session, session.begin():
+        publish(session, topic=topic, key="k", value=b"x" * 5000)
+    drain(producer_overrides=SMALL, batch_size=50)
+    [row] = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE outbox_events RESTART IDENTITY"))
+    with Session(engine) as session, session.begin():
+        publish(session, topic=topic, key="k", value="a new event with the dead row's id")
+    result = CliRunner().invoke(app, ["dead", "requeue", "--all", "--db", database_url])
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    message = result.output.strip()
+    assert "\n" not in message
+    assert str(row["id"]) in message
+    assert json.loads(_outbox("dead", "list", "--db", database_url, "--json")) == [row]
