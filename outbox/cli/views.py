@@ -49,7 +49,8 @@ def _width() -> int:
 
 def _render(*tables: Table) -> str:
     buf = StringIO()
-    console = Console(file=buf, width=_width(), color_system=None)
+    # markup=False: topics and errors come from rows any writer made ("a[/b]" is no tag).
+    console = Console(file=buf, width=_width(), color_system=None, markup=False)
     for table in tables:
         console.print(table)
     return buf.getvalue()
