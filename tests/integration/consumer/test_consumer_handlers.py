@@ -761,3 +761,34 @@ def test_i11_a_commit_sent_as_sql_then_more_work_never_loses_the_records_after_i
     assert [effects[i] for i in ids if i != bad] == [1] * 5
     messages = _dead_letter_header(env.engine, "dlt-error-message")
     assert [m for m in messages if "ended the transaction itself" in m]
+
+
+def test_i11_deliver_reports_a_commit_sent_as_sql_then_more_work_sync_and_async(
+    env: Fixture, database_url: str
+) -> None:
+    class Sync(IdempotentConsumer):
+        topics: ClassVar[list[str]] = ["t"]
+        group_id = "g"
+
+        def handle(self, session: Session, event: Event) -> None:
+            session.execute(text("COMMIT"))
+            session.execute(text("SELECT 1"))
+
+    class Async(IdempotentConsumer):
+        topics: ClassVar[list[str]] = ["t"]
+        group_id = "g-async"
+
+        async def handle(self, session: AsyncSession, event: Event) -> None:
+            await session.execute(text("COMMIT"))
+            await session.execute(text("SELECT 1"))
+
+    with pytest.raises(TransactionMisuse, match="ended the transaction itself"):
+        deliver(consumer_for_tests(Sync, env.engine), record("t", {"n": 1}))
+    engine = create_async_engine(database_url)
+    try:
+        projector = consumer_for_tests(Async, engine)
+        with pytest.raises(TransactionMisuse, match="ended the transaction itself"):
+            deliver(projector, record("t", {"n": 2}))
+        projector.close()
+    finally:
+        asyncio.run(engine.dispose())
