@@ -271,3 +271,31 @@ def test_i12_a_relay_frozen_mid_batch_is_fenced_and_nothing_is_published_twice_o
     wait_for(lambda: _pending(engine) == 0, timeout=60, what="both relays publish everything")
     assert a.poll() is None, "the woken relay exited"
     assert_exactly_once(kafka.read(topic, len(ids)), ids)
+
+
+def _control_backend(database_url: str, name: str) -> int | None:
+    with psycopg.connect(_libpq(database_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,)
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_i12_a_live_relay_keeps_its_control_session_at_the_shortest_takeover_timeout(
+    database_url: str, start_relay: Callable[..., RelayHandle]
+) -> None:
+    """At --takeover-timeout=1 the coordinator still speaks often enough that the server
+    never ends its control session (which holds the relay's announcements) while it runs."""
+    handle = start_relay(slots=2, takeover_timeout=1.0)
+    wait_for(lambda: len(handle.relay.workers) == 2, timeout=60, what="the relay owns its slots")
+    name = handle.relay.name
+    first = _control_backend(database_url, name)
+    assert first is not None
+    watched_until = time.monotonic() + 6  # six takeover timeouts
+    wait_for(
+        lambda: _control_backend(database_url, name) != first or time.monotonic() > watched_until,
+        timeout=30,
+        what="six takeover timeouts to pass",
+    )
+    assert _control_backend(database_url, name) == first, "the server ended the control session"
+    handle.stop()
