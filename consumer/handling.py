@@ -158,10 +158,32 @@ class Transactions(Protocol):
         """Release what the adapter holds (its engine, its event loop)."""
 
 
+# The server's id of the open transaction: a COMMIT sent as SQL followed by more statements
+# leaves the connection in a transaction again (the driver opens one), but another one. The
+# transaction also marks itself with a SET LOCAL application_name, which the server reverts
+# and reports to the client when the transaction ends: while the client sees the mark, it is
+# the same transaction, known without a round trip; otherwise the id decides.
+XACT_MARK = (
+    "SELECT txid_current(), set_config('application_name', "
+    "left(current_setting('application_name'), 40) || ' [outbox handling]', true)"
+)
+XACT_ID_NOW = "SELECT txid_current_if_assigned()"
+
+
 def _check(cls: type, session: _GuardedSession, opened: SessionTransaction, raw: Any) -> None:
     fault = transaction_fault(session, opened, raw.info.transaction_status)
     if fault is not None:
         raise TransactionMisuse(fault)
+
+
+def _marked(raw: Any, mark: tuple[object, object]) -> bool:
+    """Whether the client still sees this transaction's mark (no round trip)."""
+    return bool(raw.info.parameter_status("application_name") == mark[1])
+
+
+def _check_same(mark: tuple[object, object], now: object) -> None:
+    if now != mark[0]:
+        raise TransactionMisuse(ENDED)
 
 
 class _SyncTransaction:
@@ -170,6 +192,7 @@ class _SyncTransaction:
         self.handler = handler
         self.cls = cls
         self.opened = session.get_transaction()
+        self.mark: tuple[object, object] | None = None  # this transaction's id and mark
 
     def run(self, work: Callable[[Session], T]) -> T:
         return work(self.session)
@@ -177,7 +200,10 @@ class _SyncTransaction:
     def handle(self, event: Event) -> None:
         session, opened = self.session, self.opened
         assert opened is not None
-        raw = session.connection().connection.dbapi_connection
+        connection = session.connection()
+        raw = connection.connection.dbapi_connection
+        if self.mark is None:
+            self.mark = tuple(connection.exec_driver_sql(XACT_MARK).one())
         session.handler_running = True
         try:
             result = self.handler(session, event)
@@ -185,6 +211,8 @@ class _SyncTransaction:
             session.handler_running = False
         refuse_result(self.cls, result)
         _check(self.cls, session, opened, raw)
+        if not _marked(raw, self.mark):
+            _check_same(self.mark, session.connection().exec_driver_sql(XACT_ID_NOW).scalar())
 
 
 class SyncTransactions:
@@ -216,6 +244,7 @@ class _AsyncTransaction:
         self.session = session
         self.opened: SessionTransaction | None = None
         self.raw: Any = None  # the driver's connection of this transaction, once known
+        self.mark: tuple[object, object] | None = None  # this transaction's id and mark
 
     def run(self, work: Callable[[Session], T]) -> T:
         result = self.owner.wait(self.session.run_sync(work))
@@ -233,6 +262,7 @@ class _AsyncTransaction:
         if self.raw is None:
             connection = await session.connection()
             self.raw = (await connection.get_raw_connection()).driver_connection
+            self.mark = tuple((await connection.exec_driver_sql(XACT_MARK)).one())
         raw = self.raw
         opened = self.opened or sync.get_transaction()
         assert opened is not None
@@ -247,6 +277,10 @@ class _AsyncTransaction:
         finally:
             sync.handler_running = False
         _check(self.owner.cls, sync, opened, raw)
+        assert self.mark is not None
+        if not _marked(raw, self.mark):
+            now = await (await session.connection()).exec_driver_sql(XACT_ID_NOW)
+            _check_same(self.mark, now.scalar())
 
 
 class AsyncTransactions:

@@ -280,6 +280,23 @@ FROM moved
 RETURNING id
 """
 
+# Dead rows (of those named) the outbox table's header constraints refuse back.
+UNBUILDABLE_DEAD = """
+SELECT id FROM outbox_dead_events
+WHERE (%(all)s OR id = ANY(%(ids)s))
+  AND (cardinality(header_names) IS DISTINCT FROM cardinality(header_values)
+       OR array_position(header_names, NULL) IS NOT NULL)
+ORDER BY id
+"""
+
+# Dead rows (of those named) whose id or event id a row in the outbox has.
+CLASHING_DEAD = """
+SELECT d.id FROM outbox_dead_events d
+WHERE (%(all)s OR d.id = ANY(%(ids)s))
+  AND EXISTS (SELECT 1 FROM outbox_events e WHERE e.id = d.id OR e.event_id = d.event_id)
+ORDER BY d.id
+"""
+
 # One dead row whole, for ``outbox dead show``.
 SHOW_DEAD = """
 SELECT id, event_id, topic, shard, key, value, header_names, header_values, created_at,

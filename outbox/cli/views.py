@@ -12,9 +12,10 @@ import json
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from io import StringIO
+from itertools import zip_longest
 from typing import Any
 
 import psycopg
@@ -48,7 +49,8 @@ def _width() -> int:
 
 def _render(*tables: Table) -> str:
     buf = StringIO()
-    console = Console(file=buf, width=_width(), color_system=None)
+    # markup=False: topics and errors come from rows any writer made ("a[/b]" is no tag).
+    console = Console(file=buf, width=_width(), color_system=None, markup=False)
     for table in tables:
         console.print(table)
     return buf.getvalue()
@@ -209,7 +211,8 @@ def _bytes_field(raw: bytes | None, content_type: str | None) -> Row:
             pass
         else:
             if content_type == JSON:
-                text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+                with suppress(ValueError):  # labelled JSON but not JSON: shown as it is
+                    text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
             return {"encoding": "utf-8", "data": text}
     return {"encoding": "base64", "data": base64.b64encode(raw).decode()}
 
@@ -231,14 +234,20 @@ def read_dead_row(db: str, row_id: int, *, full: bool = False) -> Row:
         r = conn.execute(sql.SHOW_DEAD, {"id": row_id}).fetchone()
     if r is None:
         raise NotFound(f"no dead row with id {row_id}: `outbox dead list` shows the ids")
-    names = list(r["header_names"])  # type: ignore[call-overload]
-    values = list(r["header_values"])  # type: ignore[call-overload]
+    # A dead row may be one no record could be built from (unpaired header arrays, a NULL
+    # name or value, a content type that is not UTF-8): show it as it is, never fail on it.
+    names: list[str | None] = list(r["header_names"] or [])  # type: ignore[call-overload]
+    values: list[object] = list(r["header_values"] or [])  # type: ignore[call-overload]
+    pairs = list(zip_longest(names, values))
     headers = {
-        n: _shown(_bytes_field(bytes(v), None), len(v), full=full)["data"]
-        for n, v in zip(names, values, strict=True)
+        n: _shown(_bytes_field(_raw(v), None), _size(_raw(v)), full=full)["data"] for n, v in pairs
     }
     content_type = next(
-        (bytes(v).decode() for n, v in zip(names, values, strict=True) if n == CONTENT_TYPE_HEADER),
+        (
+            raw.decode(errors="replace")
+            for n, v in pairs
+            if n == CONTENT_TYPE_HEADER and (raw := _raw(v))
+        ),
         None,
     )
     value, key = r["value"], r["key"]
@@ -257,6 +266,11 @@ def read_dead_row(db: str, row_id: int, *, full: bool = False) -> Row:
         "attempts": r["attempts"],
         "error": r["error"],
     }
+
+
+def _raw(value: object) -> bytes | None:
+    """A bytea cell as bytes (NULL stays None)."""
+    return bytes(value) if isinstance(value, bytes | memoryview) else None
 
 
 def _size(raw: bytes | None) -> int | None:
@@ -295,10 +309,32 @@ def _locked(conn: psycopg.Connection[dict[str, object]], ids: list[int]) -> None
 def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
     """Put dead rows back in the outbox, all of the named ones or none."""
     with _session(db, "outbox-requeue") as conn:
-        with conn.transaction():
-            if not all_rows:
-                _locked(conn, ids)
-            moved = len(conn.execute(sql.REQUEUE_DEAD, {"all": all_rows, "ids": ids}).fetchall())
+        try:
+            with conn.transaction():
+                if not all_rows:
+                    _locked(conn, ids)
+                params = {"all": all_rows, "ids": ids}
+                moved = len(conn.execute(sql.REQUEUE_DEAD, params).fetchall())
+        except psycopg.errors.CheckViolation as exc:
+            # A row buried because no record can be built from it (I6): the table's
+            # constraints refuse it back as it is (its DETAIL, the row's data, is not shown).
+            bad = [r["id"] for r in conn.execute(sql.UNBUILDABLE_DEAD, params).fetchall()]
+            named = " ".join(map(str, bad)) or "ID"
+            raise ConfigError(
+                f"dead rows {named} cannot be re-queued: the outbox table refuses them "
+                f"({exc.diag.constraint_name}: no Kafka record can be built from them); fix "
+                f"their header_names/header_values with SQL, or `outbox dead discard {named}`"
+            ) from None
+        except psycopg.errors.UniqueViolation as exc:
+            # A dead row keeps its id (its order); after TRUNCATE ... RESTART IDENTITY a new
+            # row may have it, or the event was published again under its event id.
+            bad = [r["id"] for r in conn.execute(sql.CLASHING_DEAD, params).fetchall()]
+            named = " ".join(map(str, bad)) or "ID"
+            raise ConfigError(
+                f"dead rows {named} cannot be re-queued: rows in the outbox have their id or "
+                f"event id ({exc.diag.constraint_name}); let the relay publish those first, "
+                f"or `outbox dead discard {named}`"
+            ) from None
         if moved:
             conn.execute(sql.WAKE_ALL_SLOTS)  # a relay publishes them now, not at its next poll
         return moved

@@ -68,6 +68,9 @@ REPLICA_LAG_TIME_MAX_MS = 30000
 """The broker default that request.timeout.ms should exceed."""
 TRANSACTION_MAX_TIMEOUT_MS = 900000
 """The broker default transaction.max.timeout.ms: a longer transaction.timeout.ms is refused."""
+MAX_TAKEOVER_TIMEOUT = 86_400.0
+"""The longest --takeover-timeout: its TCP keepalive idle time (a third of it) stays under
+Linux's 32767 s and its milliseconds under PostgreSQL's int limit."""
 
 # Owned by the relay: a user value would break slot fencing or ordering.
 _RELAY_OWNED = {
@@ -357,10 +360,11 @@ class RelayConfig:
             )
         if self.batch_bytes < 1:
             raise ConfigError(f"--batch-bytes={self.batch_bytes} must be a positive byte count")
-        if self.takeover_timeout < 1:
+        if not 1 <= self.takeover_timeout <= MAX_TAKEOVER_TIMEOUT:  # NaN included
             raise ConfigError(
-                f"--takeover-timeout={self.takeover_timeout:g} must be at least 1 second (the "
-                "server ends a relay's sessions after this much silence)"
+                f"--takeover-timeout={self.takeover_timeout:g} must be between 1 and "
+                f"{MAX_TAKEOVER_TIMEOUT:g} seconds (the server ends a relay's sessions after "
+                "this much silence)"
             )
         if not 0 <= self.delivery_retention <= 3650:
             raise ConfigError(

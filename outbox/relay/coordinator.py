@@ -38,7 +38,7 @@ from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.fences import FOREIGN_FENCE_WINDOW, FenceAlarm
 from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
-from outbox.relay.sessions import client_settings, server_settings
+from outbox.relay.sessions import client_settings, heartbeat_interval, server_settings
 from outbox.relay.worker import (
     GUARD_NAMESPACE,
     SLOT_NAMESPACE,
@@ -553,7 +553,9 @@ class Relay:
             if self.config.once:
                 self._finish_once()
                 return
-            self._changed.wait(jittered(1.0))
+            # Often enough that the server never ends the control session (its
+            # announcements) for silence, however short --takeover-timeout (I12).
+            self._changed.wait(jittered(min(1.0, heartbeat_interval(self.config.takeover_timeout))))
             self._changed.clear()
 
     def _finish_once(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -64,3 +64,93 @@ def test_dead_show_cuts_a_large_value_to_a_few_kb_unless_full(
     )
     assert full_json["value"]["data"] == value
     assert full_json["value"]["cut"] is False
+
+
+def _insert_raw(engine: Engine, topic: str, names: str, values: str, value: bytes) -> None:
+    """A row as another writer (a SQL backfill, an old table) would insert it."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO outbox_events "
+                "(event_id, topic, shard, key, value, header_names, header_values) "
+                f"VALUES (gen_random_uuid(), :topic, 0, 'k', :value, {names}, {values})"
+            ),
+            {"topic": topic, "value": value},
+        )
+
+
+def test_i6_dead_show_prints_every_row_the_relay_buries_whatever_its_headers_and_value(
+    engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
+) -> None:
+    with engine.begin() as conn:  # an outbox table from before the header constraints
+        for name in ("outbox_events_headers_paired", "outbox_events_headers_named"):
+            conn.execute(text(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}"))
+    json_header = "ARRAY['content-type']::text[]"
+    _insert_raw(engine, topic, "ARRAY['a', 'b']::text[]", "ARRAY['\\x01'::bytea]", b"unpaired")
+    _insert_raw(engine, topic, "ARRAY[NULL]::text[]", "ARRAY['\\x02'::bytea]", b"no name")
+    _insert_raw(  # too large for the relay, labelled JSON but not JSON
+        engine, topic, json_header, "ARRAY['application/json'::bytea]", b"{not json" * 500
+    )
+    _insert_raw(  # too large, its content type not UTF-8
+        engine, topic, json_header, "ARRAY['\\xff'::bytea]", b"\xfe" * 5000
+    )
+    drain(producer_overrides=SMALL, batch_size=50)
+    rows = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
+    assert len(rows) == 4
+    for row in rows:
+        row_id = str(row["id"])
+        shown = _outbox("dead", "show", row_id, "--db", database_url)
+        assert row["error"].split()[0] in shown
+        as_json = json.loads(_outbox("dead", "show", row_id, "--db", database_url, "--json"))
+        assert as_json["id"] == row["id"]
+        assert as_json["value"]["bytes"] > 0
+
+
+def test_i6_requeueing_a_row_no_record_can_be_built_from_is_refused_in_one_line(
+    engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
+) -> None:
+    constraints = ("outbox_events_headers_paired", "outbox_events_headers_named")
+    with engine.begin() as conn:  # an outbox table from before the header constraints
+        for name in constraints:
+            conn.execute(text(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}"))
+    _insert_raw(engine, topic, "ARRAY['a', 'b']::text[]", "ARRAY['\\x01'::bytea]", b"unpaired")
+    drain()
+    with engine.begin() as conn:  # the migration adds them back, for new rows
+        conn.execute(
+            text(
+                "ALTER TABLE outbox_events ADD CONSTRAINT outbox_events_headers_paired "
+                "CHECK (cardinality(header_names) = cardinality(header_values)) NOT VALID"
+            )
+        )
+    [row] = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
+    result = CliRunner().invoke(app, ["dead", "requeue", str(row["id"]), "--db", database_url])
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    message = result.output.strip()
+    assert "\n" not in message
+    assert str(row["id"]) in message
+    assert "discard" in message
+    assert "unpaired" not in message  # the row's data stays out of the error
+    assert json.loads(_outbox("dead", "list", "--db", database_url, "--json")) == [row]
+
+
+def test_i6_requeueing_a_dead_row_whose_id_a_new_row_has_is_refused_in_one_line(
+    engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
+) -> None:
+    """After TRUNCATE ... RESTART IDENTITY a new row can have a dead row's id: re-queueing that
+    dead row (it keeps its id, hence its order) is refused, naming the row, and nothing moves."""
+    with Session(engine) as session, session.begin():
+        publish(session, topic=topic, key="k", value=b"x" * 5000)
+    drain(producer_overrides=SMALL, batch_size=50)
+    [row] = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE outbox_events RESTART IDENTITY"))
+    with Session(engine) as session, session.begin():
+        publish(session, topic=topic, key="k", value="a new event with the dead row's id")
+    result = CliRunner().invoke(app, ["dead", "requeue", "--all", "--db", database_url])
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    message = result.output.strip()
+    assert "\n" not in message
+    assert str(row["id"]) in message
+    assert json.loads(_outbox("dead", "list", "--db", database_url, "--json")) == [row]

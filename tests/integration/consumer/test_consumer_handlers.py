@@ -713,3 +713,82 @@ def test_i11_a_commit_sent_as_sql_never_lets_an_earlier_duplicate_be_applied_aga
     )
     running.stop()
     assert _effects(env.engine)[str(done)] == 1
+
+
+class CommitsThenWorks(Projector):
+    """On ``bad``: a COMMIT sent as SQL, then more statements (psycopg opens a new
+    transaction for them, so the connection looks in a transaction again)."""
+
+    bad: ClassVar[str] = ""
+
+    def handle(self, session: Session, event: Event) -> None:
+        if event.id == type(self).bad:
+            session.execute(INSERT_EFFECT, {"event_id": event.id, "consumer": "commits"})
+            session.execute(text("COMMIT"))
+            session.execute(text("SELECT 1"))
+            return
+        super().handle(session, event)
+
+
+def test_i11_a_commit_sent_as_sql_then_more_work_never_loses_the_records_after_it(
+    env: Fixture, drain: Callable[..., Any], start_consumer: Callable[..., Running]
+) -> None:
+    """The records after the handler that ended the transaction are applied once each, even
+    when a later handler fails and the batch is redone."""
+    ids = _publish(env.engine, env.topic, [{"n": i} for i in range(6)])
+    drain()
+    bad, flaky = ids[2], ids[4]
+    failed: list[str] = []
+
+    def fail_once(event: Event) -> Exception | None:
+        if event.id == flaky and not failed:
+            failed.append(event.id)
+            return ValueError("a transient fault of this record")
+        return None
+
+    cls = type("CommitsThenWorksHere", (CommitsThenWorks,), {"bad": bad})
+    running = start_consumer(cls, batch_size=100, fail=fail_once)
+    wait_for(
+        lambda: (
+            all(_effects(env.engine)[i] == 1 for i in ids if i != bad)
+            and running.stats.dead_lettered == 1
+        ),
+        timeout=60,
+        what="every other record applied once, the one that ended its transaction dead-lettered",
+    )
+    running.stop()
+    effects = _effects(env.engine)
+    assert [effects[i] for i in ids if i != bad] == [1] * 5
+    messages = _dead_letter_header(env.engine, "dlt-error-message")
+    assert [m for m in messages if "ended the transaction itself" in m]
+
+
+def test_i11_deliver_reports_a_commit_sent_as_sql_then_more_work_sync_and_async(
+    env: Fixture, database_url: str
+) -> None:
+    class Sync(IdempotentConsumer):
+        topics: ClassVar[list[str]] = ["t"]
+        group_id = "g"
+
+        def handle(self, session: Session, event: Event) -> None:
+            session.execute(text("COMMIT"))
+            session.execute(text("SELECT 1"))
+
+    class Async(IdempotentConsumer):
+        topics: ClassVar[list[str]] = ["t"]
+        group_id = "g-async"
+
+        async def handle(self, session: AsyncSession, event: Event) -> None:
+            await session.execute(text("COMMIT"))
+            await session.execute(text("SELECT 1"))
+
+    with pytest.raises(TransactionMisuse, match="ended the transaction itself"):
+        deliver(consumer_for_tests(Sync, env.engine), record("t", {"n": 1}))
+    engine = create_async_engine(database_url)
+    try:
+        projector = consumer_for_tests(Async, engine)
+        with pytest.raises(TransactionMisuse, match="ended the transaction itself"):
+            deliver(projector, record("t", {"n": 2}))
+        projector.close()
+    finally:
+        asyncio.run(engine.dispose())

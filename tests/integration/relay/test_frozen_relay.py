@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -198,3 +199,103 @@ def test_i12_readyz_fails_while_the_database_does_not_answer_and_recovers_after(
         handle.stop()
     finally:
         link.close()
+
+
+def _in_batch(conn: psycopg.Connection[Any], pid: int) -> bool:
+    """Whether one of the relay's slot sessions is inside a batch's database transaction (its
+    rows deleted, its Kafka transaction not yet committed)."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
+        "AND state = 'idle in transaction'",
+        (f"outbox-relay:{pid}:slot-%",),
+    ).fetchone()
+    return row is not None and int(row[0]) > 0
+
+
+def test_i12_a_relay_frozen_mid_batch_is_fenced_and_nothing_is_published_twice_or_lost(
+    engine: Engine,
+    database_url: str,
+    topic: str,
+    broker: Broker,
+    relays: Callable[[], subprocess.Popen[bytes]],
+    kafka: KafkaReader,
+) -> None:
+    """Frozen between deleting its batch's rows and committing their Kafka transaction: the
+    server rolls the delete back, the other relay takes the slot (fencing the frozen
+    producer), and when it wakes its commit fails; every event is read once."""
+    a = relays()
+    wait_for(lambda: _owners(database_url)[a.pid] == 2, timeout=60, what="a owns both slots")
+    b = relays()
+    wait_for(
+        lambda: _owners(database_url) == Counter({a.pid: 1, b.pid: 1}),
+        timeout=60,
+        what="the relays split the slots",
+    )
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def publisher() -> None:
+        n = 0
+        while not stop.is_set():
+            ids.extend(_publish(engine, topic, 5, f"p{n}"))
+            n += 1
+
+    thread = threading.Thread(target=publisher, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        frozen = False
+        with psycopg.connect(_libpq(database_url), autocommit=True) as watch:
+            while not frozen:
+                assert time.monotonic() < deadline, "the relay was never caught mid-batch"
+                if not _in_batch(watch, a.pid):
+                    continue
+                os.kill(a.pid, signal.SIGSTOP)
+                frozen = _in_batch(watch, a.pid)  # still inside it, now that it is stopped
+                if not frozen:
+                    os.kill(a.pid, signal.SIGCONT)
+        wait_for(
+            lambda: _owners(database_url) == Counter({b.pid: 2}),
+            timeout=60,
+            what="b takes the frozen relay's slot",
+        )
+        os.kill(a.pid, signal.SIGCONT)
+        wait_for(
+            lambda: _owners(database_url) == Counter({a.pid: 1, b.pid: 1}),
+            timeout=60,
+            what="the woken relay takes its share again",
+        )
+    finally:
+        stop.set()
+        thread.join(30)
+    wait_for(lambda: _pending(engine) == 0, timeout=60, what="both relays publish everything")
+    assert a.poll() is None, "the woken relay exited"
+    assert_exactly_once(kafka.read(topic, len(ids)), ids)
+
+
+def _control_backend(database_url: str, name: str) -> int | None:
+    with psycopg.connect(_libpq(database_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,)
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_i12_a_live_relay_keeps_its_control_session_at_the_shortest_takeover_timeout(
+    database_url: str, start_relay: Callable[..., RelayHandle]
+) -> None:
+    """At --takeover-timeout=1 the coordinator still speaks often enough that the server
+    never ends its control session (which holds the relay's announcements) while it runs."""
+    handle = start_relay(slots=2, takeover_timeout=1.0)
+    wait_for(lambda: len(handle.relay.workers) == 2, timeout=60, what="the relay owns its slots")
+    name = handle.relay.name
+    first = _control_backend(database_url, name)
+    assert first is not None
+    watched_until = time.monotonic() + 6  # six takeover timeouts
+    wait_for(
+        lambda: _control_backend(database_url, name) != first or time.monotonic() > watched_until,
+        timeout=30,
+        what="six takeover timeouts to pass",
+    )
+    assert _control_backend(database_url, name) == first, "the server ended the control session"
+    handle.stop()

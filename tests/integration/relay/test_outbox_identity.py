@@ -25,7 +25,7 @@ from outbox.errors import ConfigError
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for, slot_of_shard
 from outbox.relay import Relay, SlotWorker
-from outbox.relay.config import RelayConfig
+from outbox.relay.config import Guarantee, RelayConfig
 from outbox.relay.marker import Marker
 from outbox.schema import VERSION_TABLE, metadata
 from tests.conftest import RelayHandle, Services, create_database, drop_database
@@ -460,3 +460,31 @@ def test_i4_the_first_relay_of_a_new_outbox_still_recovers_the_batches_it_wrote(
     assert crashed
     assert handle.relay.stats.recovered == 40
     assert _on_topic(kafka, topic, 40) == Counter(ids)  # each exactly once
+
+
+def test_i9_another_outbox_with_its_own_settings_never_refuses_one_with_defaults(
+    two: Two, kafka: KafkaReader, make_topic: Callable[..., str]
+) -> None:
+    """The settings relays of one outbox announce to each other are per outbox: a service
+    whose relay uses another guarantee, prefix, state topic and slot count does not stop
+    another service's relay with default settings on the same server and cluster."""
+    topic_b = make_topic()
+    custom = _config(
+        two.a_url,
+        two.bootstrap_servers,
+        slots=3,
+        guarantee=Guarantee.AT_LEAST_ONCE,
+        transactional_id_prefix=f"custom-{uuid.uuid4().hex[:6]}",
+        state_topic=f"custom.state-{uuid.uuid4().hex[:6]}",
+    )
+    with contextlib.ExitStack() as running:
+        a = running.enter_context(RelayHandle(Relay(custom)))
+        wait_for(lambda: len(a.relay.workers) == 3, what="the custom relay owns its slots")
+        b = running.enter_context(RelayHandle(Relay(_config(two.b_url, two.bootstrap_servers))))
+        wait_for(lambda: len(b.relay.workers) == 2, what="the default relay owns its slots")
+        ids_b = _publish_many(two.b, topic_b, 50)
+        wait_for(lambda: _pending(two.b) == 0, timeout=60, what="the default outbox drained")
+        assert a.thread.is_alive()
+        assert b.thread.is_alive()
+    assert [h.relay.stats.fenced for h in (a, b)] == [0, 0]
+    assert _on_topic(kafka, topic_b, 50) == Counter(ids_b)

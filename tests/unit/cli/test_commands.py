@@ -147,3 +147,33 @@ def test_the_cli_imports_nothing_private_of_typer() -> None:
 
     for source in Path(outbox.cli.__file__).parent.glob("*.py"):
         assert "typer._click" not in source.read_text(), source
+
+
+@pytest.mark.parametrize("topic", ["a[/b]", "t[bold]x", "[red]"])
+def test_i6_dead_list_and_status_print_any_topic_a_sql_writer_stored_verbatim(topic: str) -> None:
+    """Topic names and errors come from rows another writer made: never read as markup."""
+    from outbox.cli.views import render_dead, render_status
+
+    dead = render_dead(
+        [
+            {
+                "id": 1,
+                "topic": topic,
+                "value_bytes": 3,
+                "attempts": 1,
+                "failed_at": None,
+                "error": f"TOPIC_EXCEPTION [/x] {topic}",
+            }
+        ]
+    )
+    assert topic in dead
+    assert "[/x]" in dead
+    status = render_status(
+        {
+            "outbox_id": None,
+            "pending": [{"topic": topic, "pending": 1, "oldest_age_s": 0.5}],
+            "slots": [],
+            "dead_rows": 0,
+        }
+    )
+    assert topic in status

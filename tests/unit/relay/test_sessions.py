@@ -44,5 +44,22 @@ def test_i12_client_keepalives_leave_the_dsns_own_values_alone() -> None:
 
 
 def test_i8_a_takeover_timeout_below_one_second_is_refused_naming_the_setting() -> None:
-    with pytest.raises(ValueError, match=r"--takeover-timeout=0\.5 must be at least 1 second"):
+    with pytest.raises(ValueError, match=r"--takeover-timeout=0\.5 must be between 1 and 86400"):
         RelayConfig(dsn="postgresql://u@h/db", bootstrap_servers="b:9092", takeover_timeout=0.5)
+
+
+@pytest.mark.parametrize("takeover", [float("nan"), float("inf"), 1e9, 86_401.0])
+def test_i8_a_takeover_timeout_no_server_or_kernel_can_apply_is_refused_naming_the_setting(
+    takeover: float,
+) -> None:
+    with pytest.raises(ValueError, match=r"--takeover-timeout=\S+ must be between 1 and 86400"):
+        RelayConfig(
+            dsn="postgresql://u@h/db", bootstrap_servers="b:9092", takeover_timeout=takeover
+        )
+
+
+def test_i12_the_longest_takeover_timeout_gives_settings_the_server_and_kernel_accept() -> None:
+    settings = server_settings(86_400.0)
+    assert int(settings["idle_session_timeout"]) <= 2**31 - 1  # PostgreSQL's int limit
+    assert int(settings["tcp_keepalives_idle"]) <= 32_767  # Linux's TCP_KEEPIDLE limit
+    assert int(client_settings(86_400.0, {})["keepalives_idle"]) <= 32_767
