@@ -18,9 +18,15 @@ TANSU_FETCH: Mapping[str, str] = {"fetch.wait.max.ms": "5"}
 soon as a record arrives: without this every record waits for Tansu's long poll."""
 
 
+NEW_TOPICS: Mapping[str, str] = {"topic.metadata.refresh.interval.ms": "1000"}
+"""A consumer started before its topic exists (the usual order in development: no event
+published yet) sees the topic within a second of its first record, not after librdkafka's
+5-minute metadata refresh."""
+
+
 def consumer_settings(*, tansu: bool) -> dict[str, str]:
     """The librdkafka consumer settings for a group on these servers."""
-    return {**QUICK_JOIN, **(TANSU_FETCH if tansu else {})}
+    return {**QUICK_JOIN, **NEW_TOPICS, **(TANSU_FETCH if tansu else {})}
 
 
 def write_settings_file(path: Path, settings: Mapping[str, str]) -> Path:
