@@ -76,6 +76,11 @@ SWALLOWED = (
     "every statement after it and COMMIT becomes ROLLBACK); wrap statements that may fail in "
     "session.begin_nested() (a savepoint), or let the error propagate"
 )
+LEFT_TASKS = (
+    "handle() left {n} task running (asyncio.create_task without await; cancelled): it would "
+    "have run inside a later record's transaction or after this one ended; await it before "
+    "returning (asyncio.TaskGroup), or give background work its own session"
+)
 ENDED = (
     "handle() ended the transaction itself (COMMIT or ROLLBACK sent as SQL): the runner's "
     "transaction is no longer open; never end it from the handler"
@@ -266,21 +271,37 @@ class _AsyncTransaction:
         raw = self.raw
         opened = self.opened or sync.get_transaction()
         assert opened is not None
+        before = asyncio.all_tasks()
+        left = 0
         sync.handler_running = True
         try:
-            await self.owner.handler(session, event)
+            try:
+                await self.owner.handler(session, event)
+            finally:
+                left = await _cancel_tasks_left(before)
+                sync.handler_running = False
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # cancelled from outside: not the handler's doing
             raise HandlerCancelled("handle() was cancelled from inside (a timeout?)") from exc
-        finally:
-            sync.handler_running = False
+        if left:
+            raise TransactionMisuse(LEFT_TASKS.format(n=left))
         _check(self.owner.cls, sync, opened, raw)
         assert self.mark is not None
         if not _marked(raw, self.mark):
             now = await (await session.connection()).exec_driver_sql(XACT_ID_NOW)
             _check_same(self.mark, now.scalar())
+
+
+async def _cancel_tasks_left(before: set[asyncio.Task[Any]]) -> int:
+    """Cancel the tasks a handler started and did not await: the session they hold is the
+    runner's, valid only while handle() runs. Returns how many were still running."""
+    left = [t for t in asyncio.all_tasks() - before if not t.done()]
+    for task in left:
+        task.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
+    return len(left)
 
 
 class AsyncTransactions:

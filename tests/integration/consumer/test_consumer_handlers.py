@@ -499,6 +499,48 @@ def test_i11_a_swallowed_integrity_error_in_an_async_handler_is_dead_lettered_al
     assert _effects(env.engine) == {i: 1 for i in ids if i != ids[1]}
 
 
+class LeavesATaskRunning(AsyncProjector):
+    """On one event, starts a task that writes through the session and returns without
+    awaiting it (fire and forget): the task would run inside a later record's transaction."""
+
+    bad: ClassVar[str] = ""
+
+    async def handle(self, session: AsyncSession, event: Event) -> None:
+        if event.id == type(self).bad:
+            self.calls[event.id] += 1
+
+            async def later() -> None:
+                await asyncio.sleep(0.05)
+                await session.execute(INSERT_EFFECT, {"event_id": event.id, "consumer": "stray"})
+
+            self.stray = asyncio.get_running_loop().create_task(later())
+            return
+        await super().handle(session, event)
+
+
+def test_i11_an_async_handler_leaving_a_task_running_is_dead_lettered_alone(
+    env: Fixture, drain: Callable[..., Any], start_consumer: Callable[..., Running]
+) -> None:
+    ids = _publish(env.engine, env.topic, [{"n": i} for i in range(5)])
+    drain()
+    cls = type("LeavesATaskRunning_", (LeavesATaskRunning,), {"bad": ids[1]})
+    running = start_consumer(cls, batch_size=100, retry=ONE_TRY)
+    wait_for(
+        lambda: running.stats.applied == 4 and running.stats.dead_lettered == 1,
+        timeout=60,
+        what="4 applied, the one that left a task running dead-lettered",
+    )
+    stats = running.stop()
+    assert stats.duplicates == 0
+    assert _effects(env.engine) == {i: 1 for i in ids if i != ids[1]}  # the stray wrote nothing
+    assert running.consumer.stray.cancelled()
+    assert [
+        m
+        for m in _dead_letter_header(env.engine, "dlt-error-message")
+        if "left 1 task running" in m
+    ]
+
+
 class Abort(BaseException):
     """A library's BaseException subclass (like gevent's or a test framework's)."""
 
