@@ -407,17 +407,14 @@ class Relay:
                 want = target_share(self.config.slots, members, self.config.max_slots)
                 if self._try_take(slot) and len(self.workers) >= want:
                     break
-            if self.config.once:
-                self._finish_once()
+            if self.config.once:  # drain the owned slots, then end
+                for worker in list(self.workers.values()):
+                    worker.join()
                 return
             # Often enough that the server never ends the control session (its
             # announcements) for silence, however short --takeover-timeout (I12).
             self._changed.wait(jittered(min(1.0, heartbeat_interval(self.config.takeover_timeout))))
             self._changed.clear()
-
-    def _finish_once(self) -> None:
-        for worker in list(self.workers.values()):
-            worker.join()
 
     def _try_take(self, slot: int) -> bool:
         try:
