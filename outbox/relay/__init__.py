@@ -1,7 +1,12 @@
 """The relay daemon: moves committed outbox rows to Kafka, exactly once per slot.
 
-- ``coordinator``: ``Relay``, which owns the slots (advisory locks), the LISTEN session and the
-  recovery of each slot before its worker starts;
+- ``coordinator``: ``Relay``, which coordinates: lifecycle, the slots it owns (advisory locks),
+  their workers, health;
+- ``layout``: the outbox identity and the slot layout the relays of one outbox agree on;
+- ``marker_reader``: reads a slot's last recovery marker back (``MarkerReader``);
+- ``kafka_probe``: Kafka at start (settings, reachability, state topic);
+- ``database``: the relay's PostgreSQL sessions (``ControlSession``, ``Connector``);
+- ``listen``: NOTIFY wake-ups; ``backoff``: the one retry delay rule;
 - ``worker``: ``SlotWorker``, one thread per slot: claim, produce, commit, delete; it is handed a
   ``SlotContext``, not its coordinator;
 - ``batching``: pure decisions (fair share, claim-ahead, poll backoff);
@@ -18,12 +23,10 @@ from outbox.relay.config import (
     Profile,
     RelayConfig,
 )
-from outbox.relay.coordinator import (
-    COUNT_NAMESPACE,
-    MARKER_READ_TIMEOUT,
-    Relay,
-    notified_slot,
-)
+from outbox.relay.coordinator import Relay
+from outbox.relay.layout import COUNT_NAMESPACE
+from outbox.relay.listen import notified_slot
+from outbox.relay.marker_reader import MARKER_READ_TIMEOUT
 from outbox.relay.worker import (
     GUARD_NAMESPACE,
     HEADER_ALLOWANCE,

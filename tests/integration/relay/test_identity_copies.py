@@ -25,9 +25,10 @@ from outbox import publish, sql
 from outbox.cli.views import renew_identity
 from outbox.db import connect
 from outbox.errors import ConfigError, SlotLost
-from outbox.relay import GUARD_NAMESPACE, SLOT_NAMESPACE, Relay, Row, SlotWorker
+from outbox.relay import GUARD_NAMESPACE, SLOT_NAMESPACE, Relay, RelayStats, Row, SlotWorker
 from outbox.relay.config import RelayConfig
 from outbox.relay.fences import RENEW_IDENTITY_SQL, ForeignFence
+from outbox.relay.layout import SlotLayout
 from tests.conftest import RelayHandle, Services, create_database, drop_database
 from tests.support import KafkaReader, wait_for
 
@@ -282,7 +283,7 @@ def test_i9_a_fence_after_the_slot_was_lost_in_this_database_is_a_takeover(
 def test_i9_a_fence_by_a_slot_count_change_of_this_database_is_not_foreign(
     slot_worker: SlotWorker, database_url: str
 ) -> None:
-    """``_settle_layout`` fences the old layout's slots under the guard lock, then records
+    """Settling a slot-count change fences the old layout's slots under the guard lock, then records
     the new count: neither moment reads as a fence from outside."""
     with psycopg.connect(_libpq(database_url)) as settling:
         settling.execute(sql.GUARD_SLOT_COUNT, {"namespace": GUARD_NAMESPACE})
@@ -303,13 +304,16 @@ def test_i9_a_relay_that_read_the_identity_before_a_renew_stops_at_its_start_up_
     """`outbox identity renew` sees no relay that has read the identity but holds no lock yet
     (it waits for Kafka). Its start-up check, serialised with renew by the same lock, stops
     it instead of letting it run under the old identity's transactional ids."""
-    relay = Relay(default_config(database_url))
-    relay._control = connect(database_url, application_name="outbox-relay")
+    refused: list[BaseException] = []
+    settled: list[int] = []
+    layout = SlotLayout(default_config(database_url), stats=RelayStats(), refuse=refused.append)
+    control = connect(database_url, application_name="outbox-relay")
     try:
-        relay.outbox_id = relay._load_identity()
+        layout.load_identity(control)
         old, new = renew_identity(database_url)  # while the relay waits for Kafka
-        assert uuid.UUID(old) == relay.outbox_id
+        assert uuid.UUID(old) == layout.outbox_id
         with pytest.raises(ConfigError, match=f"identity changed from {old} to {new}"):
-            relay._announce_slot_count()
+            layout.announce(control, settle=settled.append)
+        assert not settled, "a layout was settled under the old identity"
     finally:
-        relay._control.close()
+        control.close()

@@ -27,6 +27,7 @@ from outbox.partitioner import shard_for, slot_of_shard
 from outbox.relay import Relay, SlotWorker
 from outbox.relay.config import Guarantee, RelayConfig
 from outbox.relay.marker import Marker
+from outbox.relay.marker_reader import KafkaMarkerReader, kafka_consumers
 from outbox.schema import VERSION_TABLE, metadata
 from tests.conftest import RelayHandle, Services, create_database, drop_database
 from tests.support import KafkaReader, wait_for
@@ -208,7 +209,7 @@ def test_i9_a_restored_database_loses_nothing_to_a_marker_naming_its_reused_ids(
 
 
 def _ensure_state_topic(bootstrap_servers: str, database_url: str) -> None:
-    Relay(_config(database_url, bootstrap_servers))._ensure_state_topic()
+    Relay(_config(database_url, bootstrap_servers)).kafka.ensure_state_topic(STATE_TOPIC)
 
 
 def _forged(kind: str, outbox_id: uuid.UUID, tid: str) -> bytes:
@@ -415,10 +416,11 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
     """Another producer's open transaction in the state partition holds read_committed
     readers back below the slot's last marker: the takeover waits (and retries) instead
     of settling for the older marker and publishing the last batch twice."""
-    monkeypatch.setattr("outbox.relay.coordinator.MARKER_READ_TIMEOUT", 1.0)
     prefix = f"lso-{uuid.uuid4().hex[:6]}"
     config = _config(database_url, bootstrap_servers, slots=1, transactional_id_prefix=prefix)
-    with RelayHandle(Relay(config)) as handle:
+    consumers = kafka_consumers(config.producer_plan().connection, lambda: f"{prefix}-markers")
+    markers = KafkaMarkerReader(config.state_topic, consumers, timeout=1.0)
+    with RelayHandle(Relay(config, markers=markers)) as handle:
         intruder = Producer(
             {"bootstrap.servers": bootstrap_servers, "transactional.id": f"intruder-{prefix}"}
         )

@@ -17,15 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, Message, TopicPartition
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from outbox import configure, publish, sql
 from outbox.embedded import EmbeddedBroker
-from outbox.errors import TransientError
-from outbox.relay import Relay, Row, SlotWorker, coordinator, worker
-from outbox.relay.config import Guarantee
+from outbox.relay import Relay, Row, SlotWorker, coordinator, kafka_probe, marker_reader, worker
+from outbox.relay.config import Guarantee, RelayConfig
+from outbox.relay.marker_reader import KafkaMarkerReader, MarkerConsumer, kafka_consumers
 from tests.conftest import Broker, RelayHandle
 from tests.integration.relay.test_relay import proxied_broker  # noqa: F401 - a shared fixture
 from tests.support import KafkaReader, TcpProxy, assert_exactly_once, wait_for
@@ -253,7 +253,8 @@ def test_every_kafka_client_of_the_relay_gets_the_connection_settings(
 
         return make
 
-    for module in (coordinator, worker):  # every module of the relay that makes a client
+    # every module of the relay that makes a client
+    for module in (coordinator, worker, kafka_probe, marker_reader):
         for name in ("Producer", "AdminClient", "Consumer"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
@@ -436,26 +437,61 @@ def test_i4_a_failed_marker_read_is_retried_with_new_kafka_clients(
     topic: str,
     kafka: KafkaReader,
     drain: Callable[..., Relay],
-    monkeypatch: pytest.MonkeyPatch,
+    relay_config: Callable[..., RelayConfig],
 ) -> None:
     """A marker reader stuck on stale metadata after a node restart (``_UNKNOWN_PARTITION`` on
     every retry, found by the chaos run on Apache Kafka) kept its slot from publishing."""
     ids = _publish(engine, topic, [f"a{i}" for i in range(5)])
     drain(slots=1)  # the slot's first marker: the next owner reads it
     ids += _publish(engine, topic, [f"b{i}" for i in range(10)])
-    real_scan = Relay._scan
-    used: list[Any] = []  # the clients themselves, so no id is reused
+    config = relay_config(once=True, slots=1)
+    real = kafka_consumers(
+        config.producer_plan().connection, lambda: f"{config.transactional_id_prefix}-markers"
+    )
+    used: list[_StaleOnce] = []  # the clients themselves, so no id is reused
 
-    def scan(self: Relay, consumer: Any, *args: Any) -> bytes | None:
-        if consumer is self._marker_consumer:  # the takeover's read_committed read
-            used.append(consumer)
-            if len(used) == 1:
-                raise TransientError("reading recovery marker: Local: Unknown partition")
-        return real_scan(self, consumer, *args)
+    def consumers(isolation: str) -> MarkerConsumer:
+        if isolation != "read_committed":  # the takeover's read is the read_committed one
+            return real(isolation)
+        return _StaleOnce(real(isolation), used)
 
-    monkeypatch.setattr(Relay, "_scan", scan)
-    drain(slots=1)
+    relay = Relay(config, markers=KafkaMarkerReader(config.state_topic, consumers))
+    relay.run()
     assert len(used) >= 2, "the marker was read once: the injected failure did not strike"
     assert all(c is not used[0] for c in used[1:]), "a retry read with the client that failed"
     assert _pending(engine) == 0
     assert_exactly_once(kafka.read(topic, len(ids)), ids)
+
+
+class _StaleOnce:
+    """A real marker consumer; the first one built answers its first read with the error a
+    client stuck on stale metadata returns (``_UNKNOWN_PARTITION``)."""
+
+    def __init__(self, real: MarkerConsumer, used: list[_StaleOnce]) -> None:
+        self.real = real
+        self.used = used
+        self.stale = not used
+
+    def assign(self, partitions: list[TopicPartition], /) -> None:
+        self.used.append(self)
+        self.real.assign(partitions)
+
+    def poll(self, timeout: float = -1, /) -> Message | None:
+        if self.stale:  # once: a retry with this client fails the test by its assertions
+            self.stale = False
+            return Message(offset=0, error=KafkaError(KafkaError._UNKNOWN_PARTITION))
+        return self.real.poll(timeout)
+
+    def unassign(self) -> None:
+        self.real.unassign()
+
+    def position(self, partitions: list[TopicPartition], /) -> list[TopicPartition]:
+        return self.real.position(partitions)
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, /, timeout: float = -1, cached: bool = False
+    ) -> tuple[int, int]:
+        return self.real.get_watermark_offsets(partition, timeout=timeout, cached=cached)
+
+    def close(self) -> None:
+        self.real.close()

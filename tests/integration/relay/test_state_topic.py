@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from outbox.relay import Relay
-from outbox.relay.coordinator import state_topic_replicas
+from outbox.relay.kafka_probe import state_topic_replicas
 
 
 @pytest.mark.parametrize(("brokers", "replicas"), [(1, 1), (2, 2), (3, 3), (5, 3)])
