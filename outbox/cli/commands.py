@@ -1,7 +1,7 @@
 """The ``outbox`` command. The only module that reads environment variables (shown in --help).
 
 Every failure ends in one line on stderr, ``error: <what is wrong>: <the fix>``,
-and one of the exit codes of ``ExitCode`` (listed in the README).
+and one of the exit codes of ``ExitCode`` (listed in docs/reference/cli.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 
 class ExitCode(IntEnum):
-    """What ``outbox`` exits with; the README's "Exit codes" lists the same."""
+    """What ``outbox`` exits with; "Exit codes" in docs/reference/cli.md lists the same."""
 
     OK = 0
     FAILED = 1
