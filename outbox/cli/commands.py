@@ -909,9 +909,17 @@ def dev(
     which makes `outbox consume` join in seconds), and keep them until SIGINT/SIGTERM. Data is
     deleted on exit. For development only."""
     from outbox.embedded import EmbeddedServiceError
-    from outbox.embedded.dev import dev_servers
+    from outbox.embedded.dev import dev_servers, port_in_use
 
     _setup_logging(log_level)
+    for option, port in (("--db-port", db_port), ("--broker-port", broker_port)):
+        if port is not None and port_in_use(port):
+            raise _fail(
+                ConfigError(
+                    f"{option} {port}: 127.0.0.1:{port} is in use by another process: pick "
+                    f"another port, or leave {option} out for a free one"
+                )
+            )
     stop = threading.Event()
     _stop_on_signals(stop)
     try:

@@ -7,8 +7,9 @@ A fresh virtualenv that downloads and installs every dependency takes minutes he
 measured on the shared 2-core machine), so the virtualenv is fresh but finds the dependencies in
 the test environment's site-packages (a ``.pth`` file); the tutorial's install line then installs
 kafka-outbox itself, built as a wheel from the checkout, and the tools it names, with
-``--no-deps --ignore-installed`` (never touching the test environment). What the user's code
-imports is that installed copy, not the checkout.
+``--no-deps --ignore-installed`` (never touching the test environment) and without a build
+environment of its own (the test environment's hatchling builds the wheel: 40 s instead of 58 s
+at a load of 27). What the user's code imports is that installed copy, not the checkout.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def _scratch_project(root: Path) -> Project:
         [
             *(sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python")),
             *("install", "-q", "--disable-pip-version-check", "--no-deps", "--ignore-installed"),
+            "--no-build-isolation",  # the test environment's hatchling builds the wheel
             *_install_arguments(),
             *("alembic", "uvicorn"),  # console scripts of dependencies the tutorial calls
         ],
