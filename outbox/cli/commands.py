@@ -1,7 +1,7 @@
 """The ``outbox`` command. The only module that reads environment variables (shown in --help).
 
 Every failure ends in one line on stderr, ``error: <what is wrong>: <the fix>``,
-and one of the exit codes of ``ExitCode`` (listed in the README).
+and one of the exit codes of ``ExitCode`` (listed in docs/reference/cli.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 
 class ExitCode(IntEnum):
-    """What ``outbox`` exits with; the README's "Exit codes" lists the same."""
+    """What ``outbox`` exits with; "Exit codes" in docs/reference/cli.md lists the same."""
 
     OK = 0
     FAILED = 1
@@ -909,9 +909,17 @@ def dev(
     which makes `outbox consume` join in seconds), and keep them until SIGINT/SIGTERM. Data is
     deleted on exit. For development only."""
     from outbox.embedded import EmbeddedServiceError
-    from outbox.embedded.dev import dev_servers
+    from outbox.embedded.dev import dev_servers, port_in_use
 
     _setup_logging(log_level)
+    for option, port in (("--db-port", db_port), ("--broker-port", broker_port)):
+        if port is not None and port_in_use(port):
+            raise _fail(
+                ConfigError(
+                    f"{option} {port}: 127.0.0.1:{port} is in use by another process: pick "
+                    f"another port, or leave {option} out for a free one"
+                )
+            )
     stop = threading.Event()
     _stop_on_signals(stop)
     try:

@@ -6,6 +6,7 @@ Never for production: the data lives in a temporary directory and is gone when i
 from __future__ import annotations
 
 import shlex
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,6 +37,18 @@ class DevServers:
     def assignments(self) -> list[str]:
         """``export NAME=value`` lines, quoted for ``eval``/``source`` in a POSIX shell."""
         return [f"export {name}={shlex.quote(value)}" for name, value in self.environment().items()]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether another process listens on ``host:port``, where a dev server would bind: checked
+    before starting anything, since Tansu reports a taken port only by a panic in its log."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @contextmanager

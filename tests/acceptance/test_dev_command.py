@@ -137,3 +137,32 @@ def test_dev_servers_serve_a_relay_and_a_consumer_that_joins_in_seconds_then_sto
         if dev.poll() is None:
             dev.kill()
             dev.wait()
+
+
+def test_i8_a_port_in_use_is_one_line_naming_the_option_and_the_fix() -> None:
+    """``--db-port`` / ``--broker-port`` on a port another process listens on: one short line
+    that names the option, the port and what to do, exit 2, before any server starts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for option in ("--broker-port", "--db-port"):
+            started = time.monotonic()
+            done = subprocess.run(
+                [OUTBOX, "dev", option, str(port)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            took = time.monotonic() - started
+            [line] = done.stderr.splitlines()
+            assert done.returncode == 2, (option, done.returncode, line)
+            assert line.startswith("error: ")
+            assert f"{option} {port}" in line, line
+            assert "in use" in line, line
+            assert f"leave {option} out" in line, line  # the fix
+            assert len(line) < 200, line
+            assert "panicked" not in line, line
+            assert "backtrace" not in line, line
+            assert took < 15, f"{option}: refused after {took:.1f} s (servers were started?)"

@@ -1,0 +1,2 @@
+pytest -q
+mypy
