@@ -38,6 +38,7 @@ from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.fences import FOREIGN_FENCE_WINDOW, FenceAlarm
 from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
+from outbox.relay.seams import Seams
 from outbox.relay.sessions import client_settings, heartbeat_interval, server_settings
 from outbox.relay.worker import (
     GUARD_NAMESPACE,
@@ -105,8 +106,15 @@ def notified_slot(payload: str, slots: int) -> int | None:
 class Relay:
     """One relay process: takes its fair share of slots and runs a worker per slot."""
 
-    def __init__(self, config: RelayConfig, *, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        stop: threading.Event | None = None,
+        seams: Seams | None = None,
+    ) -> None:
         self.config = config
+        self.seams = seams or Seams()  # how each slot makes its producer and DB session
         self.plan: ProducerPlan = config.producer_plan()
         self.stop = stop or threading.Event()
         self.stats = RelayStats()
@@ -293,6 +301,7 @@ class Relay:
             judge=self.judge,
             refuse=self.refuse,
             done=self.worker_done,
+            seams=self.seams,
         )
 
     def worker_done(self, worker: SlotWorker) -> None:
