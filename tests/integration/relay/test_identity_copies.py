@@ -208,7 +208,6 @@ def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
     topic: str,
     kafka: KafkaReader,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The first relay loses the slot in the database with a batch in hand; the second relay
     of the same database takes the slot, and its init_transactions fences the first one's

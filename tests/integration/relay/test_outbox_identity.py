@@ -345,7 +345,6 @@ def test_i4_a_slot_count_change_with_a_batch_in_flight_loses_and_duplicates_noth
     bootstrap_servers: str,
     topic: str,
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A 4-slot relay dies between slot 3's Kafka commit and its delete; the operator
     restarts with --slots=2, whose slots never use slot 3's transactional id."""
@@ -458,7 +457,6 @@ def test_i4_the_first_relay_of_a_new_outbox_still_recovers_the_batches_it_wrote(
     bootstrap_servers: str,
     topic: str,
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A new outbox's first relay skips reading markers (none exist under its new default
     ids) only until it wrote one: a slot it takes again recovers as always."""

@@ -210,7 +210,6 @@ def test_i4_crash_between_kafka_commit_and_delete_is_not_published_again(
     topic: str,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The recovery marker: the next owner deletes the rows instead of publishing them again."""
     crashed: list[int] = []
@@ -236,7 +235,6 @@ def test_i2_a_batch_leaves_the_outbox_only_after_its_kafka_commit(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The delete runs while the broker acknowledges the batch but commits after Kafka's."""
     pending_at_kafka_commit: list[int] = []
@@ -259,7 +257,6 @@ def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
     drain: Callable[..., Relay],
     kafka: KafkaReader,
     broker: Broker,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In a backlog the next batch is claimed while one is in flight; a failure drops it."""
     batches: list[int] = []

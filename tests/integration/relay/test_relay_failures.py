@@ -107,7 +107,6 @@ def test_a_slot_handed_over_while_retrying_stops_at_once(
     engine: Engine,
     topic: str,
     start_relay: Callable[..., RelayHandle],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Before the fix the interrupt stayed set: retries spun without backoff, never handed over."""
     seams = _inject(lambda producer, batch: dict.fromkeys(range(len(batch)), KafkaError._TRANSPORT))
@@ -128,7 +127,6 @@ def test_a_fatal_producer_error_builds_a_new_producer(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     producers: list[Any] = []  # kept alive, so their ids stay distinct
 
@@ -153,7 +151,6 @@ def test_i6_a_missing_topic_is_held_then_buried_while_the_other_topics_flow(
     topic: str,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
     guarantee: Guarantee,
 ) -> None:
     """A row for a topic that does not exist (auto-create off) was retried forever as
@@ -193,7 +190,6 @@ def test_i6_a_request_wide_refusal_buries_only_the_row_at_fault_in_key_order(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A topic's max.message.bytes below the producer's refuses the whole request: every row
     of it was buried as poison, innocent ones included."""
@@ -300,7 +296,6 @@ def test_i6_a_row_too_large_for_the_relay_is_buried_without_being_loaded(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     saved = configure().max_message_bytes
     configure(max_message_bytes=None)
