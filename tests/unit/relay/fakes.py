@@ -29,6 +29,8 @@ from outbox.relay.seams import Seams
 from outbox.relay.worker import RelayStats, SlotContext, SlotWorker
 
 TOPIC = "orders"
+RUNAWAY = 200
+"""Flushes after which a fake producer fails the worker (a loop that never ends)."""
 
 
 def row(i: int, *, topic: str = TOPIC, key: bytes | None = b"k", value: bytes = b"v") -> Row:
@@ -81,6 +83,9 @@ class FakeProducer:
         return 0
 
     def flush(self, timeout: float = -1) -> int:
+        self.broker.flushes += 1
+        if self.broker.flushes > RUNAWAY:
+            raise RuntimeError("the worker sent batch after batch: a retry loop that never ends")
         queued, self.queued = self.queued, []
         batch = [m for m, cb in queued if cb is not None]
         errors = self.broker.reports(batch) if self.broker.reports else {}
@@ -137,6 +142,7 @@ class Broker:
     sent: list[Message] = field(default_factory=list)  # in the open transaction
     aborts: list[float] = field(default_factory=list)  # abort_transaction timeouts
     begun: int = 0
+    flushes: int = 0
     reports: Callable[[list[Message]], dict[int, KafkaError]] | None = None
     fail: dict[str, list[KafkaError | None]] = field(default_factory=dict)  # method -> errors
     producers: list[FakeProducer] = field(default_factory=list)

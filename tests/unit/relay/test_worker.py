@@ -96,6 +96,7 @@ def test_i6_a_request_wide_refusal_narrows_to_one_row_per_batch_and_buries_only_
     markers = [list(Marker.decode(m.value or b"").ids) for m in broker.log if m.topic != TOPIC]
     assert markers[:2] == [[1], [2]]  # one per batch up to the last refused row (4) ...
     assert markers[-1] == [5, 6]  # ... then full batches again
+    assert not worker.failed
 
 
 def test_i6_a_missing_topic_is_held_while_the_others_flow_then_buried() -> None:
