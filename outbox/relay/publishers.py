@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,7 +72,7 @@ class Slot(Protocol):
     session: SlotSession
     holds: TopicHolds
     span: TransactionSpan
-    outbox_id: Any
+    outbox_id: uuid.UUID
     wrote_marker: set[int]
     ahead: list[Row]
     needs_recovery: bool
