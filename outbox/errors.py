@@ -30,6 +30,16 @@ class TransientError(OutboxError):
     """A failure worth retrying with backoff: broker down, leader change, DB restart."""
 
 
+class DatabaseRefused(TransientError):
+    """The database refused a statement on a live session (read-only, a revoked privilege, a
+    trigger that raises): the relay retries with backoff and keeps its slot (I12)."""
+
+
+class BatchRollback(OutboxError):
+    """Raised inside a relay batch's database transaction to end it without a commit: its
+    rows stay in the outbox (I2). The slot's session ends the transaction quietly."""
+
+
 class KafkaUnavailable(TransientError):
     """The Kafka cluster cannot be reached (``relay --once`` reports it instead of waiting)."""
 

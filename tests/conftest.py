@@ -56,7 +56,7 @@ from xdist.scheduler import LoadGroupScheduling
 
 from outbox.embedded.kafka_cluster import create_topic
 from outbox.migrate import upgrade
-from outbox.relay import Relay, RelayStats
+from outbox.relay import Relay, RelayStats, Seams
 from outbox.relay.config import RelayConfig
 from tests.support import InThread, KafkaReader, stop_all, wait_for
 
@@ -438,8 +438,8 @@ def relay_config(database_url: str, bootstrap_servers: str) -> Callable[..., Rel
 def start_relay(relay_config: Callable[..., RelayConfig]) -> Iterator[Callable[..., RelayHandle]]:
     handles: list[RelayHandle] = []
 
-    def start(**overrides: Any) -> RelayHandle:
-        handle = RelayHandle(Relay(relay_config(**overrides)))
+    def start(*, seams: Seams | None = None, **overrides: Any) -> RelayHandle:
+        handle = RelayHandle(Relay(relay_config(**overrides), seams=seams))
         handle.thread.start()
         handles.append(handle)
         return handle
@@ -452,8 +452,8 @@ def start_relay(relay_config: Callable[..., RelayConfig]) -> Iterator[Callable[.
 def drain(relay_config: Callable[..., RelayConfig]) -> Callable[..., Relay]:
     """Run a relay with --once semantics in this thread: publish what is pending, return."""
 
-    def run(**overrides: Any) -> Relay:
-        relay = Relay(relay_config(once=True, **overrides))
+    def run(*, seams: Seams | None = None, **overrides: Any) -> Relay:
+        relay = Relay(relay_config(once=True, **overrides), seams=seams)
         relay.run()
         return relay
 

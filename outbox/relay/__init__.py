@@ -9,6 +9,13 @@
 - ``listen``: NOTIFY wake-ups; ``backoff``: the one retry delay rule;
 - ``worker``: ``SlotWorker``, one thread per slot: claim, produce, commit, delete; it is handed a
   ``SlotContext``, not its coordinator;
+- ``seams``: the Protocols of what a worker uses of Kafka (``KafkaProducer``) and of its database
+  (``SlotSession``, over psycopg in ``slot_session``), and ``Seams``, the factories a ``Relay``
+  is given (the real clients by default);
+- ``plans``: what a batch's failures mean, as a plan (bury, hold, narrow, raise); pure;
+- ``publishers``: one publisher per delivery guarantee (exactly-once, at-least-once, at-most-once);
+- ``rows``: the claimed ``Row`` and why no record can be built from some; ``locks``: the
+  advisory-lock namespaces;
 - ``batching``: pure decisions (fair share, claim-ahead, poll backoff);
 - ``marker``: the recovery marker and the verdict on a marker read back (I4, I9);
 - ``classify``: how each librdkafka error is answered (retry, bury, hold the topic, stop);
@@ -27,6 +34,7 @@ from outbox.relay.coordinator import Relay
 from outbox.relay.layout import COUNT_NAMESPACE
 from outbox.relay.listen import notified_slot
 from outbox.relay.marker_reader import MARKER_READ_TIMEOUT
+from outbox.relay.seams import KafkaProducer, Seams, SlotSession
 from outbox.relay.worker import (
     GUARD_NAMESPACE,
     HEADER_ALLOWANCE,
@@ -45,13 +53,16 @@ __all__ = [
     "MARKER_READ_TIMEOUT",
     "SLOT_NAMESPACE",
     "Guarantee",
+    "KafkaProducer",
     "ProducerPlan",
     "Profile",
     "Relay",
     "RelayConfig",
     "RelayStats",
     "Row",
+    "Seams",
     "SlotContext",
+    "SlotSession",
     "SlotWorker",
     "delete_recovered",
     "notified_slot",

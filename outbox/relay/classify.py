@@ -166,6 +166,10 @@ class TopicHolds:
         self.until[topic] = min(now + min(30.0, 0.25 * 2**tries), first + self.timeout)
         return False
 
+    def due(self, topic: str, now: float) -> bool:
+        """Whether a failure of ``topic`` now ends its hold: its failing rows are buried."""
+        return now - self.first.get(topic, now) >= self.timeout
+
     def succeeded(self, topics: Iterable[str]) -> None:
         for topic in topics:
             if topic in self.first:

@@ -40,6 +40,7 @@ from outbox.relay.layout import COUNT_NAMESPACE, SlotLayout
 from outbox.relay.listen import listen, notified_slot
 from outbox.relay.marker_reader import KafkaMarkerReader, MarkerReader, kafka_consumers
 from outbox.relay.metrics import RelayMetrics
+from outbox.relay.seams import Seams
 from outbox.relay.sessions import heartbeat_interval
 from outbox.relay.worker import (
     SLOT_NAMESPACE,
@@ -68,10 +69,13 @@ class Relay:
         stop: threading.Event | None = None,
         markers: MarkerReader | None = None,
         kafka: KafkaProbe | None = None,
+        seams: Seams | None = None,
     ) -> None:
-        """``markers`` and ``kafka``: the marker reader and the start-up probe, by default
-        the real ones (built from ``config``)."""
+        """``markers`` and ``kafka``: the marker reader and the start-up probe; ``seams``: how
+        each slot makes its producer and database session. By default the real ones (built
+        from ``config``)."""
         self.config = config
+        self.seams = seams or Seams()  # how each slot makes its producer and DB session
         self.plan: ProducerPlan = config.producer_plan()
         self.stop = stop or threading.Event()
         self.stats = RelayStats()
@@ -291,6 +295,7 @@ class Relay:
             judge=self.layout.judge,
             refuse=self.refuse,
             done=self.worker_done,
+            seams=self.seams,
         )
 
     def worker_done(self, worker: SlotWorker) -> None:

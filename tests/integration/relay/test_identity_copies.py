@@ -30,6 +30,7 @@ from outbox.relay.config import RelayConfig
 from outbox.relay.fences import RENEW_IDENTITY_SQL, ForeignFence
 from outbox.relay.layout import SlotLayout
 from tests.conftest import RelayHandle, Services, create_database, drop_database
+from tests.integration.relay.faults import Faults, FaultyProducer, TrackedSession
 from tests.support import KafkaReader, wait_for
 
 FOREIGN = "Another database is relaying with this outbox's identity"
@@ -208,29 +209,23 @@ def test_i9_a_takeover_in_the_same_database_is_not_reported_as_a_foreign_fence(
     topic: str,
     kafka: KafkaReader,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The first relay loses the slot in the database with a batch in hand; the second relay
     of the same database takes the slot, and its init_transactions fences the first one's
     producer before that one sends the batch: a normal takeover, a warning as before."""
-    first = Relay(default_config(database_url, slots=1))
-    second = Relay(default_config(database_url, slots=1))
     taken = threading.Event()
-    start_producer, publish_batch = SlotWorker._start_producer, SlotWorker._publish
 
-    def started(self: SlotWorker) -> None:
-        start_producer(self)
-        if self.context.stats is second.stats:
-            taken.set()  # the second relay's producer is initialised: the first one is fenced
-
-    def publish_after_losing_the_slot(self: SlotWorker, rows: list[Row]) -> None:
-        if self.context.stats is first.stats and not taken.is_set():
-            self.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
+    def publish_after_losing_the_slot(session: TrackedSession, rows: list[Row]) -> None:
+        if rows and not taken.is_set():
+            session.conn.execute(sql.UNLOCK_SLOT, {"namespace": SLOT_NAMESPACE, "slot": 0})
             taken.wait(30)
-        publish_batch(self, rows)
 
-    monkeypatch.setattr(SlotWorker, "_start_producer", started)
-    monkeypatch.setattr(SlotWorker, "_publish", publish_after_losing_the_slot)
+    def started(producer: FaultyProducer) -> None:
+        taken.set()  # the second relay's producer is initialised: the first one is fenced
+
+    config = default_config(database_url, slots=1)
+    first = Relay(config, seams=Faults(claimed=publish_after_losing_the_slot).seams())
+    second = Relay(config, seams=Faults(started=started).seams())
     running = [RelayHandle(first)]
     running[0].thread.start()
     ids: list[str] = []

@@ -24,12 +24,13 @@ from outbox import publish, sql
 from outbox.errors import ConfigError
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for, slot_of_shard
-from outbox.relay import Relay, SlotWorker
+from outbox.relay import Relay, Seams
 from outbox.relay.config import Guarantee, RelayConfig
 from outbox.relay.marker import Marker
 from outbox.relay.marker_reader import KafkaMarkerReader, kafka_consumers
 from outbox.schema import VERSION_TABLE, metadata
 from tests.conftest import RelayHandle, Services, create_database, drop_database
+from tests.integration.relay.faults import Faults, FaultyProducer
 from tests.support import KafkaReader, wait_for
 
 STATE_TOPIC = "outbox.relay-state"  # the default
@@ -82,8 +83,15 @@ def _config(dsn: str, bootstrap_servers: str, **overrides: Any) -> RelayConfig:
     return RelayConfig(**fields)
 
 
-def _drain(dsn: str, bootstrap_servers: str, **overrides: Any) -> Relay:
-    relay = Relay(_config(dsn, bootstrap_servers, once=True, **overrides))
+def _drain(
+    dsn: str,
+    bootstrap_servers: str,
+    *,
+    seams: Seams | None = None,
+    stop: threading.Event | None = None,
+    **overrides: Any,
+) -> Relay:
+    relay = Relay(_config(dsn, bootstrap_servers, once=True, **overrides), seams=seams, stop=stop)
     relay.run()
     return relay
 
@@ -301,23 +309,24 @@ def test_i9_two_outboxes_given_the_same_prefix_are_refused_before_fencing_the_ot
 
 
 def _lose_the_first_delete(
-    monkeypatch: pytest.MonkeyPatch, *, slot: int | None = None, stop_the_relay: bool = False
-) -> list[int]:
-    """The first batch (of ``slot``) committed to Kafka loses its database delete, as if the
-    relay died in between; returns the slots it happened to, once it did."""
+    faults: Faults | None = None, *, slot: int | None = None, stop: threading.Event | None = None
+) -> tuple[Faults, list[int]]:
+    """From now on, the first batch (of ``slot``) committed to Kafka loses its database
+    delete, as if the relay died in between (and the relay is told to ``stop``); the faults
+    to run the relay with (``faults``, armed, or new ones) and the slots it happened to."""
     crashed: list[int] = []
-    real_commit = SlotWorker._commit
+    faults = faults or Faults()
 
-    def commit_then_lose_the_connection(self: SlotWorker) -> None:
-        real_commit(self)
-        if not crashed and slot in (None, self.slot):
-            crashed.append(self.slot)
-            if stop_the_relay:
-                self.context.stop.set()
-            self.conn.close()  # the delete never commits
+    def commit_then_lose_the_connection(producer: FaultyProducer, timeout: float) -> None:
+        producer.real.commit_transaction(timeout)
+        if not crashed and slot in (None, producer.slot):
+            crashed.append(producer.slot)
+            if stop is not None:
+                stop.set()
+            faults.lose_connection()  # the delete never commits
 
-    monkeypatch.setattr(SlotWorker, "_commit", commit_then_lose_the_connection)
-    return crashed
+    faults.commit = commit_then_lose_the_connection
+    return faults, crashed
 
 
 def _keys_of_slot(slot: int, slots: int, n: int) -> list[str]:
@@ -337,18 +346,17 @@ def test_i4_a_slot_count_change_with_a_batch_in_flight_loses_and_duplicates_noth
     bootstrap_servers: str,
     topic: str,
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A 4-slot relay dies between slot 3's Kafka commit and its delete; the operator
     restarts with --slots=2, whose slots never use slot 3's transactional id."""
-    crashed = _lose_the_first_delete(monkeypatch, slot=3, stop_the_relay=True)
+    stop = threading.Event()
+    faults, crashed = _lose_the_first_delete(slot=3, stop=stop)
     ids: list[str] = []
     for key in _keys_of_slot(3, 4, 5):
         ids += _publish_many(engine, topic, 8, key=key)
-    _drain(database_url, bootstrap_servers, slots=4)
+    _drain(database_url, bootstrap_servers, slots=4, seams=faults.seams(), stop=stop)
     assert crashed
     assert _pending(engine) == 40
-    monkeypatch.undo()
     relay = _drain(database_url, bootstrap_servers, slots=2)
     assert relay.stats.markers_ignored == 0  # the old layout's markers are expected
     assert relay.stats.recovered == 40
@@ -420,7 +428,8 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
     config = _config(database_url, bootstrap_servers, slots=1, transactional_id_prefix=prefix)
     consumers = kafka_consumers(config.producer_plan().connection, lambda: f"{prefix}-markers")
     markers = KafkaMarkerReader(config.state_topic, consumers, timeout=1.0)
-    with RelayHandle(Relay(config, markers=markers)) as handle:
+    faults = Faults()
+    with RelayHandle(Relay(config, markers=markers, seams=faults.seams())) as handle:
         intruder = Producer(
             {"bootstrap.servers": bootstrap_servers, "transactional.id": f"intruder-{prefix}"}
         )
@@ -430,7 +439,7 @@ def test_i4_a_takeover_applies_the_slots_last_marker_even_behind_an_open_transac
         intruder.begin_transaction()
         intruder.produce(STATE_TOPIC, key=b"intruder", value=b"open", partition=0)
         assert intruder.flush(30) == 0
-        crashed = _lose_the_first_delete(monkeypatch)  # marker 2 follows the open transaction
+        _, crashed = _lose_the_first_delete(faults)  # marker 2 follows the open transaction
         second = _publish_many(engine, topic, 10)
         wait_for(lambda: crashed, what="second batch committed to Kafka, its delete lost")
         wait_for(
@@ -450,13 +459,13 @@ def test_i4_the_first_relay_of_a_new_outbox_still_recovers_the_batches_it_wrote(
     bootstrap_servers: str,
     topic: str,
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A new outbox's first relay skips reading markers (none exist under its new default
     ids) only until it wrote one: a slot it takes again recovers as always."""
-    crashed = _lose_the_first_delete(monkeypatch)
+    faults, crashed = _lose_the_first_delete()
     ids = _publish_many(engine, topic, 40)
-    with RelayHandle(Relay(_config(database_url, bootstrap_servers, slots=1))) as handle:
+    config = _config(database_url, bootstrap_servers, slots=1)
+    with RelayHandle(Relay(config, seams=faults.seams())) as handle:
         wait_for(lambda: _pending(engine) == 0, what="the slot is taken again and recovered")
     assert handle.relay.first_run
     assert crashed

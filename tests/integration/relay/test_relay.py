@@ -17,9 +17,10 @@ from outbox import publish, sql
 from outbox.embedded import EmbeddedBroker, free_port
 from outbox.errors import ConfigError
 from outbox.partitioner import partition_for, shard_for, shards_of_slot, slot_of_shard
-from outbox.relay import Relay, Row, SlotWorker
+from outbox.relay import Relay
 from outbox.relay.config import Guarantee, RelayConfig
 from tests.conftest import Broker, RelayHandle
+from tests.integration.relay.faults import Faults, FaultyProducer, Sent
 from tests.support import KafkaReader, TcpProxy, assert_exactly_once, read_topic, wait_for
 
 
@@ -209,21 +210,19 @@ def test_i4_crash_between_kafka_commit_and_delete_is_not_published_again(
     topic: str,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The recovery marker: the next owner deletes the rows instead of publishing them again."""
     crashed: list[int] = []
-    real_commit = SlotWorker._commit
 
-    def lose_connection_after_the_kafka_commit(self: SlotWorker) -> None:
-        real_commit(self)
+    def lose_connection_after_the_kafka_commit(producer: FaultyProducer, timeout: float) -> None:
+        producer.real.commit_transaction(timeout)
         if not crashed:
-            crashed.append(self.slot)
-            self.conn.close()  # the DB transaction that deleted the rows never commits
+            crashed.append(producer.slot)
+            faults.lose_connection()  # the DB transaction that deleted the rows never commits
 
-    monkeypatch.setattr(SlotWorker, "_commit", lose_connection_after_the_kafka_commit)
+    faults = Faults(commit=lose_connection_after_the_kafka_commit)
     ids = _publish_many(engine, topic, 40, per_tx=40)
-    handle = start_relay(slots=1)
+    handle = start_relay(slots=1, seams=faults.seams())
     wait_for(lambda: _pending(engine) == 0, what="new owner recovers and drains")
     handle.stop()
     assert crashed, "the fault was not injected"
@@ -236,19 +235,16 @@ def test_i2_a_batch_leaves_the_outbox_only_after_its_kafka_commit(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The delete runs while the broker acknowledges the batch but commits after Kafka's."""
     pending_at_kafka_commit: list[int] = []
-    real_commit = SlotWorker._commit
 
-    def look_from_another_session(self: SlotWorker) -> None:
+    def look_from_another_session(producer: FaultyProducer, timeout: float) -> None:
         pending_at_kafka_commit.append(_pending(engine))
-        real_commit(self)
+        producer.real.commit_transaction(timeout)
 
-    monkeypatch.setattr(SlotWorker, "_commit", look_from_another_session)
     ids = _publish_many(engine, topic, 30)
-    drain(slots=1, batch_size=10)
+    drain(slots=1, batch_size=10, seams=Faults(commit=look_from_another_session).seams())
     assert pending_at_kafka_commit == [30, 20, 10]
     assert _pending(engine) == 0
     assert sorted(r.event_id for r in kafka.read(topic, 30)) == sorted(ids)
@@ -261,23 +257,20 @@ def test_i3_a_failed_batch_is_published_again_before_the_batch_claimed_after_it(
     drain: Callable[..., Relay],
     kafka: KafkaReader,
     broker: Broker,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In a backlog the next batch is claimed while one is in flight; a failure drops it."""
+    batches: list[int] = []
     failed: list[int] = []
-    real_produce = SlotWorker._produce
 
-    def second_batch_fails_once(
-        self: SlotWorker, rows: list[Row], failures: dict[int, Any], acked: Any = None
-    ) -> None:
-        real_produce(self, rows, failures, acked)
-        if not failed and self.context.stats.batches == 1:  # the 2nd batch; the 3rd is claimed
-            failed.append(rows[0].id)  # while it is in flight, then dropped with it
-            failures[rows[0].id] = KafkaError(KafkaError._MSG_TIMED_OUT)
+    def second_batch_fails_once(producer: FaultyProducer, batch: list[Sent]) -> dict[int, int]:
+        batches.append(len(batch))
+        if not failed and len(batches) == 2:  # the 2nd batch; the 3rd is claimed while it is
+            failed.append(len(batches))  # in flight, then dropped with it
+            return {0: KafkaError._MSG_TIMED_OUT}
+        return {}
 
-    monkeypatch.setattr(SlotWorker, "_produce", second_batch_fails_once)
     ids = _publish_many(engine, topic, 40, keys=3, per_tx=40)
-    relay = drain(slots=1, batch_size=10)
+    relay = drain(slots=1, batch_size=10, seams=Faults(reports=second_batch_fails_once).seams())
     assert failed, "the fault was not injected"
     assert relay.stats.aborts == 1
     assert relay.stats.published == 40

@@ -23,10 +23,12 @@ from sqlalchemy.orm import Session
 
 from outbox import configure, publish, sql
 from outbox.embedded import EmbeddedBroker
-from outbox.relay import Relay, Row, SlotWorker, coordinator, kafka_probe, marker_reader, worker
+from outbox.relay import Relay, Row, Seams, coordinator, kafka_probe, marker_reader
+from outbox.relay import seams as relay_seams
 from outbox.relay.config import Guarantee, RelayConfig
 from outbox.relay.marker_reader import KafkaMarkerReader, MarkerConsumer, kafka_consumers
 from tests.conftest import Broker, RelayHandle
+from tests.integration.relay.faults import Faults, FaultyProducer, Sent
 from tests.integration.relay.test_relay import proxied_broker  # noqa: F401 - a shared fixture
 from tests.support import KafkaReader, TcpProxy, assert_exactly_once, wait_for
 
@@ -59,21 +61,10 @@ def _publish(engine: Engine, topic: str, values: list[str], *, keys: int = 3) ->
         ]
 
 
-def _inject(
-    monkeypatch: pytest.MonkeyPatch, fail: Callable[[SlotWorker, list[Row]], dict[int, int]]
-) -> None:
-    """Send each batch to the real broker, then report the errors ``fail`` picks (row id ->
-    code) for it, as librdkafka would in the delivery reports."""
-    real_produce = SlotWorker._produce
-
-    def produce(
-        self: SlotWorker, rows: list[Row], failures: dict[int, Any], acked: Any = None
-    ) -> None:
-        real_produce(self, rows, failures, acked)
-        for row_id, code in fail(self, rows).items():
-            failures[row_id] = KafkaError(code, fatal=code == KafkaError._FATAL)
-
-    monkeypatch.setattr(SlotWorker, "_produce", produce)
+def _inject(fail: Callable[[FaultyProducer, list[Sent]], dict[int, int]]) -> Seams:
+    """Send each batch to the real broker, then report the errors ``fail`` picks (index in the
+    batch -> code) for it, as librdkafka would in the delivery reports."""
+    return Faults(reports=fail).seams()
 
 
 def test_i2_at_least_once_keeps_rows_whose_delivery_outlasted_the_flush_timeout(
@@ -116,12 +107,11 @@ def test_a_slot_handed_over_while_retrying_stops_at_once(
     engine: Engine,
     topic: str,
     start_relay: Callable[..., RelayHandle],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Before the fix the interrupt stayed set: retries spun without backoff, never handed over."""
-    _inject(monkeypatch, lambda worker, rows: {r.id: KafkaError._TRANSPORT for r in rows})
+    seams = _inject(lambda producer, batch: dict.fromkeys(range(len(batch)), KafkaError._TRANSPORT))
     _publish(engine, topic, ["v1", "v2", "v3"])
-    handle = start_relay(slots=1, guarantee=ALO)
+    handle = start_relay(slots=1, guarantee=ALO, seams=seams)
     wait_for(lambda: handle.relay.stats.retries >= 2, what="the slot retries the failing batch")
     worker = handle.relay.workers[0]
     retries = handle.relay.stats.retries
@@ -137,17 +127,15 @@ def test_a_fatal_producer_error_builds_a_new_producer(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     producers: list[Any] = []  # kept alive, so their ids stay distinct
 
-    def first_batch_fatal(worker: SlotWorker, rows: list[Row]) -> dict[int, int]:
-        producers.append(worker.producer)
-        return {rows[0].id: KafkaError._FATAL} if len(producers) == 1 else {}
+    def first_batch_fatal(producer: FaultyProducer, batch: list[Sent]) -> dict[int, int]:
+        producers.append(producer)
+        return {0: KafkaError._FATAL} if len(producers) == 1 else {}
 
-    _inject(monkeypatch, first_batch_fatal)
     ids = _publish(engine, topic, [f"v{i}" for i in range(5)])
-    drain(slots=1, guarantee=ALO)
+    drain(slots=1, guarantee=ALO, seams=_inject(first_batch_fatal))
     assert len({id(p) for p in producers}) == 2, (
         "the batch was retried with the same (fatal) producer"
     )
@@ -163,16 +151,14 @@ def test_i6_a_missing_topic_is_held_then_buried_while_the_other_topics_flow(
     topic: str,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
     guarantee: Guarantee,
 ) -> None:
     """A row for a topic that does not exist (auto-create off) was retried forever as
     transient, and every other topic of its slot waited behind it."""
     missing = f"{topic}.DLT"
-    _inject(
-        monkeypatch,
-        lambda worker, rows: {
-            r.id: KafkaError.UNKNOWN_TOPIC_OR_PART for r in rows if r.topic == missing
+    seams = _inject(
+        lambda producer, batch: {
+            i: KafkaError.UNKNOWN_TOPIC_OR_PART for i, r in enumerate(batch) if r.topic == missing
         },
     )
     lost = _publish(engine, missing, ["m1", "m2"], keys=1)
@@ -180,6 +166,7 @@ def test_i6_a_missing_topic_is_held_then_buried_while_the_other_topics_flow(
     handle = start_relay(
         slots=1,
         guarantee=guarantee,
+        seams=seams,
         missing_topic_timeout=10.0,
         # On Apache Kafka the topic really is missing: librdkafka reports it after this.
         producer_overrides={
@@ -203,21 +190,21 @@ def test_i6_a_request_wide_refusal_buries_only_the_row_at_fault_in_key_order(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A topic's max.message.bytes below the producer's refuses the whole request: every row
     of it was buried as poison, innocent ones included."""
 
-    def refuse_requests_holding_the_big_one(worker: SlotWorker, rows: list[Row]) -> dict[int, int]:
-        if any(r.value in {b'"big"', b"big"} for r in rows):
-            return {r.id: KafkaError.MSG_SIZE_TOO_LARGE for r in rows}
+    def refuse_requests_holding_the_big_one(
+        producer: FaultyProducer, batch: list[Sent]
+    ) -> dict[int, int]:
+        if any(r.value in {b'"big"', b"big"} for r in batch):
+            return dict.fromkeys(range(len(batch)), KafkaError.MSG_SIZE_TOO_LARGE)
         return {}
 
-    _inject(monkeypatch, refuse_requests_holding_the_big_one)
     values = [f"v{i}" for i in range(12)]
     values[5] = "big"
     ids = _publish(engine, topic, values)
-    drain(slots=1)
+    drain(slots=1, seams=_inject(refuse_requests_holding_the_big_one))
     dead = _dead(engine)
     assert [str(d.event_id) for d in dead] == [ids[5]]
     assert "MSG_SIZE_TOO_LARGE" in dead[0].error
@@ -254,7 +241,7 @@ def test_every_kafka_client_of_the_relay_gets_the_connection_settings(
         return make
 
     # every module of the relay that makes a client
-    for module in (coordinator, worker, kafka_probe, marker_reader):
+    for module in (coordinator, relay_seams, kafka_probe, marker_reader):
         for name in ("Producer", "AdminClient", "Consumer"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
@@ -310,7 +297,6 @@ def test_i6_a_row_too_large_for_the_relay_is_buried_without_being_loaded(
     topic: str,
     drain: Callable[..., Relay],
     kafka: KafkaReader,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     saved = configure().max_message_bytes
     configure(max_message_bytes=None)
@@ -318,17 +304,10 @@ def test_i6_a_row_too_large_for_the_relay_is_buried_without_being_loaded(
         ids = _publish(engine, topic, ["before", "x" * 3_000_000, "after"], keys=1)
     finally:
         configure(max_message_bytes=saved)
-    buried: list[Row] = []
-    real_bury = SlotWorker._bury
-
-    def bury(self: SlotWorker, row: Row, error: str) -> None:
-        buried.append(row)
-        real_bury(self, row, error)
-
-    monkeypatch.setattr(SlotWorker, "_bury", bury)
-    drain(slots=1)
-    assert [r.value for r in buried] == [None]
+    claimed: list[Row] = []
+    drain(slots=1, seams=Faults(claimed=lambda session, rows: claimed.extend(rows)).seams())
     dead = _dead(engine)
+    assert [r.value for r in claimed if str(r.event_id) == ids[1]] == [None]
     assert [str(d.event_id) for d in dead] == [ids[1]]
     assert len(dead[0].value) == 3_000_000  # moved aside whole, by the database
     assert "exceeds message.max.bytes=1000000" in dead[0].error

@@ -1,0 +1,403 @@
+"""One publisher per delivery guarantee, chosen once when a slot's worker starts.
+
+- ``ExactlyOnce``: a transactional producer; each batch is one Kafka transaction holding its
+  records and the slot's recovery marker, inside the database transaction that deletes them.
+- ``AtLeastOnce``: an idempotent producer without transactions; the rows whose delivery
+  reports succeeded are deleted afterwards.
+- ``AtMostOnce``: the rows are deleted first, then sent without waiting for a report.
+
+A publisher works through the slot (``Slot``: its producer, its database session, the plans
+it executes) and decides nothing about failures itself: ``plans`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, KafkaException
+
+from outbox.errors import BatchRollback, SlotLost, TransientError
+from outbox.relay.batching import claim_ahead
+from outbox.relay.classify import TopicHolds, Verdict, classify, reached, settled
+from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.relay.marker import Marker
+from outbox.relay.plans import Act, Failure, plan_abort_error, plan_start_error
+from outbox.relay.rows import Row
+from outbox.relay.seams import KafkaProducer, SlotSession
+
+log = logging.getLogger("outbox.relay")
+
+Placements = dict[int, tuple[int, int]]
+"""Where delivery reports put each row's record: id -> (partition, offset)."""
+
+
+@dataclass
+class TransactionSpan:
+    """When the open (or last) Kafka transaction began and ended: a fence at the end of a
+    long one may be the broker's transaction timeout (``fences.explain_fence``)."""
+
+    begun: float | None = None
+    ended: float | None = None
+
+    def begin(self) -> None:
+        self.begun, self.ended = time.monotonic(), None
+
+    def end(self) -> None:
+        if self.open:
+            self.ended = time.monotonic()
+
+    @property
+    def open(self) -> bool:
+        return self.begun is not None and self.ended is None
+
+    def age(self) -> float | None:
+        """Seconds the open (or last) transaction was open; None before the first."""
+        if self.begun is None:
+            return None
+        return (self.ended or time.monotonic()) - self.begun
+
+
+class Slot(Protocol):
+    """What a publisher uses of its slot's worker."""
+
+    slot: int
+    tid: str
+    config: RelayConfig
+    plan: ProducerPlan
+    session: SlotSession
+    holds: TopicHolds
+    span: TransactionSpan
+    outbox_id: uuid.UUID
+    wrote_marker: set[int]
+    ahead: list[Row]
+    needs_recovery: bool
+
+    @property
+    def producer(self) -> KafkaProducer | None: ...
+    def stopping(self) -> bool: ...
+    def claim(self) -> list[Row]: ...
+    def count(self, **counts: int) -> None: ...
+    def placements(self) -> Placements | None: ...
+    def settle(
+        self, rows: list[Row], failures: Mapping[int, Any], batch_error: Any = None
+    ) -> tuple[set[int], Exception | None]: ...
+    def abort_open(self, timeout: float | None = None) -> None: ...
+    def discard_producer(self) -> None: ...
+    def failure_error(self, failure: Failure) -> Exception: ...
+
+
+def produce(
+    producer: KafkaProducer,
+    rows: Sequence[Row],
+    failures: dict[int, Any],
+    acked: set[int] | None = None,
+    placed: Placements | None = None,
+) -> None:
+    """Queue every row; per-row errors land in ``failures``, the ids of successful delivery
+    reports in ``acked`` and where they put each record in ``placed`` (when given)."""
+
+    def delivered(row_id: int) -> Callable[[Any, Any], None]:
+        def cb(err: Any, msg: Any) -> None:
+            if err is not None:
+                failures[row_id] = err
+                return
+            if acked is not None:
+                acked.add(row_id)
+            if placed is not None:
+                placed[row_id] = (msg.partition(), msg.offset())
+
+        return cb
+
+    for row in rows:
+        while True:
+            try:
+                producer.produce(
+                    row.topic,
+                    value=row.value,
+                    key=row.key,
+                    headers=row.headers,
+                    timestamp=row.created_ms,
+                    on_delivery=delivered(row.id),
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+            except KafkaException as exc:
+                failures[row.id] = exc.args[0]
+                break
+            except (TypeError, ValueError) as exc:  # arguments no record is built from
+                failures[row.id] = KafkaError(KafkaError._INVALID_ARG, str(exc))
+                break
+
+
+def missing_topics(producer: KafkaProducer | None, topics: set[str]) -> set[str]:
+    """Topics the cluster's metadata says are missing or not writable: a delivery timeout
+    for them is about the topic, not the network (auto-create off, or ACLs)."""
+    missing: set[str] = set()
+    if producer is None:
+        return missing
+    for topic in topics:
+        try:
+            md = producer.list_topics(topic, timeout=5)
+        except KafkaException:
+            continue  # the cluster is unreachable: a plain transient timeout
+        meta = md.topics.get(topic)
+        if meta is not None and meta.error is not None and classify(meta.error) is Verdict.TOPIC:
+            missing.add(topic)
+    return missing
+
+
+class Publisher:
+    """Publishes a slot's batches under one delivery guarantee."""
+
+    recovers = False  # a new producer first deletes what the last owner's marker names (I4)
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+
+    def settings(self, base: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(base)
+
+    def start(self, producer: KafkaProducer) -> None:
+        """Make a new producer ready to publish."""
+
+    def publish(self, rows: list[Row]) -> None:
+        raise NotImplementedError
+
+    def _producer(self) -> KafkaProducer:
+        producer = self.slot.producer
+        assert producer is not None, "a batch is published with a started producer"
+        return producer
+
+
+class AtMostOnce(Publisher):
+    """Delete, then send: a record lost on the way is lost (asked for explicitly)."""
+
+    def publish(self, rows: list[Row]) -> None:
+        s = self.slot
+        s.session.delete([r.id for r in rows])
+        producer = self._producer()
+        produce(producer, rows, {})
+        producer.flush(s.plan.transaction_timeout)
+        s.count(published=len(rows), batches=1)
+
+
+class AtLeastOnce(Publisher):
+    """Send the batch, then delete exactly the rows whose delivery report succeeded (I2)."""
+
+    def publish(self, rows: list[Row]) -> None:
+        s = self.slot
+        failures: dict[int, Any] = {}
+        acked: set[int] = set()
+        placed = s.placements()
+        produce(self._producer(), rows, failures, acked, placed)
+        complete = self._await_reports()
+        moved, error = s.settle(rows, failures) if failures else (set(), None)
+        acked -= failures.keys()
+        done = settled(((r.id, r.topic) for r in rows), acked, moved)
+        if done and placed is None:
+            s.session.delete(done)
+        elif done and placed is not None:
+            with s.session.transaction():
+                s.session.delete(done)
+                deleted = set(done)
+                s.session.record_deliveries([r for r in rows if r.id in deleted], placed)
+        s.holds.succeeded({r.topic for r in rows if r.id in acked})
+        s.count(published=len(done), batches=1)
+        if not complete:  # handed over or stopping: unacknowledged rows stay for the next owner
+            s.discard_producer()
+        elif error is not None:
+            raise error
+
+    def _await_reports(self) -> bool:
+        """Wait for every record's delivery report; False if the relay stops or hands the
+        slot over first. librdkafka retries a record until delivery.timeout.ms, then
+        reports it failed, so this ends; meanwhile one line per flush timeout says why."""
+        s = self.slot
+        started = last_said = time.monotonic()
+        while (unacked := self._producer().flush(0.5)) > 0:
+            if s.stopping():
+                return False
+            now = time.monotonic()
+            if now - last_said >= s.plan.transaction_timeout:
+                last_said = now
+                log.warning(
+                    "slot %d: %d records not acknowledged after %.0f s; they stay in the "
+                    "outbox while librdkafka retries them (until delivery.timeout.ms)",
+                    s.slot,
+                    unacked,
+                    now - started,
+                )
+        return True
+
+
+@dataclass
+class _Batch:
+    """One exactly-once batch on its way: what the broker said so far."""
+
+    rows: list[Row]
+    placed: Placements | None
+    failures: dict[int, Any] = field(default_factory=dict)
+    acked: set[int] = field(default_factory=set)
+    unsent: int = 0
+    ahead: list[Row] = field(default_factory=list)
+    committed: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures or self.unsent)
+
+
+class ExactlyOnce(Publisher):
+    """One Kafka transaction per batch: the rows, then the slot's recovery marker (I4)."""
+
+    recovers = True
+
+    def settings(self, base: Mapping[str, Any]) -> dict[str, Any]:
+        return {**base, "transactional.id": self.slot.tid}
+
+    def start(self, producer: KafkaProducer) -> None:
+        """init_transactions fences the last owner of the transactional.id and aborts its open
+        transaction (I4); waited for while it may pass."""
+        s = self.slot
+        while True:
+            try:
+                producer.init_transactions(s.plan.transaction_timeout)
+                return
+            except KafkaException as exc:
+                failure = plan_start_error(exc.args[0], stopping=s.stopping())
+                if failure.act is not Act.RETRY:
+                    raise s.failure_error(failure) from None
+                log.warning("slot %d: %s; retrying", s.slot, failure.message)
+
+    def publish(self, rows: list[Row]) -> None:
+        """The database transaction deletes the rows first: a database that refuses the
+        delete (read-only, a revoked privilege, a trigger) refuses the batch before any
+        record is sent. While the broker acknowledges the records, it claims the next
+        batch in a backlog (which no longer sees these rows); it commits only after the
+        Kafka transaction did, so a row leaves the outbox only once its record is
+        committed (I2). Every way out of a batch that did not commit aborts its Kafka
+        transaction first (I12): an open one would hold back every read_committed reader
+        of its partitions, other producers' records included.
+        """
+        s = self.slot
+        batch = _Batch(rows, s.placements())
+        try:
+            with s.session.transaction():
+                self._send(batch)
+                if batch.failed:
+                    raise BatchRollback  # noqa: TRY301 - the rows stay in the outbox
+                self._commit(batch)
+        except KafkaException as exc:
+            raise self._transaction_failed(batch, exc.args[0]) from None
+        except BaseException as exc:
+            self._left(batch, exc)
+            raise
+        if batch.failed:
+            error = self._rolled_back(batch)
+            if error is not None:
+                raise error
+            return
+        s.ahead = batch.ahead
+        s.holds.succeeded({r.topic for r in rows})
+        s.count(published=len(rows), batches=1)
+
+    def _send(self, batch: _Batch) -> None:
+        """Delete the rows, send them in a new Kafka transaction, claim ahead, and wait for
+        every delivery report."""
+        s, producer = self.slot, self._producer()
+        s.session.delete([r.id for r in batch.rows])
+        producer.begin_transaction()
+        s.span.begin()
+        produce(producer, batch.rows, batch.failures, batch.acked, batch.placed)
+        if claim_ahead(len(batch.rows), s.config.batch_size, s.stopping()):
+            batch.ahead = s.claim()
+        # The marker goes out only once every record of the batch is acknowledged. On a broker
+        # that shows aborted transactions (Tansu), a marker can then never name a row whose
+        # record is missing, so recovery cannot delete an unpublished row.
+        batch.unsent = producer.flush(s.plan.transaction_timeout)
+
+    def _commit(self, batch: _Batch) -> None:
+        """Record where the batch went, add the marker, commit the Kafka transaction."""
+        s, producer = self.slot, self._producer()
+        if batch.placed is not None and batch.rows:
+            s.session.record_deliveries(batch.rows, batch.placed)
+        s.wrote_marker.add(s.slot)
+        marker = Marker.of_batch(
+            s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in batch.rows]
+        )
+        producer.produce(
+            s.config.state_topic, key=s.tid.encode(), value=marker.encode(), partition=s.slot
+        )
+        while True:
+            try:
+                producer.commit_transaction(s.plan.transaction_timeout)
+                break
+            except KafkaException as exc:
+                if exc.args[0].retriable() and not s.stopping():
+                    continue  # librdkafka resumes the same commit
+                raise
+        batch.committed = True
+        s.span.end()
+
+    def _transaction_failed(self, batch: _Batch, err: Any) -> Exception:
+        """The Kafka transaction failed: abort it if it must be, drop the producer either way
+        (if its fate is unknown, the next one's init_transactions settles it and the marker
+        tells whether these rows were committed), then plan what the failure means."""
+        s = self.slot
+        if not batch.committed and err.txn_requires_abort():
+            s.abort_open()
+        s.discard_producer()
+        _, error = s.settle(batch.rows, batch.failures, batch_error=err)
+        return error or TransientError(f"Kafka transaction failed: {err}")
+
+    def _left(self, batch: _Batch, exc: BaseException) -> None:
+        s = self.slot
+        if batch.committed:
+            # The Kafka transaction committed, only the delete did not: the marker names these
+            # rows, so recovery deletes them before anything is published again (I4).
+            s.needs_recovery = True
+        else:
+            # A lost slot's next owner fences this producer anyway: do not wait long.
+            s.abort_open(5.0 if isinstance(exc, SlotLost) else None)
+
+    def _rolled_back(self, batch: _Batch) -> Exception | None:
+        """Records failed, so the database transaction rolled back: abort the Kafka one, and
+        act on the failures (bury, hold, narrow). None: nothing is left to raise."""
+        s = self.slot
+        self._abort()
+        acked = batch.acked
+        s.holds.succeeded(
+            reached(((r.id, r.topic) for r in batch.rows), acked, batch.failures.keys())
+        )
+        if not batch.failures:
+            return TransientError(f"{batch.unsent} records not acknowledged in time")
+        _, error = s.settle(batch.rows, batch.failures)
+        return error
+
+    def _abort(self) -> None:
+        s = self.slot
+        s.count(aborts=1)
+        try:
+            self._producer().abort_transaction(s.plan.transaction_timeout)
+            s.span.end()
+        except KafkaException as exc:
+            s.discard_producer()
+            failure = plan_abort_error(exc.args[0])
+            if failure.act is Act.FENCED:
+                raise s.failure_error(failure) from None
+
+
+def publisher_for(guarantee: Guarantee, slot: Slot) -> Publisher:
+    """The publisher of ``guarantee``, chosen once per worker."""
+    kinds: dict[Guarantee, type[Publisher]] = {
+        Guarantee.EXACTLY_ONCE: ExactlyOnce,
+        Guarantee.AT_LEAST_ONCE: AtLeastOnce,
+        Guarantee.AT_MOST_ONCE: AtMostOnce,
+    }
+    return kinds[guarantee](slot)

@@ -1,0 +1,281 @@
+"""In-memory doubles of a slot worker's seams: a scripted producer and an outbox in a list.
+
+``FakeProducer`` answers like librdkafka through the ``KafkaProducer`` seam: each record's
+delivery report comes at the next flush, with the error a script picks (by record, or per
+batch); transaction calls can be scripted to fail. ``FakeSession`` keeps the outbox, the dead
+table and the committed state in memory and rolls a failed transaction back, like the slot's
+PostgreSQL session does. ``make_worker`` wires a ``SlotWorker`` to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from confluent_kafka import KafkaError, KafkaException
+from prometheus_client import CollectorRegistry
+
+from outbox.errors import BatchRollback
+from outbox.relay.config import Guarantee, RelayConfig
+from outbox.relay.fences import FenceAlarm, SlotLockState
+from outbox.relay.marker import Marker, MarkerReading
+from outbox.relay.metrics import RelayMetrics
+from outbox.relay.rows import Headers, Row
+from outbox.relay.seams import Seams
+from outbox.relay.worker import RelayStats, SlotContext, SlotWorker
+
+TOPIC = "orders"
+RUNAWAY = 200
+"""Flushes after which a fake producer fails the worker (a loop that never ends)."""
+
+
+def row(i: int, *, topic: str = TOPIC, key: bytes | None = b"k", value: bytes = b"v") -> Row:
+    return Row(i, uuid.uuid4(), topic, key, value, [], [], 0, len(value))
+
+
+@dataclass
+class Message:
+    """What a delivery report's ``msg`` offers."""
+
+    topic: str
+    value: bytes | None
+    offset_: int
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self.offset_
+
+
+def error(code: int, *, fatal: bool = False) -> KafkaError:
+    return KafkaError(code, fatal=fatal)
+
+
+@dataclass
+class FakeProducer:
+    """A producer whose broker is a list; failures come from the scripts of its ``Broker``."""
+
+    broker: Broker
+    settings: dict[str, Any]
+    queued: list[tuple[Message, Callable[[Any, Any], None] | None]] = field(default_factory=list)
+    in_transaction: bool = False
+    calls: list[str] = field(default_factory=list)
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int = -1,
+        on_delivery: Callable[[Any, Any], None] | None = None,
+        timestamp: int = 0,
+        headers: Headers | None = None,
+    ) -> None:
+        self.queued.append((Message(topic, value, len(self.broker.log)), on_delivery))
+
+    def poll(self, timeout: float = -1) -> int:
+        return 0
+
+    def flush(self, timeout: float = -1) -> int:
+        self.broker.flushes += 1
+        if self.broker.flushes > RUNAWAY:
+            raise RuntimeError("the worker sent batch after batch: a retry loop that never ends")
+        queued, self.queued = self.queued, []
+        batch = [m for m, cb in queued if cb is not None]
+        errors = self.broker.reports(batch) if self.broker.reports else {}
+        for i, (msg, cb) in enumerate(m for m in queued if m[1] is not None):
+            err = errors.get(i)
+            if err is None:
+                self.broker.sent.append(msg)
+            if cb is not None:
+                cb(err, None if err is not None else msg)
+        self.broker.sent.extend(m for m, cb in queued if cb is None)  # markers
+        return 0
+
+    def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None:
+        self.queued = []
+
+    def _step(self, name: str) -> None:
+        self.calls.append(name)
+        script = self.broker.fail.get(name)
+        if script:
+            err = script.pop(0)
+            if err is not None:
+                raise KafkaException(err)
+
+    def init_transactions(self, timeout: float = -1) -> None:
+        self._step("init_transactions")
+
+    def begin_transaction(self) -> None:
+        self._step("begin_transaction")
+        self.in_transaction = True
+        self.broker.begun += 1
+
+    def commit_transaction(self, timeout: float = -1) -> None:
+        self.flush()
+        self._step("commit_transaction")
+        self.in_transaction = False
+        self.broker.log.extend(self.broker.sent)
+        self.broker.sent = []
+
+    def abort_transaction(self, timeout: float = -1) -> None:
+        self._step("abort_transaction")
+        self.in_transaction = False
+        self.broker.aborts.append(timeout)
+        self.broker.sent = []
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+
+@dataclass
+class Broker:
+    """The records committed (``log``), and the scripts of every producer made for a slot."""
+
+    log: list[Message] = field(default_factory=list)
+    sent: list[Message] = field(default_factory=list)  # in the open transaction
+    aborts: list[float] = field(default_factory=list)  # abort_transaction timeouts
+    begun: int = 0
+    flushes: int = 0
+    reports: Callable[[list[Message]], dict[int, KafkaError]] | None = None
+    fail: dict[str, list[KafkaError | None]] = field(default_factory=dict)  # method -> errors
+    producers: list[FakeProducer] = field(default_factory=list)
+
+    def producer(self, settings: dict[str, Any]) -> FakeProducer:
+        made = FakeProducer(self, settings)
+        self.producers.append(made)
+        return made
+
+    def values(self, topic: str = TOPIC) -> list[bytes | None]:
+        """What a reader of ``topic`` sees, committed or not (no transactions: all of it)."""
+        return [m.value for m in [*self.log, *self.sent] if m.topic == topic]
+
+
+@dataclass
+class FakeSession:
+    """The outbox of one slot in memory, with the slot session's transaction semantics."""
+
+    rows: list[Row] = field(default_factory=list)
+    dead: dict[int, str] = field(default_factory=dict)
+    recorded: list[int] = field(default_factory=list)
+    lock: SlotLockState | None = None
+    on_claim: Callable[[int], None] | None = None  # called with the claim's number
+    claims: int = 0
+    released: bool = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        saved = (list(self.rows), list(self.recorded))
+        try:
+            yield
+        except BatchRollback:
+            self.rows, self.recorded = saved
+        except BaseException:
+            self.rows, self.recorded = saved
+            raise
+
+    def claim(
+        self,
+        shards: Sequence[int],
+        *,
+        limit: int,
+        held: Sequence[str],
+        max_value_bytes: int,
+        max_bytes: int,
+    ) -> list[Row]:
+        self.claims += 1
+        if self.on_claim is not None:
+            self.on_claim(self.claims)
+        return [r for r in self.rows if r.topic not in held][:limit]
+
+    def delete(self, ids: Sequence[int]) -> None:
+        gone = set(ids)
+        self.rows = [r for r in self.rows if r.id not in gone]
+
+    def record_deliveries(self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]]) -> None:
+        self.recorded.extend(r.id for r in rows if r.id in placed)
+
+    def bury(self, row_id: int, error: str) -> None:
+        self.dead[row_id] = error
+        self.delete([row_id])
+
+    def recover(self, marker: Marker, shards: Sequence[int], *, record: bool) -> int:
+        named = set(marker.ids)
+        before = len(self.rows)
+        self.rows = [r for r in self.rows if r.id not in named]
+        return before - len(self.rows)
+
+    def lock_state(self, slot: int, slots: int) -> SlotLockState | None:
+        return self.lock
+
+    def heartbeat(self) -> bool:
+        return True
+
+    def release(self, slot: int) -> None:
+        self.released = True
+
+    def ids(self) -> list[int]:
+        return [r.id for r in self.rows]
+
+
+@dataclass
+class Refusals:
+    refused: list[BaseException] = field(default_factory=list)
+
+    def __call__(self, exc: BaseException) -> None:
+        self.refused.append(exc)
+
+
+def make_worker(
+    session: FakeSession,
+    broker: Broker,
+    *,
+    guarantee: Guarantee = Guarantee.EXACTLY_ONCE,
+    markers: Mapping[int, bytes] | None = None,
+    refusals: Refusals | None = None,
+    **settings: Any,
+) -> SlotWorker:
+    """Slot 0 of a 1-slot relay draining once (``--once``), wired to the fakes."""
+    config = RelayConfig(
+        dsn="postgresql://relay@localhost/app",
+        bootstrap_servers="localhost:9092",
+        slots=1,
+        once=True,
+        guarantee=guarantee,
+        transactional_id_prefix="unit",
+        **settings,
+    )
+    outbox_id = uuid.uuid4()
+
+    def read_marker(slot: int, tid: str, interrupt: threading.Event) -> bytes | None:
+        return (markers or {}).get(slot)
+
+    def judge(raw: bytes, slot: int, tid: str, slots: int) -> MarkerReading:
+        return MarkerReading(marker=Marker.decode(raw))
+
+    context = SlotContext(
+        config=config,
+        plan=config.producer_plan(),
+        outbox_id=outbox_id,
+        transactional_id="unit-0",
+        stop=threading.Event(),
+        listening=threading.Event(),
+        stats=RelayStats(),
+        metrics=RelayMetrics(cast(Any, None), CollectorRegistry()),
+        fence_alarm=FenceAlarm(),
+        first_run=lambda: False,
+        records_deliveries=True,
+        wrote_marker=set(),
+        read_marker=read_marker,
+        judge=judge,
+        refuse=refusals or Refusals(),
+        done=lambda worker: None,
+        seams=Seams(producer=broker.producer, session=lambda conn: session),
+    )
+    return SlotWorker(context, 0, cast(Any, None))

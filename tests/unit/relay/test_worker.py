@@ -1,0 +1,245 @@
+"""The slot worker driven through its seams: a scripted producer and an in-memory outbox.
+
+Each test runs one worker to the end of ``--once`` (or until it loses its slot) in this
+thread; what PostgreSQL and the broker do for real is pinned by tests/integration/relay.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from confluent_kafka import KafkaError
+
+from outbox.errors import ConfigError, SlotLost
+from outbox.relay.config import Guarantee
+from outbox.relay.fences import SlotLockState
+from outbox.relay.marker import Marker
+from tests.unit.relay.fakes import (
+    TOPIC,
+    Broker,
+    FakeSession,
+    Message,
+    Refusals,
+    error,
+    make_worker,
+    row,
+)
+
+ALO = Guarantee.AT_LEAST_ONCE
+AMO = Guarantee.AT_MOST_ONCE
+
+
+def _rows(n: int, *, topic: str = TOPIC) -> list:  # type: ignore[type-arg]
+    return [row(i, topic=topic, value=f"v{i}".encode()) for i in range(1, n + 1)]
+
+
+def test_i2_exactly_once_publishes_each_batch_in_a_transaction_with_its_marker() -> None:
+    session, broker = FakeSession(_rows(5)), Broker()
+    worker = make_worker(session, broker, batch_size=2)
+    worker.run()
+    assert session.ids() == []
+    assert broker.values() == [b"v1", b"v2", b"v3", b"v4", b"v5"]
+    markers = [Marker.decode(m.value or b"") for m in broker.log if m.topic != TOPIC]
+    assert [list(m.ids) for m in markers] == [[1, 2], [3, 4], [5]]
+    assert broker.begun == 3
+    assert session.recorded == [1, 2, 3, 4, 5]  # the delivery record, in the same transaction
+    assert worker.context.stats.published == 5
+    assert session.released
+
+
+def test_i12_a_failed_report_aborts_the_transaction_and_the_batch_is_sent_again() -> None:
+    session, broker = FakeSession(_rows(3)), Broker()
+    failed: list[int] = []
+
+    def first_batch_times_out(batch: list[Message]) -> dict[int, KafkaError]:
+        if failed:
+            return {}
+        failed.append(len(batch))
+        return {1: error(KafkaError._TRANSPORT)}
+
+    broker.reports = first_batch_times_out
+    worker = make_worker(session, broker)
+    worker.run()
+    assert failed == [3]
+    assert len(broker.aborts) == 1  # the failed batch's transaction did not stay open
+    assert session.ids() == []
+    assert [m.value for m in broker.log if m.topic == TOPIC] == [b"v1", b"v2", b"v3"]
+    assert worker.context.stats.retries == 1
+    assert worker.context.stats.aborts == 1
+    assert session.dead == {}
+
+
+def test_i6_a_poison_record_is_buried_and_the_rest_of_its_batch_is_published() -> None:
+    session, broker = FakeSession(_rows(4)), Broker()
+    broker.reports = lambda batch: {
+        i: error(KafkaError.INVALID_RECORD) for i, m in enumerate(batch) if m.value == b"v2"
+    }
+    worker = make_worker(session, broker)
+    worker.run()
+    assert list(session.dead) == [2]
+    assert session.dead[2].startswith("INVALID_RECORD")
+    assert [m.value for m in broker.log if m.topic == TOPIC] == [b"v1", b"v3", b"v4"]
+    assert session.ids() == []
+
+
+def test_i6_a_request_wide_refusal_narrows_to_one_row_per_batch_and_buries_only_its_row() -> None:
+    session, broker = FakeSession(_rows(6)), Broker()
+    broker.reports = lambda batch: (
+        dict.fromkeys(range(len(batch)), error(KafkaError.MSG_SIZE_TOO_LARGE))
+        if any(m.value == b"v3" for m in batch)
+        else {}
+    )
+    worker = make_worker(session, broker, batch_size=4)
+    worker.run()
+    assert list(session.dead) == [3]
+    assert [m.value for m in broker.log if m.topic == TOPIC] == [b"v1", b"v2", b"v4", b"v5", b"v6"]
+    markers = [list(Marker.decode(m.value or b"").ids) for m in broker.log if m.topic != TOPIC]
+    assert markers[:2] == [[1], [2]]  # one per batch up to the last refused row (4) ...
+    assert markers[-1] == [5, 6]  # ... then full batches again
+    assert not worker.failed
+
+
+def test_i6_a_missing_topic_is_held_while_the_others_flow_then_buried() -> None:
+    missing = "gone"
+    session = FakeSession([row(0, topic=missing), *_rows(3)])
+    broker = Broker()
+    broker.reports = lambda batch: {
+        i: error(KafkaError.UNKNOWN_TOPIC_OR_PART)
+        for i, m in enumerate(batch)
+        if m.topic == missing
+    }
+    worker = make_worker(session, broker, missing_topic_timeout=0.3)
+    worker.run()
+    assert broker.values() == [b"v1", b"v2", b"v3"]
+    assert list(session.dead) == [0]
+    assert "--missing-topic-timeout=0.3s" in session.dead[0]
+
+
+def test_i4_a_fenced_commit_loses_the_slot_and_keeps_the_rows() -> None:
+    session, broker = FakeSession(_rows(2)), Broker()
+    broker.fail["commit_transaction"] = [error(KafkaError.PRODUCER_FENCED)]
+    worker = make_worker(session, broker)
+    worker.run()
+    assert worker.context.stats.fenced == 1
+    assert session.ids() == [1, 2]
+    assert broker.log == []
+    assert not worker.failed  # a lost slot, not a crash
+    assert session.released
+
+
+def test_i9_a_fence_while_the_slot_lock_is_still_held_is_counted_as_foreign() -> None:
+    session = FakeSession(_rows(1), lock=SlotLockState(holds_slot=True, layout_changing=False))
+    broker = Broker()
+    broker.fail["commit_transaction"] = [error(KafkaError.PRODUCER_FENCED)]
+    worker = make_worker(session, broker)
+    worker.run()
+    assert worker.context.stats.foreign_fences == 1
+
+
+def test_i8_a_refused_transactional_id_stops_the_relay_naming_the_fix() -> None:
+    session, broker, refusals = FakeSession(_rows(1)), Broker(), Refusals()
+    broker.fail["init_transactions"] = [error(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED)]
+    worker = make_worker(session, broker, refusals=refusals)
+    worker.run()
+    assert len(refusals.refused) == 1
+    assert isinstance(refusals.refused[0], ConfigError)
+    assert "TransactionalId" in str(refusals.refused[0])
+    assert session.ids() == [1]
+
+
+def test_a_fatal_producer_error_builds_a_new_producer_and_blames_no_row() -> None:
+    session, broker = FakeSession(_rows(3)), Broker()
+    fatal: list[int] = []
+
+    def first_batch_fatal(batch: list[Message]) -> dict[int, KafkaError]:
+        fatal.append(1)
+        return {0: error(KafkaError._FATAL, fatal=True)} if len(fatal) == 1 else {}
+
+    broker.reports = first_batch_fatal
+    worker = make_worker(session, broker, guarantee=ALO)
+    worker.run()
+    assert len(broker.producers) == 2
+    assert session.dead == {}
+    assert session.ids() == []
+
+
+def test_i4_a_new_producer_first_deletes_the_rows_its_slots_last_marker_names() -> None:
+    rows = _rows(4)
+    session, broker = FakeSession(rows), Broker()
+    marker = Marker.of_batch(uuid.uuid4(), "unit-0", 0, 1, [(r.id, r.event_id) for r in rows[:2]])
+    worker = make_worker(session, broker, markers={0: marker.encode()})
+    worker.run()
+    assert worker.context.stats.recovered == 2
+    assert broker.values() == [b"v3", b"v4"]  # the recovered rows are not published again
+
+
+def test_i2_at_least_once_deletes_only_acknowledged_rows_not_past_a_failed_one() -> None:
+    session, broker = FakeSession(_rows(4)), Broker()
+    seen: list[int] = []
+
+    def second_row_fails_once(batch: list[Message]) -> dict[int, KafkaError]:
+        seen.append(1)
+        return {1: error(KafkaError._TRANSPORT)} if len(seen) == 1 else {}
+
+    broker.reports = second_row_fails_once
+    worker = make_worker(session, broker, guarantee=ALO)
+    worker.run()
+    assert broker.begun == 0  # no transactions
+    assert session.ids() == []
+    # v1 was deleted after the first try; v3 and v4 waited behind v2 (same topic) and went again.
+    assert broker.values() == [b"v1", b"v3", b"v4", b"v2", b"v3", b"v4"]
+    assert worker.context.stats.published == 4
+
+
+def test_at_most_once_deletes_before_sending_and_never_resends() -> None:
+    session, broker = FakeSession(_rows(3)), Broker()
+    broker.reports = lambda batch: {0: error(KafkaError._TRANSPORT)}
+    worker = make_worker(session, broker, guarantee=AMO)
+    worker.run()
+    assert session.ids() == []
+    assert broker.values() == [b"v2", b"v3"]  # v1 is lost, as asked for
+    assert broker.begun == 0
+    assert worker.context.stats.retries == 0
+
+
+def test_i12_a_worker_that_loses_its_slot_mid_batch_aborts_the_open_transaction() -> None:
+    session, broker = FakeSession(_rows(4)), Broker()
+
+    def lose_the_connection_at_the_claim_ahead(claim: int) -> None:
+        if claim == 2:  # the first batch is in flight: its Kafka transaction is open
+            raise SlotLost("database connection lost")
+
+    session.on_claim = lose_the_connection_at_the_claim_ahead
+    worker = make_worker(session, broker, batch_size=2)
+    worker.run()
+    assert broker.aborts == [5.0]  # a lost slot's abort does not wait long
+    assert broker.log == []
+    assert session.ids() == [1, 2, 3, 4]
+    assert not worker.failed
+
+
+def test_i12_a_worker_that_crashes_mid_batch_aborts_the_open_transaction() -> None:
+    session, broker = FakeSession(_rows(4)), Broker()
+
+    def crash_at_the_claim_ahead(claim: int) -> None:
+        if claim == 2:
+            raise RuntimeError("a bug")
+
+    session.on_claim = crash_at_the_claim_ahead
+    worker = make_worker(session, broker, batch_size=2)
+    worker.run()
+    assert len(broker.aborts) == 1
+    assert worker.failed
+    assert session.ids() == [1, 2, 3, 4]
+
+
+def test_i12_a_worker_stopped_while_a_transaction_is_open_aborts_it_when_it_closes() -> None:
+    session, broker = FakeSession(_rows(2)), Broker()
+    worker = make_worker(session, broker)
+    worker.producer = broker.producer({})
+    worker.producer.begin_transaction()
+    worker.span.begin()
+    worker.context.stop.set()
+    worker.run()
+    assert broker.aborts == [5.0]
+    assert session.released
