@@ -12,6 +12,7 @@
 
 The names the old ``outbox.relay`` module had are re-exported here."""
 
+from outbox.locks import COUNT_NAMESPACE, GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.relay.config import (
     Guarantee,
     ProducerPlan,
@@ -19,15 +20,12 @@ from outbox.relay.config import (
     RelayConfig,
 )
 from outbox.relay.coordinator import (
-    COUNT_NAMESPACE,
     MARKER_READ_TIMEOUT,
     Relay,
     notified_slot,
 )
 from outbox.relay.worker import (
-    GUARD_NAMESPACE,
     HEADER_ALLOWANCE,
-    SLOT_NAMESPACE,
     RelayStats,
     Row,
     SlotContext,

@@ -29,6 +29,14 @@ from tenacity import Retrying, retry_if_exception_type, wait_random_exponential
 from outbox import sql
 from outbox.db import connect, libpq_dsn, redact
 from outbox.errors import ConfigError, KafkaUnavailable, NotMigrated, SlotLost, TransientError
+from outbox.locks import (
+    COUNT_NAMESPACE,
+    GUARANTEE_NAMESPACE,
+    GUARD_NAMESPACE,
+    PREFIX_NAMESPACE,
+    SLOT_NAMESPACE,
+    STATE_TOPIC_NAMESPACE,
+)
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import SHARD_COUNT, shards_of_slot, slot_of_shard
 from outbox.relay import deliveries
@@ -40,8 +48,6 @@ from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.sessions import client_settings, heartbeat_interval, server_settings
 from outbox.relay.worker import (
-    GUARD_NAMESPACE,
-    SLOT_NAMESPACE,
     RelayStats,
     SlotContext,
     SlotWorker,
@@ -50,13 +56,6 @@ from outbox.relay.worker import (
 
 log = logging.getLogger("outbox.relay")
 
-COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
-# Shared locks announcing the other settings every relay of one outbox must share: a relay
-# with another prefix or state topic neither fences the others nor reads their markers, and
-# one with another guarantee publishes beside them without the recovery marker.
-PREFIX_NAMESPACE = 0x6F757470  # 'outp': the transactional-id prefix in use
-STATE_TOPIC_NAMESPACE = 0x6F757473  # 'outs': the state topic
-GUARANTEE_NAMESPACE = 0x6F757467  # 'outg': the delivery guarantee
 GUARANTEES = list(Guarantee)
 CONTROL_SILENCE = 5.0
 """/readyz fails when the control connection has not answered for this long (a few of the

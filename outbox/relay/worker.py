@@ -26,6 +26,7 @@ from outbox import sql
 from outbox.codec import record_size
 from outbox.db import redact
 from outbox.errors import ConfigError, SlotLost, TransientError
+from outbox.locks import GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
 from outbox.relay import deliveries
@@ -49,8 +50,6 @@ log = logging.getLogger("outbox.relay")
 
 HEADER_ALLOWANCE = 16 * 1024
 """Rows whose key + value come within this of message.max.bytes get the exact size check."""
-SLOT_NAMESPACE = 0x6F757462  # 'outb': advisory lock class for slots
-GUARD_NAMESPACE = 0x6F757464  # 'outd': serialises the slot-count check, announcement, settling
 
 
 class DatabaseRefused(TransientError):
