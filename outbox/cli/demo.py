@@ -14,7 +14,7 @@ import typer
 from outbox.cli.app import app, command
 from outbox.cli.daemon import stop_on_signals
 from outbox.cli.errors import ExitCode
-from outbox.cli.options import LogLevel, LogLevelName, start_logging
+from outbox.cli.options import LogLevel, LogLevelName, finite, start_logging
 from outbox.embedded import EmbeddedServiceError
 
 
@@ -68,7 +68,13 @@ def demo(
     ] = 8,
     rollback_ratio: Annotated[
         float,
-        typer.Option(metavar="RATIO", min=0, max=1, help="Share of transactions rolled back."),
+        typer.Option(
+            metavar="RATIO",
+            min=0,
+            max=1,
+            callback=finite,
+            help="Share of transactions rolled back.",
+        ),
     ] = 0.1,
     crash_relay: Annotated[
         bool, typer.Option(help="SIGKILL the relay half way; a new one takes over.")
@@ -78,12 +84,15 @@ def demo(
         typer.Option(
             metavar="EVENTS/S",
             min=0,
+            callback=finite,
             help="After the burst: publish at this steady rate to measure latency (0: skip).",
         ),
     ] = 50.0,
     steady_seconds: Annotated[
         float,
-        typer.Option(metavar="SECONDS", min=0, help="How long the steady phase lasts."),
+        typer.Option(
+            metavar="SECONDS", min=0, callback=finite, help="How long the steady phase lasts."
+        ),
     ] = 4.0,
     log_level: LogLevel = LogLevelName.WARNING,
 ) -> None:

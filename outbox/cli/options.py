@@ -7,6 +7,7 @@ ends up in (``RelayConfig``, ``ConsumerConfig``), which names the option in its 
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -89,6 +90,13 @@ DeadIds = Annotated[
     list[int],
     typer.Argument(metavar="ID", help="Ids from `outbox dead list`.", show_default=False),
 ]
+
+
+def finite(value: float | None) -> float | None:
+    """The check of a command's own float options (typer's ranges let NaN through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def client_settings_option(help: str) -> Any:

@@ -17,6 +17,7 @@ from outbox.cli.options import (
     ProducerConfig,
     client_settings,
     client_settings_option,
+    finite,
 )
 from outbox.errors import OutboxError
 
@@ -39,6 +40,7 @@ def status(
             "--max-lag",
             metavar="SECONDS",
             min=0,
+            callback=finite,
             help="With --check: also fail when the oldest pending event is older than this.",
         ),
     ] = None,
