@@ -112,8 +112,7 @@ def client_config_option(envvar: str, help: str) -> Any:
 ProducerSettings = Annotated[
     list[str] | None,
     client_settings_option(
-        "Any librdkafka producer setting (repeatable); wins over --producer-config (and the "
-        "relay's profile)."
+        "Any librdkafka producer setting (repeatable); wins over --producer-config and the profile."
     ),
 ]
 ProducerConfig = Annotated[
