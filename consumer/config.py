@@ -28,6 +28,10 @@ DEFAULT_DEDUP_WINDOW = timedelta(days=14)
 """Kafka's default redelivery horizon, ``retention.ms`` + ``segment.ms`` (7 days each): a replay
 from the start of a topic with default settings is still deduplicated."""
 
+MAX_DEDUP_WINDOW_HOURS = 100 * 365 * 24.0
+"""The longest window the CLI takes (100 years, well inside timedelta's range); the Python API
+keeps dedup records for ever with ``dedup_window=None``."""
+
 _SUFFIX_RE = re.compile(r"^[a-zA-Z0-9._-]{1,32}$")
 _TRUE = frozenset({"true", "1", "t", "yes", "on"})
 _ALIASES = {"auto.commit.enable": "enable.auto.commit"}
@@ -93,7 +97,8 @@ class ConsumerConfig:
             )
         if not 1 <= self.batch_size <= 10_000:
             raise ConfigError(
-                f"batch_size={self.batch_size} must be 1 to 10000 records per DB transaction"
+                f"batch_size={self.batch_size} must be 1 to 10000 records per DB transaction "
+                "(CLI: --batch-size)"
             )
         if not 0 < self.poll_timeout <= 60:
             raise ConfigError(f"poll_timeout={self.poll_timeout} must be in (0, 60] seconds")
@@ -109,8 +114,8 @@ class ConsumerConfig:
                 f"dedup_window={self.dedup_window} must be positive "
                 "(or None to keep dedup records forever)"
             )
-        if self.purge_interval <= 0:
-            raise ConfigError(f"purge_interval={self.purge_interval} must be > 0 seconds")
+        if not 0 < self.purge_interval < math.inf:  # NaN included
+            raise ConfigError(f"purge_interval={self.purge_interval} must be > 0 seconds, finite")
         if not 1 <= self.purge_batch_size <= 100_000:
             raise ConfigError(
                 f"purge_batch_size={self.purge_batch_size} must be between 1 and 100000 rows "
@@ -213,6 +218,16 @@ class ConsumerConfig:
                 "use at least the topics' retention.ms"
             )
         return warnings
+
+
+def dedup_window_of_hours(hours: float) -> timedelta:
+    """``--dedup-window-hours`` as a window; refused unless a positive, finite number."""
+    if not 0 < hours <= MAX_DEDUP_WINDOW_HOURS:  # NaN included
+        raise ConfigError(
+            f"--dedup-window-hours={hours:g} must be a positive number of hours up to "
+            f"{MAX_DEDUP_WINDOW_HOURS:g} (e.g. 168 for a week)"
+        )
+    return timedelta(hours=hours)
 
 
 def parse_topics(topics: Sequence[str] | str | None) -> tuple[str, ...]:

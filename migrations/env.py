@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from outbox.locks import MIGRATION_LOCK
 from outbox.schema import VERSION_TABLE, metadata
 
 config = context.config
@@ -36,7 +37,7 @@ def run_online() -> None:
     )
     with context.begin_transaction():
         # One migrator at a time, even with several relays starting together.
-        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(1869968484)")
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         context.run_migrations()
 
 

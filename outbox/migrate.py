@@ -24,12 +24,10 @@ from sqlalchemy.exc import OperationalError
 
 from outbox.db import redact, sqlalchemy_url
 from outbox.errors import ConfigError
+from outbox.locks import MIGRATION_LOCK  # migrations/env.py takes it too
 from outbox.schema import OUTBOX_STORAGE, VERSION_TABLE, metadata
 
 log = logging.getLogger("outbox.migrate")
-
-MIGRATION_LOCK = 1869968484
-"""The advisory lock that lets one migrator at a time run (``migrations/env.py`` takes it too)."""
 
 
 @dataclass(frozen=True, slots=True)

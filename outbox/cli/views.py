@@ -26,9 +26,8 @@ from outbox import sql
 from outbox.codec import BINARY, CONTENT_TYPE_HEADER, JSON
 from outbox.db import connect
 from outbox.errors import ConfigError, NotFound, NotMigrated
-from outbox.relay.config import default_tid_prefix
-from outbox.relay.coordinator import COUNT_NAMESPACE
-from outbox.relay.worker import GUARD_NAMESPACE, SLOT_NAMESPACE
+from outbox.locks import COUNT_NAMESPACE, GUARD_NAMESPACE, SLOT_NAMESPACE
+from outbox.transactional_ids import default_prefix
 
 Row = dict[str, Any]
 
@@ -93,7 +92,7 @@ def read_status(db: str) -> Row:
     return {
         "outbox_id": outbox_id,
         "default_transactional_id_prefix": (
-            default_tid_prefix(uuid.UUID(outbox_id)) if outbox_id is not None else None
+            default_prefix(uuid.UUID(outbox_id)) if outbox_id is not None else None
         ),
         "slot_count": identity["slot_count"] if identity is not None else None,
         "pending": topics,

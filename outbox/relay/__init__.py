@@ -14,8 +14,8 @@
   is given (the real clients by default);
 - ``plans``: what a batch's failures mean, as a plan (bury, hold, narrow, raise); pure;
 - ``publishers``: one publisher per delivery guarantee (exactly-once, at-least-once, at-most-once);
-- ``rows``: the claimed ``Row`` and why no record can be built from some; ``locks``: the
-  advisory-lock namespaces;
+- ``rows``: the claimed ``Row`` and why no record can be built from some (the advisory-lock
+  namespaces are in ``outbox.locks``, which the CLI reads without the relay);
 - ``batching``: pure decisions (fair share, claim-ahead, poll backoff);
 - ``marker``: the recovery marker and the verdict on a marker read back (I4, I9);
 - ``classify``: how each librdkafka error is answered (retry, bury, hold the topic, stop);
@@ -24,6 +24,7 @@
 
 The names the old ``outbox.relay`` module had are re-exported here."""
 
+from outbox.locks import COUNT_NAMESPACE, GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.relay.config import (
     Guarantee,
     ProducerPlan,
@@ -31,14 +32,11 @@ from outbox.relay.config import (
     RelayConfig,
 )
 from outbox.relay.coordinator import Relay
-from outbox.relay.layout import COUNT_NAMESPACE
 from outbox.relay.listen import notified_slot
 from outbox.relay.marker_reader import MARKER_READ_TIMEOUT
 from outbox.relay.seams import KafkaProducer, Seams, SlotSession
 from outbox.relay.worker import (
-    GUARD_NAMESPACE,
     HEADER_ALLOWANCE,
-    SLOT_NAMESPACE,
     RelayStats,
     Row,
     SlotContext,

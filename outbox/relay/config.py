@@ -6,12 +6,15 @@ that would silently break a delivery guarantee, and name the setting and fix.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
+from outbox import transactional_ids
 from outbox.codec import check_topic
 from outbox.db import libpq_dsn
 from outbox.errors import ConfigError, EventError
@@ -312,6 +315,51 @@ def check_producer_rules(settings: Mapping[str, str], guarantee: Guarantee) -> l
     return warnings
 
 
+MAX_POLL_INTERVAL = 3600.0
+"""The longest --poll-interval: an idle relay still polls at least once an hour."""
+MAX_MISSING_TOPIC_TIMEOUT = 30 * 86_400.0
+"""The longest --missing-topic-timeout (30 days): holding a topic's rows for ever is not an
+option, since a finite wait is what turns them into dead rows an operator sees."""
+
+
+class Bounds(NamedTuple):
+    low: float
+    high: float | None  # None: no upper bound
+    note: str  # what an error adds after the bounds: the unit, and why
+
+
+RANGES: dict[str, Bounds] = {
+    "slots": Bounds(
+        1, SHARD_COUNT, " (the shard count); every relay of one database must use the same value"
+    ),
+    "max_slots": Bounds(1, None, ""),
+    "batch_size": Bounds(1, 100_000, ""),
+    "poll_interval": Bounds(0.001, MAX_POLL_INTERVAL, " seconds"),
+    "missing_topic_timeout": Bounds(0, MAX_MISSING_TOPIC_TIMEOUT, " seconds"),
+    "batch_bytes": Bounds(1, None, " bytes"),
+    "takeover_timeout": Bounds(
+        1, MAX_TAKEOVER_TIMEOUT, " seconds (the server ends a relay's sessions after this silence)"
+    ),
+    "delivery_retention": Bounds(0, 3650, " days (0: no delivery record)"),
+}
+"""RelayConfig's numeric fields and their bounds: the only place the ranges are written (the
+options of `outbox relay` show them in their help and have none of their own)."""
+
+
+def check_range(
+    option: str, value: float | None, low: float, high: float | None, note: str
+) -> None:
+    """Refuse a value outside ``[low, high]`` (NaN and infinities included) in one line that
+    names the option; ``None`` is an unset optional value."""
+    if value is None:
+        return
+    if high is None:
+        if not (math.isfinite(value) and value >= low):
+            raise ConfigError(f"{option}={value} must be at least {low:g}{note}")
+    elif not low <= value <= high:  # False for NaN
+        raise ConfigError(f"{option}={value} must be between {low:g} and {high:g}{note}")
+
+
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     """Everything one relay process needs; validated on construction."""
@@ -345,34 +393,8 @@ class RelayConfig:
                 choices = ", ".join(m.value for m in kind)
                 raise ConfigError(f"--{name}={raw!r} must be one of: {choices}") from None
         libpq_dsn(self.dsn)  # parse only: a bad --db fails here, without its password
-        if not 1 <= self.slots <= SHARD_COUNT:
-            raise ConfigError(
-                f"--slots={self.slots} must be between 1 and {SHARD_COUNT} (the shard count); "
-                "every relay of one database must use the same value"
-            )
-        if self.max_slots is not None and self.max_slots < 1:
-            raise ConfigError(f"--max-slots={self.max_slots} must be at least 1")
-        if not 1 <= self.batch_size <= 100_000:
-            raise ConfigError(f"--batch-size={self.batch_size} must be between 1 and 100000")
-        if self.missing_topic_timeout < 0:
-            raise ConfigError(
-                f"--missing-topic-timeout={self.missing_topic_timeout} must be >= 0 seconds"
-            )
-        if self.batch_bytes < 1:
-            raise ConfigError(f"--batch-bytes={self.batch_bytes} must be a positive byte count")
-        if not 1 <= self.takeover_timeout <= MAX_TAKEOVER_TIMEOUT:  # NaN included
-            raise ConfigError(
-                f"--takeover-timeout={self.takeover_timeout:g} must be between 1 and "
-                f"{MAX_TAKEOVER_TIMEOUT:g} seconds (the server ends a relay's sessions after "
-                "this much silence)"
-            )
-        if not 0 <= self.delivery_retention <= 3650:
-            raise ConfigError(
-                f"--delivery-retention={self.delivery_retention} must be between 0 (no "
-                "delivery record) and 3650 days"
-            )
-        if self.poll_interval <= 0:
-            raise ConfigError(f"--poll-interval={self.poll_interval} must be > 0 seconds")
+        for name, (low, high, note) in RANGES.items():
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), low, high, note)
         prefix = self.transactional_id_prefix
         if prefix is not None and (
             not prefix or not prefix.isascii() or len(prefix) > MAX_TID_BYTES - 3
@@ -382,11 +404,8 @@ class RelayConfig:
                 f"{MAX_TID_BYTES - 3} characters (or leave it out: the default derives from "
                 "the outbox identity)"
             )
-        if self.transaction_timeout < 1:
-            # librdkafka's transaction.timeout.ms starts at 1000.
-            raise ConfigError(
-                f"transaction timeout {self.transaction_timeout} must be at least 1 second"
-            )
+        # librdkafka's transaction.timeout.ms starts at 1000 (a Python-only setting).
+        check_range("transaction_timeout", self.transaction_timeout, 1, None, " second")
         try:
             check_topic(self.state_topic)
         except (EventError, TypeError) as exc:
@@ -412,19 +431,28 @@ class RelayConfig:
         )
 
     def tid_prefix(self, outbox_id: uuid.UUID) -> str:
-        """The given prefix, else one unique to the outbox, so two outboxes sharing a Kafka
-        cluster with default settings never fence each other nor read each other's markers
-        (I9)."""
-        return self.transactional_id_prefix or default_tid_prefix(outbox_id)
+        """The given prefix, else one unique to the outbox (``outbox.transactional_ids``)."""
+        return transactional_ids.prefix_of(self.transactional_id_prefix, outbox_id)
 
-    def transactional_id(self, slot: int, outbox_id: uuid.UUID) -> str:
-        """Stable per slot, so a new owner fences the previous one (I4)."""
-        return f"{self.tid_prefix(outbox_id)}-{slot}"
+    def transactional_id(self, slot: int | str, outbox_id: uuid.UUID) -> str:
+        """Slot ``slot``'s transactional.id (``outbox.transactional_ids``)."""
+        return transactional_ids.transactional_id(self.tid_prefix(outbox_id), slot)
 
 
-def default_tid_prefix(outbox_id: uuid.UUID) -> str:
-    """``outbox-<first 12 hex digits of the identity>``: 48 random bits per outbox."""
-    return f"outbox-{outbox_id.hex[:12]}"
+default_tid_prefix = transactional_ids.default_prefix
+"""The default prefix (the name it had here before ``outbox.transactional_ids``)."""
+
+
+def replaced_outbox(value: str | None) -> uuid.UUID | None:
+    """``--replaces-outbox``: the id of the outbox identity this one replaces, if any."""
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ConfigError(
+            f"--replaces-outbox={value!r} is not an outbox id (a uuid, as `outbox status` shows it)"
+        ) from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

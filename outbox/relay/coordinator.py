@@ -27,6 +27,7 @@ from tenacity import Retrying, retry_if_exception_type
 from outbox import sql
 from outbox.db import redact
 from outbox.errors import ConfigError, NotMigrated, SlotLost, TransientError
+from outbox.locks import COUNT_NAMESPACE, SLOT_NAMESPACE
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
 from outbox.relay import deliveries
@@ -36,14 +37,13 @@ from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.database import Connection, Connector, line
 from outbox.relay.fences import FOREIGN_FENCE_WINDOW, FenceAlarm
 from outbox.relay.kafka_probe import KafkaProbe
-from outbox.relay.layout import COUNT_NAMESPACE, SlotLayout
+from outbox.relay.layout import SlotLayout
 from outbox.relay.listen import listen, notified_slot
 from outbox.relay.marker_reader import KafkaMarkerReader, MarkerReader, kafka_consumers
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.seams import Seams
 from outbox.relay.sessions import heartbeat_interval
 from outbox.relay.worker import (
-    SLOT_NAMESPACE,
     RelayStats,
     SlotContext,
     SlotWorker,

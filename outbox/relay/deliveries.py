@@ -20,6 +20,7 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from outbox import sql
+from outbox.locks import UPKEEP_NAMESPACE
 
 log = logging.getLogger("outbox.relay")
 
@@ -30,7 +31,8 @@ AHEAD_DAYS = 2
 """Daily partitions kept ready past today, so a relay never waits on DDL to record a batch."""
 MAINTENANCE_INTERVAL = 300.0
 """Seconds between partition upkeep runs of one relay (serialised across relays)."""
-LOCK_KEY = 0x6F757476  # 'outv': advisory lock class serialising partition upkeep
+LOCK_KEY = UPKEEP_NAMESPACE
+"""The advisory lock class serialising partition upkeep (``outbox.locks``)."""
 
 _NAME = re.compile(rf"^{TABLE}_p(\d{{8}})$")
 

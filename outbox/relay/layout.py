@@ -21,21 +21,21 @@ from psycopg.errors import UndefinedTable
 
 from outbox import sql
 from outbox.errors import ConfigError, SlotLost, TransientError
+from outbox.locks import (
+    COUNT_NAMESPACE,
+    GUARANTEE_NAMESPACE,
+    GUARD_NAMESPACE,
+    PREFIX_NAMESPACE,
+    STATE_TOPIC_NAMESPACE,
+)
 from outbox.relay.config import Guarantee, RelayConfig
 from outbox.relay.database import ControlSession
 from outbox.relay.marker import MarkerReading, judge_marker
 from outbox.relay.marker_reader import MarkerReader
-from outbox.relay.worker import GUARD_NAMESPACE, RelayStats
+from outbox.relay.worker import RelayStats
 
 log = logging.getLogger("outbox.relay")
 
-COUNT_NAMESPACE = 0x6F757463  # 'outc': shared locks announcing each relay's slot count
-# Shared locks announcing the other settings every relay of one outbox must share: a relay
-# with another prefix or state topic neither fences the others nor reads their markers, and
-# one with another guarantee publishes beside them without the recovery marker.
-PREFIX_NAMESPACE = 0x6F757470  # 'outp': the transactional-id prefix in use
-STATE_TOPIC_NAMESPACE = 0x6F757473  # 'outs': the state topic
-GUARANTEE_NAMESPACE = 0x6F757467  # 'outg': the delivery guarantee
 GUARANTEES = list(Guarantee)
 
 
@@ -81,7 +81,7 @@ class SlotLayout:
 
     def transactional_id(self, slot: int | str) -> str:
         """``<prefix>-<slot>``; the default prefix is unique to this outbox (I9)."""
-        return f"{self.config.tid_prefix(self.outbox_id)}-{slot}"
+        return self.config.transactional_id(slot, self.outbox_id)
 
     def load_identity(self, conn: ControlSession) -> uuid.UUID:
         """This outbox's identity (created by ``outbox migrate``, or here for tables made

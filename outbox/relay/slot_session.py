@@ -18,9 +18,9 @@ from psycopg.rows import tuple_row
 from outbox import sql
 from outbox.db import redact
 from outbox.errors import BatchRollback, DatabaseRefused, SlotLost
+from outbox.locks import GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.relay import deliveries
 from outbox.relay.fences import SlotLockState
-from outbox.relay.locks import GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.relay.marker import Marker, recoverable
 from outbox.relay.rows import Row
 

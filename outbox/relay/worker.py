@@ -25,6 +25,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_ran
 
 from outbox.db import redact
 from outbox.errors import ConfigError, DatabaseRefused, SlotLost, TransientError
+from outbox.locks import GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
 from outbox.relay.batching import jittered, poll_delay
@@ -38,7 +39,6 @@ from outbox.relay.fences import (
     explain_fence,
     foreign_fence_message,
 )
-from outbox.relay.locks import GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.relay.marker import MarkerReading
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.plans import (

@@ -111,6 +111,11 @@ def test_unreachable_server_fails_in_one_line_with_its_own_code() -> None:
         (["--slots", "2", "--processes", "3"], {}, "--processes=3 must be at most --slots=2", ""),
         (["--processes", "3"], {"OUTBOX_SLOTS": "2"}, "at most OUTBOX_SLOTS=2", "--slots"),
         (["--batch-size", "0"], {}, "--batch-size", "OUTBOX_BATCH_SIZE"),
+        (["--poll-interval", "nan"], {}, "--poll-interval=nan", "OUTBOX_POLL_INTERVAL"),
+        ([], {"OUTBOX_POLL_INTERVAL": "inf"}, "OUTBOX_POLL_INTERVAL=inf", "--poll-interval"),
+        (["--missing-topic-timeout", "nan"], {}, "--missing-topic-timeout=nan", ""),
+        (["--missing-topic-timeout", "inf"], {}, "--missing-topic-timeout=inf", ""),
+        (["--slots", "0", "--processes", "2"], {}, "--slots=0", "--processes"),
     ],
 )
 def test_invalid_option_values_fail_in_one_line_naming_where_the_value_came_from(

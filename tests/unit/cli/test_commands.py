@@ -177,3 +177,22 @@ def test_i6_dead_list_and_status_print_any_topic_a_sql_writer_stored_verbatim(to
         }
     )
     assert topic in status
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--max-lag", "inf"],
+        ["demo", "--steady-rate", "inf"],
+        ["demo", "--steady-seconds", "inf"],
+    ],
+)
+def test_i8_cli_only_seconds_and_rates_must_be_finite(args: list[str]) -> None:
+    """Infinity passes a range with no upper bound."""
+    from typer.testing import CliRunner
+
+    from outbox.cli.commands import app
+
+    result = CliRunner().invoke(app, [*args, "--db", "postgresql://u@127.0.0.1:1/x"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert f"Invalid value for '{args[1]}'" in result.output

@@ -205,6 +205,44 @@ def test_i8_cli_consume_refuses_auto_commit() -> None:
     assert "enable.auto.commit=true" in result.output
 
 
+@pytest.mark.parametrize("hours", ["nan", "inf", "-inf", "0", "-1"])
+def test_i8_cli_consume_refuses_a_dedup_window_that_is_not_a_positive_finite_number_of_hours(
+    hours: str,
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "consume",
+            f"{__name__}:Projector",
+            "--db",
+            DB,
+            "--bootstrap-servers",
+            "localhost:9092",
+            "--dedup-window-hours",
+            hours,
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"error: --dedup-window-hours={hours} must be"), line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"purge_interval": float("nan")}, "purge_interval=nan"),
+        ({"purge_interval": float("inf")}, "purge_interval=inf"),
+        ({"poll_timeout": float("nan")}, "poll_timeout=nan"),
+    ],
+)
+def test_i8_consumer_config_refuses_seconds_that_are_not_finite(
+    overrides: dict[str, Any], named: str
+) -> None:
+    _config()  # control
+    with pytest.raises(ConfigError, match=named):
+        _config(**overrides)
+
+
 def test_purge_schedule_runs_at_start_then_every_interval_and_soon_after_a_backlog() -> None:
     schedule = PurgeSchedule(interval=600)
     assert schedule.due(0.0)

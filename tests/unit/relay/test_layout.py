@@ -19,15 +19,14 @@ from psycopg.errors import UndefinedTable
 
 from outbox import sql
 from outbox.errors import ConfigError, SlotLost, TransientError
-from outbox.relay.config import Guarantee, RelayConfig
-from outbox.relay.layout import (
+from outbox.locks import (
     COUNT_NAMESPACE,
     GUARANTEE_NAMESPACE,
-    GUARANTEES,
     PREFIX_NAMESPACE,
     STATE_TOPIC_NAMESPACE,
-    SlotLayout,
 )
+from outbox.relay.config import Guarantee, RelayConfig
+from outbox.relay.layout import GUARANTEES, SlotLayout
 from outbox.relay.marker import Marker
 from outbox.relay.worker import GUARD_NAMESPACE, RelayStats
 
