@@ -8,11 +8,12 @@ partitions to create ahead, which to drop, a key's hash) are pure; ``maintain`` 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,6 +111,33 @@ def batch_params(
         "offsets": [placed[r.id][1] for r in rows],
         "keys": [r.key for r in rows],  # hashed by the server (sql.KEY_HASH_SQL)
     }
+
+
+@contextlib.contextmanager
+def recording(
+    conn: psycopg.Connection[Any],
+    rows: Sequence[_Row],
+    placed: Mapping[int, tuple[int, int]] | None,
+) -> Iterator[None]:
+    """Record the batch while the caller commits its Kafka transaction.
+
+    The INSERT is sent in pipeline mode and the server runs it during the block (the Kafka
+    commit's round trips), instead of before it: the record then costs the batch only what
+    outlasts the commit. Its result is read when the block ends, so an INSERT that failed
+    raises there, after the Kafka commit: the database transaction rolls back and the rows
+    stay in the outbox with their records committed, the case the recovery marker covers
+    (I4), as for a connection lost at the database COMMIT.
+    """
+    if placed is None or not rows:
+        yield
+        return
+    if not psycopg.Pipeline.is_supported():  # libpq before 14: record first, then commit
+        conn.execute(sql.RECORD_DELIVERIES, batch_params(rows, placed), prepare=True)
+        yield
+        return
+    with conn.pipeline():
+        conn.execute(sql.RECORD_DELIVERIES, batch_params(rows, placed), prepare=True)
+        yield
 
 
 def existing_partitions(conn: psycopg.Connection[Any]) -> tuple[list[dt.date], bool]:

@@ -737,7 +737,6 @@ class SlotWorker(threading.Thread):
                 unsent = self.producer.flush(self.context.plan.transaction_timeout)
                 if failures or unsent:
                     raise psycopg.Rollback  # noqa: TRY301 - the rows stay in the outbox
-                self._record_deliveries(rows, placed)
                 self.context.wrote_marker.add(self.slot)
                 marker = Marker.of_batch(
                     self.context.outbox_id,
@@ -752,9 +751,11 @@ class SlotWorker(threading.Thread):
                     value=marker.encode(),
                     partition=self.slot,
                 )
-                self._commit()
-                committed = True
-                self._txn_ended = time.monotonic()
+                # The server records the batch while Kafka commits (deliveries.recording).
+                with self._connection_held(), deliveries.recording(self.conn, rows, placed):
+                    self._commit()
+                    committed = True
+                    self._txn_ended = time.monotonic()
         except KafkaException as exc:
             err = exc.args[0]
             if not committed and err.txn_requires_abort():
