@@ -58,13 +58,16 @@ def top_up(svc: Services, db: Database, size: Size, topic: str, rows: int) -> No
         drain_burst(relay, db, rows, topic=topic, value_bytes=size.value_bytes, seed=1)
 
 
-def verify_rate(svc: Services, db: Database, topic: str) -> tuple[int, float, bool]:
-    """Records read, records/s and whether the topic verified clean, in a fresh process."""
+def verify_rate(svc: Services, db: Database, topic: str) -> tuple[int, float, float, bool]:
+    """Records read, records/s, CPU µs per record (this process: Python and librdkafka's
+    threads; PostgreSQL and the broker not counted) and whether the topic verified clean, in
+    a fresh process. The CPU figure tells a busy machine's waiting from verify's own work."""
     from outbox.cli.delivery import read_verify
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     report = read_verify(db.url, svc.bootstrap_servers, {}, topic, [], None)
-    return report.read, report.read / (time.perf_counter() - started), report.clean
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return report.read, report.read / elapsed, cpu / max(report.read, 1) * 1e6, report.clean
 
 
 def run(svc: Services, size: Size) -> Result:
@@ -92,7 +95,7 @@ def run(svc: Services, size: Size) -> Result:
         on_topic = size.relay_rows * len(rounds) * 2
         if (wanted := VERIFY_RECORDS.get(size.name, 0)) > on_topic:
             isolated(top_up, svc, db, size, topic, wanted - on_topic)
-        read, per_s, clean = isolated(verify_rate, svc, db, topic)
+        read, per_s, cpu_us, clean = isolated(verify_rate, svc, db, topic)
     finally:
         svc.drop(db)
     ratio = median([r["ratio"] for r in rounds])
@@ -101,7 +104,8 @@ def run(svc: Services, size: Size) -> Result:
             f"relay (1 slot) with the delivery record "
             f"{median([r['on_events_per_s'] for r in rounds]):,.0f} events/s vs without "
             f"{median([r['off_events_per_s'] for r in rounds]):,.0f} (ratio {ratio:.2f}); "
-            f"verify read {read:,} records at {per_s:,.0f}/s (clean: {clean})"
+            f"verify read {read:,} records at {per_s:,.0f}/s ({cpu_us:.1f} µs CPU per record; "
+            f"clean: {clean})"
         ),
         value=ratio,
         unit="x throughput, record on / off",
@@ -110,6 +114,7 @@ def run(svc: Services, size: Size) -> Result:
         rounds=rounds,
         verify_records=read,
         verify_records_per_s=round(per_s),
+        verify_cpu_us_per_record=round(cpu_us, 1),
         verify_met=per_s >= VERIFY_TARGET,
         verify_clean=clean,
         verify_target=f">= {VERIFY_TARGET:,.0f} records/s",
