@@ -9,7 +9,8 @@ invariants are not: every committed event of each outbox applied exactly once, n
 nothing from rolled-back transactions, per-key order. The run also fails when the faults did
 not strike what they aim at (a relay recovery, a consumer dedup skip, a relay killed with a
 batch in flight), when too many events were left out of the check, or when it committed too
-little. See docs/chaos.md.
+little, or when the operator's ``outbox verify`` (run as a subprocess on each outbox's topic
+and consumer group) disagrees with the harness's verdict. See docs/chaos.md.
 
 It runs once per broker. ``[tansu]``: the run's own Tansu behind the proxy, whose link is cut.
 ``[kafka]``: the session's 3-node Apache Kafka cluster, where the broker fault SIGKILLs a node
