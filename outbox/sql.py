@@ -434,6 +434,13 @@ SELECT event_id::text AS event_id, id, partition, kafka_offset, key_hash FROM ou
 WHERE topic = %(topic)s AND published_at >= %(since)s ORDER BY id
 """
 
+# Each partition's first recorded offset since a time: where verify starts reading.
+TOPIC_FIRST_OFFSETS = """
+SELECT partition, min(kafka_offset) FROM outbox_deliveries
+WHERE topic = %(topic)s AND published_at >= %(since)s AND partition IS NOT NULL
+GROUP BY partition
+"""
+
 # Which of these events one consumer group applied (its dedup records, I5).
 GROUP_APPLIED = """
 SELECT event_id FROM outbox_processed_events

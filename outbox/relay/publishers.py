@@ -323,10 +323,9 @@ class ExactlyOnce(Publisher):
         batch.unsent = producer.flush(s.plan.transaction_timeout)
 
     def _commit(self, batch: _Batch) -> None:
-        """Record where the batch went, add the marker, commit the Kafka transaction."""
+        """Add the marker, commit the Kafka transaction, and record where the batch went
+        while it commits (the server writes the record during the commit's round trips)."""
         s, producer = self.slot, self._producer()
-        if batch.placed is not None and batch.rows:
-            s.session.record_deliveries(batch.rows, batch.placed)
         s.wrote_marker.add(s.slot)
         marker = Marker.of_batch(
             s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in batch.rows]
@@ -334,16 +333,19 @@ class ExactlyOnce(Publisher):
         producer.produce(
             s.config.state_topic, key=s.tid.encode(), value=marker.encode(), partition=s.slot
         )
-        while True:
-            try:
-                producer.commit_transaction(s.plan.transaction_timeout)
-                break
-            except KafkaException as exc:
-                if exc.args[0].retriable() and not s.stopping():
-                    continue  # librdkafka resumes the same commit
-                raise
-        batch.committed = True
-        s.span.end()
+        # An INSERT the database refuses raises when this block ends, after the Kafka commit:
+        # the rows stay in the outbox with their records committed, which the marker covers.
+        with s.session.recording(batch.rows, batch.placed):
+            while True:
+                try:
+                    producer.commit_transaction(s.plan.transaction_timeout)
+                    break
+                except KafkaException as exc:
+                    if exc.args[0].retriable() and not s.stopping():
+                        continue  # librdkafka resumes the same commit
+                    raise
+            batch.committed = True
+            s.span.end()
 
     def _transaction_failed(self, batch: _Batch, err: Any) -> Exception:
         """The Kafka transaction failed: abort it if it must be, drop the producer either way

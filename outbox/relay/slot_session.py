@@ -122,6 +122,15 @@ class PsycopgSlotSession:
                 sql.RECORD_DELIVERIES, deliveries.batch_params(rows, placed), prepare=True
             )
 
+    @contextlib.contextmanager
+    def recording(
+        self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
+    ) -> Iterator[None]:
+        """The record's INSERT runs on the server during the block (``deliveries.recording``:
+        pipeline mode), so it costs the batch only what outlasts the Kafka commit."""
+        with self._held(), deliveries.recording(self.conn, rows, placed):
+            yield
+
     def bury(self, row_id: int, error: str) -> None:
         """Move a row to the dead table, in a transaction of its own (I6)."""
         with self._held(), self.conn.transaction():

@@ -9,7 +9,8 @@ invariants are not: every committed event of each outbox applied exactly once, n
 nothing from rolled-back transactions, per-key order. The run also fails when the faults did
 not strike what they aim at (a relay recovery, a consumer dedup skip, a relay killed with a
 batch in flight), when too many events were left out of the check, or when it committed too
-little. See docs/chaos.md.
+little, or when the operator's ``outbox verify`` (run as a subprocess on each outbox's topic
+and consumer group) disagrees with the harness's verdict. See docs/chaos.md.
 
 It runs once per broker. ``[tansu]``: the run's own Tansu behind the proxy, whose link is cut.
 ``[kafka]``: the session's 3-node Apache Kafka cluster, where the broker fault SIGKILLs a node
@@ -70,6 +71,26 @@ def _assert_every_event_applied_once(summary: Summary, where: str) -> None:
         assert report["excluded_over_limit"] == report["too_few_committed"] == 0, at
 
 
+def _assert_outbox_verify_agrees(summary: Summary, where: str) -> None:
+    """The real ``outbox verify`` (a subprocess, the operator's command) as a second checker:
+    it exits 0 where the harness found the topic clean; where the broker showed records of
+    aborted transactions (Tansu), it names exactly those extra copies as duplicates."""
+    assert set(summary.verify) == set(summary.outboxes), where
+    for name, verify in summary.verify.items():
+        harness, report = summary.outboxes[name], verify["report"]
+        at = f"{where}, outbox {name}, outbox verify exit {verify['exit']}: {report}"
+        assert report is not None, at
+        assert report["lost"] == [], at
+        if harness["topic_duplicates"] == 0:
+            assert (verify["exit"], report["clean"]) == (0, True), at
+        else:
+            extra = sum(n - 1 for n in report["duplicates"].values())
+            assert (verify["exit"], extra) == (1, harness["topic_duplicates"]), at
+        [group] = report["groups"]
+        assert (group["applied"], group["lag"]) == (report["recorded"], 0), at
+        assert group["unreadable"] == group["passed_unapplied"] == [], at
+
+
 @pytest.mark.both_brokers
 @pytest.mark.timeout(420)
 def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker: Broker) -> None:
@@ -92,6 +113,7 @@ def test_i2_i3_i4_i5_i9_exactly_once_effects_under_chaos(tmp_path: Path, broker:
     where = f"seed {seed}, logs in {summary.log_dir}"
 
     _assert_every_event_applied_once(summary, where)
+    _assert_outbox_verify_agrees(summary, where)
     assert set(summary.outboxes) == ({"a", "b"} if config.second_outbox else {"a"})
     # The run really was chaotic: every kind of fault was scheduled, injected and struck what
     # it aims at (a batch in flight, a recovery, a dedup skip), in the schedule or in the

@@ -22,7 +22,7 @@ from the topic as read by an independent client:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -332,3 +332,67 @@ def check(obs: Observations) -> Report:
             suffix = f" (e.g. {', '.join(shown)})" if shown else ""
             report.failures.append(f"{name}={value}: {meaning}{suffix}")
     return report
+
+
+def cross_check(
+    exit_code: int | None,
+    verify: Mapping[str, Any] | None,
+    harness: Report,
+    copies: Mapping[str, int],
+) -> list[str]:
+    """Where ``outbox verify``'s verdict (its exit code and ``--json`` report, one group)
+    disagrees with the harness's own for one outbox; empty when they agree.
+
+    ``copies``: how often the harness's reader saw each event id on the topic. When the
+    harness found a failure, verify's view is only reported. Every event on the topic must be
+    recorded once and applied by the group; when the topic holds each event once, verify
+    must exit 0 (clean). A broker that shows records of aborted transactions (Tansu) leaves extra
+    copies the harness tolerates; verify must then report exactly those as duplicates (order
+    findings only among them) and nothing else.
+    """
+    if exit_code not in (0, 1) or verify is None:
+        return [f"outbox verify gave no verdict (exit {exit_code})"]
+    if harness.failures:
+        return []
+    out: list[str] = []
+    events = len(copies)
+    if verify["recorded"] != events:
+        out.append(
+            f"outbox verify: {verify['recorded']} events in the delivery record, "
+            f"{events} on the topic"
+        )
+    groups = verify["groups"]
+    if len(groups) != 1:
+        out.append(f"outbox verify reported {len(groups)} groups, asked for one")
+    for g in groups:
+        if (g["applied"], g["lag"], g["unreadable"], g["passed_unapplied"]) != (
+            events,
+            0,
+            [],
+            [],
+        ):
+            out.append(
+                f"outbox verify: group {g['group']} applied {g['applied']} of "
+                f"{events} events on the topic, lag {g['lag']}, "
+                f"{len(g['unreadable'])} unreadable, {len(g['passed_unapplied'])} read past"
+            )
+    if verify["lost"]:
+        out.append(f"outbox verify: {len(verify['lost'])} lost, e.g. {verify['lost'][0]}")
+    extra = {e: n for e, n in sorted(copies.items()) if n > 1}
+    if not extra:
+        if exit_code != 0 or not verify["clean"]:
+            out.append(
+                f"outbox verify exited {exit_code} (clean: {verify['clean']}) on a topic the "
+                f"harness found clean: {len(verify['duplicates'])} duplicated, "
+                f"{len(verify['order_violations'])} out of order"
+            )
+        return out
+    if verify["duplicates"] != extra:
+        out.append(
+            f"outbox verify: duplicates {len(verify['duplicates'])} events, the harness saw "
+            f"{len(extra)} with extra copies (aborted transactions shown by the broker)"
+        )
+    stray = [v for v in verify["order_violations"] if v["event_id"] not in extra]
+    if stray:
+        out.append(f"outbox verify: out of key order outside the extra copies, e.g. {stray[0]}")
+    return out

@@ -59,7 +59,15 @@ from outbox import publish
 from outbox.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError, free_port
 from outbox.embedded.kafka_cluster import KafkaCluster, create_topic
 from outbox.migrate import upgrade
-from tests.chaos.checker import Effect, Observations, Report, TopicRecord, Written, check
+from tests.chaos.checker import (
+    Effect,
+    Observations,
+    Report,
+    TopicRecord,
+    Written,
+    check,
+    cross_check,
+)
 from tests.chaos.faults import (
     Action,
     Aim,
@@ -805,6 +813,52 @@ def consumer_command(svc: Services, config: ChaosConfig, spec: OutboxSpec) -> li
 
 # --------------------------------------------------------------------------- reading back
 
+VERIFY_TIMEOUT = 120.0
+"""Seconds ``outbox verify`` may take on a run's topic (a thousand-odd records: seconds)."""
+
+
+def verify_command(svc: Services, spec: OutboxSpec, config: ChaosConfig) -> list[str]:
+    """``outbox verify`` of the outbox's topic and consumer group, as an operator runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "outbox.cli",
+        "verify",
+        "--db",
+        _url(svc, spec),
+        "-b",
+        svc.bootstrap,
+        "--topic",
+        spec.topic,
+        "--group",
+        f"chaos-{spec.name}-{config.seed}",
+        "--json",
+    ]
+
+
+def start_verify(svc: Services, spec: OutboxSpec, config: ChaosConfig, log_dir: Path) -> Any:
+    """Start ``outbox verify`` (it runs while the harness reads the topic itself)."""
+    with (log_dir / f"verify-{spec.name}.err").open("w") as err:
+        return subprocess.Popen(
+            verify_command(svc, spec, config), stdout=subprocess.PIPE, stderr=err, text=True
+        )
+
+
+def finish_verify(proc: Any, log_dir: Path, name: str) -> tuple[int | None, dict[str, Any] | None]:
+    """Its exit code and ``--json`` report (None: killed at the timeout, or no JSON)."""
+    try:
+        out, _ = proc.communicate(timeout=VERIFY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None, None
+    (log_dir / f"verify-{name}.json").write_text(out)
+    try:
+        report = json.loads(out)
+    except ValueError:
+        return proc.returncode, None
+    return proc.returncode, report if isinstance(report, dict) else None
+
 
 class Probe:
     """A monitoring connection that survives PostgreSQL restarts (None while it is down)."""
@@ -1085,6 +1139,9 @@ class Summary:
     process_logs: dict[str, int]
     outboxes: dict[str, dict[str, Any]]
     log_dir: str | None
+    verify: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per outbox, ``outbox verify``'s exit code and report (a second checker: where it
+    disagrees with the harness, ``failures`` says so)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1154,6 +1211,7 @@ class Run:
         self.consumer_substitutes: dict[int, int] = {}
         """The same for consumers."""
         self.window_dir = Path(tempfile.mkdtemp(prefix="outbox-chaos-window-"))
+        self.verify: dict[str, dict[str, Any]] = {}
 
     def execute(self) -> Summary:
         config = self.config
@@ -1224,10 +1282,28 @@ class Run:
                     service.relays.stop(config.stop_timeout)
                 self.phases["stop"] = time.monotonic() - t
                 t = time.monotonic()
-                for service in self.services:
-                    obs, unread = collect(svc, service.spec, service.ledger)
-                    reports[service.spec.name] = check(obs)
-                    self.failures += [f"outbox {service.spec.name}: {u}" for u in unread]
+                verifying = {
+                    s.spec.name: start_verify(svc, s.spec, config, log_dir) for s in self.services
+                }
+                try:
+                    copies: dict[str, Counter[str]] = {}
+                    for service in self.services:
+                        obs, unread = collect(svc, service.spec, service.ledger)
+                        reports[service.spec.name] = check(obs)
+                        copies[service.spec.name] = Counter(r.event_id for r in obs.topic)
+                        self.failures += [f"outbox {service.spec.name}: {u}" for u in unread]
+                    for name, proc in verifying.items():
+                        code, report = finish_verify(proc, log_dir, name)
+                        self.verify[name] = {"exit": code, "report": report}
+                        self.failures += [
+                            f"outbox {name}: {d} (logs: verify-{name}.*)"
+                            for d in cross_check(code, report, reports[name], copies[name])
+                        ]
+                finally:
+                    for proc in verifying.values():
+                        if proc.poll() is None:
+                            proc.kill()
+                            proc.wait()
                 self.phases["check"] = time.monotonic() - t
                 if not settled:
                     self.failures.append(
@@ -1677,6 +1753,7 @@ class Run:
             process_logs=logs,
             outboxes={name: r.as_dict() for name, r in reports.items()},
             log_dir=str(log_dir),
+            verify=self.verify,
         )
 
 

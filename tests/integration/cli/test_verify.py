@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -204,3 +204,31 @@ def test_i5_records_deleted_before_a_group_read_them_are_unreadable_for_that_gro
     [g] = report["groups"]
     assert set(g["unreadable"]) == gone
     assert g["lag"] == 3
+
+
+def test_i2_since_reads_the_topic_from_that_time_not_from_its_start(
+    broker: Broker,
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Relay],
+) -> None:
+    """``--since 1h`` reads only the last hour of the topic (offsets_for_times): the records
+    of older events (written and recorded two days ago) are neither read nor reported."""
+    old = _published(engine, topic, 10)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox_events SET created_at = now() - interval '2 days'"))
+    drain()
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox_deliveries SET published_at = now() - interval '2 days'"))
+    new = _published(engine, topic, 10)
+    drain()
+    code, report = _verify(database_url, bootstrap_servers, topic, "--since", "1h")
+    assert (code, report["clean"], report["recorded"]) == (0, True, len(new))
+    if broker.name == "tansu":  # Tansu answers a lookup by time with the partition's start
+        assert (report["read"], report["unrecorded"]) == (20, len(old))
+    else:
+        assert (report["read"], report["unrecorded"]) == (len(new), 0)
+    code, whole = _verify(database_url, bootstrap_servers, topic)
+    assert (code, whole["recorded"], whole["read"]) == (0, len(old) + len(new), 20)

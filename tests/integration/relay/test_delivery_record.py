@@ -19,8 +19,8 @@ from outbox.relay import Relay
 from outbox.relay.deliveries import key_hash, maintain, partition_name
 from outbox.relay.marker import Marker
 from outbox.relay.worker import delete_recovered
-from tests.conftest import _libpq
-from tests.support import KafkaReader
+from tests.conftest import RelayHandle, _libpq
+from tests.support import KafkaReader, assert_exactly_once, wait_for
 
 
 def _connect(database_url: str) -> psycopg.Connection[dict[str, Any]]:
@@ -31,6 +31,12 @@ def _deliveries(database_url: str) -> dict[str, dict[str, Any]]:
     with _connect(database_url) as conn:
         rows = conn.execute("SELECT * FROM outbox_deliveries ORDER BY id").fetchall()
     return {str(r["event_id"]): r for r in rows}
+
+
+def _pending(database_url: str) -> int:
+    with _connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) AS n FROM outbox_events").fetchone()
+    return int(row["n"]) if row else -1
 
 
 def _partitions(database_url: str) -> set[str]:
@@ -162,3 +168,45 @@ def test_i12_upkeep_gives_up_on_a_lock_held_by_a_batch_instead_of_queueing_batch
             assert time.monotonic() - started < 10
         assert maintain(upkeep, retention_days=7, now=now) is not None  # next turn drops it
     assert expired not in _partitions(database_url)
+
+
+REFUSE_FIRST_RECORD = """
+CREATE SEQUENCE refused_records;
+CREATE FUNCTION refuse_first_record() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF nextval('refused_records') = 1 THEN  -- outlives the rollback: refuses once
+    RAISE EXCEPTION 'outbox_deliveries refused once';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER refuse_first_record BEFORE INSERT ON outbox_deliveries
+FOR EACH STATEMENT EXECUTE FUNCTION refuse_first_record();
+"""
+
+
+def test_i4_a_delivery_record_refused_during_the_kafka_commit_publishes_each_event_once(
+    engine: Engine,
+    database_url: str,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+) -> None:
+    """The record's INSERT runs while Kafka commits: when the database refuses it, the
+    batch is already on the topic and its rows are still in the outbox. The recovery marker
+    deletes them (recording them without a place) instead of publishing them again."""
+    with _connect(database_url) as conn:
+        conn.execute(REFUSE_FIRST_RECORD)
+    with Session(engine) as session, session.begin():
+        ids = [str(publish(session, topic=topic, key="k", value=b"v")) for _ in range(10)]
+    handle = start_relay(slots=1)
+    wait_for(lambda: not _pending(database_url), timeout=60, what="the outbox drained")
+    handle.stop()
+    assert_exactly_once(kafka.read(topic, 10), ids)
+    recorded = _deliveries(database_url)
+    assert set(recorded) == set(ids)
+    with _connect(database_url) as conn:
+        refused = conn.execute("SELECT last_value FROM refused_records").fetchone()
+    assert refused is not None
+    assert refused["last_value"] >= 2  # refused once, then accepted
+    assert handle.relay.stats.recovered == 10
+    assert all(r["partition"] is None for r in recorded.values())

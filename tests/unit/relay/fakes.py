@@ -201,6 +201,14 @@ class FakeSession:
     def record_deliveries(self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]]) -> None:
         self.recorded.extend(r.id for r in rows if r.id in placed)
 
+    @contextlib.contextmanager
+    def recording(
+        self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
+    ) -> Iterator[None]:
+        yield
+        if placed is not None:
+            self.record_deliveries(rows, placed)
+
     def bury(self, row_id: int, error: str) -> None:
         self.dead[row_id] = error
         self.delete([row_id])

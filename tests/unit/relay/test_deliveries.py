@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
 
 from outbox.relay.deliveries import (
+    INT8,
+    Packed,
     batch_params,
     day_start,
     key_hash,
+    pack_ints,
+    packed_params,
     partition_day,
     partition_name,
     plan_partitions,
@@ -81,3 +87,27 @@ def test_batch_params_put_each_event_at_its_delivery_reports_place() -> None:
         "offsets": [7, 42],
         "keys": [b"k", None],
     }
+
+
+def _load(packed: Packed) -> Any:
+    """What PostgreSQL's binary array receive would read (psycopg's own binary loader)."""
+    loader = Transformer().get_loader(packed.oid, Format.BINARY)
+    return loader.load(packed.data)
+
+
+def test_i2_pre_encoded_arrays_read_back_as_the_batchs_values() -> None:
+    """The record's arrays are built in PostgreSQL's binary format by hand; psycopg's binary
+    loaders read each back as the values it was built from (NULL keys, repeated topics,
+    the extremes of each integer type)."""
+    ids = [uuid.uuid4(), uuid.uuid4(), uuid.uuid4()]
+    params: dict[str, list[Any]] = {
+        "event_ids": ids,
+        "ids": [1, 2**63 - 1, 3],
+        "topics": ["orders", "orders", "payments.é"],
+        "partitions": [0, 2**31 - 1, -1],
+        "offsets": [0, 2**62, 7],
+        "keys": [b"k", None, b""],
+    }
+    packed = packed_params(params)
+    assert {name: _load(p) for name, p in packed.items()} == params
+    assert _load(pack_ints([], INT8)) == []
