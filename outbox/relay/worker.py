@@ -29,6 +29,7 @@ from outbox.errors import ConfigError, SlotLost, TransientError
 from outbox.logs import librdkafka_logger
 from outbox.partitioner import shards_of_slot
 from outbox.relay import deliveries
+from outbox.relay.abort_probe import aborts_hidden
 from outbox.relay.batching import claim_ahead, jittered, poll_delay
 from outbox.relay.classify import TopicHolds, Verdict, classify, config_fix, reached, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
@@ -225,9 +226,9 @@ class SlotWorker(threading.Thread):
         self._fatal: Any = None  # a fatal error librdkafka reported through error_cb
         self._ended = threading.Event()  # the worker is closing: its heartbeat stops
         self._placed: dict[int, tuple[int, int]] | None = None  # the batch's delivery places
-        self._empty_marker = Marker.of_batch(
-            context.outbox_id, self.tid, slot, self.config.slots, ()
-        ).encode()
+        # The broker hides aborted transactions: the marker goes out with the records
+        # (abort_probe; learned with the first producer, None: not yet known).
+        self._marker_with_records: bool | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -304,6 +305,8 @@ class SlotWorker(threading.Thread):
         if self.producer is None:
             self._start_producer()
             self._needs_recovery = self.transactional
+            if self.transactional and self._marker_with_records is None:
+                self._probe_aborts()
         if self._needs_recovery:
             self._recover()
             self._needs_recovery = False
@@ -417,6 +420,20 @@ class SlotWorker(threading.Thread):
                     ):
                         raise SlotLost(f"init_transactions failed: {err}") from None
                     log.warning("slot %d: init_transactions: %s; retrying", self.slot, err)
+
+    def _probe_aborts(self) -> None:
+        try:
+            self._marker_with_records = aborts_hidden(
+                self.producer,
+                self.context.plan.connection,
+                self.config.state_topic,
+                self.slot,
+                self.tid.encode(),
+                timeout=min(10.0, self.context.plan.transaction_timeout),
+            )
+        except KafkaException as exc:
+            self._discard_producer()
+            raise TransientError(f"probing how the broker shows aborts: {exc.args[0]}") from None
 
     def _on_error(self, err: KafkaError) -> None:
         """librdkafka's client-wide errors: logged once per repeat window; a fatal one
@@ -730,40 +747,21 @@ class SlotWorker(threading.Thread):
                 self._delete_rows(ids)
                 self.producer.begin_transaction()
                 self._txn_begun, self._txn_ended = time.monotonic(), None
-                # An empty marker first: the state partition joins the transaction with the
-                # records instead of after the flush (a replicated write on Apache Kafka).
-                # Naming no event, it deletes nothing even where an abort stays visible.
-                self.context.wrote_marker.add(self.slot)
-                self.producer.produce(
-                    self.config.state_topic,
-                    key=self.tid.encode(),
-                    value=self._empty_marker,
-                    partition=self.slot,
-                )
                 self._produce(rows, failures, acked)
+                if self._marker_with_records:  # no round trip after the flush (abort_probe)
+                    self._produce_marker(rows)
                 if claim_ahead(len(rows), self.config.batch_size, self._stopping()):
                     ahead = self._claim()
-                # The marker goes out only once every record of the batch is acknowledged. On
-                # a broker that shows aborted transactions (Tansu), a marker can then never
-                # name a row whose record is missing, so recovery cannot delete an unpublished
-                # row.
+                # Elsewhere the marker goes out only once every record of the batch is
+                # acknowledged: on a broker that shows aborted transactions (Tansu), a marker
+                # can then never name a row whose record is missing, so recovery cannot delete
+                # an unpublished row.
                 unsent = self.producer.flush(self.context.plan.transaction_timeout)
                 if failures or unsent:
                     raise psycopg.Rollback  # noqa: TRY301 - the rows stay in the outbox
                 self._record_deliveries(rows, placed)
-                marker = Marker.of_batch(
-                    self.context.outbox_id,
-                    self.tid,
-                    self.slot,
-                    self.config.slots,
-                    [(r.id, r.event_id) for r in rows],
-                )
-                self.producer.produce(
-                    self.config.state_topic,
-                    key=self.tid.encode(),
-                    value=marker.encode(),
-                    partition=self.slot,
-                )
+                if not self._marker_with_records:
+                    self._produce_marker(rows)
                 self._commit()
                 committed = True
                 self._txn_ended = time.monotonic()
@@ -805,6 +803,22 @@ class SlotWorker(threading.Thread):
         self._ahead = ahead
         self.holds.succeeded({r.topic for r in rows})
         self.context.stats.add(published=len(rows), batches=1)
+
+    def _produce_marker(self, rows: list[Row]) -> None:
+        self.context.wrote_marker.add(self.slot)
+        marker = Marker.of_batch(
+            self.context.outbox_id,
+            self.tid,
+            self.slot,
+            self.config.slots,
+            [(r.id, r.event_id) for r in rows],
+        )
+        self.producer.produce(
+            self.config.state_topic,
+            key=self.tid.encode(),
+            value=marker.encode(),
+            partition=self.slot,
+        )
 
     @property
     def _txn_open(self) -> bool:
