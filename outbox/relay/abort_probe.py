@@ -14,6 +14,7 @@ safe order.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -26,6 +27,10 @@ PROBE_KEY_SUFFIX = b":abort-probe"
 compaction never lets it shadow a marker."""
 
 
+_ANSWERS: dict[str, bool] = {}
+_ANSWERS_LOCK = threading.Lock()
+
+
 def aborts_hidden(
     producer: Any,
     connection: Mapping[str, str],
@@ -34,13 +39,36 @@ def aborts_hidden(
     key: bytes,
     *,
     timeout: float = 30.0,
+    remember_as: str | None = None,
 ) -> bool:
     """Abort a transaction holding one empty record on ``topic``/``partition`` and read it back.
 
     ``producer`` is a transactional producer with no transaction open (its
     ``init_transactions`` done); the probe's transaction is always aborted before this
     returns or raises (I12). Raises ``KafkaException`` when the broker refused the probe.
+    With ``remember_as`` (the bootstrap servers), a clear answer is kept for the process:
+    a slot taken over again starts without a probe.
     """
+    if remember_as is not None:
+        with _ANSWERS_LOCK:
+            if remember_as in _ANSWERS:
+                return _ANSWERS[remember_as]
+    hidden = _probe(producer, connection, topic, partition, key, timeout)
+    if remember_as is not None and hidden is not None:
+        with _ANSWERS_LOCK:
+            _ANSWERS[remember_as] = hidden
+    return bool(hidden)
+
+
+def _probe(
+    producer: Any,
+    connection: Mapping[str, str],
+    topic: str,
+    partition: int,
+    key: bytes,
+    timeout: float,
+) -> bool | None:
+    """True: hidden; False: shown; None: no clear answer."""
     offsets: list[int] = []
 
     def delivered(err: KafkaError | None, msg: Message) -> None:
@@ -57,14 +85,15 @@ def aborts_hidden(
     finally:
         producer.abort_transaction(timeout)
     if not offsets:
-        return False
-    return not _visible(connection, topic, partition, offsets[0], timeout)
+        return None
+    visible = _visible(connection, topic, partition, offsets[0], timeout)
+    return None if visible is None else not visible
 
 
 def _visible(
     connection: Mapping[str, str], topic: str, partition: int, offset: int, timeout: float
-) -> bool:
-    """Whether a ``read_committed`` reader gets the record at ``offset``; True if unsure.
+) -> bool | None:
+    """Whether a ``read_committed`` reader gets the record at ``offset``; None if unsure.
 
     Hidden means the reader moved past it: the abort's control record is written after
     ``abort_transaction`` returns, and until then the reader only waits at ``offset``.
@@ -91,10 +120,10 @@ def _visible(
             if err is None:
                 return int(msg.offset() or 0) <= offset
             if err.code() != KafkaError._PARTITION_EOF:
-                return True
+                return None
             [where] = consumer.position([TopicPartition(topic, partition)])
             if where.offset > offset:
                 return False
-        return True
+        return None
     finally:
         consumer.close()

@@ -430,6 +430,7 @@ class SlotWorker(threading.Thread):
                 self.slot,
                 self.tid.encode(),
                 timeout=min(10.0, self.context.plan.transaction_timeout),
+                remember_as=self.context.plan.settings.get("bootstrap.servers"),
             )
         except KafkaException as exc:
             self._discard_producer()
