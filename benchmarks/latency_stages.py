@@ -376,6 +376,11 @@ def run(svc: Services, size: Size) -> Result:
     finally:
         engine.dispose()
         svc.drop(db)
+    return summary(phases)
+
+
+def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
+    """The figure: each rate's relay beside its floor, the largest stages, the load verdict."""
     lines, met, worst = [], True, None
     for rate in RATES:
         floor, relay = phases.get(f"floor / {rate}/s"), phases.get(f"relay / {rate}/s")
@@ -389,9 +394,18 @@ def run(svc: Services, size: Size) -> Result:
         lines.append(
             f"{rate}/s: commit->handler p50/p99 {_p(relay, 'handler', 'p50_ms')}/"
             f"{_p(relay, 'handler', 'p99_ms')} ms vs floor {_p(floor, 'handler', 'p50_ms')}/"
-            f"{_p(floor, 'handler', 'p99_ms')} ms (+{over50:.1f}/+{over:.1f} ms); "
-            f"commit->Kafka commit p50 {_p(relay, 'kafka_commit', 'p50_ms')} ms, "
-            f"->readable p50 {_p(relay, 'readable', 'p50_ms')} ms"
+            f"{_p(floor, 'handler', 'p99_ms')} ms ({over50:+.1f}/{over:+.1f} ms); "
+            f"commit->readable p50/p99 {_p(relay, 'readable', 'p50_ms')}/"
+            f"{_p(relay, 'readable', 'p99_ms')} ms vs floor {_p(floor, 'readable', 'p50_ms')}/"
+            f"{_p(floor, 'readable', 'p99_ms')} ms; commit->Kafka commit p50 "
+            f"{_p(relay, 'kafka_commit', 'p50_ms')} ms; the largest relay stages at p50: "
+            + ", ".join(
+                f"{name} {stats['p50_ms']}"
+                for name, stats in sorted(
+                    relay["steps"].items(), key=lambda kv: -float(kv[1]["p50_ms"])
+                )[:3]
+            )
+            + " ms"
             + (
                 f"; TOO BUSY ({', '.join(busy)}: strangers > {BUSY_OTHERS:.0%} of cores)"
                 if busy
