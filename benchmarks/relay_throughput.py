@@ -31,6 +31,7 @@ from benchmarks.harness import (
     figure,
     fill_outbox,
     isolated,
+    load_during,
     machine_cpu_seconds,
     median,
     quiet_logging,
@@ -134,45 +135,60 @@ def _median_of(rounds: list[dict[str, Any]], name: str) -> float:
     return round(median([r[name] for r in rounds]), 3)
 
 
+def measure_rounds(
+    svc: Services,
+    db: Database,
+    size: Size,
+    topic: str,
+    records: list[RawRecord],
+    settings: dict[str, Any],
+    rounds: list[dict[str, Any]],
+) -> None:
+    """Interleaved rounds: both raw producers, then the relay, on the same records."""
+    for _ in range(size.relay_rounds):
+        raw_txn = isolated(
+            raw_producer_run,
+            records,
+            settings,
+            topic=f"{topic}.raw",
+            batch_size=size.batch_size,
+        )
+        raw_idem = isolated(raw_idempotent_run, records, settings, topic=f"{topic}.raw")
+        raw = max(raw_txn, raw_idem, key=lambda d: d.events_per_s)
+        relay = relay_rate(svc, db, size, slots=1, topic=topic)
+        rounds.append(
+            {
+                "relay_events_per_s": round(relay.events_per_s),
+                "raw_events_per_s": round(raw.events_per_s),
+                "raw_transactional_events_per_s": round(raw_txn.events_per_s),
+                "raw_idempotent_events_per_s": round(raw_idem.events_per_s),
+                "ratio": round(relay.events_per_s / raw.events_per_s, 3),
+                "relay_cpu_us_per_event": round(relay.cpu_us_per_event, 1),
+                "raw_cpu_us_per_event": round(raw.cpu_us_per_event, 1),
+                "relay_machine_cpu_us_per_event": round(relay.machine_cpu_us_per_event, 1),
+                "raw_machine_cpu_us_per_event": round(raw.machine_cpu_us_per_event, 1),
+                # What the ratio could be if the path were CPU-bound on this machine alone.
+                "cpu_bound_ratio": round(
+                    raw.machine_cpu_us_per_event / relay.machine_cpu_us_per_event, 3
+                ),
+                "relay_startup_s": round(relay.startup_s, 3),
+            }
+        )
+
+
 def run(svc: Services, size: Size) -> Result:
     db = svc.database("throughput")
     topic = f"bench.throughput.{uuid.uuid4().hex[:6]}"
     create_topics(svc, topic, f"{topic}.raw")
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     try:
         records = raw_records(db, size, topic=topic)
         settings = raw_settings(db, svc)
-        for _ in range(size.relay_rounds):
-            raw_txn = isolated(
-                raw_producer_run,
-                records,
-                settings,
-                topic=f"{topic}.raw",
-                batch_size=size.batch_size,
-            )
-            raw_idem = isolated(raw_idempotent_run, records, settings, topic=f"{topic}.raw")
-            raw = max(raw_txn, raw_idem, key=lambda d: d.events_per_s)
-            relay = relay_rate(svc, db, size, slots=1, topic=topic)
-            rounds.append(
-                {
-                    "relay_events_per_s": round(relay.events_per_s),
-                    "raw_events_per_s": round(raw.events_per_s),
-                    "raw_transactional_events_per_s": round(raw_txn.events_per_s),
-                    "raw_idempotent_events_per_s": round(raw_idem.events_per_s),
-                    "ratio": round(relay.events_per_s / raw.events_per_s, 3),
-                    "relay_cpu_us_per_event": round(relay.cpu_us_per_event, 1),
-                    "raw_cpu_us_per_event": round(raw.cpu_us_per_event, 1),
-                    "relay_machine_cpu_us_per_event": round(relay.machine_cpu_us_per_event, 1),
-                    "raw_machine_cpu_us_per_event": round(raw.machine_cpu_us_per_event, 1),
-                    # What the ratio could be if the path were CPU-bound on this machine alone.
-                    "cpu_bound_ratio": round(
-                        raw.machine_cpu_us_per_event / relay.machine_cpu_us_per_event, 3
-                    ),
-                    "relay_startup_s": round(relay.startup_s, 3),
-                }
-            )
+        with load_during() as load:
+            measure_rounds(svc, db, size, topic, records, settings, rounds)
     finally:
         svc.drop(db)
+    busy = " TOO BUSY: other processes held more than a quarter of the cores." * load["too_busy"]
     ratio = median([r["ratio"] for r in rounds])
     return figure(
         summary=(
@@ -187,7 +203,7 @@ def run(svc: Services, size: Size) -> Result:
             f"CPU of the whole machine per event "
             f"{_median_of(rounds, 'relay_machine_cpu_us_per_event')} us (relay path: relay, "
             f"PostgreSQL, broker) vs {_median_of(rounds, 'raw_machine_cpu_us_per_event')} us "
-            f"(raw): {_median_of(rounds, 'cpu_bound_ratio')} if CPU-bound here"
+            f"(raw): {_median_of(rounds, 'cpu_bound_ratio')} if CPU-bound here.{busy}"
         ),
         value=ratio,
         unit="relay / raw",
@@ -198,4 +214,5 @@ def run(svc: Services, size: Size) -> Result:
         batch_size=size.batch_size,
         profile="throughput",
         rounds=rounds,
+        load=load,
     )
