@@ -140,8 +140,11 @@ class Writers:
             proc.start()
             self.pipes.append(here)
             self.procs.append(proc)
+        # 64 interpreters importing SQLAlchemy on 2 shared cores take minutes: one deadline for
+        # all of them, growing with their number.
+        deadline = time.monotonic() + 60 + 5 * count
         for pipe in self.pipes:
-            if self._recv(pipe, timeout=120) != "ready":
+            if self._recv(pipe, timeout=max(1.0, deadline - time.monotonic())) != "ready":
                 raise RuntimeError("writer failed to start")
 
     def _recv(self, pipe: Connection, *, timeout: float) -> Any:
