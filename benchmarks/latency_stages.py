@@ -381,7 +381,7 @@ def run(svc: Services, size: Size) -> Result:
 
 def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
     """The figure: each rate's relay beside its floor, the largest stages, the load verdict."""
-    lines, met, worst = [], True, None
+    lines, met, worst, void = [], True, None, False
     for rate in RATES:
         floor, relay = phases.get(f"floor / {rate}/s"), phases.get(f"relay / {rate}/s")
         if floor is None or relay is None:
@@ -391,6 +391,7 @@ def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
         worst = over if worst is None else max(worst, over)
         met = met and over <= TARGET_MS
         busy = [n for n, p in (("floor", floor), ("relay", relay)) if p["load"]["too_busy"]]
+        void = void or bool(busy)
         lines.append(
             f"{rate}/s: commit->handler p50/p99 {_p(relay, 'handler', 'p50_ms')}/"
             f"{_p(relay, 'handler', 'p99_ms')} ms vs floor {_p(floor, 'handler', 'p50_ms')}/"
@@ -417,7 +418,8 @@ def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
         value=None if worst is None else round(worst, 1),
         unit="ms p99 commit->handler over the floor's (worst rate)",
         target=f"<= {TARGET_MS:.0f} ms over the floor at p99, 50/s and 1000/s",
-        met=met if worst is not None else None,
+        # Not judged when strangers held the cores: the figures then measure waiting for one.
+        met=met if worst is not None and not void else None,
         phases=phases,
     )
 
