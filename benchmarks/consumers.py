@@ -128,18 +128,27 @@ class ArrivalReader(threading.Thread):
     from the consumer's batching. ``assign`` from the end, no group join.
     """
 
-    def __init__(self, engine: Engine, bootstrap_servers: str, topic: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        bootstrap_servers: str,
+        topic: str,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(name="bench-arrivals", daemon=True)
         self.engine = engine
         self.stop = threading.Event()
         self.ready = threading.Event()
+        # ``settings``: the consumer under test's own (fetch settings included), so that
+        # readable -> handler is the consumer's work, not a difference in fetching.
+        fetch = {"fetch.wait.max.ms": "5"} if settings is None else settings
         self.consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap_servers,
                 "group.id": "bench-arrivals",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
-                "fetch.wait.max.ms": 5,
+                **fetch,
             }
         )
         md = self.consumer.list_topics(topic, timeout=30)
@@ -187,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--poll-timeout", type=float, default=1.0)
     parser.add_argument("-X", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--reader-uses-settings",
+        action="store_true",
+        help="the arrival reader fetches with the -X settings (default: fetch.wait.max.ms=5)",
+    )
     args = parser.parse_args(argv)
     engine = create_engine(args.db, pool_size=2)
     stop = threading.Event()
@@ -194,7 +208,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         if args.role == "arrivals":
-            reader = ArrivalReader(engine, args.bootstrap_servers, args.topic)
+            given = dict(kv.split("=", 1) for kv in args.settings)
+            reader = ArrivalReader(
+                engine,
+                args.bootstrap_servers,
+                args.topic,
+                given if args.reader_uses_settings else None,
+            )
             reader.stop = stop
             reader.run()
             return

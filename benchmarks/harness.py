@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -101,7 +102,7 @@ SIZES: dict[str, Size] = {
     ),
     "default": Size(
         name="default",
-        write_concurrency=(1, 16),
+        write_concurrency=(1, 16, 64),
         write_rounds=5,
         write_seconds=1.5,
         relay_rows=30_000,
@@ -120,7 +121,7 @@ SIZES: dict[str, Size] = {
     ),
     "full": Size(
         name="full",
-        write_concurrency=(1, 16),
+        write_concurrency=(1, 16, 64),
         write_rounds=7,
         write_seconds=2.0,
         relay_rows=100_000,
@@ -500,6 +501,68 @@ def machine_busy(processes: Mapping[str, int] | None = None) -> Iterator[dict[st
     out["this_process"] = (time.process_time() - own) / capacity
     for name, pid in pids.items():
         out[name] = (process_cpu_seconds(pid) - before[name]) / capacity
+
+
+BUSY_OTHERS = 0.25
+"""A phase where processes outside this run used more than this share of all cores is void:
+its figures measure waiting for a core, not the code."""
+EXTRA_ROOTS: list[int] = []
+"""Processes (and their children) that count as this run's besides this process's own
+children: servers started elsewhere for this run (none when ``benchmarks.run`` starts them)."""
+
+
+def _descendants(root: int) -> set[int]:
+    """``root`` and every live process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _tree_cpu_seconds(pids: set[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            # utime, stime and the reaped children's (a spawned helper that ended counts)
+            total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@contextlib.contextmanager
+def load_during(extra_roots: Sequence[int] = ()) -> Iterator[dict[str, Any]]:
+    """The machine's load during the block: all cores' busy share, and the strangers' share.
+
+    "Ours" is this process and its descendants (the relay, the consumers, and the
+    servers when this run started them) plus ``extra_roots`` and theirs.
+    """
+    out: dict[str, Any] = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    roots = [os.getpid(), *EXTRA_ROOTS, *extra_roots]
+    ours_before = set().union(*(_descendants(r) for r in roots))
+    wall, machine = time.perf_counter(), machine_cpu_seconds()
+    cpu_before = _tree_cpu_seconds(ours_before)
+    yield out
+    ours = set().union(*(_descendants(r) for r in roots))
+    capacity = (time.perf_counter() - wall) * (os.cpu_count() or 1)
+    used = machine_cpu_seconds() - machine
+    # Processes of ours that started during the block count from zero; ones that ended are
+    # lost from the sum (a slight over-count of strangers, on the safe side).
+    ours_used = _tree_cpu_seconds(ours) - cpu_before
+    out["cores_busy"] = round(used / capacity, 3)
+    out["others_share"] = round(max(0.0, used - ours_used) / capacity, 3)
+    out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    out["too_busy"] = out["others_share"] > BUSY_OTHERS
 
 
 # -- small utilities ---------------------------------------------------------------------

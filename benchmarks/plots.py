@@ -71,7 +71,7 @@ def _relay_throughput(ax: Any, data: dict[str, Any]) -> None:
     rounds = data["rounds"]
     relay = sum(r["relay_events_per_s"] for r in rounds) / len(rounds)
     raw = sum(r["raw_events_per_s"] for r in rounds) / len(rounds)
-    _bars(ax, ["raw transactional producer", "relay, 1 slot"], [raw, relay], "events/s")
+    _bars(ax, ["best raw producer", "relay, 1 slot"], [raw, relay], "events/s")
 
 
 def _relay_scaling(ax: Any, data: dict[str, Any]) -> None:
@@ -140,12 +140,28 @@ def _delivery_record(ax: Any, data: dict[str, Any]) -> None:
     _bars(ax, ["relay, no record", "relay, delivery record"], [off, on], "events/s")
 
 
+def _stages(ax: Any, data: dict[str, Any]) -> None:
+    """One stacked bar per phase: the p50 of each stage, commit (or hand-over) to handler."""
+    phases = data["phases"]
+    names = list(phases)
+    steps = list(dict.fromkeys(s for p in phases.values() for s in p["steps"]))
+    bottoms = [0.0] * len(names)
+    for step in steps:
+        values = [max(0.0, p["steps"].get(step, {}).get("p50_ms", 0.0)) for p in phases.values()]
+        ax.barh(names, values, left=bottoms, label=step)
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    ax.set_xlabel("ms, p50 of each stage (stacked)")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=6)
+
+
 PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
     "write_overhead": _write_overhead,
     "relay_throughput": _relay_throughput,
     "relay_scaling": _relay_scaling,
     "backlog_independence": _backlog,
     "end_to_end_latency": _latency,
+    "latency_stages": _stages,
     "consumer_overhead": _consumer,
     "relay_memory": _memory,
     "delivery_record": _delivery_record,

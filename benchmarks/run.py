@@ -28,6 +28,7 @@ from benchmarks import (
     consumer_overhead,
     delivery_record,
     end_to_end_latency,
+    latency_stages,
     relay_memory,
     relay_scaling,
     relay_throughput,
@@ -48,6 +49,7 @@ from benchmarks.harness import (
 FIGURES: dict[str, Callable[[Services, Size], Result]] = {
     "write_overhead": write_overhead.run,
     "end_to_end_latency": end_to_end_latency.run,
+    "latency_stages": latency_stages.run,
     "consumer_overhead": consumer_overhead.run,
     "relay_throughput": relay_throughput.run,
     "relay_scaling": relay_scaling.run,
@@ -62,6 +64,7 @@ TITLES = {
     "relay_scaling": "relay scaling",
     "backlog_independence": "backlog independence",
     "end_to_end_latency": "end-to-end latency",
+    "latency_stages": "latency by stage vs floor",
     "consumer_overhead": "consumer overhead",
     "relay_memory": "memory",
     "delivery_record": "delivery record",

@@ -77,6 +77,8 @@ class Slot(Protocol):
     ahead: list[Row]
     needs_recovery: bool
 
+    probe_aborts: Callable[[KafkaProducer], bool]  # seams.AbortProbe, bound to the slot
+
     @property
     def producer(self) -> KafkaProducer | None: ...
     def stopping(self) -> bool: ...
@@ -258,6 +260,12 @@ class ExactlyOnce(Publisher):
 
     recovers = True
 
+    def __init__(self, slot: Slot) -> None:
+        super().__init__(slot)
+        # Whether the broker hides aborted transactions, so the marker may go out with the
+        # records (abort_probe); learned with the first producer, None until then.
+        self.marker_with_records: bool | None = None
+
     def settings(self, base: Mapping[str, Any]) -> dict[str, Any]:
         return {**base, "transactional.id": self.slot.tid}
 
@@ -268,12 +276,20 @@ class ExactlyOnce(Publisher):
         while True:
             try:
                 producer.init_transactions(s.plan.transaction_timeout)
-                return
+                break
             except KafkaException as exc:
                 failure = plan_start_error(exc.args[0], stopping=s.stopping())
                 if failure.act is not Act.RETRY:
                     raise s.failure_error(failure) from None
                 log.warning("slot %d: %s; retrying", s.slot, failure.message)
+        if self.marker_with_records is None:
+            try:
+                self.marker_with_records = s.probe_aborts(producer)
+            except KafkaException as exc:
+                s.discard_producer()
+                raise TransientError(
+                    f"probing how the broker shows aborted transactions: {exc.args[0]}"
+                ) from None
 
     def publish(self, rows: list[Row]) -> None:
         """The database transaction deletes the rows first: a database that refuses the
@@ -315,24 +331,22 @@ class ExactlyOnce(Publisher):
         producer.begin_transaction()
         s.span.begin()
         produce(producer, batch.rows, batch.failures, batch.acked, batch.placed)
+        if self.marker_with_records:  # aborts are hidden: no round trip after the flush
+            self._produce_marker(batch.rows)
         if claim_ahead(len(batch.rows), s.config.batch_size, s.stopping()):
             batch.ahead = s.claim()
-        # The marker goes out only once every record of the batch is acknowledged. On a broker
-        # that shows aborted transactions (Tansu), a marker can then never name a row whose
-        # record is missing, so recovery cannot delete an unpublished row.
+        # Elsewhere the marker goes out only once every record of the batch is acknowledged:
+        # on a broker that shows aborted transactions (Tansu), a marker can then never name a
+        # row whose record is missing, so recovery cannot delete an unpublished row.
         batch.unsent = producer.flush(s.plan.transaction_timeout)
 
     def _commit(self, batch: _Batch) -> None:
-        """Add the marker, commit the Kafka transaction, and record where the batch went
-        while it commits (the server writes the record during the commit's round trips)."""
+        """Add the marker (unless it went out with the records), commit the Kafka
+        transaction, and record where the batch went while it commits (the server writes the
+        record during the commit's round trips)."""
         s, producer = self.slot, self._producer()
-        s.wrote_marker.add(s.slot)
-        marker = Marker.of_batch(
-            s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in batch.rows]
-        )
-        producer.produce(
-            s.config.state_topic, key=s.tid.encode(), value=marker.encode(), partition=s.slot
-        )
+        if not self.marker_with_records:
+            self._produce_marker(batch.rows)
         # An INSERT the database refuses raises when this block ends, after the Kafka commit:
         # the rows stay in the outbox with their records committed, which the marker covers.
         with s.session.recording(batch.rows, batch.placed):
@@ -346,6 +360,16 @@ class ExactlyOnce(Publisher):
                     raise
             batch.committed = True
             s.span.end()
+
+    def _produce_marker(self, rows: list[Row]) -> None:
+        s = self.slot
+        s.wrote_marker.add(s.slot)
+        marker = Marker.of_batch(
+            s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in rows]
+        )
+        self._producer().produce(
+            s.config.state_topic, key=s.tid.encode(), value=marker.encode(), partition=s.slot
+        )
 
     def _transaction_failed(self, batch: _Batch, err: Any) -> Exception:
         """The Kafka transaction failed: abort it if it must be, drop the producer either way

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import psycopg
 from confluent_kafka import Producer
 
+from outbox.relay.abort_probe import aborts_hidden
 from outbox.relay.fences import SlotLockState
 from outbox.relay.marker import Marker
 from outbox.relay.rows import Headers, Row
@@ -99,9 +100,28 @@ def kafka_producer(settings: dict[str, Any]) -> KafkaProducer:
     return producer
 
 
+class AbortProbe(Protocol):
+    """Whether the broker hides aborted transactions from read_committed readers
+    (``abort_probe.aborts_hidden``): when a slot may send its marker with the records."""
+
+    def __call__(
+        self,
+        producer: KafkaProducer,
+        connection: Mapping[str, str],
+        topic: str,
+        partition: int,
+        key: bytes,
+        *,
+        timeout: float = ...,
+        remember_as: str | None = ...,
+    ) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Seams:
-    """How a relay makes a slot's producer and its database session."""
+    """How a relay makes a slot's producer and its database session, and learns how the
+    broker shows aborted transactions."""
 
     producer: ProducerFactory = kafka_producer
     session: SessionFactory = PsycopgSlotSession
+    aborts_hidden: AbortProbe = aborts_hidden

@@ -11,6 +11,7 @@ means is planned by ``plans``; how a batch is sent is its guarantee's ``publishe
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -140,6 +141,15 @@ class SlotWorker(threading.Thread):
         self.drained = threading.Event()
         self.producer: KafkaProducer | None = None
         self.tid = context.transactional_id
+        self.probe_aborts: Callable[[KafkaProducer], bool] = functools.partial(
+            context.seams.aborts_hidden,
+            connection=self.plan.connection,
+            topic=self.config.state_topic,
+            partition=slot,
+            key=self.tid.encode(),
+            timeout=min(10.0, self.plan.transaction_timeout),
+            remember_as=self.plan.settings.get("bootstrap.servers"),
+        )
         self.publisher = publisher_for(self.config.guarantee, self)  # one per guarantee
         self.span = TransactionSpan()  # the open (or last) Kafka transaction's span
         self.needs_recovery = self.publisher.recovers

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[3]
 PLAUSIBLE = {
     "write_overhead": (0.5, 5.0),  # x time per request, with / without publish()
     "end_to_end_latency": (0.1, 60_000.0),  # ms p99 commit -> handler
+    "latency_stages": (-60_000.0, 60_000.0),  # ms p99 commit -> handler over the floor's
     "consumer_overhead": (0.05, 2.0),  # dedup / plain throughput
     "relay_throughput": (0.02, 3.0),  # relay / raw producer
     "relay_scaling": (0.1, 10.0),  # 4 slots / 1 slot

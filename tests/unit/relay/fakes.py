@@ -25,7 +25,7 @@ from outbox.relay.fences import FenceAlarm, SlotLockState
 from outbox.relay.marker import Marker, MarkerReading
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.rows import Headers, Row
-from outbox.relay.seams import Seams
+from outbox.relay.seams import KafkaProducer, Seams
 from outbox.relay.worker import RelayStats, SlotContext, SlotWorker
 
 TOPIC = "orders"
@@ -78,11 +78,14 @@ class FakeProducer:
         headers: Headers | None = None,
     ) -> None:
         self.queued.append((Message(topic, value, len(self.broker.log)), on_delivery))
+        if on_delivery is None:
+            self.calls.append("produce marker")
 
     def poll(self, timeout: float = -1) -> int:
         return 0
 
     def flush(self, timeout: float = -1) -> int:
+        self.calls.append("flush")
         self.broker.flushes += 1
         if self.broker.flushes > RUNAWAY:
             raise RuntimeError("the worker sent batch after batch: a retry loop that never ends")
@@ -146,6 +149,22 @@ class Broker:
     reports: Callable[[list[Message]], dict[int, KafkaError]] | None = None
     fail: dict[str, list[KafkaError | None]] = field(default_factory=dict)  # method -> errors
     producers: list[FakeProducer] = field(default_factory=list)
+    hides_aborts: bool = False  # what the abort probe answers (Apache Kafka: True)
+    probes: int = 0
+
+    def aborts_hidden(
+        self,
+        producer: KafkaProducer,
+        connection: Mapping[str, str],
+        topic: str,
+        partition: int,
+        key: bytes,
+        *,
+        timeout: float = 30.0,
+        remember_as: str | None = None,
+    ) -> bool:
+        self.probes += 1
+        return self.hides_aborts
 
     def producer(self, settings: dict[str, Any]) -> FakeProducer:
         made = FakeProducer(self, settings)
@@ -284,6 +303,10 @@ def make_worker(
         judge=judge,
         refuse=refusals or Refusals(),
         done=lambda worker: None,
-        seams=Seams(producer=broker.producer, session=lambda conn: session),
+        seams=Seams(
+            producer=broker.producer,
+            session=lambda conn: session,
+            aborts_hidden=broker.aborts_hidden,
+        ),
     )
     return SlotWorker(context, 0, cast(Any, None))

@@ -47,6 +47,50 @@ def test_i2_exactly_once_publishes_each_batch_in_a_transaction_with_its_marker()
     assert session.released
 
 
+def _marker_order(producer_calls: list[str]) -> list[str]:
+    """One batch's calls: where its marker went relative to the flush that awaits the
+    records' delivery reports."""
+    return [c for c in producer_calls if c in {"produce marker", "flush"}][:2]
+
+
+def test_i4_where_aborts_are_hidden_the_marker_goes_out_with_the_records() -> None:
+    session, broker = FakeSession(_rows(3)), Broker(hides_aborts=True)
+    worker = make_worker(session, broker)
+    worker.run()
+    assert broker.probes == 1  # once, with the slot's first producer
+    assert _marker_order(broker.producers[0].calls) == ["produce marker", "flush"]
+    assert [list(Marker.decode(m.value or b"").ids) for m in broker.log if m.topic != TOPIC] == [
+        [1, 2, 3]
+    ]
+
+
+def test_i4_where_aborts_are_shown_the_marker_waits_for_every_delivery_report() -> None:
+    """Tansu shows aborted records: a marker sent before the reports could name a record
+    that never landed, and recovery would delete its unpublished row."""
+    session, broker = FakeSession(_rows(3)), Broker(hides_aborts=False)
+    worker = make_worker(session, broker)
+    worker.run()
+    assert _marker_order(broker.producers[0].calls) == ["flush", "produce marker"]
+
+
+def test_i12_a_failed_batch_aborts_its_early_marker_with_its_records() -> None:
+    session, broker = FakeSession(_rows(3)), Broker(hides_aborts=True)
+    failed: list[int] = []
+
+    def first_batch_times_out(batch: list[Message]) -> dict[int, KafkaError]:
+        if failed:
+            return {}
+        failed.append(len(batch))
+        return {1: error(KafkaError._TRANSPORT)}
+
+    broker.reports = first_batch_times_out
+    make_worker(session, broker).run()
+    assert len(broker.aborts) == 1
+    markers = [Marker.decode(m.value or b"") for m in broker.log if m.topic != TOPIC]
+    assert [list(m.ids) for m in markers] == [[1, 2, 3]]  # the aborted one never committed
+    assert [m.value for m in broker.log if m.topic == TOPIC] == [b"v1", b"v2", b"v3"]
+
+
 def test_i12_a_failed_report_aborts_the_transaction_and_the_batch_is_sent_again() -> None:
     session, broker = FakeSession(_rows(3)), Broker()
     failed: list[int] = []
