@@ -22,13 +22,52 @@ STAMP = VENV / ".kafka-outbox-installed"
 
 
 def ensure_venv() -> None:
-    if not (BIN / "python").exists():
-        print(f"dev.py: creating {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == digest:
         return
+    if not (BIN / "python").exists():
+        print(f"dev.py: creating {VENV}", flush=True)
+        # No pip of its own yet: uv installs it with the rest (`install_with_uv`).
+        venv.EnvBuilder(with_pip=False).create(VENV)
     print("dev.py: installing kafka-outbox[test] into .venv", flush=True)
+    if not install_with_uv():
+        install_with_pip()
+    STAMP.write_text(digest)
+
+
+def install_with_uv() -> bool:
+    """uv (from PyPI) installs the project in seconds where pip took minutes here: pip re-downloads
+    every wheel (~2 min 20 s from a clean clone on this machine), uv keeps them in its cache
+    (~25 s in all, most of it fetching uv itself). False when uv cannot be had or fails: then
+    pip does it, as before."""
+    uv = BIN / "uv"
+    quiet = ["-q", "--disable-pip-version-check"]
+    if not uv.exists():
+        # The pip of the Python that runs dev.py installs uv into .venv (``--python``: pip 22.3+).
+        got = subprocess.run(
+            [sys.executable, "-m", "pip", *quiet, "--python", str(BIN / "python"), "install", "uv"],
+            check=False,
+            stderr=subprocess.DEVNULL,
+        )
+        if got.returncode != 0 or not uv.exists():
+            print("dev.py: uv unavailable, installing with pip", flush=True)
+            return False
+    # pip too, so that `.venv/bin/pip` is there as in any venv.
+    cmd = [str(uv), "pip", "install", "-q", "--python", str(BIN / "python")]
+    done = subprocess.run([*cmd, "-e", f"{ROOT}[test]", "pip"], check=False)
+    if done.returncode != 0:
+        print("dev.py: uv failed (above), installing with pip", flush=True)
+        return False
+    return True
+
+
+def install_with_pip() -> None:
+    if not (BIN / "pip").exists():
+        subprocess.run(
+            [str(BIN / "python"), "-m", "ensurepip", "--default-pip"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     subprocess.run(
         [
             str(BIN / "python"),
@@ -42,7 +81,6 @@ def ensure_venv() -> None:
         ],
         check=True,
     )
-    STAMP.write_text(digest)
 
 
 def run(cmd: list[str]) -> int:
