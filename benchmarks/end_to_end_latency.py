@@ -385,7 +385,11 @@ def run(svc: Services, size: Size) -> Result:
             rates = [size.latency_rate]
             if consumer_name == KAFKA_LIKE and size.latency_rate > LOW_RATE:
                 rates.insert(0, LOW_RATE)  # the wake-up path alone, with the machine mostly idle
-            modes = RELAY_MODES if consumer_name == KAFKA_LIKE else (NOTIFY, POLLING)
+            modes: tuple[str, ...] = (
+                RELAY_MODES if consumer_name == KAFKA_LIKE else (NOTIFY, POLLING)
+            )
+            if not size.latency_one_slot:
+                modes = tuple(m for m in modes if m != ONE_SLOT)
             for mode in modes:
                 # A topic of its own per relay mode and consumer: Tansu's memory storage gets
                 # slower as a partition fills (p50 23 -> 81 ms over four 6 s rounds at 1000/s

@@ -74,6 +74,7 @@ class Size:
     backlog_slots: tuple[int, ...] = (1, 4)  # 1: consecutive batches; 4: the relay's default
     memory_slots: int = 4  # the relay's default
     latency_consumers: int = 2  # consumer settings compared (the smoke run keeps one)
+    latency_one_slot: bool = True  # the NOTIFY phase again with --slots 1 (not in the smoke run)
 
 
 SIZES: dict[str, Size] = {
@@ -99,6 +100,7 @@ SIZES: dict[str, Size] = {
         backlog_slots=(1,),
         memory_slots=1,
         latency_consumers=1,
+        latency_one_slot=False,
     ),
     "default": Size(
         name="default",

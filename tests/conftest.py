@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from outbox.embedded.kafka_cluster import create_topic
 from outbox.migrate import upgrade
 from outbox.relay import Relay, RelayStats, Seams
 from outbox.relay.config import RelayConfig
+from tests.scheduling import CACHE_KEY, longest_first, merged, read_committed
 from tests.support import InThread, KafkaReader, stop_all, wait_for
 
 BROKERS = ("tansu", "kafka")
@@ -181,17 +183,74 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = kept
 
 
-class _KafkaFirst:
-    """The ``[kafka]`` runs first (stable), after pytest grouped the tests per broker: under
-    xdist they are the longest unit of work, so they should start first."""
+class _Order:
+    """The order of the collection. Under xdist (`BrokerGroups` hands the units out in this
+    order): the longest unit of work first (`tests.scheduling.longest_first`), so that no long
+    test starts last and runs alone at the end. In one process: the ``[kafka]`` runs first
+    (stable), after pytest grouped the tests per broker (one cluster start)."""
 
     @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        items[:] = sorted(items, key=lambda item: broker_of(item) != "kafka")
+    def pytest_collection_modifyitems(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        if not hasattr(config, "workerinput"):
+            items[:] = sorted(items, key=lambda item: broker_of(item) != "kafka")
+            return
+        cache = config.cache.get(CACHE_KEY, {}) if config.cache is not None else {}
+        measured = merged(read_committed(), cache if isinstance(cache, dict) else {})
+        order = longest_first(
+            [item.nodeid for item in items], lambda n: xdist_group_of(n) or n, measured
+        )
+        items[:] = [items[i] for i in order]
+
+
+class _Timeline:
+    """xdist's controller: each test's seconds (left in pytest's cache for the next run's order)
+    and what each worker did, printed at the end: the critical path of the run."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.seconds: dict[str, float] = {}
+        self.busy: dict[str, float] = {}
+        self.tests: dict[str, int] = {}
+        self.done_at: dict[str, float] = {}
+        self.last: dict[str, tuple[float, str]] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        node = getattr(report, "node", None)
+        if node is None:
+            return
+        worker = str(node.gateway.id)
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+        self.busy[worker] = self.busy.get(worker, 0.0) + report.duration
+        if report.when == "teardown":
+            self.tests[worker] = self.tests.get(worker, 0) + 1
+            self.last[worker] = (self.seconds[report.nodeid], report.nodeid)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        self.done_at[str(node.gateway.id)] = time.monotonic() - self.started
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.seconds and session.config.cache is not None:
+            previous = session.config.cache.get(CACHE_KEY, {})
+            last_run = merged(previous if isinstance(previous, dict) else {}, self.seconds)
+            session.config.cache.set(CACHE_KEY, {k: round(v, 2) for k, v in last_run.items()})
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        for worker in sorted(self.busy):
+            seconds, nodeid = self.last.get(worker, (0.0, "-"))
+            terminalreporter.write_line(
+                f"xdist {worker}: {self.tests.get(worker, 0)} tests, "
+                f"{self.busy[worker]:.0f} s in tests, done {self.done_at.get(worker, 0):.0f} s "
+                f"after the start; its last test: {nodeid} ({seconds:.1f} s)"
+            )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(_KafkaFirst(), "outbox-tests-kafka-first")
+    config.pluginmanager.register(_Order(), "outbox-tests-order")
+    if not hasattr(config, "workerinput"):  # acts only on xdist's reports (from a worker)
+        config.pluginmanager.register(_Timeline(), "outbox-tests-timeline")
 
 
 ONE_AT_A_TIME = ("tests/acceptance/test_chaos.py::",)
@@ -215,6 +274,12 @@ class BrokerGroups(LoadGroupScheduling):  # type: ignore[misc]  # xdist is untyp
 
     def _split_scope(self, nodeid: str) -> str:
         return xdist_group_of(nodeid) or nodeid
+
+    def schedule(self) -> None:
+        """The units in the collection's order (`_Order`: longest first), not xdist's (most tests
+        first)."""
+        self.config.option.loadscopereorder = False
+        super().schedule()
 
 
 @pytest.hookimpl(optionalhook=True)

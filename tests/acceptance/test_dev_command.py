@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from queue import Empty, Queue
@@ -56,6 +57,11 @@ def _refused(host: str, port: int) -> bool:
     return False
 
 
+JOIN_BOUND = 22.0
+"""Seconds within which a relay and a fresh consumer apply an event with the settings file."""
+JOIN_ATTEMPTS = 3
+
+
 def test_dev_servers_serve_a_relay_and_a_consumer_that_joins_in_seconds_then_stop_on_sigterm(
     tmp_path: Path,
 ) -> None:
@@ -86,33 +92,53 @@ def test_dev_servers_serve_a_relay_and_a_consumer_that_joins_in_seconds_then_sto
             Order.metadata.create_all(session.connection())
             session.commit()
         env = {**os.environ, **found, "PYTHONPATH": str(ROOT)}
-        started = time.monotonic()
-        others.append(subprocess.Popen([OUTBOX, "relay"], env=env, stdin=subprocess.DEVNULL))
-        others.append(
-            subprocess.Popen(
-                [OUTBOX, "consume", "examples.order_projector:OrderProjector"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        consume = [OUTBOX, "consume", "examples.order_projector:OrderProjector"]
+
+        def start_consumer() -> subprocess.Popen[bytes]:
+            proc = subprocess.Popen(
+                consume, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-        )
-        with Session(engine) as session, session.begin():
-            place_order(session, "alice", Decimal("19.99"))
+            others.append(proc)
+            return proc
 
-        def applied() -> bool:
-            with engine.connect() as conn:
-                exists = conn.execute(text("SELECT to_regclass('order_totals')")).scalar_one()
-                return bool(exists) and bool(
-                    conn.execute(text("SELECT count(*) FROM order_totals")).scalar_one()
-                )
+        def applied(customers: int) -> Callable[[], bool]:
+            def check() -> bool:
+                with engine.connect() as conn:
+                    exists = conn.execute(text("SELECT to_regclass('order_totals')")).scalar_one()
+                    return bool(exists) and (
+                        conn.execute(text("SELECT count(*) FROM order_totals")).scalar_one()
+                        >= customers
+                    )
 
-        wait_for(applied, timeout=60, what="the consumer to apply the order")
-        took = time.monotonic() - started
-        engine.dispose()
+            return check
+
         # A fresh group with librdkafka's defaults waits ~23 s on Tansu before its first fetch
         # (29.5 s measured for this whole step without the settings file); with it, 3-5 s idle
-        # and up to 16 s seen on a loaded machine. The bound sits below the first, above the last.
-        assert took < 22, f"relay + fresh consumer group took {took:.1f}s (expected ~3-5 s)"
+        # and up to 16 s seen on a loaded machine. The bound sits below the first, above the
+        # last. A busy machine can still push one start past it: then a fresh consumer process
+        # is timed again (`JOIN_ATTEMPTS`); only a bound never met fails, and says so.
+        took: list[float] = []
+        started = time.monotonic()
+        others.append(subprocess.Popen([OUTBOX, "relay"], env=env, stdin=subprocess.DEVNULL))
+        consumer = start_consumer()
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            if attempt > 1:
+                consumer.send_signal(signal.SIGTERM)
+                assert consumer.wait(60) == 0
+                started = time.monotonic()
+                consumer = start_consumer()
+            with Session(engine) as session, session.begin():
+                place_order(session, f"customer-{attempt}", Decimal("19.99"))
+            wait_for(applied(attempt), timeout=60, what="the consumer to apply the order")
+            took.append(time.monotonic() - started)
+            if took[-1] < JOIN_BOUND:
+                break
+        engine.dispose()
+        assert took[-1] < JOIN_BOUND, (
+            f"relay + fresh consumer took {', '.join(f'{t:.1f}s' for t in took)} in "
+            f"{len(took)} attempts, never under {JOIN_BOUND:.0f}s (expected ~3-5 s): the "
+            "consumer settings file does not shorten the group join"
+        )
         for proc in others:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
@@ -128,7 +154,7 @@ def test_dev_servers_serve_a_relay_and_a_consumer_that_joins_in_seconds_then_sto
         assert not env_file.exists()
         assert not Path(found["OUTBOX_CONSUMER_CONFIG"]).exists()
         assert "stopped" in (dev.stderr.read() if dev.stderr else "")
-        print(f"relay + fresh consumer group applied an event in {took:.2f}s")
+        print(f"relay + fresh consumer group applied an event in {took[-1]:.2f}s ({took})")
     finally:
         for proc in others:
             if proc.poll() is None:

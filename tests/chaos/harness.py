@@ -84,7 +84,7 @@ from tests.chaos.faults import (
     schedule,
     unstruck,
 )
-from tests.chaos.projector import OFFSET_COMMIT_DELAY_ENV, TABLES, WINDOW_DIR_ENV
+from tests.chaos.projector import FAULTS_OVER, OFFSET_COMMIT_DELAY_ENV, TABLES, WINDOW_DIR_ENV
 from tests.support import TcpProxy, TopicReadError, read_topic
 
 log = logging.getLogger("chaos")
@@ -1651,6 +1651,7 @@ class Run:
         """No more faults: wait (deadline-bounded) until everything committed is applied."""
         config = self.config
         svc.restore_broker(wait=True)
+        (self.window_dir / FAULTS_OVER).touch()  # the consumers stop widening their window
         t0 = time.monotonic()
         deadline = t0 + config.settle_timeout
         last_progress = 0.0

@@ -1,12 +1,12 @@
 """The benchmark entry point runs end to end at its smallest size and reports every figure.
 
-Only the smoke size runs in CI: it proves the benchmarks still work against the
-current relay and consumer, not how fast they are. It does check that every
-figure is a real measurement: finite numbers everywhere (the percentile of an
-empty list is NaN), no phase that lost an event, and each headline figure in a
-range no working build leaves, however slow the machine. It reuses the test session's
-PostgreSQL and broker and needs no matplotlib (plots are checked only when it
-is installed).
+Only the smoke size runs in CI, one figure per test (``--only``: the figures spread over the
+test workers; all of them in one run took 100 to 150 s on this machine): it proves the
+benchmarks still work against the current relay and consumer, not how fast they are. It does
+check that every figure is a real measurement: finite numbers everywhere (the percentile of an
+empty list is NaN), no phase that lost an event, and each headline figure in a range no working
+build leaves, however slow the machine. It reuses the test session's PostgreSQL and broker and
+needs no matplotlib (plots are checked only when it is installed).
 """
 
 from __future__ import annotations
@@ -64,15 +64,24 @@ def _deliveries(node: Any, path: str = "") -> Iterator[tuple[str, int, int]]:
             yield from _deliveries(value, f"{path}/{key}")
 
 
-@pytest.mark.timeout(900)
-def test_smoke_run_writes_every_figure(services: Services, broker: Broker, tmp_path: Path) -> None:
-    if broker.name == "kafka":
-        # It passes there too (134 s on 2 cores), but it checks the benchmark code, not the
-        # broker; `python -m benchmarks.run --broker kafka` is where Kafka's figures belong.
-        pytest.skip("the benchmark smoke run checks the benchmark code: once, on Tansu")
-    from benchmarks.plots import write_all
+FIGURE_NAMES = sorted(PLAUSIBLE)
+
+
+def test_every_figure_of_the_entry_point_is_smoke_tested() -> None:
     from benchmarks.run import FIGURES
 
+    assert set(FIGURES) == set(FIGURE_NAMES)
+
+
+ATTEMPTS = 3
+"""Runs of a figure whose headline value fell outside `PLAUSIBLE`: a ratio of two timings can
+leave its range for a moment on a machine whose other work comes and goes (the plain consumer
+once measured at half the speed of the deduplicating one, 2.04x, beside three other figures).
+A figure that measured something else than it says stays outside in every run."""
+
+
+def _smoke_run(services: Services, broker: Broker, out: Path, figure: str) -> dict[str, Any]:
+    """``python -m benchmarks.run --size smoke --only FIGURE`` on the session's servers."""
     result = subprocess.run(
         [
             sys.executable,
@@ -80,8 +89,10 @@ def test_smoke_run_writes_every_figure(services: Services, broker: Broker, tmp_p
             "benchmarks.run",
             "--size",
             "smoke",
+            "--only",
+            figure,
             "--out",
-            str(tmp_path),
+            str(out),
             "--no-plots",
             "--db",
             services.admin_url,
@@ -91,31 +102,59 @@ def test_smoke_run_writes_every_figure(services: Services, broker: Broker, tmp_p
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=840,
+        timeout=540,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = json.loads((tmp_path / "smoke.json").read_text())
-    assert set(results["figures"]) == set(FIGURES) == set(PLAUSIBLE)
-    for name, figure in results["figures"].items():
-        assert figure["status"] == "measured", (name, figure["summary"])
-        assert isinstance(figure["value"], float | int), name
-        assert figure["summary"], name
-        bad = [path for path, value in _numbers(figure) if not math.isfinite(value)]
-        assert not bad, f"{name}: not a number at {bad}"
-        low, high = PLAUSIBLE[name]
-        assert low <= figure["value"] <= high, (name, figure["value"], figure["summary"])
-        lost = [(p, sent, got) for p, sent, got in _deliveries(figure) if got != sent or not sent]
-        assert not lost, f"{name}: phases that lost events (path, sent, received): {lost}"
-    phases = results["figures"]["end_to_end_latency"]["phases"]
-    assert phases
-    assert all(list(_deliveries(p)) for p in phases.values()), phases
-    table = (tmp_path / "smoke.md").read_text()
-    assert table.count("\n| ") == len(FIGURES) + 1  # header + one row per figure
+    results: dict[str, Any] = json.loads((out / "smoke.json").read_text())
+    return results
 
-    written = write_all(results, tmp_path)
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("figure", FIGURE_NAMES)
+def test_smoke_run_writes_every_figure(
+    services: Services, broker: Broker, tmp_path: Path, figure: str
+) -> None:
+    if broker.name == "kafka":
+        # It passes there too (134 s on 2 cores), but it checks the benchmark code, not the
+        # broker; `python -m benchmarks.run --broker kafka` is where Kafka's figures belong.
+        pytest.skip("the benchmark smoke run checks the benchmark code: once, on Tansu")
+    from benchmarks.plots import write_all
+
+    low, high = PLAUSIBLE[figure]
+    values: list[float] = []
+    for attempt in range(1, ATTEMPTS + 1):
+        out = tmp_path / f"run-{attempt}"
+        results = _smoke_run(services, broker, out, figure)
+        assert set(results["figures"]) == {figure}
+        figure_data = results["figures"][figure]
+        assert figure_data["status"] == "measured", (figure, figure_data["summary"])
+        assert isinstance(figure_data["value"], float | int), figure
+        assert figure_data["summary"], figure
+        bad = [path for path, value in _numbers(figure_data) if not math.isfinite(value)]
+        assert not bad, f"{figure}: not a number at {bad}"
+        lost = [
+            (p, sent, got) for p, sent, got in _deliveries(figure_data) if got != sent or not sent
+        ]
+        assert not lost, f"{figure}: phases that lost events (path, sent, received): {lost}"
+        values.append(figure_data["value"])
+        if low <= figure_data["value"] <= high:
+            break
+        print(f"{figure}: {figure_data['value']} outside [{low}, {high}] in run {attempt}")
+    assert low <= values[-1] <= high, (
+        f"{figure}: outside [{low}, {high}] in every one of {ATTEMPTS} runs: {values} "
+        f"(last: {figure_data['summary']})"
+    )
+    if figure == "end_to_end_latency":
+        phases = figure_data["phases"]
+        assert phases
+        assert all(list(_deliveries(p)) for p in phases.values()), phases
+    table = (out / "smoke.md").read_text()
+    assert table.count("\n| ") == 2  # header + the figure's row
+
+    written = write_all(results, out)
     if importlib.util.find_spec("matplotlib") is None:
         assert written is None  # the run says "plots skipped"; nothing else depends on it
     else:
         assert written is not None
-        assert {p.name for p in written} == {f"smoke-{name}.png" for name in FIGURES}
+        assert {p.name for p in written} == {f"smoke-{figure}.png"}

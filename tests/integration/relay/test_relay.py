@@ -118,11 +118,21 @@ def test_other_guarantees_deliver_everything_on_a_healthy_broker(
     assert sorted(r.event_id for r in kafka.read(topic, 50)) == sorted(ids)
 
 
+QUIET_POLL = 3600.0
+"""The relay's poll interval where a test shows that something else wakes it: an hour."""
+WAKE_UP = 60.0
+"""How long such a test waits for the wake-up: far below `QUIET_POLL`, far above the
+milliseconds it takes, so a busy machine cannot fail the test and a missing wake-up does."""
+
+
 def test_notify_wakes_the_slot_owning_each_shard(
     engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
 ) -> None:
-    handle = start_relay(slots=4, poll_interval=30.0)  # polling alone would take 30 s
+    # Polling alone would take an hour: only a NOTIFY can wake a slot within the wait below,
+    # which is generous for a busy machine.
+    handle = start_relay(slots=4, poll_interval=QUIET_POLL)
     wait_for(lambda: len(handle.relay.workers) == 4, what="relay owns all slots")
+    wait_for(handle.relay.listening.is_set, what="relay LISTENs")  # or a NOTIFY goes unheard
     keys: dict[int, str] = {}  # one key per slot: each wake-up must reach its own slot
     for i in range(1000):
         key = f"key-{i}"
@@ -133,7 +143,9 @@ def test_notify_wakes_the_slot_owning_each_shard(
         for key in keys.values():
             with Session(engine) as session, session.begin():
                 ids.append(str(publish(session, topic=topic, key=key, value="v")))
-        wait_for(lambda: _pending(engine) == 0, timeout=10, what="NOTIFY wakes the owning slot")
+        wait_for(
+            lambda: _pending(engine) == 0, timeout=WAKE_UP, what="NOTIFY wakes the owning slot"
+        )
     handle.stop()
     assert sorted(r.event_id for r in kafka.read(topic, len(ids))) == sorted(ids)
 
@@ -141,13 +153,13 @@ def test_notify_wakes_the_slot_owning_each_shard(
 def test_without_notify_a_busy_relay_polls_again_within_milliseconds(
     engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
 ) -> None:
-    """The adaptive poll: no LISTEN, a 30 s interval, yet a busy outbox is relayed at once."""
+    """The adaptive poll: no LISTEN, an hour's interval, yet a busy outbox is relayed at once."""
     ids = _publish_many(engine, topic, 5)
-    handle = start_relay(slots=1, listen=False, poll_interval=30.0)
+    handle = start_relay(slots=1, listen=False, poll_interval=QUIET_POLL)
     for _ in range(3):
-        wait_for(lambda: _pending(engine) == 0, timeout=10, what="the relay found the rows")
-        ids += _publish_many(engine, topic, 5)  # a 30 s poll would find these 30 s later
-    wait_for(lambda: _pending(engine) == 0, timeout=10, what="the relay polled again at once")
+        wait_for(lambda: _pending(engine) == 0, timeout=WAKE_UP, what="the relay found the rows")
+        ids += _publish_many(engine, topic, 5)  # the interval's poll would find these in an hour
+    wait_for(lambda: _pending(engine) == 0, timeout=WAKE_UP, what="the relay polled again at once")
     handle.stop()
     assert not handle.relay.listening.is_set()
     assert sorted(r.event_id for r in kafka.read(topic, len(ids))) == sorted(ids)
