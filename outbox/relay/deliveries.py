@@ -213,26 +213,18 @@ def recording(
     rows: Sequence[_Row],
     placed: Mapping[int, tuple[int, int]] | None,
 ) -> Iterator[None]:
-    """Record the batch while the caller commits its Kafka transaction.
+    """Record the batch, then run the block (the Kafka commit), in the batch's transaction.
 
-    The INSERT is sent in pipeline mode and the server runs it during the block (the Kafka
-    commit's round trips), instead of before it: the record then costs the batch only what
-    outlasts the commit. Its result is read when the block ends, so an INSERT that failed
-    raises there, after the Kafka commit: the database transaction rolls back and the rows
-    stay in the outbox with their records committed, the case the recovery marker covers
-    (I4), as for a connection lost at the database COMMIT.
+    The INSERT completes before the block, not in pipeline mode beside it: a statement sent
+    but not yet synced keeps the session "active" on the server, out of reach of
+    ``idle_in_transaction_session_timeout``, so a relay frozen in its Kafka commit would hold
+    its slot's lock forever instead of losing it after --takeover-timeout (I12). The arrays
+    go in PostgreSQL's binary form (``packed_params``), which halves their cost.
     """
-    if placed is None or not rows:
-        yield
-        return
-    if not psycopg.Pipeline.is_supported():  # libpq before 14: record first, then commit
-        conn.execute(sql.RECORD_DELIVERIES, batch_params(rows, placed), prepare=True)
-        yield
-        return
-    with conn.pipeline():
+    if placed is not None and rows:
         params = packed_params(batch_params(rows, placed))
         conn.execute(sql.RECORD_DELIVERIES, params, prepare=True)
-        yield
+    yield
 
 
 def existing_partitions(conn: psycopg.Connection[Any]) -> tuple[list[dt.date], bool]:

@@ -341,14 +341,12 @@ class ExactlyOnce(Publisher):
         batch.unsent = producer.flush(s.plan.transaction_timeout)
 
     def _commit(self, batch: _Batch) -> None:
-        """Add the marker (unless it went out with the records), commit the Kafka
-        transaction, and record where the batch went while it commits (the server writes the
-        record during the commit's round trips)."""
+        """Add the marker (unless it went out with the records), record where the batch
+        went, and commit the Kafka transaction."""
         s, producer = self.slot, self._producer()
         if not self.marker_with_records:
             self._produce_marker(batch.rows)
-        # An INSERT the database refuses raises when this block ends, after the Kafka commit:
-        # the rows stay in the outbox with their records committed, which the marker covers.
+        # An INSERT the database refuses raises before the commit: the batch is aborted.
         with s.session.recording(batch.rows, batch.placed):
             while True:
                 try:

@@ -79,8 +79,8 @@ class SlotSession(Protocol):
     def recording(
         self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
     ) -> AbstractContextManager[None]:
-        """Record where the batch went while the block (the Kafka commit) runs; a refusal
-        raises when the block ends."""
+        """Record where the batch went, then run the block (the Kafka commit); a refusal
+        raises before the block."""
         ...
 
     def bury(self, row_id: int, error: str) -> None: ...

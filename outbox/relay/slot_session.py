@@ -126,8 +126,8 @@ class PsycopgSlotSession:
     def recording(
         self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
     ) -> Iterator[None]:
-        """The record's INSERT runs on the server during the block (``deliveries.recording``:
-        pipeline mode), so it costs the batch only what outlasts the Kafka commit."""
+        """The record's INSERT, completed before the block (the Kafka commit) runs
+        (``deliveries.recording``), in the batch's transaction."""
         with self._held(), deliveries.recording(self.conn, rows, placed):
             yield
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 import uuid
@@ -15,11 +16,13 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
-from outbox.relay import Relay
+from outbox.errors import SlotLost
+from outbox.relay import Relay, Row
 from outbox.relay.deliveries import key_hash, maintain, partition_name
 from outbox.relay.marker import Marker
+from outbox.relay.slot_session import PsycopgSlotSession
 from outbox.relay.worker import delete_recovered
-from tests.conftest import RelayHandle, _libpq
+from tests.conftest import Broker, RelayHandle, _libpq
 from tests.support import KafkaReader, assert_exactly_once, wait_for
 
 
@@ -184,16 +187,18 @@ FOR EACH STATEMENT EXECUTE FUNCTION refuse_first_record();
 """
 
 
-def test_i4_a_delivery_record_refused_during_the_kafka_commit_publishes_each_event_once(
+@pytest.mark.both_brokers
+def test_i12_a_refused_delivery_record_aborts_its_batch_and_each_event_is_published_once(
     engine: Engine,
     database_url: str,
     topic: str,
+    broker: Broker,
     start_relay: Callable[..., RelayHandle],
     kafka: KafkaReader,
 ) -> None:
-    """The record's INSERT runs while Kafka commits: when the database refuses it, the
-    batch is already on the topic and its rows are still in the outbox. The recovery marker
-    deletes them (recording them without a place) instead of publishing them again."""
+    """The record's INSERT completes before the Kafka commit: when the database refuses it,
+    the batch's Kafka transaction is aborted (I12) and its rows stay in the outbox, to be
+    published again and recorded with their places."""
     with _connect(database_url) as conn:
         conn.execute(REFUSE_FIRST_RECORD)
     with Session(engine) as session, session.begin():
@@ -201,12 +206,52 @@ def test_i4_a_delivery_record_refused_during_the_kafka_commit_publishes_each_eve
     handle = start_relay(slots=1)
     wait_for(lambda: not _pending(database_url), timeout=60, what="the outbox drained")
     handle.stop()
-    assert_exactly_once(kafka.read(topic, 10), ids)
+    assert_exactly_once(
+        kafka.read(topic, 10), ids, aborted_copies_visible=not broker.filters_aborts
+    )
     recorded = _deliveries(database_url)
     assert set(recorded) == set(ids)
     with _connect(database_url) as conn:
         refused = conn.execute("SELECT last_value FROM refused_records").fetchone()
     assert refused is not None
     assert refused["last_value"] >= 2  # refused once, then accepted
-    assert handle.relay.stats.recovered == 10
-    assert all(r["partition"] is None for r in recorded.values())
+    assert handle.relay.stats.recovered == 0
+    assert handle.relay.stats.aborts >= 1
+    assert all(r["partition"] is not None for r in recorded.values())
+
+
+def _ended_within(conn: psycopg.Connection[dict[str, Any]], pid: int, timeout: float) -> bool:
+    """Whether the server ends backend ``pid`` within ``timeout`` seconds."""
+
+    def gone() -> bool:
+        row = conn.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+        return row is not None and row["n"] == 0
+
+    try:
+        wait_for(gone, timeout=timeout, what="the server ends the session")
+    except AssertionError:
+        return False
+    return True
+
+
+def test_i12_a_slot_session_recording_its_batch_stays_within_reach_of_the_servers_timeout(
+    database_url: str,
+) -> None:
+    """While the batch's Kafka commit runs (inside ``recording``), the slot's session must be
+    one the server ends after idle_in_transaction_session_timeout, as it does for a relay
+    frozen there: a statement sent but not synced (pipeline mode) keeps the session "active",
+    out of the timeout's reach, and the frozen relay would hold its slot forever."""
+    row = Row(1, uuid.uuid4(), "t", b"k", b"v", [], [], 0, 1)
+    with _connect(database_url) as watch, _connect(database_url) as conn:
+        conn.execute("SET idle_in_transaction_session_timeout = 1000")
+        session = PsycopgSlotSession(conn)
+        ended = False
+        with (
+            contextlib.suppress(SlotLost),
+            session.transaction(),
+            session.recording([row], {row.id: (0, 7)}),  # a Kafka commit that hangs
+        ):
+            ended = _ended_within(watch, conn.info.backend_pid, timeout=30)
+    assert ended, "the server could not end a session frozen in its batch's Kafka commit"

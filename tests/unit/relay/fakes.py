@@ -224,9 +224,9 @@ class FakeSession:
     def recording(
         self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
     ) -> Iterator[None]:
-        yield
         if placed is not None:
             self.record_deliveries(rows, placed)
+        yield
 
     def bury(self, row_id: int, error: str) -> None:
         self.dead[row_id] = error
