@@ -367,9 +367,17 @@ class ExactlyOnce(Publisher):
         marker = Marker.of_batch(
             s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in rows]
         )
-        self._producer().produce(
-            s.config.state_topic, key=s.tid.encode(), value=marker.encode(), partition=s.slot
-        )
+        producer, value = self._producer(), marker.encode()
+        while True:
+            try:
+                producer.produce(
+                    s.config.state_topic, key=s.tid.encode(), value=value, partition=s.slot
+                )
+                return
+            except BufferError:
+                # Sent with the records, the marker can find the producer's queue full of them
+                # (a bounded queue.buffering.max.messages/kbytes): wait for room as they do.
+                producer.poll(0.05)
 
     def _transaction_failed(self, batch: _Batch, err: Any) -> Exception:
         """The Kafka transaction failed: abort it if it must be, drop the producer either way
