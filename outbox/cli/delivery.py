@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -348,14 +349,17 @@ def _first_offsets(db: str, params: Params) -> dict[int, int]:
 
 
 def _read_record(
-    db: str, params: Params, groups: Sequence[str]
+    db: str, params: Params, groups: Sequence[str], snapshot: threading.Event | None = None
 ) -> tuple[list[Recorded], dict[str, frozenset[str]]]:
-    """The delivery record of the window, and which of its events each group applied."""
+    """The delivery record of the window, and which of its events each group applied;
+    ``snapshot`` is set once the record's snapshot is taken (its rows are fetched after)."""
     with _session(db, "outbox-verify") as conn, conn.transaction():
         # A server-side cursor: the record of a long range comes in chunks.
         with conn.cursor(name="outbox_verify", row_factory=tuple_row) as cur:
             cur.itersize = 20_000
-            cur.execute(sql.TOPIC_DELIVERIES, params)
+            cur.execute(sql.TOPIC_DELIVERIES, params)  # DECLARE: the snapshot is taken
+            if snapshot is not None:
+                snapshot.set()
             recorded: list[Recorded] = cur.fetchall()  # type: ignore[assignment]
         ids = [r[0] for r in recorded]
         applied: dict[str, frozenset[str]] = {}
@@ -382,13 +386,20 @@ def read_verify(
     """Read the delivery record, the topic and the groups, then reconcile them (read-only).
 
     The record is read in a thread while the topic is read here: both mostly wait (on
-    PostgreSQL, on librdkafka's fetches).
+    PostgreSQL, on librdkafka's fetches). The topic's read starts once the record's snapshot
+    is taken, so every event the record holds was committed to the topic before the read
+    began: an event the relay publishes meanwhile is never reported lost (I2).
     """
     start = dt.datetime.now(dt.UTC) - since if since is not None else None
     params: Params = {"topic": topic, "since": start or dt.datetime(1970, 1, 1, tzinfo=dt.UTC)}
     with _no_gc_passes(), ThreadPoolExecutor(1, thread_name_prefix="outbox-verify") as pool:
         first = _first_offsets(db, params)
-        record = pool.submit(_read_record, db, params, groups)
+        snapshot = threading.Event()
+        record = pool.submit(_read_record, db, params, groups, snapshot)
+        while not snapshot.wait(0.05):
+            if record.done():
+                record.result()  # the record's read failed before its snapshot: say why
+                break
         seen, lows = read_topic_end(
             bootstrap_servers, settings, topic, progress, since=start, start=first
         )

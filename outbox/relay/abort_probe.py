@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 PROBE_KEY_SUFFIX = b":abort-probe"
 """Appended to the slot's transactional id: never a marker's key, so recovery skips it and
@@ -46,9 +46,16 @@ def aborts_hidden(
     ``producer`` is a transactional producer with no transaction open (its
     ``init_transactions`` done); the probe's transaction is always aborted before this
     returns or raises (I12). Raises ``KafkaException`` when the broker refused the probe.
-    With ``remember_as`` (the bootstrap servers), a clear answer is kept for the process:
-    a slot taken over again starts without a probe.
+    With ``remember_as`` (the bootstrap servers), a clear answer is kept for the process, per
+    cluster found there (its id, one metadata request): a slot taken over again starts
+    without a probe.
     """
+    if remember_as is not None:
+        # The answer is the cluster's, not the address's: another cluster can answer behind
+        # the same bootstrap servers (a DNS name or load balancer switched, a dev broker
+        # restarted on the same port), and an answer kept from Apache Kafka would send the
+        # marker with the records on a broker that shows aborted transactions (I2).
+        remember_as = _cluster_key(producer, topic, remember_as, timeout)
     if remember_as is not None:
         with _ANSWERS_LOCK:
             if remember_as in _ANSWERS:
@@ -58,6 +65,16 @@ def aborts_hidden(
         with _ANSWERS_LOCK:
             _ANSWERS[remember_as] = hidden
     return bool(hidden)
+
+
+def _cluster_key(producer: Any, topic: str, address: str, timeout: float) -> str | None:
+    """``address`` and the id of the cluster the producer reaches there now; None (ask the
+    broker, keep nothing) when its metadata cannot be had."""
+    try:
+        metadata = producer.list_topics(topic, timeout=timeout)
+    except KafkaException:
+        return None
+    return f"{address} (cluster {getattr(metadata, 'cluster_id', None)})"
 
 
 def _probe(

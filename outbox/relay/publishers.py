@@ -263,7 +263,7 @@ class ExactlyOnce(Publisher):
     def __init__(self, slot: Slot) -> None:
         super().__init__(slot)
         # Whether the broker hides aborted transactions, so the marker may go out with the
-        # records (abort_probe); learned with the first producer, None until then.
+        # records (abort_probe); learned with each producer, None until then.
         self.marker_with_records: bool | None = None
 
     def settings(self, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -282,14 +282,16 @@ class ExactlyOnce(Publisher):
                 if failure.act is not Act.RETRY:
                     raise s.failure_error(failure) from None
                 log.warning("slot %d: %s; retrying", s.slot, failure.message)
-        if self.marker_with_records is None:
-            try:
-                self.marker_with_records = s.probe_aborts(producer)
-            except KafkaException as exc:
-                s.discard_producer()
-                raise TransientError(
-                    f"probing how the broker shows aborted transactions: {exc.args[0]}"
-                ) from None
+        # Asked again for every producer (the answer is kept per cluster, so this is one
+        # metadata request): a new producer may reach another cluster behind the same address.
+        self.marker_with_records = None
+        try:
+            self.marker_with_records = s.probe_aborts(producer)
+        except KafkaException as exc:
+            s.discard_producer()
+            raise TransientError(
+                f"probing how the broker shows aborted transactions: {exc.args[0]}"
+            ) from None
 
     def publish(self, rows: list[Row]) -> None:
         """The database transaction deletes the rows first: a database that refuses the
@@ -365,9 +367,17 @@ class ExactlyOnce(Publisher):
         marker = Marker.of_batch(
             s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in rows]
         )
-        self._producer().produce(
-            s.config.state_topic, key=s.tid.encode(), value=marker.encode(), partition=s.slot
-        )
+        producer, value = self._producer(), marker.encode()
+        while True:
+            try:
+                producer.produce(
+                    s.config.state_topic, key=s.tid.encode(), value=value, partition=s.slot
+                )
+                return
+            except BufferError:
+                # Sent with the records, the marker can find the producer's queue full of them
+                # (a bounded queue.buffering.max.messages/kbytes): wait for room as they do.
+                producer.poll(0.05)
 
     def _transaction_failed(self, batch: _Batch, err: Any) -> Exception:
         """The Kafka transaction failed: abort it if it must be, drop the producer either way

@@ -287,3 +287,25 @@ def test_i12_a_worker_stopped_while_a_transaction_is_open_aborts_it_when_it_clos
     worker.run()
     assert broker.aborts == [5.0]
     assert session.released
+
+
+def test_i2_a_new_producer_asks_again_how_the_broker_shows_aborted_transactions() -> None:
+    """A slot's next producer may reach another cluster behind the same address (the answer
+    is kept per cluster, so asking is cheap): it must not inherit the marker order learned
+    from the last one, or a broker that shows aborts gets the marker with the records."""
+    session, broker = FakeSession(_rows(3)), Broker()
+    answers = [True, False]  # Apache Kafka first, then Tansu behind the same address
+
+    def probe(*args: object, **kwargs: object) -> bool:
+        broker.probes += 1
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    broker.aborts_hidden = probe  # type: ignore[method-assign]
+    broker.fail["commit_transaction"] = [error(KafkaError._TIMED_OUT)]  # drops the producer
+    worker = make_worker(session, broker)
+    worker.run()
+    assert len(broker.producers) == 2
+    assert broker.probes == 2
+    assert _marker_order(broker.producers[0].calls) == ["produce marker", "flush"]
+    assert _marker_order(broker.producers[1].calls) == ["flush", "produce marker"]
+    assert session.ids() == []

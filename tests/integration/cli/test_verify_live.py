@@ -1,0 +1,90 @@
+"""``outbox verify`` on a live outbox: the relay keeps publishing while it reads (I2).
+
+verify reads the delivery record in a thread while it reads the topic. Every event the
+record holds must be one the topic read could see: an event recorded after the topic was
+read to its end is not lost, and must not be reported so. The database is reached through a
+forwarder that adds latency (PostgreSQL in another zone than the operator and Kafka), so the
+record's read starts well after the topic's. On Apache Kafka, whose read_committed end (the
+last stable offset) is the reference; the same run on Tansu reports about 50 of 210 events
+lost too without the fix, but one such run there read no record at all (Tansu's offsets under
+a transactional producer), so the test is not kept on Tansu.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, make_url
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from outbox import publish
+from outbox.cli import app
+from tests.conftest import RelayHandle
+from tests.integration.forwarding import forwarding
+from tests.support import wait_for
+
+
+def _delivered(engine: Engine, topic: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM outbox_deliveries WHERE topic = %(topic)s", {"topic": topic}
+            ).scalar_one()
+        )
+
+
+@pytest.mark.needs_apache_kafka
+def test_i2_events_published_while_verify_reads_are_not_reported_lost(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    start_relay(slots=1, poll_interval=0.05)
+    with Session(engine) as session, session.begin():
+        for i in range(20):
+            publish(session, topic=topic, key=f"k{i % 3}", value={"i": i})
+    wait_for(lambda: _delivered(engine, topic) >= 20, timeout=60, what="the first 20 relayed")
+
+    stop = threading.Event()
+
+    def keep_publishing() -> None:  # the application goes on while verify runs
+        for i in itertools.count(20):
+            with Session(engine) as session, session.begin():
+                publish(session, topic=topic, key=f"k{i % 3}", value={"i": i})
+            if stop.wait(0.02):
+                return
+
+    writer = threading.Thread(target=keep_publishing, daemon=True)
+    writer.start()
+    url = make_url(database_url)
+    try:
+        with forwarding(f"{url.host}:{url.port}", delay=0.3) as db:
+            far = url.set(host="127.0.0.1", port=db.port).render_as_string(hide_password=False)
+            result = CliRunner().invoke(
+                app,
+                [
+                    "verify",
+                    "--db",
+                    far,
+                    "--bootstrap-servers",
+                    bootstrap_servers,
+                    "--topic",
+                    topic,
+                    "--json",
+                ],
+            )
+    finally:
+        stop.set()
+        writer.join(30)
+    assert result.exit_code in (0, 1), result.output
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["lost"] == [], json.dumps(report["lost"][:3])
+    assert report["clean"], result.stdout
