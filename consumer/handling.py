@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -34,6 +35,8 @@ from consumer.event import Event
 from outbox.errors import ConfigError
 
 T = TypeVar("T")
+
+log = logging.getLogger("outbox.consumer")
 
 Handler = Callable[[Any, Event], Any]
 
@@ -294,13 +297,20 @@ class _AsyncTransaction:
             _check_same(self.mark, now.scalar())
 
 
+CANCEL_GRACE = 5.0
+"""Seconds the tasks a handler left running get to end once cancelled."""
+
+
 async def _cancel_tasks_left(before: set[asyncio.Task[Any]]) -> int:
     """Cancel the tasks a handler started and did not await: the session they hold is the
     runner's, valid only while handle() runs. Returns how many were still running."""
     left = [t for t in asyncio.all_tasks() - before if not t.done()]
     for task in left:
         task.cancel()
-    await asyncio.gather(*left, return_exceptions=True)
+    if left:  # a task that ignores its cancellation is left behind, not waited for forever
+        _, stuck = await asyncio.wait(left, timeout=CANCEL_GRACE)
+        for task in stuck:
+            log.warning("a task handle() left running ignored its cancellation: %r", task)
     return len(left)
 
 

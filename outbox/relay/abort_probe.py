@@ -90,7 +90,7 @@ def _probe(
 
     def delivered(err: KafkaError | None, msg: Message) -> None:
         offset = msg.offset()
-        if err is None and offset is not None:
+        if err is None and offset is not None and offset >= 0:  # < 0: no offset reported
             offsets.append(offset)
 
     producer.begin_transaction()
