@@ -80,8 +80,9 @@ once measured at half the speed of the deduplicating one, 2.04x, beside three ot
 A figure that measured something else than it says stays outside in every run."""
 
 
-def _smoke_run(services: Services, broker: Broker, out: Path, figure: str) -> dict[str, Any]:
-    """``python -m benchmarks.run --size smoke --only FIGURE`` on the session's servers."""
+def _smoke_run(services: Services, broker: Broker, out: Path, figure: str) -> dict[str, Any] | None:
+    """``python -m benchmarks.run --size smoke --only FIGURE`` on the session's servers; None
+    when the broker floor's phase was void (``FLOOR_VOID``)."""
     result = subprocess.run(
         [
             sys.executable,
@@ -105,9 +106,17 @@ def _smoke_run(services: Services, broker: Broker, out: Path, figure: str) -> di
         timeout=540,
         check=False,
     )
+    if result.returncode != 0 and FLOOR_VOID in result.stderr:
+        return None
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results: dict[str, Any] = json.loads((out / "smoke.json").read_text())
     return results
+
+
+FLOOR_VOID = "LostEvents: floor,"
+"""The broker floor's raw producers (no relay, no database) lost sight of an event within the
+phase's wait on a loaded machine: the run measured nothing, and is run again (`ATTEMPTS`). A
+relay phase that loses an event is never retried: it fails the test."""
 
 
 @pytest.mark.timeout(900)
@@ -125,7 +134,12 @@ def test_smoke_run_writes_every_figure(
     values: list[float] = []
     for attempt in range(1, ATTEMPTS + 1):
         out = tmp_path / f"run-{attempt}"
-        results = _smoke_run(services, broker, out, figure)
+        run = _smoke_run(services, broker, out, figure)
+        if run is None:
+            print(f"{figure}: the broker floor's phase was void in run {attempt}")
+            assert attempt < ATTEMPTS, f"{figure}: the broker floor was void in every run"
+            continue
+        results = run
         assert set(results["figures"]) == {figure}
         figure_data = results["figures"][figure]
         assert figure_data["status"] == "measured", (figure, figure_data["summary"])
