@@ -22,6 +22,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from outbox.logs import librdkafka_logger
+
 PROBE_KEY_SUFFIX = b":abort-probe"
 """Appended to the slot's transactional id: never a marker's key, so recovery skips it and
 compaction never lets it shadow a marker."""
@@ -123,6 +125,7 @@ def _visible(
             "enable.auto.commit": "false",
             "enable.partition.eof": "true",
             "fetch.wait.max.ms": "10",
+            "logger": librdkafka_logger(),
         }
     )
     tp = TopicPartition(topic, partition, offset)

@@ -9,6 +9,7 @@ right answer on each, and never leave its transaction open.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -38,3 +39,22 @@ def test_i2_the_probe_tells_a_broker_that_hides_aborts_from_one_that_shows_them(
     records = read_topic(bootstrap_servers, topic, timeout=30)
     assert all(r.value == b"" for r in records)
     assert len(records) == (0 if broker.filters_aborts else 1)
+
+
+def test_the_probes_reader_logs_through_the_process_logger(
+    bootstrap_servers: str, make_topic: Callable[..., str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """librdkafka's lines of the probe's reader go through ``outbox.librdkafka`` (JSON lines,
+    redaction, repeats held back), not straight to stderr as plain text."""
+    topic = make_topic()
+    tid = f"probe-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "transactional.id": tid})
+    producer.init_transactions(60)
+    # debug=consumer makes the reader log on a healthy cluster: its group id names it.
+    connection = {"bootstrap.servers": bootstrap_servers, "debug": "consumer"}
+
+    with caplog.at_level(logging.DEBUG, logger="outbox.librdkafka"):
+        aborts_hidden(producer, connection, topic, 0, tid.encode())
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "outbox.librdkafka"]
+    assert any("outbox-abort-probe-" in line for line in lines), lines[:5]
