@@ -60,6 +60,8 @@ class Report:
     foreign: int = 0  # records without an outbox event id
     unrecorded: int = 0  # outbox records not in the record (older, or another outbox's)
     unplaced: int = 0  # recorded without a place (recovered from a marker)
+    # Recorded at or past their partition's last stable offset: not readable yet, not lost.
+    beyond_stable_offset: list[str] = field(default_factory=list)
     groups: list[GroupReport] = field(default_factory=list)
 
     @property
@@ -80,10 +82,14 @@ def reconcile(
     seen: Iterable[tuple[int, int, str | None, Hashable | None]],
     low_watermarks: Mapping[int, int],
     groups: Mapping[str, GroupState] | None = None,
+    stable_ends: Mapping[int, int] | None = None,
 ) -> Report:
     """Compare the delivery record (``Recorded`` rows) with the topic (``Seen`` records, read
     to the end of every partition from ``low_watermarks`` or a later start) and with each
     group's committed offsets and dedup records.
+
+    ``stable_ends``: where each partition's read ended (its last stable offset). A recorded
+    event at or past it was committed behind a transaction still open: not lost, not checked.
 
     Plain tuples in, one pass over the topic: verify compares hundreds of thousands of
     records, so the loop avoids per-record objects and attribute lookups.
@@ -147,12 +153,16 @@ def reconcile(
     report.duplicates = dict(sorted(extra.items()))
     gone: set[str] = set()
     nothing: dict[int, str | None] = {}
+    ends = stable_ends or {}
     for event_id, _, on_partition, at_offset, _ in recorded:
         if on_partition is None or at_offset is None:
             report.unplaced += 1
             continue
         found = at.get(on_partition, nothing).get(at_offset, _MISSING)
         if found == event_id:
+            continue
+        if found is _MISSING and at_offset >= ends.get(on_partition, at_offset + 1):
+            report.beyond_stable_offset.append(event_id)
             continue
         if at_offset < low_watermarks.get(on_partition, 0):
             reason = "deleted from the topic (below the partition's start)"

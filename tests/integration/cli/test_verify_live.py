@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 from sqlalchemy import Engine, make_url
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
@@ -88,3 +89,54 @@ def test_i2_events_published_while_verify_reads_are_not_reported_lost(
     report: dict[str, Any] = json.loads(result.stdout)
     assert report["lost"] == [], json.dumps(report["lost"][:3])
     assert report["clean"], result.stdout
+
+
+def _verify(database_url: str, bootstrap_servers: str, topic: str) -> tuple[int, dict[str, Any]]:
+    args = ["verify", "--db", database_url, "--bootstrap-servers", bootstrap_servers]
+    result = CliRunner().invoke(app, [*args, "--topic", topic, "--json"])
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+@pytest.mark.needs_apache_kafka
+def test_i2_events_behind_another_producers_open_transaction_are_not_reported_lost(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    make_topic: Callable[..., str],
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    """A transaction left open on a partition (a frozen relay's, until its timeout; any other
+    producer's) holds read_committed readers at its first offset, the last stable offset.
+    Events committed after it are published, recorded and not yet readable: verify says so
+    and does not call them lost, and checks them once the transaction ends."""
+    topic = make_topic(partitions=1)
+    start_relay(slots=1, poll_interval=0.05)
+    _publish(engine, topic, range(10))
+    wait_for(lambda: _delivered(engine, topic) == 10, timeout=60, what="the first 10 relayed")
+    other = Producer({"bootstrap.servers": bootstrap_servers, "transactional.id": f"open-{topic}"})
+    other.init_transactions(30)
+    other.begin_transaction()
+    try:
+        other.produce(topic, key=b"open", value=b"held open")
+        other.flush(30)
+        _publish(engine, topic, range(10, 25))
+        wait_for(lambda: _delivered(engine, topic) == 25, timeout=60, what="15 more relayed")
+
+        code, report = _verify(database_url, bootstrap_servers, topic)
+
+        assert report["lost"] == [], json.dumps(report["lost"][:3])
+        assert (code, report["clean"]) == (0, True), report
+        assert len(report["beyond_stable_offset"]) == 15
+        assert report["read"] == 10
+    finally:
+        other.abort_transaction(30)
+    code, report = _verify(database_url, bootstrap_servers, topic)
+    assert (code, report["clean"], report["read"]) == (0, True, 25), report
+    assert report["beyond_stable_offset"] == []
+
+
+def _publish(engine: Engine, topic: str, numbers: range) -> None:
+    with Session(engine) as session, session.begin():
+        for i in numbers:
+            publish(session, topic=topic, key=f"k{i % 3}", value={"i": i})

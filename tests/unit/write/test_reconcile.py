@@ -111,3 +111,16 @@ def test_i5_per_group_lag_is_told_apart_from_events_it_can_no_longer_read(
     assert (group.lag, group.unreadable, group.passed_unapplied) == (lag, unreadable, passed)
     assert group.applied == len(applied)
     assert report.clean == (not unreadable and not passed and low[0] == 0)
+
+
+def test_i2_an_event_recorded_behind_an_open_transaction_is_not_lost_but_not_checked() -> None:
+    """The read ended at offset 1, the partition's last stable offset (a transaction open
+    there): B and C, recorded at 1 and 2, cannot be read yet. A recorded before it and
+    missing is still lost."""
+    report = reconcile(RECORDED, [seen(A, 0)], {0: 0}, stable_ends={0: 1})
+    assert report.beyond_stable_offset == [B, C]
+    assert report.lost == []
+    assert report.clean
+    missing_first = reconcile(RECORDED, [], {0: 0}, stable_ends={0: 1})
+    assert [x["event_id"] for x in missing_first.lost] == [A]
+    assert missing_first.beyond_stable_offset == [B, C]
