@@ -29,7 +29,13 @@ PROBE_KEY_SUFFIX = b":abort-probe"
 compaction never lets it shadow a marker."""
 
 
+UNSURE_FOR = 600.0
+"""Seconds a cluster that gave no clear answer is not asked again: each new producer (every
+takeover or restart of a slot) would otherwise wait out the probe's whole timeout, and the
+safe order used meanwhile is correct on every broker."""
+
 _ANSWERS: dict[str, bool] = {}
+_UNSURE: dict[str, float] = {}  # cluster -> monotonic time until which it is not asked
 _ANSWERS_LOCK = threading.Lock()
 
 
@@ -62,10 +68,15 @@ def aborts_hidden(
         with _ANSWERS_LOCK:
             if remember_as in _ANSWERS:
                 return _ANSWERS[remember_as]
+            if _UNSURE.get(remember_as, 0.0) > time.monotonic():
+                return False
     hidden = _probe(producer, connection, topic, partition, key, timeout)
-    if remember_as is not None and hidden is not None:
+    if remember_as is not None:
         with _ANSWERS_LOCK:
-            _ANSWERS[remember_as] = hidden
+            if hidden is None:
+                _UNSURE[remember_as] = time.monotonic() + UNSURE_FOR
+            else:
+                _ANSWERS[remember_as] = hidden
     return bool(hidden)
 
 
