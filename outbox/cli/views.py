@@ -305,6 +305,28 @@ def _locked(conn: psycopg.Connection[dict[str, object]], ids: list[int]) -> None
         )
 
 
+_REFUSED_REQUEUE: dict[type[Exception], tuple[str, str, str, str]] = {
+    # A row buried because no record can be built from it (I6): the table's constraints
+    # refuse it back as it is (its DETAIL, the row's data, is not shown).
+    psycopg.errors.CheckViolation: (
+        sql.UNBUILDABLE_DEAD,
+        "the outbox table refuses them",
+        ": no Kafka record can be built from them",
+        "fix their header_names/header_values with SQL",
+    ),
+    # A dead row keeps its id (its order); after TRUNCATE ... RESTART IDENTITY a new row may
+    # have it, or the event was published again under its event id.
+    psycopg.errors.UniqueViolation: (
+        sql.CLASHING_DEAD,
+        "rows in the outbox have their id or event id",
+        "",
+        "let the relay publish those first",
+    ),
+}
+"""Why the outbox refused dead rows back: the query naming them, the cause, a note after the
+constraint's name, the fix."""
+
+
 def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
     """Put dead rows back in the outbox, all of the named ones or none."""
     with _session(db, "outbox-requeue") as conn:
@@ -314,25 +336,13 @@ def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
                     _locked(conn, ids)
                 params = {"all": all_rows, "ids": ids}
                 moved = len(conn.execute(sql.REQUEUE_DEAD, params).fetchall())
-        except psycopg.errors.CheckViolation as exc:
-            # A row buried because no record can be built from it (I6): the table's
-            # constraints refuse it back as it is (its DETAIL, the row's data, is not shown).
-            bad = [r["id"] for r in conn.execute(sql.UNBUILDABLE_DEAD, params).fetchall()]
+        except (psycopg.errors.CheckViolation, psycopg.errors.UniqueViolation) as exc:
+            query, why, note, fix = _REFUSED_REQUEUE[type(exc)]
+            bad = [r["id"] for r in conn.execute(query, params).fetchall()]
             named = " ".join(map(str, bad)) or "ID"
             raise ConfigError(
-                f"dead rows {named} cannot be re-queued: the outbox table refuses them "
-                f"({exc.diag.constraint_name}: no Kafka record can be built from them); fix "
-                f"their header_names/header_values with SQL, or `outbox dead discard {named}`"
-            ) from None
-        except psycopg.errors.UniqueViolation as exc:
-            # A dead row keeps its id (its order); after TRUNCATE ... RESTART IDENTITY a new
-            # row may have it, or the event was published again under its event id.
-            bad = [r["id"] for r in conn.execute(sql.CLASHING_DEAD, params).fetchall()]
-            named = " ".join(map(str, bad)) or "ID"
-            raise ConfigError(
-                f"dead rows {named} cannot be re-queued: rows in the outbox have their id or "
-                f"event id ({exc.diag.constraint_name}); let the relay publish those first, "
-                f"or `outbox dead discard {named}`"
+                f"dead rows {named} cannot be re-queued: {why} ({exc.diag.constraint_name}"
+                f"{note}); {fix}, or `outbox dead discard {named}`"
             ) from None
         if moved:
             conn.execute(sql.WAKE_ALL_SLOTS)  # a relay publishes them now, not at its next poll
