@@ -15,6 +15,9 @@ the relay's defaults) each event's way is timed at every stage:
 - **Kafka commit**: ``commit_transaction()`` returned;
 - **readable**: a plain ``read_committed`` reader (the consumer's settings, no group)
   received the record;
+- **fetched**: the deduplicating consumer's fetch handed the record to its loop
+  (``readable -> fetched`` is the difference between two fetching clients, about 0;
+  ``fetched -> handler`` is the consumer's own work before the handler);
 - **handler**: the deduplicating consumer's handler was entered.
 
 The relay runs in a process of its own (``outbox relay``, default slots, profile
@@ -93,6 +96,7 @@ STAGES = (
     "committing",
     "kafka_commit",
     "readable",
+    "fetched",
     "handler",
 )
 WRITER_THREADS = 4
@@ -194,6 +198,7 @@ def event_stages(
     wakes: Sequence[tuple[float, int | None]],
     readable: Mapping[str, float],
     handled: Mapping[str, float],
+    fetched: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per event: the wall-clock time of every stage it reached (pure, for the tables)."""
     by_event: dict[str, dict[str, float]] = {}
@@ -227,6 +232,8 @@ def event_stages(
         times = by_event.setdefault(event_id, {"commit": at})
         if event_id in readable:
             times["readable"] = readable[event_id]
+        if fetched and event_id in fetched:
+            times["fetched"] = fetched[event_id]
         if event_id in handled:
             times["handler"] = handled[event_id]
     return by_event
@@ -299,9 +306,11 @@ def floor_phase(
             handed = raw_steadily(settings, topic, rate=rate, seconds=seconds, producers=1)
         readable = arrivals(engine, set(handed), "kafka", timeout=60)
         handled = arrivals(engine, set(handed), "handler", timeout=60)
+        fetched = arrivals(engine, set(handed), "fetched", timeout=5)
     by_event = {
         i: {"commit": at}
         | ({"readable": readable[i]} if i in readable else {})
+        | ({"fetched": fetched[i]} if i in fetched else {})
         | ({"handler": handled[i]} if i in handled else {})
         for i, at in handed.items()
     }
@@ -342,9 +351,12 @@ def relay_phase(
                 committed = write_steadily(engine, topic, rate=rate, seconds=seconds, notify=True)
             readable = arrivals(engine, set(committed), "kafka", timeout=60)
             handled = arrivals(engine, set(committed), "handler", timeout=60)
+            fetched = arrivals(engine, set(committed), "fetched", timeout=5)
         recorded = json.loads(out.read_text()) if out.exists() else {"batches": [], "wakes": []}
     out.unlink(missing_ok=True)
-    by_event = event_stages(committed, recorded["batches"], recorded["wakes"], readable, handled)
+    by_event = event_stages(
+        committed, recorded["batches"], recorded["wakes"], readable, handled, fetched
+    )
     batches = [b for b in recorded["batches"] if set(b["ids"]) & committed.keys()]
     sizes = sorted(len(b["ids"]) for b in batches)
     return {
