@@ -239,6 +239,37 @@ def event_stages(
     return by_event
 
 
+def wake_waits(
+    by_event: Mapping[str, Mapping[str, float]], batches: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """wake -> claimed split by what the slot was doing when the NOTIFY came (pure).
+
+    ``busy``: the slot's previous batch had not committed its Kafka transaction yet, so the
+    event waited for the batch cycle; ``free``: it had, so the wait is the wake-up, the
+    previous batch's database commit and the claim.
+    """
+    waits: dict[str, list[float]] = {"busy": [], "free": []}
+    by_slot: dict[Any, list[Mapping[str, Any]]] = {}
+    for batch in batches:
+        if "kafka_commit" in batch:
+            by_slot.setdefault(batch["slot"], []).append(batch)
+    for slot_batches in by_slot.values():
+        slot_batches.sort(key=lambda b: float(b["claimed"]))
+        for previous, batch in zip([None, *slot_batches], slot_batches, strict=False):
+            for event_id in batch["ids"]:
+                times = by_event.get(event_id, {})
+                if "wake" not in times or "claimed" not in times:
+                    continue
+                busy = previous is not None and times["wake"] < previous["kafka_commit"]
+                waits["busy" if busy else "free"].append((times["claimed"] - times["wake"]) * 1000)
+    total = sum(len(v) for v in waits.values())
+    return {
+        name: {**_stats(values), "share": round(len(values) / total, 3) if total else None}
+        for name, values in waits.items()
+        if values
+    }
+
+
 def breakdown(by_event: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """Each stage's share (from the stage before it that the event reached) and commit -> it."""
     steps: dict[str, list[float]] = {}
@@ -365,6 +396,7 @@ def relay_phase(
         "lost": len(committed) - min(len(readable), len(handled)),
         "batches": len(batches),
         "batch_size_p50": percentile(sizes, 50) if sizes else None,
+        "wake_waits": wake_waits(by_event, batches),
         "load": load,
         **breakdown(by_event),
     }
@@ -390,6 +422,19 @@ def run(svc: Services, size: Size) -> Result:
         engine.dispose()
         svc.drop(db)
     return summary(phases)
+
+
+_WAIT_NAMES = {"busy": "in the slot's previous Kafka transaction", "free": "with the slot free"}
+
+
+def _waits_text(waits: Mapping[str, Mapping[str, Any]]) -> str:
+    if not waits:
+        return ""
+    parts = [
+        f"{stats['share']:.0%} {_WAIT_NAMES[name]} p50/p99 {stats['p50_ms']}/{stats['p99_ms']}"
+        for name, stats in waits.items()
+    ]
+    return "; wake -> claimed: " + ", ".join(parts) + " ms"
 
 
 def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
@@ -420,6 +465,7 @@ def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
                 )[:3]
             )
             + " ms"
+            + _waits_text(relay.get("wake_waits", {}))
             + (
                 f"; TOO BUSY ({', '.join(busy)}: strangers > {BUSY_OTHERS:.0%} of cores)"
                 if busy
