@@ -15,7 +15,7 @@ import argparse
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -23,7 +23,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 from benchmarks.harness import GROUP_SETTINGS
-from consumer import Event, IdempotentConsumer
+from consumer import Event, IdempotentConsumer, runner_of
 from consumer.config import ConsumerConfig
 from outbox.codec import EVENT_ID_HEADER
 
@@ -114,11 +114,31 @@ def plain_consume(engine: Engine, config: ConsumerConfig, expected: int) -> tupl
 
 
 class LatencyConsumer(IdempotentConsumer):
-    """Records handler entry time (wall clock, comparable with the writer's commit time)."""
+    """Records handler entry time (wall clock, comparable with the writer's commit time) and
+    when the runner's fetch handed the record over, which splits the consumer's share into
+    fetching and its own work before the handler (dedup marks, transaction)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetched: dict[str, float] = {}
+        runner_of(self).group.fetch = self._timed_fetch
+
+    def _timed_fetch(self, _kafka: Any, default: Callable[[], list[Any]]) -> list[Any]:
+        messages = default()
+        at = time.time()
+        for msg in messages:
+            event_id = header_event_id(msg) if msg.error() is None else None
+            if event_id is not None:
+                self.fetched[event_id] = at
+        return messages
 
     def handle(self, session: Session, event: Event) -> None:
         at = time.time()
-        session.execute(INSERT_RECEIVED, {"event_id": event.id, "kind": "handler", "at": at})
+        rows = [{"event_id": event.id, "kind": "handler", "at": at}]
+        fetched = self.fetched.pop(event.id, None)
+        if fetched is not None:
+            rows.append({"event_id": event.id, "kind": "fetched", "at": fetched})
+        session.execute(INSERT_RECEIVED, rows)
 
 
 class ArrivalReader(threading.Thread):

@@ -15,6 +15,9 @@ the relay's defaults) each event's way is timed at every stage:
 - **Kafka commit**: ``commit_transaction()`` returned;
 - **readable**: a plain ``read_committed`` reader (the consumer's settings, no group)
   received the record;
+- **fetched**: the deduplicating consumer's fetch handed the record to its loop
+  (``readable -> fetched`` is the difference between two fetching clients, about 0;
+  ``fetched -> handler`` is the consumer's own work before the handler);
 - **handler**: the deduplicating consumer's handler was entered.
 
 The relay runs in a process of its own (``outbox relay``, default slots, profile
@@ -93,6 +96,7 @@ STAGES = (
     "committing",
     "kafka_commit",
     "readable",
+    "fetched",
     "handler",
 )
 WRITER_THREADS = 4
@@ -194,6 +198,7 @@ def event_stages(
     wakes: Sequence[tuple[float, int | None]],
     readable: Mapping[str, float],
     handled: Mapping[str, float],
+    fetched: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per event: the wall-clock time of every stage it reached (pure, for the tables)."""
     by_event: dict[str, dict[str, float]] = {}
@@ -227,9 +232,42 @@ def event_stages(
         times = by_event.setdefault(event_id, {"commit": at})
         if event_id in readable:
             times["readable"] = readable[event_id]
+        if fetched and event_id in fetched:
+            times["fetched"] = fetched[event_id]
         if event_id in handled:
             times["handler"] = handled[event_id]
     return by_event
+
+
+def wake_waits(
+    by_event: Mapping[str, Mapping[str, float]], batches: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """wake -> claimed split by what the slot was doing when the NOTIFY came (pure).
+
+    ``busy``: the slot's previous batch had not committed its Kafka transaction yet, so the
+    event waited for the batch cycle; ``free``: it had, so the wait is the wake-up, the
+    previous batch's database commit and the claim.
+    """
+    waits: dict[str, list[float]] = {"busy": [], "free": []}
+    by_slot: dict[Any, list[Mapping[str, Any]]] = {}
+    for batch in batches:
+        if "kafka_commit" in batch:
+            by_slot.setdefault(batch["slot"], []).append(batch)
+    for slot_batches in by_slot.values():
+        slot_batches.sort(key=lambda b: float(b["claimed"]))
+        for previous, batch in zip([None, *slot_batches], slot_batches, strict=False):
+            for event_id in batch["ids"]:
+                times = by_event.get(event_id, {})
+                if "wake" not in times or "claimed" not in times:
+                    continue
+                busy = previous is not None and times["wake"] < previous["kafka_commit"]
+                waits["busy" if busy else "free"].append((times["claimed"] - times["wake"]) * 1000)
+    total = sum(len(v) for v in waits.values())
+    return {
+        name: {**_stats(values), "share": round(len(values) / total, 3) if total else None}
+        for name, values in waits.items()
+        if values
+    }
 
 
 def breakdown(by_event: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
@@ -299,9 +337,11 @@ def floor_phase(
             handed = raw_steadily(settings, topic, rate=rate, seconds=seconds, producers=1)
         readable = arrivals(engine, set(handed), "kafka", timeout=60)
         handled = arrivals(engine, set(handed), "handler", timeout=60)
+        fetched = arrivals(engine, set(handed), "fetched", timeout=5)
     by_event = {
         i: {"commit": at}
         | ({"readable": readable[i]} if i in readable else {})
+        | ({"fetched": fetched[i]} if i in fetched else {})
         | ({"handler": handled[i]} if i in handled else {})
         for i, at in handed.items()
     }
@@ -342,9 +382,12 @@ def relay_phase(
                 committed = write_steadily(engine, topic, rate=rate, seconds=seconds, notify=True)
             readable = arrivals(engine, set(committed), "kafka", timeout=60)
             handled = arrivals(engine, set(committed), "handler", timeout=60)
+            fetched = arrivals(engine, set(committed), "fetched", timeout=5)
         recorded = json.loads(out.read_text()) if out.exists() else {"batches": [], "wakes": []}
     out.unlink(missing_ok=True)
-    by_event = event_stages(committed, recorded["batches"], recorded["wakes"], readable, handled)
+    by_event = event_stages(
+        committed, recorded["batches"], recorded["wakes"], readable, handled, fetched
+    )
     batches = [b for b in recorded["batches"] if set(b["ids"]) & committed.keys()]
     sizes = sorted(len(b["ids"]) for b in batches)
     return {
@@ -353,6 +396,7 @@ def relay_phase(
         "lost": len(committed) - min(len(readable), len(handled)),
         "batches": len(batches),
         "batch_size_p50": percentile(sizes, 50) if sizes else None,
+        "wake_waits": wake_waits(by_event, batches),
         "load": load,
         **breakdown(by_event),
     }
@@ -378,6 +422,19 @@ def run(svc: Services, size: Size) -> Result:
         engine.dispose()
         svc.drop(db)
     return summary(phases)
+
+
+_WAIT_NAMES = {"busy": "in the slot's previous Kafka transaction", "free": "with the slot free"}
+
+
+def _waits_text(waits: Mapping[str, Mapping[str, Any]]) -> str:
+    if not waits:
+        return ""
+    parts = [
+        f"{stats['share']:.0%} {_WAIT_NAMES[name]} p50/p99 {stats['p50_ms']}/{stats['p99_ms']}"
+        for name, stats in waits.items()
+    ]
+    return "; wake -> claimed: " + ", ".join(parts) + " ms"
 
 
 def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
@@ -408,6 +465,7 @@ def summary(phases: Mapping[str, Mapping[str, Any]]) -> Result:
                 )[:3]
             )
             + " ms"
+            + _waits_text(relay.get("wake_waits", {}))
             + (
                 f"; TOO BUSY ({', '.join(busy)}: strangers > {BUSY_OTHERS:.0%} of cores)"
                 if busy

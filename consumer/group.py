@@ -31,9 +31,6 @@ from outbox.errors import ConfigError
 
 log = logging.getLogger("outbox.consumer")
 
-BATCH_LINGER = 0.005
-"""Seconds a started batch waits for more records: the consumer's linger.ms."""
-
 _REFUSED_CREDENTIALS = frozenset(
     {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._SSL}
 )
@@ -125,20 +122,20 @@ class GroupMember:
         return self._owned(self._records(messages))
 
     def _next_batch(self) -> list[Any]:
-        """Up to batch_size records without waiting for a full batch.
+        """Up to batch_size records, waiting only for the first one.
 
-        librdkafka's consume(n, timeout) waits until n records arrived or the
-        timeout ran out, which adds up to poll_timeout of latency at low rates: take
-        what is already fetched, and block only for the first record.
+        librdkafka's consume(n, timeout) waits until n records arrived or the timeout ran
+        out: at a low rate every record would wait for a batch that never fills. The rest of
+        the batch is what librdkafka already fetched; batches still grow by themselves when
+        the handler falls behind (records queue while a batch is applied), so waiting for
+        more would only delay the records in hand when the consumer keeps up.
         """
         size = self.config.batch_size
         messages: list[Any] = self.kafka.consume(num_messages=size, timeout=0)
         if not messages:
             messages = self.kafka.consume(num_messages=1, timeout=self.config.poll_timeout)
-        if messages and len(messages) < size:
-            # A short linger fills the batch under load (throughput) and costs at most
-            # BATCH_LINGER of latency when the topic is quiet.
-            messages += self.kafka.consume(num_messages=size - len(messages), timeout=BATCH_LINGER)
+            if messages and size > 1:
+                messages += self.kafka.consume(num_messages=size - 1, timeout=0)
         return messages
 
     def _records(self, messages: Sequence[Any]) -> list[Record]:
