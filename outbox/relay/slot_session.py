@@ -118,9 +118,7 @@ class PsycopgSlotSession:
     def record_deliveries(self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]]) -> None:
         """Where the batch went, in the transaction that deletes it: one statement."""
         with self._held():
-            self.conn.execute(
-                sql.RECORD_DELIVERIES, deliveries.batch_params(rows, placed), prepare=True
-            )
+            deliveries.record(self.conn, rows, placed)
 
     @contextlib.contextmanager
     def recording(
