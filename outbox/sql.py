@@ -197,8 +197,9 @@ def claim_params(
     }
 
 
-# Remove rows whose Kafka transaction has committed (I2).
-DELETE_EVENTS = "DELETE FROM outbox_events WHERE id = ANY(%(ids)s)"
+# Remove a batch's rows (their Kafka transaction commits before this one, I2), saying which
+# were still there: a row deleted by hand since its claim is withdrawn, not published.
+DELETE_EVENTS = "DELETE FROM outbox_events WHERE id = ANY(%(ids)s) RETURNING id"
 
 # Rows still pending under the ids a recovery marker names, in the marker's own shards only.
 RECOVERY_CANDIDATES = """

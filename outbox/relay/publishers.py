@@ -137,6 +137,19 @@ def produce(
                 break
 
 
+def still_pending(slot: Slot, rows: list[Row], deleted: set[int]) -> list[Row]:
+    """The rows a batch's DELETE found: one deleted by hand since it was claimed (or read
+    ahead) is withdrawn, so it is not published."""
+    if len(deleted) == len(rows):
+        return rows
+    log.info(
+        "slot %d: %d claimed rows were deleted from the outbox before their batch; not published",
+        slot.slot,
+        len(rows) - len(deleted),
+    )
+    return [r for r in rows if r.id in deleted]
+
+
 def missing_topics(producer: KafkaProducer | None, topics: set[str]) -> set[str]:
     """Topics the cluster's metadata says are missing or not writable: a delivery timeout
     for them is about the topic, not the network (auto-create off, or ACLs)."""
@@ -182,7 +195,7 @@ class AtMostOnce(Publisher):
 
     def publish(self, rows: list[Row]) -> None:
         s = self.slot
-        s.session.delete([r.id for r in rows])
+        rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
         producer = self._producer()
         produce(producer, rows, {})
         producer.flush(s.plan.transaction_timeout)
@@ -307,6 +320,9 @@ class ExactlyOnce(Publisher):
         batch = _Batch(rows, s.placements())
         try:
             with s.session.transaction():
+                batch.rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
+                if not batch.rows:
+                    return
                 self._send(batch)
                 if batch.failed:
                     raise BatchRollback  # noqa: TRY301 - the rows stay in the outbox
@@ -322,14 +338,13 @@ class ExactlyOnce(Publisher):
                 raise error
             return
         s.ahead = batch.ahead
-        s.holds.succeeded({r.topic for r in rows})
-        s.count(published=len(rows), batches=1)
+        s.holds.succeeded({r.topic for r in batch.rows})
+        s.count(published=len(batch.rows), batches=1)
 
     def _send(self, batch: _Batch) -> None:
-        """Delete the rows, send them in a new Kafka transaction, claim ahead, and wait for
-        every delivery report."""
+        """Send the (deleted) rows in a new Kafka transaction, claim ahead, and wait for every
+        delivery report."""
         s, producer = self.slot, self._producer()
-        s.session.delete([r.id for r in batch.rows])
         producer.begin_transaction()
         s.span.begin()
         produce(producer, batch.rows, batch.failures, batch.acked, batch.placed)
