@@ -197,8 +197,9 @@ def claim_params(
     }
 
 
-# Remove rows whose Kafka transaction has committed (I2).
-DELETE_EVENTS = "DELETE FROM outbox_events WHERE id = ANY(%(ids)s)"
+# Remove a batch's rows (their Kafka transaction commits before this one, I2), saying which
+# were still there: a row deleted by hand since its claim is withdrawn, not published.
+DELETE_EVENTS = "DELETE FROM outbox_events WHERE id = ANY(%(ids)s) RETURNING id"
 
 # Rows still pending under the ids a recovery marker names, in the marker's own shards only.
 RECOVERY_CANDIDATES = """
@@ -334,16 +335,12 @@ LAST_EVENT_ID = "SELECT coalesce(max(id), 0) FROM outbox_events"
 # The key hash of outbox.relay.deliveries.key_hash, in SQL: the first 8 bytes of SHA-256.
 KEY_HASH_SQL = "('x' || left(encode(sha256({key}), 'hex'), 16))::bit(64)::int8"
 
-# Record a batch's events where their delivery reports placed them: one statement per batch,
-# in the transaction that deletes the batch. Parameters go in binary (%(...)b: a UUID or an
-# int is dumped several times faster than as text) and the key is hashed by the server, off
-# the relay's GIL.
-RECORD_DELIVERIES = f"""
-INSERT INTO outbox_deliveries (event_id, id, topic, partition, kafka_offset, key_hash)
-SELECT e, i, t, p, o, {KEY_HASH_SQL.format(key="k")}
-FROM unnest(%(event_ids)b::uuid[], %(ids)b::int8[], %(topics)b::text[],
-            %(partitions)b::int4[], %(offsets)b::int8[], %(keys)b::bytea[]) AS b(e, i, t, p, o, k)
-"""
+
+def record_deliveries(table: str, columns: Sequence[str]) -> str:
+    """Record a batch's events where their delivery reports placed them: one binary COPY per
+    batch (``outbox.relay.deliveries.copy_data``), in the transaction that deletes the batch."""
+    return f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+
 
 # Delete the rows recovery matched to the marker's events and record them: the marker tells
 # that they were committed, not where (partition and offset stay NULL).

@@ -14,15 +14,11 @@ import hashlib
 import logging
 import re
 import struct
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain, repeat
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.adapt import Dumper, PyFormat
-from psycopg.pq import Format
 from psycopg.rows import tuple_row
 
 from outbox import sql
@@ -40,6 +36,7 @@ MAINTENANCE_INTERVAL = 300.0
 LOCK_KEY = UPKEEP_NAMESPACE
 """The advisory lock class serialising partition upkeep (``outbox.locks``)."""
 
+_FIRST_8 = struct.Struct(">q")
 _NAME = re.compile(rf"^{TABLE}_p(\d{{8}})$")
 
 
@@ -62,7 +59,7 @@ def key_hash(key: bytes | None) -> int | None:
     """
     if key is None:
         return None
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big", signed=True)
+    return _FIRST_8.unpack_from(hashlib.sha256(key).digest())[0]  # type: ignore[no-any-return]
 
 
 def partition_name(day: dt.date) -> str:
@@ -105,106 +102,61 @@ def plan_partitions(
     )
 
 
-def batch_params(
-    rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]
-) -> dict[str, list[Any]]:
-    """RECORD_DELIVERIES's arrays for the rows of a batch with their delivery reports'
-    (partition, offset); one statement records the batch."""
-    return {
-        "event_ids": [r.event_id for r in rows],
-        "ids": [r.id for r in rows],
-        "topics": [r.topic for r in rows],
-        "partitions": [placed[r.id][0] for r in rows],
-        "offsets": [placed[r.id][1] for r in rows],
-        "keys": [r.key for r in rows],  # hashed by the server (sql.KEY_HASH_SQL)
-    }
+# -- the batch's rows as one binary COPY ------------------------------------------------
+# A COPY appends the batch with PostgreSQL's multi-row insert (one WAL record per page of
+# rows instead of one per row), skipping an INSERT ... SELECT FROM unnest(...)'s per-row
+# executor work: measured on a 1000-row batch with fsync on, it cuts the statement's time by
+# about a third and its WAL by a quarter. The key hash is computed here (COPY evaluates no
+# expression); ``published_at`` takes its default.
 
-
-# -- pre-encoded arrays -------------------------------------------------------------------
-# psycopg dumps a list element by element in Python (about 0.3 us each): six arrays of a
-# 1000-row batch cost the relay ~2 ms of CPU per batch. The arrays below are built in
-# PostgreSQL's binary array format with one struct.pack each, about half of that.
-
-
-class Packed:
-    """An array already in PostgreSQL's binary format, with its type's oid."""
-
-    __slots__ = ("data", "oid")
-
-    def __init__(self, data: bytes, oid: int) -> None:
-        self.data, self.oid = data, oid
-
-
-class _PackedDumper(Dumper):
-    format = Format.BINARY
-
-    def dump(self, obj: Any) -> bytes:
-        return bytes(obj.data)
-
-    def get_key(self, obj: Any, format: PyFormat) -> Any:
-        return (Packed, obj.oid)
-
-    def upgrade(self, obj: Any, format: PyFormat) -> Dumper:
-        dumper = _PackedDumper(Packed)
-        dumper.oid = obj.oid
-        return dumper
-
-
-psycopg.adapters.register_dumper(Packed, _PackedDumper)
-
-_HEAD = struct.Struct(">iiiii")  # dimensions, has nulls, element oid, length, lower bound
-_LEN = struct.Struct(">i")
+COPY_COLUMNS = ("event_id", "id", "topic", "partition", "kafka_offset", "key_hash")
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)  # signature, flags, extension
+_COPY_TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
-_UUID_LEN = _LEN.pack(16)
-INT4, INT8, TEXT, BYTEA, UUID = 23, 20, 25, 17, 2950
-_ARRAY_OF = {INT4: 1007, INT8: 1016, TEXT: 1009, BYTEA: 1001, UUID: 2951}
+_WITH_TOPIC: dict[int, struct.Struct] = {}
 
 
-def pack_ints(values: Sequence[int], element: int) -> Packed:
-    """int4[] or int8[] (no NULLs)."""
-    code, size = ("i", 4) if element == INT4 else ("q", 8)
-    n = len(values)
-    pairs = zip(repeat(size, n), values, strict=True)  # each value after its length
-    body = struct.pack(f">{n * ('i' + code)}", *chain.from_iterable(pairs))
-    return Packed(_HEAD.pack(1, 0, element, n, 1) + body, _ARRAY_OF[element])
+def _head(topic_len: int) -> struct.Struct:
+    """The fixed part of a row up to its offset, for a topic of ``topic_len`` bytes: field
+    count, then each field's length and value (uuid, int8, text, int4, int8)."""
+    fmt = _WITH_TOPIC.get(topic_len)
+    if fmt is None:
+        fmt = _WITH_TOPIC[topic_len] = struct.Struct(f">hi16siqi{topic_len}siiiq")
+    return fmt
 
 
-def pack_uuids(values: Sequence[uuid.UUID]) -> Packed:
-    """uuid[] (no NULLs)."""
-    body = b"".join([_UUID_LEN + u.bytes for u in values])
-    return Packed(_HEAD.pack(1, 0, UUID, len(values), 1) + body, _ARRAY_OF[UUID])
+_HASH = struct.Struct(">iq")
 
 
-def pack_varlen(values: Sequence[str | bytes | None], element: int) -> Packed:
-    """text[] or bytea[]; each distinct value is encoded once (a batch's topics repeat)."""
-    encoded: dict[str | bytes, bytes] = {}
-    parts = []
-    nulls = 0
-    for v in values:
-        if v is None:
-            parts.append(_NULL)
-            nulls = 1
-            continue
-        chunk = encoded.get(v)
-        if chunk is None:
-            raw = v.encode() if isinstance(v, str) else v
-            chunk = encoded[v] = _LEN.pack(len(raw)) + raw
-        parts.append(chunk)
-    return Packed(
-        _HEAD.pack(1, nulls, element, len(values), 1) + b"".join(parts), _ARRAY_OF[element]
-    )
+def copy_data(rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]) -> bytes:
+    """The batch's rows, with their delivery reports' (partition, offset), in PostgreSQL's
+    binary COPY format for ``COPY_COLUMNS``: one ``struct`` pack per row."""
+    topics: dict[str, tuple[struct.Struct, bytes]] = {}
+    parts = [_COPY_HEADER]
+    for row in rows:
+        known = topics.get(row.topic)
+        if known is None:
+            raw = row.topic.encode()
+            known = topics[row.topic] = (_head(len(raw)), raw)
+        head, topic = known
+        partition, offset = placed[row.id]
+        parts.append(
+            head.pack(
+                6, 16, row.event_id.bytes, 8, row.id, len(topic), topic, 4, partition, 8, offset
+            )
+        )
+        hashed = key_hash(row.key)
+        parts.append(_NULL if hashed is None else _HASH.pack(8, hashed))
+    parts.append(_COPY_TRAILER)
+    return b"".join(parts)
 
 
-def packed_params(params: Mapping[str, list[Any]]) -> dict[str, Packed]:
-    """``batch_params``'s arrays, pre-encoded for RECORD_DELIVERIES."""
-    return {
-        "event_ids": pack_uuids(params["event_ids"]),
-        "ids": pack_ints(params["ids"], INT8),
-        "topics": pack_varlen(params["topics"], TEXT),
-        "partitions": pack_ints(params["partitions"], INT4),
-        "offsets": pack_ints(params["offsets"], INT8),
-        "keys": pack_varlen(params["keys"], BYTEA),
-    }
+def record(
+    conn: psycopg.Connection[Any], rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]
+) -> None:
+    """Append the batch to the record in one COPY, completed (synced) on return."""
+    with conn.cursor() as cur, cur.copy(sql.record_deliveries(TABLE, COPY_COLUMNS)) as copy:
+        copy.write(copy_data(rows, placed))
 
 
 @contextlib.contextmanager
@@ -218,12 +170,11 @@ def recording(
     The INSERT completes before the block, not in pipeline mode beside it: a statement sent
     but not yet synced keeps the session "active" on the server, out of reach of
     ``idle_in_transaction_session_timeout``, so a relay frozen in its Kafka commit would hold
-    its slot's lock forever instead of losing it after --takeover-timeout (I12). The arrays
-    go in PostgreSQL's binary form (``packed_params``), which halves their cost.
+    its slot's lock forever instead of losing it after --takeover-timeout (I12). A COPY
+    ends with its CopyDone and the server's ReadyForQuery, like a plain statement.
     """
     if placed is not None and rows:
-        params = packed_params(batch_params(rows, placed))
-        conn.execute(sql.RECORD_DELIVERIES, params, prepare=True)
+        record(conn, rows, placed)
     yield
 
 

@@ -101,7 +101,12 @@ def produce(
     placed: Placements | None = None,
 ) -> None:
     """Queue every row; per-row errors land in ``failures``, the ids of successful delivery
-    reports in ``acked`` and where they put each record in ``placed`` (when given)."""
+    reports in ``acked`` and where they put each record in ``placed`` (when given).
+
+    A row without headers passes None, not an empty list built per row. The report is a
+    plain Python closure: confluent-kafka may call a delivery report while its own fatal
+    error (a fenced producer) is pending, which a C-level callable such as
+    ``functools.partial`` turns into a SystemError instead of the fencing."""
 
     def delivered(row_id: int) -> Callable[[Any, Any], None]:
         def cb(err: Any, msg: Any) -> None:
@@ -122,7 +127,7 @@ def produce(
                     row.topic,
                     value=row.value,
                     key=row.key,
-                    headers=row.headers,
+                    headers=row.headers if row.header_names else None,
                     timestamp=row.created_ms,
                     on_delivery=delivered(row.id),
                 )
@@ -135,6 +140,19 @@ def produce(
             except (TypeError, ValueError) as exc:  # arguments no record is built from
                 failures[row.id] = KafkaError(KafkaError._INVALID_ARG, str(exc))
                 break
+
+
+def still_pending(slot: Slot, rows: list[Row], deleted: set[int]) -> list[Row]:
+    """The rows a batch's DELETE found: one deleted by hand since it was claimed (or read
+    ahead) is withdrawn, so it is not published."""
+    if len(deleted) == len(rows):
+        return rows
+    log.info(
+        "slot %d: %d claimed rows were deleted from the outbox before their batch; not published",
+        slot.slot,
+        len(rows) - len(deleted),
+    )
+    return [r for r in rows if r.id in deleted]
 
 
 def missing_topics(producer: KafkaProducer | None, topics: set[str]) -> set[str]:
@@ -182,7 +200,7 @@ class AtMostOnce(Publisher):
 
     def publish(self, rows: list[Row]) -> None:
         s = self.slot
-        s.session.delete([r.id for r in rows])
+        rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
         producer = self._producer()
         produce(producer, rows, {})
         producer.flush(s.plan.transaction_timeout)
@@ -307,6 +325,9 @@ class ExactlyOnce(Publisher):
         batch = _Batch(rows, s.placements())
         try:
             with s.session.transaction():
+                batch.rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
+                if not batch.rows:
+                    return
                 self._send(batch)
                 if batch.failed:
                     raise BatchRollback  # noqa: TRY301 - the rows stay in the outbox
@@ -322,14 +343,13 @@ class ExactlyOnce(Publisher):
                 raise error
             return
         s.ahead = batch.ahead
-        s.holds.succeeded({r.topic for r in rows})
-        s.count(published=len(rows), batches=1)
+        s.holds.succeeded({r.topic for r in batch.rows})
+        s.count(published=len(batch.rows), batches=1)
 
     def _send(self, batch: _Batch) -> None:
-        """Delete the rows, send them in a new Kafka transaction, claim ahead, and wait for
-        every delivery report."""
+        """Send the (deleted) rows in a new Kafka transaction, claim ahead, and wait for every
+        delivery report."""
         s, producer = self.slot, self._producer()
-        s.session.delete([r.id for r in batch.rows])
         producer.begin_transaction()
         s.span.begin()
         produce(producer, batch.rows, batch.failures, batch.acked, batch.placed)

@@ -111,16 +111,15 @@ class PsycopgSlotSession:
             cur.execute(statement, params, prepare=True)
             return list(map(Row._make, cur.fetchall()))
 
-    def delete(self, ids: Sequence[int]) -> None:
-        with self._held():
-            self.conn.execute(sql.DELETE_EVENTS, {"ids": list(ids)}, prepare=True)
+    def delete(self, ids: Sequence[int]) -> set[int]:
+        with self._held(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
+            cur.execute(sql.DELETE_EVENTS, {"ids": list(ids)}, prepare=True)
+            return {row[0] for row in cur.fetchall()}
 
     def record_deliveries(self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]]) -> None:
         """Where the batch went, in the transaction that deletes it: one statement."""
         with self._held():
-            self.conn.execute(
-                sql.RECORD_DELIVERIES, deliveries.batch_params(rows, placed), prepare=True
-            )
+            deliveries.record(self.conn, rows, placed)
 
     @contextlib.contextmanager
     def recording(

@@ -213,9 +213,11 @@ class FakeSession:
             self.on_claim(self.claims)
         return [r for r in self.rows if r.topic not in held][:limit]
 
-    def delete(self, ids: Sequence[int]) -> None:
-        gone = set(ids)
-        self.rows = [r for r in self.rows if r.id not in gone]
+    def delete(self, ids: Sequence[int]) -> set[int]:
+        wanted = set(ids)
+        gone = {r.id for r in self.rows if r.id in wanted}
+        self.rows = [r for r in self.rows if r.id not in wanted]
+        return gone
 
     def record_deliveries(self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]]) -> None:
         self.recorded.extend(r.id for r in rows if r.id in placed)

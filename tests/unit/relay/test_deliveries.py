@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from typing import Any, NamedTuple
 
 import pytest
-from psycopg.adapt import Transformer
-from psycopg.pq import Format
 
 from outbox.relay.deliveries import (
-    INT8,
-    Packed,
-    batch_params,
     day_start,
     key_hash,
-    pack_ints,
-    packed_params,
     partition_day,
     partition_name,
     plan_partitions,
@@ -66,48 +57,3 @@ def test_key_hash_is_stable_signed_64_bit_and_none_for_no_key() -> None:
     assert all(-(2**63) <= key_hash(bytes([i])) < 2**63 for i in range(256))  # type: ignore[operator]
     # The first 8 bytes of SHA-256, big-endian signed (what the SQL side computes).
     assert key_hash(b"") == int.from_bytes(bytes.fromhex("e3b0c44298fc1c14"), "big", signed=True)
-
-
-class _Row(NamedTuple):
-    id: int
-    event_id: uuid.UUID
-    topic: str
-    key: bytes | None
-
-
-def test_batch_params_put_each_event_at_its_delivery_reports_place() -> None:
-    a, b = uuid.uuid4(), uuid.uuid4()
-    rows = [_Row(10, a, "t", b"k"), _Row(11, b, "u", None)]
-    params = batch_params(rows, {11: (3, 42), 10: (0, 7)})
-    assert params == {
-        "event_ids": [a, b],
-        "ids": [10, 11],
-        "topics": ["t", "u"],
-        "partitions": [0, 3],
-        "offsets": [7, 42],
-        "keys": [b"k", None],
-    }
-
-
-def _load(packed: Packed) -> Any:
-    """What PostgreSQL's binary array receive would read (psycopg's own binary loader)."""
-    loader = Transformer().get_loader(packed.oid, Format.BINARY)
-    return loader.load(packed.data)
-
-
-def test_i2_pre_encoded_arrays_read_back_as_the_batchs_values() -> None:
-    """The record's arrays are built in PostgreSQL's binary format by hand; psycopg's binary
-    loaders read each back as the values it was built from (NULL keys, repeated topics,
-    the extremes of each integer type)."""
-    ids = [uuid.uuid4(), uuid.uuid4(), uuid.uuid4()]
-    params: dict[str, list[Any]] = {
-        "event_ids": ids,
-        "ids": [1, 2**63 - 1, 3],
-        "topics": ["orders", "orders", "payments.é"],
-        "partitions": [0, 2**31 - 1, -1],
-        "offsets": [0, 2**62, 7],
-        "keys": [b"k", None, b""],
-    }
-    packed = packed_params(params)
-    assert {name: _load(p) for name, p in packed.items()} == params
-    assert _load(pack_ints([], INT8)) == []

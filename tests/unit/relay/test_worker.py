@@ -7,6 +7,7 @@ thread; what PostgreSQL and the broker do for real is pinned by tests/integratio
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from confluent_kafka import KafkaError
 
@@ -309,3 +310,28 @@ def test_i2_a_new_producer_asks_again_how_the_broker_shows_aborted_transactions(
     assert _marker_order(broker.producers[0].calls) == ["produce marker", "flush"]
     assert _marker_order(broker.producers[1].calls) == ["flush", "produce marker"]
     assert session.ids() == []
+
+
+class _LostAfterFirstBatch(FakeSession):
+    """A slot's session whose connection is gone once its first batch committed."""
+
+    deletes = 0
+
+    def delete(self, ids: Sequence[int]) -> set[int]:
+        if self.deletes:
+            raise SlotLost("database connection lost")
+        self.deletes += 1
+        return super().delete(ids)
+
+
+def test_i3_a_batch_read_ahead_is_not_published_once_the_slot_is_lost() -> None:
+    """The first batch reads the next one ahead while the broker acknowledges it; the slot is
+    lost before that next batch's DELETE: none of its records may leave (a new owner publishes
+    them), and its rows stay in the outbox."""
+    session, broker = _LostAfterFirstBatch(_rows(4)), Broker()
+    worker = make_worker(session, broker, batch_size=2)
+    worker.run()
+    assert session.claims >= 2  # the second batch was read ahead
+    assert broker.values() == [b"v1", b"v2"]
+    assert session.ids() == [3, 4]
+    assert worker.context.stats.published == 2
