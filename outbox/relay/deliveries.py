@@ -126,11 +126,23 @@ def _head(topic_len: int) -> struct.Struct:
 
 
 _HASH = struct.Struct(">iq")
+_UNPLACED: dict[int, struct.Struct] = {}
+_NO_PLACE = _NULL + _NULL  # partition and offset NULL: acknowledged without an offset
+
+
+def _unplaced_head(topic_len: int) -> struct.Struct:
+    """A row's fields up to its topic, for a record whose report named no offset."""
+    fmt = _UNPLACED.get(topic_len)
+    if fmt is None:
+        fmt = _UNPLACED[topic_len] = struct.Struct(f">hi16siqi{topic_len}s")
+    return fmt
 
 
 def copy_data(rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]) -> bytes:
     """The batch's rows, with their delivery reports' (partition, offset), in PostgreSQL's
-    binary COPY format for ``COPY_COLUMNS``: one ``struct`` pack per row."""
+    binary COPY format for ``COPY_COLUMNS``: one ``struct`` pack per row. A row ``placed``
+    lacks (its report came without an offset) is recorded without a place, as recovery
+    records."""
     topics: dict[str, tuple[struct.Struct, bytes]] = {}
     parts = [_COPY_HEADER]
     for row in rows:
@@ -139,12 +151,12 @@ def copy_data(rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]) -> by
             raw = row.topic.encode()
             known = topics[row.topic] = (_head(len(raw)), raw)
         head, topic = known
-        partition, offset = placed[row.id]
-        parts.append(
-            head.pack(
-                6, 16, row.event_id.bytes, 8, row.id, len(topic), topic, 4, partition, 8, offset
-            )
-        )
+        fields = (6, 16, row.event_id.bytes, 8, row.id, len(topic), topic)
+        place = placed.get(row.id)
+        if place is None:
+            parts.append(_unplaced_head(len(topic)).pack(*fields) + _NO_PLACE)
+        else:
+            parts.append(head.pack(*fields, 4, place[0], 8, place[1]))
         hashed = key_hash(row.key)
         parts.append(_NULL if hashed is None else _HASH.pack(8, hashed))
     parts.append(_COPY_TRAILER)

@@ -116,7 +116,11 @@ def produce(
             if acked is not None:
                 acked.add(row_id)
             if placed is not None:
-                placed[row_id] = (msg.partition(), msg.offset())
+                # A report may come without an offset (None: librdkafka had none, e.g. a
+                # broker restarted mid-batch); the record then keeps the event unplaced.
+                partition, offset = msg.partition(), msg.offset()
+                if partition is not None and offset is not None and offset >= 0:
+                    placed[row_id] = (partition, offset)
 
         return cb
 

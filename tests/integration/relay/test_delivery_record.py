@@ -255,3 +255,22 @@ def test_i12_a_slot_session_recording_its_batch_stays_within_reach_of_the_server
         ):
             ended = _ended_within(watch, conn.info.backend_pid, timeout=30)
     assert ended, "the server could not end a session frozen in its batch's Kafka commit"
+
+
+def test_i2_an_event_acknowledged_without_an_offset_is_recorded_without_a_place(
+    database_url: str,
+) -> None:
+    """librdkafka can report a record delivered with no offset (a broker restarted mid-batch):
+    the batch is still recorded, that event without a place, like a recovered one."""
+    placed_row = Row(1, uuid.uuid4(), "t", b"k", b"v", [], [], 0, 1)
+    unplaced_row = Row(2, uuid.uuid4(), "t", None, b"v", [], [], 0, 1)
+    with _connect(database_url) as conn:
+        session = PsycopgSlotSession(conn)
+        with session.transaction():
+            session.record_deliveries([placed_row, unplaced_row], {placed_row.id: (3, 41)})
+    recorded = _deliveries(database_url)
+    place = {e: (r["partition"], r["kafka_offset"], r["key_hash"]) for e, r in recorded.items()}
+    assert place == {
+        str(placed_row.event_id): (3, 41, key_hash(b"k")),
+        str(unplaced_row.event_id): (None, None, None),
+    }
