@@ -107,6 +107,15 @@ def _all_on_topic(kafka: KafkaReader, topic: str, ids: list[str]) -> set[str]:
     return set(ids) - seen
 
 
+SHORT_TRANSACTIONS: dict[str, Any] = {
+    "producer_overrides": {"request.timeout.ms": "10000", "transaction.timeout.ms": "15000"}
+}
+"""For the relays that fence each other: a new owner's init_transactions, and a fenced owner's
+flush or abort, can wait up to transaction.timeout.ms for the other's open transaction (Tansu
+does not abort it at once); at the default 60 s the fencing paused for minutes under load and
+a relay took over 60 s to stop."""
+
+
 def _held_back(handles: list[RelayHandle], caplog: pytest.LogCaptureFixture) -> int:
     """Foreign fences logged as neither the first WARNING nor an ERROR: held back by the
     once-per-slot-per-period rule (each is counted just before it is logged)."""
@@ -146,7 +155,9 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
     assert _identity(copy_url) == original_id  # the copy kept it: the case to report
     topic_a, topic_b = make_topic(), make_topic()
     with _engine(database_url) as a, _engine(copy_url) as b:
-        handles = [_start(default_config(url)) for url in (database_url, copy_url)]
+        handles = [
+            _start(default_config(url, **SHORT_TRANSACTIONS)) for url in (database_url, copy_url)
+        ]
         running = list(handles)
         ids_a: list[str] = []
         ids_b: list[str] = []
@@ -219,7 +230,7 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
                 timeout=120,
                 what="the original relay owns its slots again",
             )
-            renewed = _start(default_config(copy_url))
+            renewed = _start(default_config(copy_url, **SHORT_TRANSACTIONS))
             running.append(renewed)
             wait_for(lambda: len(renewed.relay.workers) == 2, what="the renewed copy's relay runs")
             before = handles[0].relay.stats.fenced
