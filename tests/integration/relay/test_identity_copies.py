@@ -151,6 +151,7 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
     and the fencing can stall either relay for minutes on a busy machine. The rows left in the
     copy are relayed after ``renew``, and every event of both databases is checked on its topic
     at the end."""
+    caplog.set_level(logging.DEBUG, logger="outbox.relay")  # held-back fences, on a failure
     original_id = _identity(database_url)
     assert _identity(copy_url) == original_id  # the copy kept it: the case to report
     topic_a, topic_b = make_topic(), make_topic()
@@ -225,11 +226,19 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             # batch: one round for both slots, then the original owns them with its own epoch
             # and, unopposed, drains what the fencing left.
             ids_a += _publish_many(a, topic_a, 40)
-            wait_for(
-                lambda: _pending(a) == 0 and len(handles[0].relay.workers) == 2,
-                timeout=120,
-                what="the original relay owns its slots again",
-            )
+            try:
+                wait_for(
+                    lambda: _pending(a) == 0 and len(handles[0].relay.workers) == 2,
+                    timeout=120,
+                    what="the original relay owns its slots again",
+                )
+            except AssertionError as exc:
+                # Unopposed, the original must drain: say where it stands (the DEBUG log above
+                # has its slots' held-back fences and batches).
+                stats, workers = handles[0].relay.stats, sorted(handles[0].relay.workers)
+                raise AssertionError(
+                    f"{exc}: {_pending(a)} rows pending, slots {workers} owned, {stats}"
+                ) from None
             renewed = _start(default_config(copy_url, **SHORT_TRANSACTIONS))
             running.append(renewed)
             wait_for(lambda: len(renewed.relay.workers) == 2, what="the renewed copy's relay runs")
