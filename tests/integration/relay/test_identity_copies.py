@@ -128,6 +128,27 @@ def _held_back(handles: list[RelayHandle], caplog: pytest.LogCaptureFixture) -> 
     return fences - len(warnings) - len(_foreign_errors(caplog))
 
 
+def _renew_once_unlocked(url: str) -> tuple[str, str]:
+    """``renew_identity`` once the stopped relay's slot sessions are gone. A slot session whose
+    unlock failed at close (SlotSession.release suppresses the error and skips the close) can
+    hold its lock after the relay stopped: renew then refuses, rightly, for a while; seen once
+    in 30 busy-core runs. The wait is bounded and says what held on."""
+    refusals: list[str] = []
+
+    def renewed() -> tuple[str, str] | None:
+        try:
+            return renew_identity(url)
+        except ConfigError as exc:
+            refusals.append(str(exc))
+            return None
+
+    result = wait_for(renewed, timeout=60, what="the stopped relay's slot locks to go")
+    assert result is not None  # wait_for returns only a truthy value
+    if refusals:
+        print(f"renew refused {len(refusals)} times first: {refusals[0]}")
+    return result
+
+
 def _assert_counters_agree(handle: RelayHandle) -> None:
     """The relay's counters, its scraped metric and its fence count, read while it is stopped
     (a running relay may count a fence between two reads)."""
@@ -220,7 +241,7 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             handles[1].stop()
             _assert_counters_agree(handles[1])
             # The fix the message gives: the copy gets its own identity; its relay restarts.
-            old, new = renew_identity(copy_url)
+            old, new = _renew_once_unlocked(copy_url)
             assert (uuid.UUID(old), _identity(copy_url)) == (original_id, uuid.UUID(new))
             # A slot of the original fenced by the copy's last takeover finds out at its next
             # batch: one round for both slots, then the original owns them with its own epoch
