@@ -151,7 +151,9 @@ def test(extra: list[str]) -> int:
     if (rc := quick_checks()) != 0:
         return rc
     if extra[:1] == ["--quick"]:
-        return with_slow_checks([str(BIN / "pytest"), "tests/unit", "-q", *extra[1:]])
+        # A tenth of the Hypothesis examples (tests/hypothesis_profiles.py): the inner loop.
+        quick = [str(BIN / "pytest"), "tests/unit", "-q", "--hypothesis-profile=quick"]
+        return with_slow_checks([*quick, *extra[1:]])
     return with_slow_checks([str(BIN / "pytest"), *parallel(extra), *extra])
 
 

@@ -59,6 +59,7 @@ from outbox.embedded.kafka_cluster import create_topic
 from outbox.migrate import upgrade
 from outbox.relay import Relay, RelayStats, Seams
 from outbox.relay.config import RelayConfig
+from tests import hypothesis_profiles  # noqa: F401  (registers the profiles)
 from tests.scheduling import CACHE_KEY, longest_first, merged, read_committed
 from tests.support import InThread, KafkaReader, stop_all, wait_for
 

@@ -173,7 +173,6 @@ def test_i8_a_port_in_use_is_one_line_naming_the_option_and_the_fix() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         for option in ("--broker-port", "--db-port"):
-            started = time.monotonic()
             done = subprocess.run(
                 [OUTBOX, "dev", option, str(port)],
                 capture_output=True,
@@ -181,7 +180,6 @@ def test_i8_a_port_in_use_is_one_line_naming_the_option_and_the_fix() -> None:
                 timeout=120,
                 check=False,
             )
-            took = time.monotonic() - started
             [line] = done.stderr.splitlines()
             assert done.returncode == 2, (option, done.returncode, line)
             assert line.startswith("error: ")
@@ -191,4 +189,6 @@ def test_i8_a_port_in_use_is_one_line_naming_the_option_and_the_fix() -> None:
             assert len(line) < 200, line
             assert "panicked" not in line, line
             assert "backtrace" not in line, line
-            assert took < 15, f"{option}: refused after {took:.1f} s (servers were started?)"
+            # Before any server started: nothing on stdout (no assignments) and no server's
+            # output or shutdown line on stderr, where a clock bound fails only on a busy machine.
+            assert done.stdout == "", (option, done.stdout)

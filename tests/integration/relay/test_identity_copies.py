@@ -107,7 +107,58 @@ def _all_on_topic(kafka: KafkaReader, topic: str, ids: list[str]) -> set[str]:
     return set(ids) - seen
 
 
-@pytest.mark.timeout(540)
+SHORT_TRANSACTIONS: dict[str, Any] = {
+    "producer_overrides": {"request.timeout.ms": "10000", "transaction.timeout.ms": "15000"}
+}
+"""For the relays that fence each other: a new owner's init_transactions, and a fenced owner's
+flush or abort, can wait up to transaction.timeout.ms for the other's open transaction (Tansu
+does not abort it at once); at the default 60 s the fencing paused for minutes under load and
+a relay took over 60 s to stop."""
+
+
+def _held_back(handles: list[RelayHandle], caplog: pytest.LogCaptureFixture) -> int:
+    """Foreign fences logged as neither the first WARNING nor an ERROR: held back by the
+    once-per-slot-per-period rule (each is counted just before it is logged)."""
+    fences = sum(h.relay.stats.foreign_fences for h in handles)
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "while this relay still held" in r.getMessage()
+    ]
+    return fences - len(warnings) - len(_foreign_errors(caplog))
+
+
+def _renew_once_unlocked(url: str) -> tuple[str, str]:
+    """``renew_identity`` once the stopped relay's slot sessions are gone. A slot session whose
+    unlock failed at close (SlotSession.release suppresses the error and skips the close) can
+    hold its lock after the relay stopped: renew then refuses, rightly, for a while; seen once
+    in 30 busy-core runs. The wait is bounded and says what held on."""
+    refusals: list[str] = []
+
+    def renewed() -> tuple[str, str] | None:
+        try:
+            return renew_identity(url)
+        except ConfigError as exc:
+            refusals.append(str(exc))
+            return None
+
+    result = wait_for(renewed, timeout=60, what="the stopped relay's slot locks to go")
+    assert result is not None  # wait_for returns only a truthy value
+    if refusals:
+        print(f"renew refused {len(refusals)} times first: {refusals[0]}")
+    return result
+
+
+def _assert_counters_agree(handle: RelayHandle) -> None:
+    """The relay's counters, its scraped metric and its fence count, read while it is stopped
+    (a running relay may count a fence between two reads)."""
+    stats = handle.relay.stats
+    scraped = handle.relay.metrics.registry.get_sample_value("outbox_relay_foreign_fences_total")
+    assert (scraped or 0.0) == stats.foreign_fences
+    assert stats.fenced >= stats.foreign_fences
+
+
+@pytest.mark.timeout(720)
 def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_fix(
     database_url: str,
     copy_url: str,
@@ -116,11 +167,19 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
     kafka: KafkaReader,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Two relays with one identity fence each other on every takeover. Under that fencing the
+    test waits only for the ERROR, not for a full drain: which relay wins a takeover is a race,
+    and the fencing can stall either relay for minutes on a busy machine. The rows left in the
+    copy are relayed after ``renew``, and every event of both databases is checked on its topic
+    at the end."""
+    caplog.set_level(logging.DEBUG, logger="outbox.relay")  # held-back fences, on a failure
     original_id = _identity(database_url)
     assert _identity(copy_url) == original_id  # the copy kept it: the case to report
     topic_a, topic_b = make_topic(), make_topic()
     with _engine(database_url) as a, _engine(copy_url) as b:
-        handles = [_start(default_config(url)) for url in (database_url, copy_url)]
+        handles = [
+            _start(default_config(url, **SHORT_TRANSACTIONS)) for url in (database_url, copy_url)
+        ]
         running = list(handles)
         ids_a: list[str] = []
         ids_b: list[str] = []
@@ -132,22 +191,39 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
 
             def fenced_from_outside() -> bool:
                 # Work for both relays (a fence shows at a batch), but no more than a batch
-                # or two behind: a backlog that grows with every poll of this wait would make
-                # the drain under fencing below take minutes on a busy machine.
+                # or two behind: the backlog does not grow with every poll of this wait.
                 if _pending(a) < 20:
                     ids_a.extend(_publish_many(a, topic_a, 20))
                 if _pending(b) < 20:
                     ids_b.extend(_publish_many(b, topic_b, 20))
                 return bool(_foreign_errors(caplog))
 
-            wait_for(fenced_from_outside, timeout=90, what="an ERROR about a foreign fence")
-            # Relays that fence each other make progress between fences only: on a busy
-            # machine that takes minutes, not seconds.
-            wait_for(
-                lambda: _pending(a) == 0 and _pending(b) == 0,
-                timeout=300,
-                what="both outboxes drained despite the fencing",
-            )
+            # The ERROR needs a repeat on one slot: two takeovers racing. On a loaded machine a
+            # repeat can take longer than the first fence; while fences are being counted the
+            # wait goes on, within a bounded extension, and says which part never happened.
+            try:
+                wait_for(fenced_from_outside, timeout=90, what="an ERROR about a foreign fence")
+            except AssertionError:
+                fences = sum(h.relay.stats.foreign_fences for h in handles)
+                assert fences, "no foreign fence at all in 90 s: the copies never fenced each other"
+                wait_for(
+                    fenced_from_outside,
+                    timeout=150,
+                    what=f"a repeated foreign fence (an ERROR) after {fences} unrepeated ones",
+                )
+            # The once-per-slot-per-period rule shows only when a slot is fenced again after
+            # its ERROR (that fence is held back). Two relays with one identity race at every
+            # takeover, and their fencing can pause for minutes on a busy machine, so the
+            # backlog is kept up for a bounded while; the count of ERRORs below is checked in
+            # any case, and the rule itself by test_fences.py.
+            try:
+                wait_for(
+                    lambda: fenced_from_outside() and _held_back(handles, caplog) > 0,
+                    timeout=60,
+                    what="a foreign fence held back after its slot's ERROR",
+                )
+            except AssertionError as exc:
+                print(f"{exc}: the ERROR count below did not see a held-back fence this run")
             errors = _foreign_errors(caplog)
             assert errors, "no ERROR for a fence from outside the database"
             message = errors[0].getMessage()
@@ -158,43 +234,43 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
             assert RENEW_IDENTITY_SQL in message
             assert "postgresql://" not in message
             assert "@" not in message
-            # Once per slot per period, not once per fence (they fence each other repeatedly).
-            assert len(errors) <= 2 * len(handles)
-            fences = sum(h.relay.stats.foreign_fences for h in handles)
-            assert fences >= len(errors)
-            scraped = sum(
-                h.relay.metrics.registry.get_sample_value("outbox_relay_foreign_fences_total")
-                or 0.0
-                for h in handles
-            )
-            assert scraped == fences
-            assert all(h.relay.stats.fenced >= h.relay.stats.foreign_fences for h in handles)
             # /readyz names fences confirmed by a repeat (an ERROR) in the last minutes.
             reported = [h for h in handles if h.relay.fence_alarm.confirmed_since(0.0)]
             assert "from outside this database" in reported[0].relay.readiness()[1]
             running.remove(handles[1])
             handles[1].stop()
+            _assert_counters_agree(handles[1])
             # The fix the message gives: the copy gets its own identity; its relay restarts.
-            old, new = renew_identity(copy_url)
+            old, new = _renew_once_unlocked(copy_url)
             assert (uuid.UUID(old), _identity(copy_url)) == (original_id, uuid.UUID(new))
             # A slot of the original fenced by the copy's last takeover finds out at its next
-            # batch: one round for both slots, then the original owns them with its own epoch.
+            # batch: one round for both slots, then the original owns them with its own epoch
+            # and, unopposed, drains what the fencing left.
             ids_a += _publish_many(a, topic_a, 40)
-            wait_for(
-                lambda: _pending(a) == 0 and len(handles[0].relay.workers) == 2,
-                timeout=60,
-                what="the original relay owns its slots again",
-            )
-            renewed = _start(default_config(copy_url))
+            try:
+                wait_for(
+                    lambda: _pending(a) == 0 and len(handles[0].relay.workers) == 2,
+                    timeout=120,
+                    what="the original relay owns its slots again",
+                )
+            except AssertionError as exc:
+                # Unopposed, the original must drain: say where it stands (the DEBUG log above
+                # has its slots' held-back fences and batches).
+                stats, workers = handles[0].relay.stats, sorted(handles[0].relay.workers)
+                raise AssertionError(
+                    f"{exc}: {_pending(a)} rows pending, slots {workers} owned, {stats}"
+                ) from None
+            renewed = _start(default_config(copy_url, **SHORT_TRANSACTIONS))
             running.append(renewed)
             wait_for(lambda: len(renewed.relay.workers) == 2, what="the renewed copy's relay runs")
             before = handles[0].relay.stats.fenced
             for _ in range(5):
                 ids_a += _publish_many(a, topic_a, 40)
                 ids_b += _publish_many(b, topic_b, 40)
+            # The copy's rows left by the fencing are relayed by its renewed relay.
             wait_for(
                 lambda: _pending(a) == 0 and _pending(b) == 0,
-                timeout=60,
+                timeout=120,
                 what="both outboxes drained",
             )
             assert renewed.relay.stats.fenced == 0
@@ -203,6 +279,11 @@ def test_i9_a_copied_database_relaying_beside_its_original_is_reported_with_the_
         finally:
             for h in running:
                 h.stop()
+    _assert_counters_agree(handles[0])
+    errors = _foreign_errors(caplog)
+    # Once per slot per period, not once per fence (they fence each other repeatedly).
+    assert len(errors) <= 2 * len(handles)
+    assert sum(h.relay.stats.foreign_fences for h in handles) >= len(errors)
     # Nothing was lost: every event of both is on its topic at least once.
     assert _all_on_topic(kafka, topic_a, ids_a) == set()
     assert _all_on_topic(kafka, topic_b, ids_b) == set()

@@ -32,6 +32,7 @@ from consumer.retry import Reason, is_infrastructure_error, transient_sqlstate
 from outbox.codec import encode_headers
 from outbox.db import redact
 from outbox.tracing import restored_context
+from tests.hypothesis_profiles import examples
 
 
 def _record(value: bytes | None, headers: list[tuple[str, bytes]] | None = None) -> Record:
@@ -154,7 +155,7 @@ header_names = st.one_of(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.lists(st.tuples(header_names, st.binary(max_size=50)), max_size=8))
 def test_i10_dead_letter_headers_are_storable_and_keep_every_original(
     headers: list[tuple[str, bytes]],
@@ -223,7 +224,7 @@ pieces = st.sampled_from(
 )
 
 
-@settings(max_examples=3000)
+@settings(max_examples=examples(3000))
 @given(st.lists(pieces, max_size=40).map("".join))
 def test_redact_hides_exactly_what_the_regex_rules_hid(text: str) -> None:
     assert redact(text) == _regex_redact(text)

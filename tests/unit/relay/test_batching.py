@@ -19,6 +19,7 @@ from outbox.relay.batching import (
     slots_to_try,
     target_share,
 )
+from tests.hypothesis_profiles import examples
 
 # -- pipelining ----------------------------------------------------------------------------
 
@@ -151,7 +152,7 @@ def _assert_one_owner_each(locks: Locks, relays: list[int]) -> None:
         assert len(locks.owned_by(relay)) <= share, f"relay {relay} above its fair share"
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(
     slots=st.integers(1, SHARD_COUNT),
     joins=st.integers(1, 8),
