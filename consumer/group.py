@@ -170,7 +170,13 @@ class GroupMember:
 
     def sleep(self, seconds: float) -> None:
         """Wait, polling Kafka with every assigned partition paused: the member keeps its
-        place in the group (max.poll.interval.ms) however long a record waits (I10)."""
+        place in the group (max.poll.interval.ms) however long a record waits (I10).
+
+        A rebalance during the wait changes what "every assigned partition" is: partitions
+        assigned meanwhile are paused by ``_on_assign`` and resumed here with the rest;
+        partitions revoked or lost meanwhile are resumed by ``_forget``, since librdkafka
+        keeps a pause across an unassign and would never fetch them again once assigned
+        back."""
         kafka = self.kafka
         if kafka is None:
             if self.stop.wait(seconds):
@@ -195,6 +201,11 @@ class GroupMember:
                 self.kafka.resume([TopicPartition(t, p) for t, p in self.assignment])
 
     def _rewind(self, msg: Any) -> None:
+        """A record fetched during a wait (of a partition assigned before ``_on_assign`` could
+        pause it): read it again after the wait. Not one of a partition gone meanwhile: its
+        pause would outlive the assignment."""
+        if (msg.topic(), msg.partition()) not in self.assignment:
+            return
         tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
         try:
             self.kafka.seek(tp)
@@ -244,6 +255,7 @@ class GroupMember:
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         self.joined = True
         self.assignment = self.assignment | {(tp.topic, tp.partition) for tp in partitions}
+        self._fetch_from(partitions)
         if self.assignment:
             log.info("assigned %s", _names(partitions))
         else:
@@ -274,6 +286,28 @@ class GroupMember:
         self.assignment = self.assignment - gone
         for tp in gone:
             self.pending.pop(tp, None)
+        if self.waiting_since is not None:  # sleep() paused them; its finally no longer sees them
+            self._pause_resume(partitions, pause=False)
+
+    def _fetch_from(self, partitions: list[Any]) -> None:
+        """Newly assigned partitions are fetched, whatever pause librdkafka kept on them from
+        an earlier assignment (it keeps the application's pause across unassign/assign);
+        paused again while a record waits, so that ``sleep()`` resumes them with the rest."""
+        self._pause_resume(partitions, pause=False)
+        if self.waiting_since is not None:
+            self._pause_resume(partitions, pause=True)
+
+    def _pause_resume(self, partitions: list[Any], *, pause: bool) -> None:
+        if self.kafka is None or not partitions:
+            return
+        tps = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        try:
+            if pause:
+                self.kafka.pause(tps)
+            else:
+                self.kafka.resume(tps)
+        except KafkaException as exc:
+            log.warning("cannot %s %s: %s", "pause" if pause else "resume", _names(partitions), exc)
 
     def on_kafka_error(self, err: Any) -> None:
         self.kafka_errors.log(logging.WARNING, "kafka: %s", redact(str(err)))

@@ -28,7 +28,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from consumer import Event, runner_of
+from consumer import Event, RetryLater, runner_of
 from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
 from tests.integration.consumer.test_consumer_hostile import PositionProjector
 from tests.support import stop_all, wait_for
@@ -167,6 +167,87 @@ def test_i10_after_a_revoke_mid_batch_nothing_of_the_revoked_partitions_is_proce
     assert "waiting for a partition assignment" in caplog.text
     assert "revoked " in caplog.text
     assert "assigned " in caplog.text
+
+
+class Rebalances:
+    """Notes a member's revokes and the assignment that follows one (its group's listener)."""
+
+    def __init__(self) -> None:
+        self.revoke_seen = threading.Event()
+        self.reassigned = threading.Event()
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        self.revoke_seen.set()
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        if self.revoke_seen.is_set():
+            self.reassigned.set()
+
+
+class WaitsForAGate(PositionProjector):
+    """A handler whose dependency is down until the test opens the gate: every record waits
+    in the runner's retry (partitions paused) meanwhile."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.gate = threading.Event()
+        self.waited = threading.Event()
+        self.hooks = Rebalances()
+        runner_of(self).group.listeners.append(self.hooks)
+
+    def handle(self, session: Session, event: Event) -> None:
+        if not self.gate.is_set():
+            self.waited.set()
+            raise RetryLater("the dependency is down", delay=0.2)
+        super().handle(session, event)
+
+
+@pytest.mark.both_brokers
+def test_i10_partitions_revoked_while_a_record_waits_are_consumed_when_assigned_again(
+    effects: Engine,
+    bootstrap_servers: str,
+    topic: str,
+    members: Callable[..., Running],
+) -> None:
+    """A retry pauses the member's partitions; those a rebalance takes away during the wait
+    and gives back later must be fetched again, or their events wait forever."""
+    producer = Producer({"bootstrap.servers": bootstrap_servers})
+
+    def produce(round_: int) -> None:
+        for p in range(PARTITIONS):
+            for i in range(PER_PARTITION):
+                value = json.dumps({"round": round_, "i": i}).encode()
+                producer.produce(topic, value=value, partition=p)
+        assert producer.flush(30) == 0
+
+    produce(0)
+    a = members(WaitsForAGate)
+    first = a.consumer
+    assert isinstance(first, WaitsForAGate)
+    wait_for(first.waited.is_set, timeout=60, what="a record of A to wait in its retry")
+    b = members()
+    wait_for(first.hooks.reassigned.is_set, timeout=60, what="A's rebalance during the wait")
+    wait_for(lambda: b.consumer.assignment, timeout=60, what="B to own partitions")
+    taken = set(b.consumer.assignment)
+    first.gate.set()
+    b.stop()  # B's partitions go back to A
+    wait_for(lambda: taken <= first.assignment, timeout=60, what="A to own B's partitions again")
+    produce(1)
+
+    def applied() -> tuple[int, int]:
+        with effects.connect() as conn:
+            row = conn.execute(text("SELECT count(*), count(DISTINCT position) FROM effects"))
+            total, distinct = row.one()
+        return int(total), int(distinct)
+
+    everything = 2 * PARTITIONS * PER_PARTITION
+    wait_for(
+        lambda: applied()[1] == everything,
+        timeout=60,
+        what=f"every event applied, {sorted(taken)} (B's, then A's again) included",
+    )
+    a.stop()
+    assert applied() == (everything, everything)  # each exactly once
 
 
 class DeadBroker:
