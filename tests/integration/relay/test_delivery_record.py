@@ -274,3 +274,51 @@ def test_i2_an_event_acknowledged_without_an_offset_is_recorded_without_a_place(
         str(placed_row.event_id): (3, 41, key_hash(b"k")),
         str(unplaced_row.event_id): (None, None, None),
     }
+
+
+_INSERT_REFERENCE = f"""
+INSERT INTO outbox_deliveries (event_id, id, topic, partition, kafka_offset, key_hash)
+SELECT e, i, t, p, o, {sql.KEY_HASH_SQL.format(key="k")}
+FROM unnest(%(event_ids)s::uuid[], %(ids)s::int8[], %(topics)s::text[],
+            %(partitions)s::int4[], %(offsets)s::int8[], %(keys)s::bytea[]) AS b(e, i, t, p, o, k)
+RETURNING event_id, id, topic, partition, kafka_offset, key_hash
+"""
+
+
+def test_i2_the_batch_record_holds_what_the_database_computes_from_each_row(
+    database_url: str,
+) -> None:
+    """The relay builds the batch's COPY itself, key hashes included: whatever the rows hold
+    (no key, an empty or a 1 MB key, long, non-ASCII and many topics, offsets and partitions
+    at their limits, a report without an offset), the record holds what a plain INSERT with
+    the database's own key hash (``KEY_HASH_SQL``, used by recovery) writes."""
+    keys: list[bytes | None] = [None, b"", b"\x00", bytes(range(256)), b"k" * (1 << 20)]
+    topics = ["t", "é-topic-ü" * 20, "x" * 249, "日本", *(f"many.{n}" for n in range(40))]
+    rows = [
+        Row(n + 1, uuid.uuid4(), topics[n % len(topics)], keys[n % len(keys)], b"v", [], [], 0, 1)
+        for n in range(200)
+    ]
+    extremes = [(0, 0), (2**31 - 1, 2**63 - 1), (7, 2**31)]
+    placed = {r.id: extremes[r.id % 3] for r in rows if r.id % 11}  # some without a place
+    with _connect(database_url) as conn:
+        session = PsycopgSlotSession(conn)
+        with session.transaction():
+            session.record_deliveries(rows, placed)
+        copied = conn.execute(
+            "SELECT event_id, id, topic, partition, kafka_offset, key_hash "
+            "FROM outbox_deliveries ORDER BY id"
+        ).fetchall()
+        conn.execute("TRUNCATE outbox_deliveries")
+        expected = conn.execute(
+            _INSERT_REFERENCE,
+            {
+                "event_ids": [r.event_id for r in rows],
+                "ids": [r.id for r in rows],
+                "topics": [r.topic for r in rows],
+                "partitions": [placed.get(r.id, (None, None))[0] for r in rows],
+                "offsets": [placed.get(r.id, (None, None))[1] for r in rows],
+                "keys": [r.key for r in rows],
+            },
+        ).fetchall()
+    assert len(copied) == len(rows)
+    assert copied == sorted(expected, key=lambda r: r["id"])
