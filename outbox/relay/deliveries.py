@@ -166,9 +166,15 @@ def copy_data(rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]) -> by
 def record(
     conn: psycopg.Connection[Any], rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]
 ) -> None:
-    """Append the batch to the record in one COPY, completed (synced) on return."""
+    """Append the batch to the record in one COPY, completed (synced) on return.
+
+    The data is built before the COPY starts: once in COPY FROM STDIN, the server waits on the
+    client as an "active" session, out of reach of idle_in_transaction_session_timeout (and of
+    statement_timeout), so a relay frozen while building it would hold its slot forever (I12).
+    """
+    data = copy_data(rows, placed)
     with conn.cursor() as cur, cur.copy(sql.record_deliveries(TABLE, COPY_COLUMNS)) as copy:
-        copy.write(copy_data(rows, placed))
+        copy.write(data)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from outbox import publish, sql
 from outbox.errors import SlotLost
-from outbox.relay import Relay, Row
+from outbox.relay import Relay, Row, deliveries
 from outbox.relay.deliveries import key_hash, maintain, partition_name
 from outbox.relay.marker import Marker
 from outbox.relay.slot_session import PsycopgSlotSession
@@ -322,3 +323,41 @@ def test_i2_the_batch_record_holds_what_the_database_computes_from_each_row(
         ).fetchall()
     assert len(copied) == len(rows)
     assert copied == sorted(expected, key=lambda r: r["id"])
+
+
+@dataclass(frozen=True)
+class _FreezingRow:
+    """A batch row whose key, when the record reads it, runs ``freeze``: the relay frozen
+    (SIGSTOP, a paused VM) while it builds the batch's record."""
+
+    id: int
+    event_id: uuid.UUID
+    topic: str
+    freeze: Callable[[], None]
+
+    @property
+    def key(self) -> bytes:
+        self.freeze()
+        return b"k"
+
+
+def test_i12_a_relay_frozen_while_building_its_batch_record_stays_within_reach_of_the_timeout(
+    database_url: str,
+) -> None:
+    """While the relay builds the batch's record, its session must be idle in transaction, so
+    the server ends it after idle_in_transaction_session_timeout and the slot's lock goes to
+    another relay. A session already in COPY FROM STDIN waits on the client as "active",
+    which neither that timeout nor statement_timeout ends: a relay frozen there would hold
+    its slot forever."""
+    with _connect(database_url) as watch, _connect(database_url) as conn:
+        conn.execute("SET idle_in_transaction_session_timeout = 1000")
+        ended: list[bool] = []
+
+        def freeze() -> None:
+            if not ended:
+                ended.append(_ended_within(watch, conn.info.backend_pid, timeout=10))
+
+        row = _FreezingRow(1, uuid.uuid4(), "t", freeze)
+        with contextlib.suppress(psycopg.Error), conn.transaction():  # the server ended it
+            deliveries.record(conn, [row], {1: (0, 1)})
+    assert ended == [True], "the server could not end a session frozen in its batch's record"
