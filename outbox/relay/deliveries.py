@@ -138,17 +138,20 @@ def _unplaced_head(topic_len: int) -> struct.Struct:
     return fmt
 
 
-def copy_data(rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]) -> bytes:
+def copy_data(
+    rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]], encoding: str = "utf-8"
+) -> bytes:
     """The batch's rows, with their delivery reports' (partition, offset), in PostgreSQL's
     binary COPY format for ``COPY_COLUMNS``: one ``struct`` pack per row. A row ``placed``
     lacks (its report came without an offset) is recorded without a place, as recovery
-    records."""
+    records. Text goes in ``encoding``, the session's client encoding: the server reads a
+    binary COPY's text in it."""
     topics: dict[str, tuple[struct.Struct, bytes]] = {}
     parts = [_COPY_HEADER]
     for row in rows:
         known = topics.get(row.topic)
         if known is None:
-            raw = row.topic.encode()
+            raw = row.topic.encode(encoding)
             known = topics[row.topic] = (_head(len(raw)), raw)
         head, topic = known
         fields = (6, 16, row.event_id.bytes, 8, row.id, len(topic), topic)
@@ -172,7 +175,7 @@ def record(
     client as an "active" session, out of reach of idle_in_transaction_session_timeout (and of
     statement_timeout), so a relay frozen while building it would hold its slot forever (I12).
     """
-    data = copy_data(rows, placed)
+    data = copy_data(rows, placed, conn.info.encoding)
     with conn.cursor() as cur, cur.copy(sql.record_deliveries(TABLE, COPY_COLUMNS)) as copy:
         copy.write(data)
 

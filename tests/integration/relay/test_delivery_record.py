@@ -361,3 +361,18 @@ def test_i12_a_relay_frozen_while_building_its_batch_record_stays_within_reach_o
         with contextlib.suppress(psycopg.Error), conn.transaction():  # the server ended it
             deliveries.record(conn, [row], {1: (0, 1)})
     assert ended == [True], "the server could not end a session frozen in its batch's record"
+
+
+def test_i2_the_batch_record_keeps_a_topics_name_whatever_the_sessions_client_encoding(
+    database_url: str,
+) -> None:
+    """The COPY's text is read in the session's client encoding (a DSN or PGCLIENTENCODING
+    may set one other than UTF-8): a topic's name is recorded as it is, as an INSERT's
+    parameter would be."""
+    row = Row(1, uuid.uuid4(), "événements.é", b"k", b"v", [], [], 0, 1)
+    with _connect(database_url) as conn:
+        conn.execute("SET client_encoding = 'LATIN1'")
+        with conn.transaction():
+            PsycopgSlotSession(conn).record_deliveries([row], {row.id: (0, 5)})
+        conn.execute("SET client_encoding = 'UTF8'")
+    assert _deliveries(database_url)[str(row.event_id)]["topic"] == row.topic
