@@ -83,13 +83,17 @@ def reconcile(
     low_watermarks: Mapping[int, int],
     groups: Mapping[str, GroupState] | None = None,
     stable_ends: Mapping[int, int] | None = None,
+    log_ends: Mapping[int, int] | None = None,
 ) -> Report:
     """Compare the delivery record (``Recorded`` rows) with the topic (``Seen`` records, read
     to the end of every partition from ``low_watermarks`` or a later start) and with each
     group's committed offsets and dedup records.
 
-    ``stable_ends``: where each partition's read ended (its last stable offset). A recorded
-    event at or past it was committed behind a transaction still open: not lost, not checked.
+    ``stable_ends``: where each partition's read ended (its last stable offset); ``log_ends``:
+    each partition's high watermark, read uncommitted after the read. A recorded event between
+    the two was committed behind a transaction still open: not lost, not checked. One at or
+    past the high watermark is on no record of the partition (the topic re-created shorter or
+    empty, another cluster): lost. Without ``log_ends`` nothing counts as held back.
 
     Plain tuples in, one pass over the topic: verify compares hundreds of thousands of
     records, so the loop avoids per-record objects and attribute lookups.
@@ -153,7 +157,7 @@ def reconcile(
     report.duplicates = dict(sorted(extra.items()))
     gone: set[str] = set()
     nothing: dict[int, str | None] = {}
-    ends = stable_ends or {}
+    ends, tops = stable_ends or {}, log_ends or {}
     for event_id, _, on_partition, at_offset, _ in recorded:
         if on_partition is None or at_offset is None:
             report.unplaced += 1
@@ -161,12 +165,15 @@ def reconcile(
         found = at.get(on_partition, nothing).get(at_offset, _MISSING)
         if found == event_id:
             continue
-        if found is _MISSING and at_offset >= ends.get(on_partition, at_offset + 1):
+        top = tops.get(on_partition, 0)
+        if found is _MISSING and ends.get(on_partition, top) <= at_offset < top:
             report.beyond_stable_offset.append(event_id)
             continue
         if at_offset < low_watermarks.get(on_partition, 0):
             reason = "deleted from the topic (below the partition's start)"
             gone.add(event_id)
+        elif found is _MISSING and on_partition in tops and at_offset >= top:
+            reason = "past the partition's end (the topic was re-created, or another cluster?)"
         elif found is _MISSING:
             reason = "no record at its offset (another cluster, or the topic was re-created?)"
         else:

@@ -191,6 +191,30 @@ TopicRecord = tuple[int, int, str | None, bytes | None]
 """partition, offset, outbox event id (None: no header), key: what verify keeps of a record."""
 
 
+def _high_watermarks(
+    bootstrap_servers: str, settings: Mapping[str, str], topic: str, partitions: Sequence[int]
+) -> dict[int, int]:
+    """Each partition's high watermark: a read_committed client's watermark is the last
+    stable offset, so this asks with read_uncommitted."""
+    consumer = Consumer(
+        {
+            **settings,
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"outbox-verify-{uuid.uuid4().hex}",  # never joins nor commits
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted",
+            "logger": librdkafka_logger(),
+        }
+    )
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1]
+            for p in partitions
+        }
+    finally:
+        consumer.close()
+
+
 def read_topic_end(
     bootstrap_servers: str,
     settings: Mapping[str, str],
@@ -199,10 +223,11 @@ def read_topic_end(
     *,
     since: dt.datetime | None = None,
     start: Mapping[int, int] | None = None,
-) -> tuple[list[TopicRecord], dict[int, int], dict[int, int]]:
+) -> tuple[list[TopicRecord], dict[int, int], dict[int, int], dict[int, int]]:
     """The committed records of ``topic`` to the end of each partition (read_committed), each
-    partition's first offset, and where its read ended: its last stable offset, which a
-    transaction still open there holds back.
+    partition's first offset, where its read ended (its last stable offset, which a
+    transaction still open there holds back) and, asked after the read, its high watermark:
+    only a record below that exists, so only one between the two ends is held back.
 
     Every partition is read from its start, or with ``since`` from the first record of that
     time (offsets_for_times), or from ``start`` (a partition's first recorded offset) if that
@@ -291,7 +316,7 @@ def read_topic_end(
             if progress is not None and now - said >= 2.0:
                 said = now
                 progress(len(seen), total)
-        return seen, lows, ends
+        return seen, lows, ends, _high_watermarks(bootstrap_servers, settings, topic, partitions)
     except KafkaException as exc:
         raise TransientError(f"reading {topic!r}: {redact(str(exc.args[0]))}") from None
     finally:
@@ -403,7 +428,7 @@ def read_verify(
             if record.done():
                 record.result()  # the record's read failed before its snapshot: say why
                 break
-        seen, lows, ends = read_topic_end(
+        seen, lows, ends, tops = read_topic_end(
             bootstrap_servers, settings, topic, progress, since=start, start=first
         )
         recorded, applied = record.result()
@@ -413,7 +438,7 @@ def read_verify(
             )
             for g in groups
         }
-        return reconcile(recorded, seen, lows, states, ends)
+        return reconcile(recorded, seen, lows, states, ends, tops)
 
 
 def verify_json(report: Report) -> Row:

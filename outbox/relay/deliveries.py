@@ -138,17 +138,20 @@ def _unplaced_head(topic_len: int) -> struct.Struct:
     return fmt
 
 
-def copy_data(rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]) -> bytes:
+def copy_data(
+    rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]], encoding: str = "utf-8"
+) -> bytes:
     """The batch's rows, with their delivery reports' (partition, offset), in PostgreSQL's
     binary COPY format for ``COPY_COLUMNS``: one ``struct`` pack per row. A row ``placed``
     lacks (its report came without an offset) is recorded without a place, as recovery
-    records."""
+    records. Text goes in ``encoding``, the session's client encoding: the server reads a
+    binary COPY's text in it."""
     topics: dict[str, tuple[struct.Struct, bytes]] = {}
     parts = [_COPY_HEADER]
     for row in rows:
         known = topics.get(row.topic)
         if known is None:
-            raw = row.topic.encode()
+            raw = row.topic.encode(encoding)
             known = topics[row.topic] = (_head(len(raw)), raw)
         head, topic = known
         fields = (6, 16, row.event_id.bytes, 8, row.id, len(topic), topic)
@@ -166,9 +169,15 @@ def copy_data(rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]) -> by
 def record(
     conn: psycopg.Connection[Any], rows: Sequence[_Row], placed: Mapping[int, tuple[int, int]]
 ) -> None:
-    """Append the batch to the record in one COPY, completed (synced) on return."""
+    """Append the batch to the record in one COPY, completed (synced) on return.
+
+    The data is built before the COPY starts: once in COPY FROM STDIN, the server waits on the
+    client as an "active" session, out of reach of idle_in_transaction_session_timeout (and of
+    statement_timeout), so a relay frozen while building it would hold its slot forever (I12).
+    """
+    data = copy_data(rows, placed, conn.info.encoding)
     with conn.cursor() as cur, cur.copy(sql.record_deliveries(TABLE, COPY_COLUMNS)) as copy:
-        copy.write(copy_data(rows, placed))
+        copy.write(data)
 
 
 @contextlib.contextmanager

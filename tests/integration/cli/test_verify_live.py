@@ -140,3 +140,32 @@ def _publish(engine: Engine, topic: str, numbers: range) -> None:
     with Session(engine) as session, session.begin():
         for i in numbers:
             publish(session, topic=topic, key=f"k{i % 3}", value={"i": i})
+
+
+def test_i2_events_recorded_past_a_partitions_end_are_lost_not_beyond_its_stable_offset(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    make_topic: Callable[..., str],
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    """The record places events at offsets the partition does not reach at all, with no
+    transaction open on it: the topic was deleted and re-created (shorter, or empty), or verify
+    reads another cluster. Those events are lost; only a transaction still open can hold a
+    record back from read_committed readers, and then the partition does reach its offset."""
+    topic = make_topic(partitions=1)
+    start_relay(slots=1, poll_interval=0.05)
+    _publish(engine, topic, range(6))
+    wait_for(lambda: _delivered(engine, topic) == 6, timeout=60, what="6 relayed")
+    with engine.begin() as conn:  # as if the topic came back shorter: 3 past its end
+        conn.exec_driver_sql(
+            "UPDATE outbox_deliveries SET kafka_offset = kafka_offset + 1000 "
+            "WHERE topic = %(t)s AND kafka_offset >= 3",
+            {"t": topic},
+        )
+
+    code, report = _verify(database_url, bootstrap_servers, topic)
+
+    assert (code, report["clean"]) == (1, False), report
+    assert len(report["lost"]) == 3, report
+    assert report["beyond_stable_offset"] == []

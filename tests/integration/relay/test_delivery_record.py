@@ -7,6 +7,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from outbox import publish, sql
 from outbox.errors import SlotLost
-from outbox.relay import Relay, Row
+from outbox.relay import Relay, Row, deliveries
 from outbox.relay.deliveries import key_hash, maintain, partition_name
 from outbox.relay.marker import Marker
 from outbox.relay.slot_session import PsycopgSlotSession
@@ -274,3 +275,104 @@ def test_i2_an_event_acknowledged_without_an_offset_is_recorded_without_a_place(
         str(placed_row.event_id): (3, 41, key_hash(b"k")),
         str(unplaced_row.event_id): (None, None, None),
     }
+
+
+_INSERT_REFERENCE = f"""
+INSERT INTO outbox_deliveries (event_id, id, topic, partition, kafka_offset, key_hash)
+SELECT e, i, t, p, o, {sql.KEY_HASH_SQL.format(key="k")}
+FROM unnest(%(event_ids)s::uuid[], %(ids)s::int8[], %(topics)s::text[],
+            %(partitions)s::int4[], %(offsets)s::int8[], %(keys)s::bytea[]) AS b(e, i, t, p, o, k)
+RETURNING event_id, id, topic, partition, kafka_offset, key_hash
+"""
+
+
+def test_i2_the_batch_record_holds_what_the_database_computes_from_each_row(
+    database_url: str,
+) -> None:
+    """The relay builds the batch's COPY itself, key hashes included: whatever the rows hold
+    (no key, an empty or a 1 MB key, long, non-ASCII and many topics, offsets and partitions
+    at their limits, a report without an offset), the record holds what a plain INSERT with
+    the database's own key hash (``KEY_HASH_SQL``, used by recovery) writes."""
+    keys: list[bytes | None] = [None, b"", b"\x00", bytes(range(256)), b"k" * (1 << 20)]
+    topics = ["t", "é-topic-ü" * 20, "x" * 249, "日本", *(f"many.{n}" for n in range(40))]
+    rows = [
+        Row(n + 1, uuid.uuid4(), topics[n % len(topics)], keys[n % len(keys)], b"v", [], [], 0, 1)
+        for n in range(200)
+    ]
+    extremes = [(0, 0), (2**31 - 1, 2**63 - 1), (7, 2**31)]
+    placed = {r.id: extremes[r.id % 3] for r in rows if r.id % 11}  # some without a place
+    with _connect(database_url) as conn:
+        session = PsycopgSlotSession(conn)
+        with session.transaction():
+            session.record_deliveries(rows, placed)
+        copied = conn.execute(
+            "SELECT event_id, id, topic, partition, kafka_offset, key_hash "
+            "FROM outbox_deliveries ORDER BY id"
+        ).fetchall()
+        conn.execute("TRUNCATE outbox_deliveries")
+        expected = conn.execute(
+            _INSERT_REFERENCE,
+            {
+                "event_ids": [r.event_id for r in rows],
+                "ids": [r.id for r in rows],
+                "topics": [r.topic for r in rows],
+                "partitions": [placed.get(r.id, (None, None))[0] for r in rows],
+                "offsets": [placed.get(r.id, (None, None))[1] for r in rows],
+                "keys": [r.key for r in rows],
+            },
+        ).fetchall()
+    assert len(copied) == len(rows)
+    assert copied == sorted(expected, key=lambda r: r["id"])
+
+
+@dataclass(frozen=True)
+class _FreezingRow:
+    """A batch row whose key, when the record reads it, runs ``freeze``: the relay frozen
+    (SIGSTOP, a paused VM) while it builds the batch's record."""
+
+    id: int
+    event_id: uuid.UUID
+    topic: str
+    freeze: Callable[[], None]
+
+    @property
+    def key(self) -> bytes:
+        self.freeze()
+        return b"k"
+
+
+def test_i12_a_relay_frozen_while_building_its_batch_record_stays_within_reach_of_the_timeout(
+    database_url: str,
+) -> None:
+    """While the relay builds the batch's record, its session must be idle in transaction, so
+    the server ends it after idle_in_transaction_session_timeout and the slot's lock goes to
+    another relay. A session already in COPY FROM STDIN waits on the client as "active",
+    which neither that timeout nor statement_timeout ends: a relay frozen there would hold
+    its slot forever."""
+    with _connect(database_url) as watch, _connect(database_url) as conn:
+        conn.execute("SET idle_in_transaction_session_timeout = 1000")
+        ended: list[bool] = []
+
+        def freeze() -> None:
+            if not ended:
+                ended.append(_ended_within(watch, conn.info.backend_pid, timeout=10))
+
+        row = _FreezingRow(1, uuid.uuid4(), "t", freeze)
+        with contextlib.suppress(psycopg.Error), conn.transaction():  # the server ended it
+            deliveries.record(conn, [row], {1: (0, 1)})
+    assert ended == [True], "the server could not end a session frozen in its batch's record"
+
+
+def test_i2_the_batch_record_keeps_a_topics_name_whatever_the_sessions_client_encoding(
+    database_url: str,
+) -> None:
+    """The COPY's text is read in the session's client encoding (a DSN or PGCLIENTENCODING
+    may set one other than UTF-8): a topic's name is recorded as it is, as an INSERT's
+    parameter would be."""
+    row = Row(1, uuid.uuid4(), "événements.é", b"k", b"v", [], [], 0, 1)
+    with _connect(database_url) as conn:
+        conn.execute("SET client_encoding = 'LATIN1'")
+        with conn.transaction():
+            PsycopgSlotSession(conn).record_deliveries([row], {row.id: (0, 5)})
+        conn.execute("SET client_encoding = 'UTF8'")
+    assert _deliveries(database_url)[str(row.event_id)]["topic"] == row.topic

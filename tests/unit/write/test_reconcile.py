@@ -117,10 +117,23 @@ def test_i2_an_event_recorded_behind_an_open_transaction_is_not_lost_but_not_che
     """The read ended at offset 1, the partition's last stable offset (a transaction open
     there): B and C, recorded at 1 and 2, cannot be read yet. A recorded before it and
     missing is still lost."""
-    report = reconcile(RECORDED, [seen(A, 0)], {0: 0}, stable_ends={0: 1})
+    report = reconcile(RECORDED, [seen(A, 0)], {0: 0}, stable_ends={0: 1}, log_ends={0: 4})
     assert report.beyond_stable_offset == [B, C]
     assert report.lost == []
     assert report.clean
-    missing_first = reconcile(RECORDED, [], {0: 0}, stable_ends={0: 1})
+    missing_first = reconcile(RECORDED, [], {0: 0}, stable_ends={0: 1}, log_ends={0: 4})
     assert [x["event_id"] for x in missing_first.lost] == [A]
     assert missing_first.beyond_stable_offset == [B, C]
+
+
+def test_i2_an_event_recorded_past_its_partitions_high_watermark_is_lost() -> None:
+    """The partition ends (high watermark) at 1 and no transaction holds its read back: B and C,
+    recorded at 1 and 2, are on no record of it (the topic re-created shorter, another
+    cluster). They are lost, not waiting behind a last stable offset."""
+    report = reconcile(RECORDED, [seen(A, 0)], {0: 0}, stable_ends={0: 1}, log_ends={0: 1})
+    assert [x["event_id"] for x in report.lost] == [B, C]
+    assert "past the partition's end" in str(report.lost[0]["reason"])
+    assert report.beyond_stable_offset == []
+    assert not report.clean
+    empty = reconcile(RECORDED, [], {0: 0}, stable_ends={0: 0}, log_ends={0: 0})
+    assert [x["event_id"] for x in empty.lost] == [A, B, C]
