@@ -336,10 +336,16 @@ LAST_EVENT_ID = "SELECT coalesce(max(id), 0) FROM outbox_events"
 KEY_HASH_SQL = "('x' || left(encode(sha256({key}), 'hex'), 16))::bit(64)::int8"
 
 
-def record_deliveries(table: str, columns: Sequence[str]) -> str:
-    """Record a batch's events where their delivery reports placed them: one binary COPY per
-    batch (``outbox.relay.deliveries.copy_data``), in the transaction that deletes the batch."""
-    return f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+# Record a batch's events where their delivery reports placed them: one statement per batch,
+# in the transaction that deletes the batch. Parameters go in binary (%(...)b, pre-encoded by
+# outbox.relay.deliveries.batch_params) and the key is hashed by the server, off the relay's
+# GIL. Not a COPY: see outbox.relay.deliveries (a frozen relay in COPY keeps its slot, I12).
+RECORD_DELIVERIES = f"""
+INSERT INTO outbox_deliveries (event_id, id, topic, partition, kafka_offset, key_hash)
+SELECT e, i, t, p, o, {KEY_HASH_SQL.format(key="k")}
+FROM unnest(%(event_ids)b::uuid[], %(ids)b::int8[], %(topics)b::text[],
+            %(partitions)b::int4[], %(offsets)b::int8[], %(keys)b::bytea[]) AS b(e, i, t, p, o, k)
+"""
 
 
 # Delete the rows recovery matched to the marker's events and record them: the marker tells
