@@ -348,7 +348,8 @@ class SlotWorker(threading.Thread):
         try:
             raw = self.context.read_marker(self.slot, self.tid, self.interrupt)
         except KafkaException as exc:
-            raise TransientError(f"reading the recovery marker: {exc.args[0]}") from None
+            reason = redact(str(exc.args[0]))
+            raise TransientError(f"reading the recovery marker: {reason}") from None
         except TransientError:
             if self.stopping():  # never publish before recovery: the next owner does it
                 raise SlotLost("released before its recovery marker was read") from None
