@@ -20,8 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+)
 
+from outbox.db import redact
 from outbox.errors import BatchRollback, SlotLost, TransientError
+from outbox.relay.backoff import retry_wait
 from outbox.relay.batching import claim_ahead
 from outbox.relay.classify import TopicHolds, Verdict, classify, reached, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
@@ -31,6 +40,10 @@ from outbox.relay.rows import Row
 from outbox.relay.seams import KafkaProducer, SlotSession
 
 log = logging.getLogger("outbox.relay")
+
+COMMIT_ATTEMPTS = 5
+"""Tries of one batch's commit_transaction that fail with a retriable error before the batch
+is given up (all within one transaction timeout)."""
 
 Placements = dict[int, tuple[int, int]]
 """Where delivery reports put each row's record: id -> (partition, offset)."""
@@ -99,9 +112,14 @@ def produce(
     failures: dict[int, Any],
     acked: set[int] | None = None,
     placed: Placements | None = None,
+    *,
+    room_timeout: float,
 ) -> None:
     """Queue every row; per-row errors land in ``failures``, the ids of successful delivery
     reports in ``acked`` and where they put each record in ``placed`` (when given).
+
+    A full queue is waited on for at most ``room_timeout`` seconds per row (I12): past it, the
+    row and the rest fail with ``_QUEUE_FULL``, a transient failure the batch is retried for.
 
     A row without headers passes None, not an empty list built per row. The report is a
     plain Python closure: confluent-kafka may call a delivery report while its own fatal
@@ -124,7 +142,8 @@ def produce(
 
         return cb
 
-    for row in rows:
+    for n, row in enumerate(rows):
+        deadline = None
         while True:
             try:
                 producer.produce(
@@ -137,13 +156,28 @@ def produce(
                 )
                 break
             except BufferError:
-                producer.poll(0.05)
+                deadline = deadline or time.monotonic() + room_timeout
+                if time.monotonic() < deadline:
+                    producer.poll(0.05)
+                    continue
+                full = KafkaError(
+                    KafkaError._QUEUE_FULL,
+                    f"the producer's queue stayed full for {room_timeout:.0f} s",
+                    retriable=True,
+                )
+                log.warning("%s; its last %d rows fail with that", full.str(), len(rows) - n)
+                failures.update(dict.fromkeys((r.id for r in rows[n:]), full))
+                return
             except KafkaException as exc:
                 failures[row.id] = exc.args[0]
                 break
             except (TypeError, ValueError) as exc:  # arguments no record is built from
                 failures[row.id] = KafkaError(KafkaError._INVALID_ARG, str(exc))
                 break
+
+
+def _retriable(exc: BaseException) -> bool:
+    return isinstance(exc, KafkaException) and bool(exc.args[0].retriable())
 
 
 def still_pending(slot: Slot, rows: list[Row], deleted: set[int]) -> list[Row]:
@@ -206,7 +240,7 @@ class AtMostOnce(Publisher):
         s = self.slot
         rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
         producer = self._producer()
-        produce(producer, rows, {})
+        produce(producer, rows, {}, room_timeout=s.plan.transaction_timeout)
         producer.flush(s.plan.transaction_timeout)
         s.count(published=len(rows), batches=1)
 
@@ -219,7 +253,9 @@ class AtLeastOnce(Publisher):
         failures: dict[int, Any] = {}
         acked: set[int] = set()
         placed = s.placements()
-        produce(self._producer(), rows, failures, acked, placed)
+        produce(
+            self._producer(), rows, failures, acked, placed, room_timeout=s.plan.transaction_timeout
+        )
         complete = self._await_reports()
         moved, error = s.settle(rows, failures) if failures else (set(), None)
         acked -= failures.keys()
@@ -356,7 +392,14 @@ class ExactlyOnce(Publisher):
         s, producer = self.slot, self._producer()
         producer.begin_transaction()
         s.span.begin()
-        produce(producer, batch.rows, batch.failures, batch.acked, batch.placed)
+        produce(
+            producer,
+            batch.rows,
+            batch.failures,
+            batch.acked,
+            batch.placed,
+            room_timeout=s.plan.transaction_timeout,
+        )
         if self.marker_with_records:  # aborts are hidden: no round trip after the flush
             self._produce_marker(batch.rows)
         if claim_ahead(len(batch.rows), s.config.batch_size, s.stopping()):
@@ -374,16 +417,63 @@ class ExactlyOnce(Publisher):
             self._produce_marker(batch.rows)
         # An INSERT the database refuses raises before the commit: the batch is aborted.
         with s.session.recording(batch.rows, batch.placed):
-            while True:
-                try:
-                    producer.commit_transaction(s.plan.transaction_timeout)
-                    break
-                except KafkaException as exc:
-                    if exc.args[0].retriable() and not s.stopping():
-                        continue  # librdkafka resumes the same commit
-                    raise
+            self._commit_transaction(producer)
             batch.committed = True
             s.span.end()
+
+    def _commit_transaction(self, producer: KafkaProducer) -> None:
+        """Commit, trying again (librdkafka resumes the same commit) while a retriable error
+        lasts, for at most COMMIT_ATTEMPTS tries within one transaction timeout (I12): a broker
+        still settling another producer's transaction of this transactional.id (a fenced or
+        timed-out owner: CONCURRENT_TRANSACTIONS, COORDINATOR_LOAD_IN_PROGRESS, timeouts) could
+        otherwise hold the slot for ever. Past that, the last error fails the batch: its
+        producer is dropped, the database transaction rolls back, and the next producer's
+        init_transactions settles the commit, whose marker then tells recovery whether these
+        rows went out (I2, I4)."""
+        s = self.slot
+        budget = s.plan.transaction_timeout
+        started, tries = time.monotonic(), 0
+
+        def left() -> float:
+            return max(1.0, budget - (time.monotonic() - started))
+
+        def say(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "slot %d: committing the Kafka transaction failed (%s); trying the commit "
+                "again (attempt %d of %d, %.0f s of %.0f s left before the batch is given up)",
+                s.slot,
+                redact(str(err)),
+                state.attempt_number + 1,
+                COMMIT_ATTEMPTS,
+                max(0.0, budget - (time.monotonic() - started)),
+                budget,
+            )
+
+        bounded = stop_after_attempt(COMMIT_ATTEMPTS) | stop_after_delay(budget)
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception(_retriable),
+                stop=lambda state: s.stopping() or bounded(state),
+                wait=retry_wait(first=0.1, cap=1.0),
+                before_sleep=say,
+                reraise=True,
+            ):
+                with attempt:
+                    tries += 1
+                    producer.commit_transaction(left())
+        except KafkaException as exc:
+            if _retriable(exc) and not s.stopping():
+                log.warning(
+                    "slot %d: gave up committing the Kafka transaction after %d attempts in "
+                    "%.0f s (%s); the batch stays in the outbox and is retried with a new "
+                    "producer, whose init_transactions settles this commit",
+                    s.slot,
+                    tries,
+                    time.monotonic() - started,
+                    redact(str(exc.args[0])),
+                )
+            raise
 
     def _produce_marker(self, rows: list[Row]) -> None:
         s = self.slot
@@ -392,6 +482,7 @@ class ExactlyOnce(Publisher):
             s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in rows]
         )
         producer, value = self._producer(), marker.encode()
+        deadline = time.monotonic() + s.plan.transaction_timeout
         while True:
             try:
                 producer.produce(
@@ -400,7 +491,13 @@ class ExactlyOnce(Publisher):
                 return
             except BufferError:
                 # Sent with the records, the marker can find the producer's queue full of them
-                # (a bounded queue.buffering.max.messages/kbytes): wait for room as they do.
+                # (a bounded queue.buffering.max.messages/kbytes): wait for room as they do,
+                # within a transaction timeout; past it the batch is aborted and retried (I12).
+                if time.monotonic() >= deadline:
+                    raise TransientError(
+                        f"slot {s.slot}: no room in the producer's queue for the recovery "
+                        f"marker in {s.plan.transaction_timeout:.0f} s; the batch is retried"
+                    ) from None
                 producer.poll(0.05)
 
     def _transaction_failed(self, batch: _Batch, err: Any) -> Exception:

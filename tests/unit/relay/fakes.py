@@ -77,6 +77,8 @@ class FakeProducer:
         timestamp: int = 0,
         headers: Headers | None = None,
     ) -> None:
+        if self.broker.jammed:
+            raise BufferError("Local: Queue full")
         self.queued.append((Message(topic, value, len(self.broker.log)), on_delivery))
         if on_delivery is None:
             self.calls.append("produce marker")
@@ -106,6 +108,8 @@ class FakeProducer:
 
     def _step(self, name: str) -> None:
         self.calls.append(name)
+        if self is self.broker.producers[0] and name in self.broker.stuck:
+            raise KafkaException(self.broker.stuck[name])
         script = self.broker.fail.get(name)
         if script:
             err = script.pop(0)
@@ -114,6 +118,7 @@ class FakeProducer:
 
     def init_transactions(self, timeout: float = -1) -> None:
         self._step("init_transactions")
+        self.broker.sent = []  # the last producer's open transaction is aborted
 
     def begin_transaction(self) -> None:
         self._step("begin_transaction")
@@ -130,6 +135,7 @@ class FakeProducer:
     def abort_transaction(self, timeout: float = -1) -> None:
         self._step("abort_transaction")
         self.in_transaction = False
+        self.broker.jammed = False  # the abort purges the records that filled the queue
         self.broker.aborts.append(timeout)
         self.broker.sent = []
 
@@ -148,6 +154,10 @@ class Broker:
     flushes: int = 0
     reports: Callable[[list[Message]], dict[int, KafkaError]] | None = None
     fail: dict[str, list[KafkaError | None]] = field(default_factory=dict)  # method -> errors
+    # method -> the error every call of it raises on the slot's first producer (a broker stuck
+    # on that producer's transaction until a new producer's init_transactions settles it)
+    stuck: dict[str, KafkaError] = field(default_factory=dict)
+    jammed: bool = False  # produce() finds the queue full until a transaction is aborted
     producers: list[FakeProducer] = field(default_factory=list)
     hides_aborts: bool = False  # what the abort probe answers (Apache Kafka: True)
     probes: int = 0

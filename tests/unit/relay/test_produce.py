@@ -30,7 +30,8 @@ def test_i2_a_report_without_an_offset_is_acknowledged_and_leaves_the_event_unpl
     acked: set[int] = set()
     placed: dict[int, tuple[int, int]] = {}
 
-    produce(Reporting([5, None, -1]), rows, failures, acked, placed)  # type: ignore[arg-type]
+    reporting = Reporting([5, None, -1])
+    produce(reporting, rows, failures, acked, placed, room_timeout=1.0)  # type: ignore[arg-type]
 
     assert (failures, acked) == ({}, {1, 2, 3})
     assert placed == {1: (2, 5)}

@@ -6,15 +6,18 @@ thread; what PostgreSQL and the broker do for real is pinned by tests/integratio
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 
+import pytest
 from confluent_kafka import KafkaError
 
 from outbox.errors import ConfigError, SlotLost
 from outbox.relay.config import Guarantee
 from outbox.relay.fences import SlotLockState
 from outbox.relay.marker import Marker
+from outbox.relay.publishers import COMMIT_ATTEMPTS
 from tests.unit.relay.fakes import (
     TOPIC,
     Broker,
@@ -335,3 +338,52 @@ def test_i3_a_batch_read_ahead_is_not_published_once_the_slot_is_lost() -> None:
     assert broker.values() == [b"v1", b"v2"]
     assert session.ids() == [3, 4]
     assert worker.context.stats.published == 2
+
+
+@pytest.mark.timeout(60)
+def test_i12_a_commit_that_keeps_failing_retriably_gives_the_batch_up_within_bounds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that answers every commit of a producer with a retriable error (busy settling
+    another producer's transaction of the same transactional.id) does not hold the slot: the
+    commit is tried a bounded number of times, each retry is logged, then the batch fails, its
+    rows stay in the outbox, and a new producer publishes them once."""
+    session, broker = FakeSession(_rows(3)), Broker()
+    broker.stuck["commit_transaction"] = KafkaError(
+        KafkaError.CONCURRENT_TRANSACTIONS, "settling the fenced producer", retriable=True
+    )
+    caplog.set_level(logging.WARNING, logger="outbox.relay")
+    worker = make_worker(session, broker)
+    worker.run()
+    assert not worker.failed
+    stuck_commits = broker.producers[0].calls.count("commit_transaction")
+    assert 1 < stuck_commits <= COMMIT_ATTEMPTS
+    retries = [r for r in caplog.records if "trying the commit again" in r.getMessage()]
+    assert len(retries) == stuck_commits - 1
+    assert all("CONCURRENT_TRANSACTIONS" in r.getMessage() for r in retries)
+    assert any("gave up committing" in r.getMessage() for r in caplog.records)
+    assert len(broker.producers) == 2  # the stuck one dropped; its commit settled by the next
+    assert session.ids() == []
+    assert [m.value for m in broker.log if m.topic == TOPIC] == [b"v1", b"v2", b"v3"]
+    assert worker.context.stats.published == 3
+    assert worker.context.stats.retries == 1
+
+
+@pytest.mark.timeout(60)
+def test_i12_a_producer_queue_that_stays_full_fails_the_batch_within_a_transaction_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """produce() waits for room in a full queue for at most a transaction timeout: then the
+    batch fails, its transaction is aborted and its rows are sent again, once."""
+    session, broker = FakeSession(_rows(3)), Broker(jammed=True)
+    caplog.set_level(logging.WARNING, logger="outbox.relay")
+    worker = make_worker(
+        session, broker, transaction_timeout=1.0, producer_overrides={"request.timeout.ms": "500"}
+    )
+    worker.run()
+    assert not worker.failed
+    assert len(broker.aborts) == 1
+    assert any("queue stayed full for 1 s" in r.getMessage() for r in caplog.records)
+    assert session.ids() == []
+    assert [m.value for m in broker.log if m.topic == TOPIC] == [b"v1", b"v2", b"v3"]
+    assert worker.context.stats.retries == 1
