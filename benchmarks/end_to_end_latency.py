@@ -84,7 +84,6 @@ CONSUMER_SETTINGS: dict[str, tuple[float, dict[str, str]]] = {
 }
 LOW_RATE = 100
 FLOOR = "broker floor"
-FLOOR_PRODUCERS = (1, 4)  # as --slots 1 and the relay's default of 4 slots
 
 
 def phase(mode: str, consumer: str, rate: int) -> str:
@@ -288,10 +287,11 @@ def consumer_processes(
 def broker_floor(
     db: Database, svc: Services, engine: Engine, size: Size
 ) -> dict[str, dict[str, Any]]:
-    """Hand-over -> readable for 1 and 4 raw transactional producers, at the size's rate."""
+    """Hand-over -> readable for the size's numbers of raw transactional producers (1 and 4: as
+    --slots 1 and the relay's default of 4 slots), at the size's rate."""
     settings = raw_settings(db, svc, profile=Profile.BALANCED)  # the latency relay's preset
     phases: dict[str, dict[str, Any]] = {}
-    for producers in FLOOR_PRODUCERS:
+    for producers in size.floor_producers:
         topic = f"bench.floor.{uuid.uuid4().hex[:6]}"
         create_topics(svc, topic)
         with Process(consumer_command(db, svc, topic, "--role", "arrivals")):
@@ -460,12 +460,14 @@ def run(svc: Services, size: Size) -> Result:
         for p in floor.values()
     ]
     summary += (
-        f" Broker floor (the relay's Kafka loop, no database; 1 / 4 producers): "
-        f"hand-over->readable p50/p99 {floors[0]} and {floors[-1]}. "
+        f" Broker floor (the relay's Kafka loop, no database; "
+        f"{' / '.join(map(str, size.floor_producers))} producers): "
+        f"hand-over->readable p50/p99 {' and '.join(floors)}. "
         f"Machine CPU busy (all cores): {best['machine_cpu_busy']:.0%} in the NOTIFY phase "
         f"(the writers' process {best['writers_cpu_share']:.0%}, the relay's "
         f"{best['relay_cpu_share']:.0%}, the consumer's {best['consumer_cpu_share']:.0%}), "
-        f"{next(iter(floor.values()))['machine_cpu_busy']:.0%} for the 1-producer floor."
+        f"{next(iter(floor.values()))['machine_cpu_busy']:.0%} for the "
+        f"{size.floor_producers[0]}-producer floor."
     )
     if low and low_polling and rate > LOW_RATE:
         summary += (

@@ -27,6 +27,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from outbox import sql
+from outbox.event_ids import new_event_id
 from outbox.migrate import upgrade
 from outbox.partitioner import shard_for
 from outbox.relay import Relay, RelayStats
@@ -75,6 +76,7 @@ class Size:
     memory_slots: int = 4  # the relay's default
     latency_consumers: int = 2  # consumer settings compared (the smoke run keeps one)
     latency_one_slot: bool = True  # the NOTIFY phase again with --slots 1 (not in the smoke run)
+    floor_producers: tuple[int, ...] = (1, 4)  # raw producers of the broker floor's phases
 
 
 SIZES: dict[str, Size] = {
@@ -101,6 +103,7 @@ SIZES: dict[str, Size] = {
         memory_slots=1,
         latency_consumers=1,
         latency_one_slot=False,
+        floor_producers=(4,),  # one floor phase (~12 s of reader start and join) is enough here
     ),
     "default": Size(
         name="default",
@@ -271,9 +274,18 @@ SELECT e, %(topic)s, (%(shards)s::int[])[1 + i %% {_POOL}], (%(keys)s::bytea[])[
        ARRAY[convert_to(e::text, 'UTF8'), convert_to('application/octet-stream', 'UTF8')]
 FROM (SELECT gen_random_uuid() AS e, i FROM generate_series(%(lo)s::int, %(hi)s::int) AS i) AS g
 """
+# The same with the event ids given (in order), e.g. publish()'s time-ordered ones.
+_FILL_GIVEN_IDS = _FILL.replace(
+    "gen_random_uuid() AS e, i FROM generate_series(%(lo)s::int, %(hi)s::int) AS i",
+    "e, %(lo)s::int + n::int - 1 AS i FROM unnest(%(ids)s::uuid[]) WITH ORDINALITY AS u(e, n)",
+)
+EVENT_ID_KINDS = ("v4", "v7")
+"""A fill's event ids: random (v4, made by the server) or publish()'s time-ordered v7 ones."""
 
 
-def fill_outbox(db: Database, rows: int, *, topic: str, value_bytes: int, seed: int = 0) -> float:
+def fill_outbox(
+    db: Database, rows: int, *, topic: str, value_bytes: int, seed: int = 0, ids: str = "v4"
+) -> float:
     """Commit ``rows`` pending events in ONE transaction (plus one NOTIFY); returns seconds.
 
     The rows look like ``publish()``'s (event-id and content-type headers, the
@@ -284,7 +296,10 @@ def fill_outbox(db: Database, rows: int, *, topic: str, value_bytes: int, seed: 
     a second session just before that commit writes the fill's dirty pages out
     first: a real backlog builds up over many checkpoints, so the drain should
     not pay for writing hundreds of MB the benchmark dirtied a second earlier.
+    ``ids`` is one of ``EVENT_ID_KINDS``.
     """
+    if ids not in EVENT_ID_KINDS:
+        raise ValueError(f"ids={ids!r}: pick one of {', '.join(EVENT_ID_KINDS)}")
     keys = [f"key-{i}".encode() for i in range(_POOL)]
     shards = [shard_for(k, uuid.uuid4()) for k in keys]
     rng = random.Random(seed)  # the same seed gives the same keys and values again
@@ -294,7 +309,12 @@ def fill_outbox(db: Database, rows: int, *, topic: str, value_bytes: int, seed: 
         step = 50_000
         for lo in range(0, rows, step):
             params = {"topic": topic, "shards": shards, "keys": keys, "values": values}
-            conn.execute(_FILL, {**params, "lo": lo, "hi": min(rows, lo + step) - 1})
+            hi = min(rows, lo + step) - 1
+            if ids == "v4":
+                conn.execute(_FILL, {**params, "lo": lo, "hi": hi})
+            else:
+                made = [new_event_id() for _ in range(hi - lo + 1)]
+                conn.execute(_FILL_GIVEN_IDS, {**params, "lo": lo, "ids": made})
         conn.execute(sql.WAKE_ALL_SLOTS)
         checkpoint(db)
     return time.perf_counter() - start
@@ -443,18 +463,40 @@ class Drain:
     cpu_us_per_event: float  # this process's CPU (relay threads + librdkafka) per event
     startup_s: float
     machine_cpu_us_per_event: float  # every process: relay, PostgreSQL, broker (and strangers)
+    tree_cpu_us_per_event: float = float("nan")  # the processes under drain_burst's ``tree``
 
 
 def drain_burst(
-    relay: RunningRelay, db: Database, rows: int, *, topic: str, value_bytes: int, seed: int = 0
+    relay: RunningRelay,
+    db: Database,
+    rows: int,
+    *,
+    topic: str,
+    value_bytes: int,
+    seed: int = 0,
+    ids: str = "v4",
+    tree: int | None = None,
 ) -> Drain:
-    """Commit a backlog of ``rows`` at once; time (and CPU) until the relay published all."""
+    """Commit a backlog of ``rows`` at once; time (and CPU) until the relay published all.
+
+    ``tree``: a process whose tree's CPU to count too (the driver that started the servers:
+    the relay, PostgreSQL and the broker without strangers, which a shared machine's wall
+    clock cannot leave out)."""
     before = relay.stats.published
-    fill_outbox(db, rows, topic=topic, value_bytes=value_bytes, seed=seed)
+    fill_outbox(db, rows, topic=topic, value_bytes=value_bytes, seed=seed, ids=ids)
+    pids = _descendants(tree) if tree is not None else set()
     committed, cpu, machine = time.perf_counter(), time.process_time(), machine_cpu_seconds()
+    ours = _tree_cpu_seconds(pids)
     done = relay.wait_published(before + rows)
     cpu, machine = time.process_time() - cpu, machine_cpu_seconds() - machine
-    return Drain(rows / (done - committed), cpu / rows * 1e6, relay.startup_s, machine / rows * 1e6)
+    ours = _tree_cpu_seconds(pids) - ours if pids else float("nan")
+    return Drain(
+        rows / (done - committed),
+        cpu / rows * 1e6,
+        relay.startup_s,
+        machine / rows * 1e6,
+        ours / rows * 1e6,
+    )
 
 
 def machine_cpu_seconds() -> float:

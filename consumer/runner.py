@@ -60,7 +60,7 @@ from consumer.purge import PurgeSchedule, purge_processed
 from consumer.retry import Action, Fault, Reason, classify, is_infrastructure_error
 from consumer.startup import check_database, check_horizon, check_patterns, new_kafka_consumer
 from consumer.stats import ConsumerStats
-from outbox.db import sqlalchemy_url
+from outbox.db import SESSION_ENCODING, sqlalchemy_url
 from outbox.tracing import restored_context
 
 log = logging.getLogger("outbox.consumer")
@@ -103,7 +103,12 @@ class ConsumerRunner:
         elif isinstance(db, Engine):
             self.engine, self._owns_engine = db, False
         else:
-            self.engine = create_engine(sqlalchemy_url(db), pool_pre_ping=True, pool_size=2)
+            self.engine = create_engine(
+                sqlalchemy_url(db),
+                pool_pre_ping=True,
+                pool_size=2,
+                connect_args={"client_encoding": SESSION_ENCODING},
+            )
             self._owns_engine = True
         self.transactions: Transactions
         if not is_async:

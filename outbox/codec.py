@@ -14,6 +14,7 @@ from pathlib import PurePath
 from typing import Any
 
 from outbox.errors import EventError, EventTooLarge
+from outbox.event_ids import new_event_id
 from outbox.partitioner import shard_for
 
 EVENT_ID_HEADER = "outbox-event-id"
@@ -251,7 +252,7 @@ def encode_event(
     ``context_headers`` (the trace context) are added unless the caller set the same names.
     """
     if event_id is None:
-        event_id = uuid.uuid4()
+        event_id = new_event_id()
     elif not isinstance(event_id, uuid.UUID):
         raise TypeError(f"event_id must be a uuid.UUID, got {type(event_id).__name__}")
     topic = check_topic(topic)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from typing import Any
 from urllib.parse import unquote
 
 import psycopg
+from psycopg.adapt import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import Format
 from psycopg.rows import dict_row
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -228,6 +231,39 @@ def libpq_dsn(db: str) -> str:
     return dsn
 
 
+SESSION_ENCODING = "UTF8"
+"""The client encoding of the library's own sessions (relay, CLI, migrate, consume), whatever
+the DSN, PGCLIENTENCODING or the database say: under SQL_ASCII psycopg hands text over as
+bytes, so every topic and header name would be bytes (the relay would bury each row as
+poison, verify find every event lost, SQLAlchemy fail on its first connection)."""
+
+
+class _StoredText(Loader):
+    """Text as the bytes stored, read as UTF-8 with each undecodable byte shown as ``\\xNN``."""
+
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode("utf-8", "backslashreplace")
+
+
+class _StoredTextBinary(_StoredText):
+    format = Format.BINARY
+
+
+def show_stored_text(conn: psycopg.Connection[Any]) -> None:
+    """In a SQL_ASCII database, make ``conn`` read text that is not UTF-8 instead of failing.
+
+    Such a database stores any bytes in a text column, and a UTF8 session is refused every
+    result holding a row with others (the relay buries such rows, I6). The operator's views
+    must still show them: the session takes the stored bytes (client encoding SQL_ASCII) and
+    decodes them here. Other databases are left as they are."""
+    if conn.info.parameter_status("server_encoding") != "SQL_ASCII":
+        return
+    conn.execute("SET client_encoding TO 'SQL_ASCII'")
+    for name in ("text", "varchar", "bpchar", "name", '"char"'):
+        conn.adapters.register_loader(name, _StoredText)
+        conn.adapters.register_loader(name, _StoredTextBinary)
+
+
 def sqlalchemy_url(db: str) -> str:
     """A SQLAlchemy URL on psycopg 3, from either form the CLI accepts (URL or key=value)."""
     db = db.strip()
@@ -281,7 +317,8 @@ def connect(
 ) -> psycopg.Connection[dict[str, object]]:
     """A dedicated session: advisory locks and LISTEN need one (not a transaction pooler).
 
-    ``params``: more libpq connection parameters (e.g. the relay's keepalives)."""
+    ``params``: more libpq connection parameters (e.g. the relay's keepalives). The client
+    encoding is ``SESSION_ENCODING``."""
     dsn = libpq_dsn(db)
     if params:
         dsn = make_conninfo(dsn, **params)
@@ -292,6 +329,7 @@ def connect(
             application_name=application_name,
             row_factory=dict_row,
             connect_timeout=10,
+            client_encoding=SESSION_ENCODING,
         )
     except psycopg.OperationalError as exc:
         message = _scrub(str(exc), db)

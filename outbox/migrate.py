@@ -22,7 +22,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, inspect
 from sqlalchemy.exc import OperationalError
 
-from outbox.db import redact, sqlalchemy_url
+from outbox.db import SESSION_ENCODING, redact, sqlalchemy_url
 from outbox.errors import ConfigError
 from outbox.locks import MIGRATION_LOCK  # migrations/env.py takes it too
 from outbox.schema import OUTBOX_STORAGE, VERSION_TABLE, metadata
@@ -183,7 +183,9 @@ def upgrade(db: str | Connection, revision: str = "head") -> list[Revision]:
     if isinstance(db, Connection):
         before, after = _upgrade_on(db, revision)
         return revisions_between(before, after) if after is not None else []
-    engine = create_engine(sqlalchemy_url(db), poolclass=None)
+    engine = create_engine(
+        sqlalchemy_url(db), poolclass=None, connect_args={"client_encoding": SESSION_ENCODING}
+    )
     try:
         with engine.begin() as conn:
             before, after = _upgrade_on(conn, revision)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from outbox.partitioner import SHARD_COUNT as _SHARD_COUNT
+from outbox.schema import EVENT_ID_VERSION
 from outbox.schema import NOTIFY_CHANNEL as _CHANNEL
 
 # -- write path (runs inside the caller's transaction) ------------------------
@@ -137,9 +138,9 @@ _ROW_BYTES = """coalesce(octet_length(key), 0)
 # large), then rows while the running total stays under ``max_bytes``. Values above
 # ``max_value_bytes`` come back as NULL with their size, to be buried by id.
 _BUDGETED = f"""
-SELECT id, event_id, topic, key,
+SELECT id, event_id, {{topic}}, key,
        CASE WHEN octet_length(value) > %(max_value_bytes)s THEN NULL ELSE value END AS value,
-       header_names, header_values,
+       {{header_names}}, header_values,
        (extract(epoch FROM created_at) * 1000)::int8 AS created_ms,
        coalesce(octet_length(value), 0) AS value_bytes
 FROM (
@@ -150,14 +151,32 @@ WHERE running_bytes - row_bytes < %(max_bytes)s
 ORDER BY id
 """
 
+# The text columns as a claim reads them: as text, which the server converts to the session's
+# UTF8; or, in a SQL_ASCII database, as the bytes stored (bytea), which the relay decodes
+# itself. SQL_ASCII lets a writer store bytes that are not UTF-8, and the server refuses a
+# whole result holding one (a poison row would stop its slot for good, I6). The other server
+# encodings check text on the way in.
+_TEXT = {"topic": "topic", "header_names": "header_names"}
+# unnest() flattens a multidimensional array, which would make headers of a row that has
+# none (``record_defect`` buries it): such an array comes back as NULLs of its shape instead.
+_STORED_BYTES = {
+    "topic": "convert_to(topic, 'SQL_ASCII') AS topic",
+    "header_names": """CASE WHEN header_names IS NULL THEN NULL
+         WHEN array_ndims(header_names) > 1 THEN array_fill(NULL::bytea, ARRAY(
+           SELECT array_length(header_names, d)
+           FROM generate_series(1, array_ndims(header_names)) AS d ORDER BY d))
+         ELSE ARRAY(
+         SELECT convert_to(name, 'SQL_ASCII')
+         FROM unnest(header_names) WITH ORDINALITY AS h(name, n) ORDER BY n) END AS header_names""",
+}
+
 # Oldest pending rows of every shard, in id order: the claim of a slot owning them all.
 # Held topics (missing or not writable, see kafka.TopicHolds) are left out.
-CLAIM_BATCH = _BUDGETED.format(
-    claim=f"""SELECT {_CLAIMED}
+_CLAIM_ALL = f"""SELECT {_CLAIMED}
   FROM outbox_events WHERE topic <> ALL(%(held)s::text[])
   ORDER BY id
   LIMIT %(limit)s"""
-)
+CLAIM_BATCH = _BUDGETED.format(claim=_CLAIM_ALL, **_TEXT)
 
 # One shard's oldest pending rows, on (shard, id); claim_batch() merges a slot's in id order.
 CLAIM_SHARD = f"""(SELECT {_CLAIMED}
@@ -165,7 +184,7 @@ CLAIM_SHARD = f"""(SELECT {_CLAIMED}
  ORDER BY id LIMIT %(limit)s)"""
 
 
-def claim_batch(shards: Iterable[int]) -> str:
+def claim_batch(shards: Iterable[int], *, stored_bytes: bool = False) -> str:
     """The claim of a slot: its shards' oldest pending rows in id order, reading no others.
 
     A slot owning some shards merges one (shard, id) range scan per shard
@@ -175,12 +194,19 @@ def claim_batch(shards: Iterable[int]) -> str:
     the others grew with that backlog (18 ms instead of 4 for 1000 rows past
     50k of another slot's). The byte budget is a window sum over the claimed
     rows' sizes on top of the same scans, so the claim stays index-driven.
+
+    ``stored_bytes``: topic and header names as the bytes stored (for a SQL_ASCII database).
     """
     own = sorted(set(shards))
+    text = _STORED_BYTES if stored_bytes else _TEXT
     if len(own) == _SHARD_COUNT:
-        return CLAIM_BATCH
+        return _BUDGETED.format(claim=_CLAIM_ALL, **text)
+    if len(own) == 1:
+        # One scan is ordered and limited already; PostgreSQL refuses a second ORDER BY on a
+        # parenthesised SELECT that no UNION follows (slots of 17 and more own one shard).
+        return _BUDGETED.format(claim=CLAIM_SHARD.format(shard=own[0]), **text)
     merged = "\nUNION ALL\n".join(CLAIM_SHARD.format(shard=shard) for shard in own)
-    return _BUDGETED.format(claim=f"{merged}\nORDER BY id\nLIMIT %(limit)s")
+    return _BUDGETED.format(claim=f"{merged}\nORDER BY id\nLIMIT %(limit)s", **text)
 
 
 def claim_params(
@@ -286,7 +312,9 @@ UNBUILDABLE_DEAD = """
 SELECT id FROM outbox_dead_events
 WHERE (%(all)s OR id = ANY(%(ids)s))
   AND (cardinality(header_names) IS DISTINCT FROM cardinality(header_values)
-       OR array_position(header_names, NULL) IS NOT NULL)
+       -- array_position() refuses a multidimensional array: CASE asks it of the others only
+       OR CASE WHEN array_ndims(header_names) > 1 THEN true
+               ELSE array_position(header_names, NULL) IS NOT NULL END)
 ORDER BY id
 """
 
@@ -338,13 +366,14 @@ KEY_HASH_SQL = "('x' || left(encode(sha256({key}), 'hex'), 16))::bit(64)::int8"
 
 # Record a batch's events where their delivery reports placed them: one statement per batch,
 # in the transaction that deletes the batch. Parameters go in binary (%(...)b, pre-encoded by
-# outbox.relay.deliveries.batch_params) and the key is hashed by the server, off the relay's
-# GIL. Not a COPY: see outbox.relay.deliveries (a frozen relay in COPY keeps its slot, I12).
-RECORD_DELIVERIES = f"""
+# outbox.relay.deliveries.batch_params), the keys hashed by the relay: SHA-256 in Python costs
+# it ~0.5 us a key, the same in SQL (hex text, bit string) cost the server ~2 us, which the
+# relay waits for. Not a COPY: see outbox.relay.deliveries (a frozen relay in COPY keeps its
+# slot, I12).
+RECORD_DELIVERIES = """
 INSERT INTO outbox_deliveries (event_id, id, topic, partition, kafka_offset, key_hash)
-SELECT e, i, t, p, o, {KEY_HASH_SQL.format(key="k")}
-FROM unnest(%(event_ids)b::uuid[], %(ids)b::int8[], %(topics)b::text[],
-            %(partitions)b::int4[], %(offsets)b::int8[], %(keys)b::bytea[]) AS b(e, i, t, p, o, k)
+SELECT * FROM unnest(%(event_ids)b::uuid[], %(ids)b::int8[], %(topics)b::text[],
+                     %(partitions)b::int4[], %(offsets)b::int8[], %(key_hashes)b::int8[])
 """
 
 
@@ -400,9 +429,15 @@ def drop_delivery_partition(name: str) -> str:
     return f"DROP TABLE IF EXISTS {name}"
 
 
-def expire_default_deliveries(default: str) -> str:
-    """The default partition's rows older than the retention window (it is rarely used)."""
-    return f"DELETE FROM {default} WHERE published_at < %(before)s"
+# The database's clock: partition upkeep judges days by it, as published_at is set by it.
+DATABASE_NOW = "SELECT now()"
+
+
+def expire_deliveries(table: str) -> str:
+    """Rows of ``table`` older than the retention window: of the default partition (rarely
+    used), or of the whole record through its parent table, whose privileges cover its
+    partitions (the expiry of a role that may not drop partitions)."""
+    return f"DELETE FROM {table} WHERE published_at < %(before)s"
 
 
 # -- trace (outbox trace) ------------------------------------------------------------------
@@ -417,10 +452,18 @@ TRACE_DEAD = """
 SELECT id, topic, error, attempts, failed_at FROM outbox_dead_events WHERE event_id = %(event_id)s
 """
 
-# Where the delivery record says these events went (a recovered batch has no place).
-TRACE_DELIVERIES = """
-SELECT event_id, id, topic, partition, kafka_offset, published_at FROM outbox_deliveries
-WHERE event_id = ANY(%(event_ids)s::uuid[]) ORDER BY published_at
+# Where the delivery record says these events went (a recovered batch has no place). v7 ids
+# are found by the BRIN index, the others by the btree (migration 0008): each branch repeats
+# its index's predicate so the planner may use it, one id at a time (a BRIN index cannot
+# take ``= ANY(array)`` on every supported version).
+TRACE_DELIVERIES = f"""
+SELECT d.* FROM unnest(%(event_ids)s::uuid[]) AS wanted(e) CROSS JOIN LATERAL (
+  SELECT event_id, id, topic, partition, kafka_offset, published_at FROM outbox_deliveries
+  WHERE event_id = wanted.e AND {EVENT_ID_VERSION} = 7
+  UNION ALL
+  SELECT event_id, id, topic, partition, kafka_offset, published_at FROM outbox_deliveries
+  WHERE event_id = wanted.e AND {EVENT_ID_VERSION} <> 7
+) AS d ORDER BY d.published_at
 """
 
 # The consumer groups that applied the event (their dedup records, I5).

@@ -89,6 +89,10 @@ class PublishedEvent:
 
 def _execute(bind: Bind, statement: str, params: dict[str, Any]) -> list[Any]:
     """``statement`` (psycopg placeholders) in ``bind``'s transaction (an Engine: a new one)."""
+    if isinstance(bind, Session) and not bind.in_transaction():
+        # A closed or idle Session: reading through it would begin a transaction that nobody
+        # ends, and hold a pooled connection until the garbage collector finds the Session.
+        bind = bind.get_bind()
     if isinstance(bind, Engine):
         with bind.connect() as conn:
             return list(conn.exec_driver_sql(statement, params))
@@ -98,6 +102,8 @@ def _execute(bind: Bind, statement: str, params: dict[str, Any]) -> list[Any]:
 
 async def _aexecute(bind: AsyncBind, statement: str, params: dict[str, Any]) -> list[Any]:
     """``_execute`` for async binds: the same statement, awaited."""
+    if isinstance(bind, AsyncSession) and not bind.in_transaction() and bind.bind is not None:
+        bind = bind.bind  # as in `_execute`: begin nothing in an idle Session
     if isinstance(bind, AsyncEngine):
         async with bind.connect() as conn:
             return list(await conn.exec_driver_sql(statement, params))

@@ -17,7 +17,7 @@ Every other broker test checks the product's logic, which the broker does not ch
 Tansu only (``OUTBOX_TEST_ALL_BROKERS=1`` or ``OUTBOX_TEST_BROKER=kafka`` runs every one on
 Kafka too). A new test that waits for Kafka's behaviour gets ``both_brokers``.
 
-Under pytest-xdist (``python3 dev.py test`` runs ``-n 3 --dist loadgroup``) each worker starts
+Under pytest-xdist (``python3 dev.py test`` runs ``-n 4 --dist loadgroup``) each worker starts
 its own PostgreSQL and Tansu (seconds); the ``[kafka]`` runs are one group (`xdist_group_of`,
 `BrokerGroups`), so one worker starts the cluster, runs them one after another (tests that kill
 nodes see no other test's traffic) and goes first, since it is the longest unit of work; the
@@ -398,10 +398,15 @@ def template_db(services: Services) -> str:
     return name
 
 
-def create_database(services: Services, prefix: str, template: str | None = None) -> str:
-    """SQLAlchemy URL of a new database (a copy of ``template`` if given)."""
+def create_database(
+    services: Services, prefix: str, template: str | None = None, *, encoding: str | None = None
+) -> str:
+    """SQLAlchemy URL of a new database (a copy of ``template`` if given; of this server
+    ``encoding``, with the C locale, if given)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     clause = f' TEMPLATE "{template}"' if template else ""
+    if encoding:
+        clause = f" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
     with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"{clause}')
     return make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
@@ -412,16 +417,21 @@ def drop_database(services: Services, url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
 
 
-@pytest.fixture
-def database_url(services: Services, template_db: str) -> Iterator[str]:
-    """SQLAlchemy URL of a fresh, migrated database for this test."""
-    url = create_database(services, "outbox_test", template_db)
+def own_outbox(services: Services, template_db: str, prefix: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, migrated database, an outbox of its own, dropped after."""
+    url = create_database(services, prefix, template_db)
     # A copy would share the template's identity; each test's outbox is one of its own,
     # as if migrated afresh (I9).
     with psycopg.connect(_libpq(url), autocommit=True) as conn:
         conn.execute("UPDATE outbox_identity SET outbox_id = gen_random_uuid()")
     yield url
     drop_database(services, url)
+
+
+@pytest.fixture
+def database_url(services: Services, template_db: str) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, migrated database for this test."""
+    yield from own_outbox(services, template_db, "outbox_test")
 
 
 @pytest.fixture
@@ -532,9 +542,6 @@ __all__ = ["Broker", "RelayHandle", "Services", "create_database", "drop_databas
 @pytest.fixture
 def unmigrated_database_url(services: Services) -> Iterator[str]:
     """SQLAlchemy URL of a fresh database nobody ran ``outbox migrate`` on."""
-    name = f"outbox_bare_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_url(services.admin_url).set(database=name).render_as_string(hide_password=False)
-    with psycopg.connect(_libpq(services.admin_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    url = create_database(services, "outbox_bare")
+    yield url
+    drop_database(services, url)

@@ -1,6 +1,6 @@
 """The order xdist hands the tests out: the longest unit of work first, from measured durations.
 
-With three workers and a few tests that take a minute or more, the run ends when the last long
+With a few workers and a few tests that take a minute or more, the run ends when the last long
 test ends: started last, it runs alone while the other workers are idle (the long tail). Started
 first, it runs beside the many short ones. So `tests/conftest.py` orders the collection by the
 expected seconds of each xdist unit (a group of `xdist_group_of`, or one test), longest first,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import math
 import threading
 import time
 import uuid
@@ -173,18 +174,38 @@ STALL_SECONDS = 30.0
 
 
 def parse_duration(raw: str) -> dt.timedelta:
-    """``90s``, ``30m``, ``24h``, ``7d``."""
+    """``90s``, ``30m``, ``24h``, ``7d``: a positive window that starts after 1970 (before it
+    there is neither a record nor a Kafka timestamp; NaN, infinity or a window no date can
+    start are refused here, not left to fail in the date arithmetic)."""
     number, unit = raw[:-1], raw[-1:].lower()
     try:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in _UNITS or value <= 0:
+    if unit not in _UNITS or not 0 < value < math.inf:
         raise ConfigError(
             f"--since={raw!r} is not a duration: give a positive number with s, m, h or d "
             "(e.g. --since 24h)"
         )
-    return dt.timedelta(seconds=value * _UNITS[unit])
+    seconds = value * _UNITS[unit]
+    if seconds >= time.time():
+        raise ConfigError(
+            f"--since={raw!r} reaches back before 1970: give a shorter window, or leave "
+            "--since out to check the whole delivery record"
+        )
+    return dt.timedelta(seconds=seconds)
+
+
+def _consumer(settings: dict[str, Any]) -> Consumer:
+    """A consumer of verify's; settings librdkafka refuses (a SASL mechanism it lacks, a CA
+    file that is not there, a malformed value) are a usage error naming them."""
+    try:
+        return Consumer(settings)
+    except KafkaException as exc:
+        raise ConfigError(
+            f"librdkafka refused the client settings: {exc.args[0].str()} "
+            "(fix the -X / --producer-config names and values)"
+        ) from None
 
 
 TopicRecord = tuple[int, int, str | None, bytes | None]
@@ -196,7 +217,7 @@ def _high_watermarks(
 ) -> dict[int, int]:
     """Each partition's high watermark: a read_committed client's watermark is the last
     stable offset, so this asks with read_uncommitted."""
-    consumer = Consumer(
+    consumer = _consumer(
         {
             **settings,
             "bootstrap.servers": bootstrap_servers,
@@ -234,7 +255,7 @@ def read_topic_end(
     is earlier: a nightly check then reads the night, not the topic's whole retention.
     Records stay plain tuples, and only the outbox-event-id header is looked at.
     """
-    consumer = Consumer(
+    consumer = _consumer(
         {
             # Large fetches answered at once: a broker that holds a fetch for the whole
             # fetch.wait.max.ms (Tansu) otherwise caps the read at ~1 MB per partition per wait.
@@ -331,7 +352,7 @@ def read_committed_offsets(
     partitions: Iterable[int],
 ) -> dict[int, int]:
     """A group's committed offsets (read only: the group is not joined)."""
-    consumer = Consumer(
+    consumer = _consumer(
         {
             **settings,
             "bootstrap.servers": bootstrap_servers,

@@ -19,7 +19,7 @@ from outbox.cli.options import (
     client_settings_option,
     finite,
 )
-from outbox.errors import OutboxError
+from outbox.errors import ConfigError, EventError, OutboxError
 
 
 @command(app, short_help="Pending rows, lag, slot owners, dead rows.")
@@ -118,12 +118,23 @@ def verify(
     lost from their offset, duplicated, or out of key order, records not this outbox's, and per
     group the lag and the events it can no longer read. Exits 0 when clean, 1 with findings."""
     from outbox.cli.delivery import parse_duration, read_verify, render_verify, to_json, verify_json
+    from outbox.codec import check_topic
     from outbox.relay.config import connection_settings
 
     def progress(read: int, total: int) -> None:
         typer.echo(f"read {read} of about {total} records", err=True)
 
     window = parse_duration(since) if since is not None else None
+    for g in group or []:
+        if not g.strip():  # confluent-kafka's Consumer aborts the interpreter on group.id ''
+            raise ConfigError(f"--group {g!r} is empty: give a consumer group's group.id")
+    try:
+        check_topic(topic)
+    except EventError:
+        raise ConfigError(
+            f"--topic {topic!r} is not a Kafka topic name: give 1-249 characters from "
+            "[a-zA-Z0-9._-], not '.' or '..'"
+        ) from None
     settings = connection_settings(client_settings(producer_config, client_setting))
     report = read_verify(
         db,

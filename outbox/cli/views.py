@@ -24,7 +24,7 @@ from rich.table import Table
 
 from outbox import sql
 from outbox.codec import BINARY, CONTENT_TYPE_HEADER, JSON
-from outbox.db import connect
+from outbox.db import connect, show_stored_text
 from outbox.errors import ConfigError, NotFound, NotMigrated
 from outbox.locks import COUNT_NAMESPACE, GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.transactional_ids import default_prefix
@@ -34,12 +34,20 @@ Row = dict[str, Any]
 
 @contextmanager
 def _session(db: str, name: str) -> Iterator[psycopg.Connection[dict[str, object]]]:
-    """A connection whose missing-table errors say to run ``outbox migrate``."""
+    """A connection whose missing-table errors say to run ``outbox migrate``, and which shows
+    text a SQL_ASCII database holds that is not UTF-8 (``show_stored_text``)."""
     with connect(db, application_name=name) as conn:
+        show_stored_text(conn)
         try:
             yield conn
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
             raise NotMigrated(str(exc).splitlines()[0]) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(
+                f"{str(exc).splitlines()[0]}: grant the --db user SELECT on the outbox's "
+                "tables (a grant made before `outbox migrate` does not cover the tables it "
+                "added, such as outbox_deliveries)"
+            ) from None
 
 
 def _width() -> int:
@@ -234,12 +242,14 @@ def read_dead_row(db: str, row_id: int, *, full: bool = False) -> Row:
     if r is None:
         raise NotFound(f"no dead row with id {row_id}: `outbox dead list` shows the ids")
     # A dead row may be one no record could be built from (unpaired header arrays, a NULL
-    # name or value, a content type that is not UTF-8): show it as it is, never fail on it.
-    names: list[str | None] = list(r["header_names"] or [])  # type: ignore[call-overload]
+    # name or value, a multidimensional array, a content type that is not UTF-8): show it as
+    # it is, never fail on it.
+    names: list[object] = list(r["header_names"] or [])  # type: ignore[call-overload]
     values: list[object] = list(r["header_values"] or [])  # type: ignore[call-overload]
     pairs = list(zip_longest(names, values))
     headers = {
-        n: _shown(_bytes_field(_raw(v), None), _size(_raw(v)), full=full)["data"] for n, v in pairs
+        n if n is None or isinstance(n, str) else str(n): _header_data(v, full=full)
+        for n, v in pairs
     }
     content_type = next(
         (
@@ -265,6 +275,14 @@ def read_dead_row(db: str, row_id: int, *, full: bool = False) -> Row:
         "attempts": r["attempts"],
         "error": r["error"],
     }
+
+
+def _header_data(value: object, *, full: bool) -> object:
+    """A header value as shown; a multidimensional array's sub-array as a list of them."""
+    if isinstance(value, list):
+        return [_header_data(v, full=full) for v in value]
+    raw = _raw(value)
+    return _shown(_bytes_field(raw, None), _size(raw), full=full)["data"]
 
 
 def _raw(value: object) -> bytes | None:
@@ -305,15 +323,19 @@ def _locked(conn: psycopg.Connection[dict[str, object]], ids: list[int]) -> None
         )
 
 
+# A row buried because no record can be built from it (I6): the table's constraints refuse
+# it back as it is (its DETAIL, the row's data, is not shown), or cannot even be checked on a
+# multidimensional header_names array (FeatureNotSupported).
+_UNBUILDABLE = (
+    sql.UNBUILDABLE_DEAD,
+    "the outbox table refuses them",
+    ": no Kafka record can be built from them",
+    "fix their header_names/header_values with SQL",
+)
+
 _REFUSED_REQUEUE: dict[type[Exception], tuple[str, str, str, str]] = {
-    # A row buried because no record can be built from it (I6): the table's constraints
-    # refuse it back as it is (its DETAIL, the row's data, is not shown).
-    psycopg.errors.CheckViolation: (
-        sql.UNBUILDABLE_DEAD,
-        "the outbox table refuses them",
-        ": no Kafka record can be built from them",
-        "fix their header_names/header_values with SQL",
-    ),
+    psycopg.errors.CheckViolation: _UNBUILDABLE,
+    psycopg.errors.FeatureNotSupported: _UNBUILDABLE,
     # A dead row keeps its id (its order); after TRUNCATE ... RESTART IDENTITY a new row may
     # have it, or the event was published again under its event id.
     psycopg.errors.UniqueViolation: (
@@ -336,12 +358,17 @@ def requeue(db: str, ids: list[int], *, all_rows: bool) -> int:
                     _locked(conn, ids)
                 params = {"all": all_rows, "ids": ids}
                 moved = len(conn.execute(sql.REQUEUE_DEAD, params).fetchall())
-        except (psycopg.errors.CheckViolation, psycopg.errors.UniqueViolation) as exc:
+        except (
+            psycopg.errors.CheckViolation,
+            psycopg.errors.FeatureNotSupported,
+            psycopg.errors.UniqueViolation,
+        ) as exc:
             query, why, note, fix = _REFUSED_REQUEUE[type(exc)]
             bad = [r["id"] for r in conn.execute(query, params).fetchall()]
             named = " ".join(map(str, bad)) or "ID"
+            constraint = exc.diag.constraint_name or "header_names is multidimensional"
             raise ConfigError(
-                f"dead rows {named} cannot be re-queued: {why} ({exc.diag.constraint_name}"
+                f"dead rows {named} cannot be re-queued: {why} ({constraint}"
                 f"{note}); {fix}, or `outbox dead discard {named}`"
             ) from None
         if moved:

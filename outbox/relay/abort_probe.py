@@ -8,8 +8,10 @@ Apache Kafka cluster the second order costs each batch a replicated round trip a
 (benchmarks/latency_stages.py).
 
 The probe is one aborted transaction holding one empty record under a key no marker uses,
-read back ``read_committed``. Anything short of a clear answer counts as "not hidden": the
-safe order.
+read back ``read_committed``. Anything short of a clear answer counts as "not hidden" for
+the marker's order (the safe one), and as "not known to be shown" for recovery, which reads
+past a stable offset that never moves only where aborts are known to be shown (Tansu 0.6,
+``marker_reader.HeldBack``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from outbox.logs import librdkafka_logger
+from outbox.relay.unmask import unmasked
 
 PROBE_KEY_SUFFIX = b":abort-probe"
 """Appended to the slot's transactional id: never a marker's key, so recovery skips it and
@@ -48,8 +51,10 @@ def aborts_hidden(
     *,
     timeout: float = 30.0,
     remember_as: str | None = None,
-) -> bool:
-    """Abort a transaction holding one empty record on ``topic``/``partition`` and read it back.
+) -> bool | None:
+    """Abort a transaction holding one empty record on ``topic``/``partition`` and read it back:
+    True where aborted records are hidden, False where they are shown, None without a clear
+    answer (which callers treat as shown for the marker's order, and as unknown otherwise).
 
     ``producer`` is a transactional producer with no transaction open (its
     ``init_transactions`` done); the probe's transaction is always aborted before this
@@ -69,7 +74,7 @@ def aborts_hidden(
             if remember_as in _ANSWERS:
                 return _ANSWERS[remember_as]
             if _UNSURE.get(remember_as, 0.0) > time.monotonic():
-                return False
+                return None
     hidden = _probe(producer, connection, topic, partition, key, timeout)
     if remember_as is not None:
         with _ANSWERS_LOCK:
@@ -77,7 +82,7 @@ def aborts_hidden(
                 _UNSURE[remember_as] = time.monotonic() + UNSURE_FOR
             else:
                 _ANSWERS[remember_as] = hidden
-    return bool(hidden)
+    return hidden
 
 
 def _cluster_key(producer: Any, topic: str, address: str, timeout: float) -> str | None:
@@ -111,9 +116,11 @@ def _probe(
         producer.produce(
             topic, key=key + PROBE_KEY_SUFFIX, value=b"", partition=partition, on_delivery=delivered
         )
-        producer.flush(timeout)
+        with unmasked():
+            producer.flush(timeout)
     finally:
-        producer.abort_transaction(timeout)
+        with unmasked():
+            producer.abort_transaction(timeout)
     if not offsets:
         return None
     visible = _visible(connection, topic, partition, offsets[0], timeout)

@@ -39,10 +39,16 @@ from outbox.relay.fences import FOREIGN_FENCE_WINDOW, FenceAlarm
 from outbox.relay.kafka_probe import KafkaProbe
 from outbox.relay.layout import SlotLayout
 from outbox.relay.listen import listen, notified_slot
-from outbox.relay.marker_reader import KafkaMarkerReader, MarkerReader, kafka_consumers
+from outbox.relay.marker_reader import (
+    KafkaMarkerReader,
+    MarkerReader,
+    kafka_consumers,
+    read_past_a_stuck_offset,
+)
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.seams import Seams
 from outbox.relay.sessions import heartbeat_interval
+from outbox.relay.unmask import unmasked
 from outbox.relay.worker import (
     RelayStats,
     SlotContext,
@@ -102,11 +108,12 @@ class Relay:
         self.connector = Connector(config.dsn, config.takeover_timeout, once=config.once)
         self.listening = threading.Event()  # a LISTEN session is up: NOTIFY wakes the slots
         self.fatal: BaseException | None = None  # a refusal found by a worker: run() raises it
-        # The outbox's first relay with default transactional ids, alone: no marker can
-        # exist under them but those this process writes, so takeovers skip reading (a
-        # state topic shared with other outboxes would be read back to its start).
+        # The outbox's first relay with default transactional ids: no marker can exist under
+        # them below where the state partitions ended before it announced itself (any other
+        # relay of the outbox announces, then writes, after it), so a takeover reads its marker
+        # from there instead of back to the start of a state topic shared with other outboxes.
         self.first_run = False
-        self.wrote_marker: set[int] = set()
+        self.marker_floors: dict[int, int] = {}
         self.fence_alarm = FenceAlarm()
         self._members = 1
         self._failures: dict[int, int] = {}
@@ -209,6 +216,7 @@ class Relay:
             return False
         if self.config.guarantee is Guarantee.EXACTLY_ONCE:
             self.layout.refuse_a_shared_prefix(self.markers, self.stop)
+        floors = self._state_ends()  # before announcing: see ``marker_floors``
         for attempt in Retrying(  # settling a changed layout needs Kafka: wait for it
             retry=retry_if_exception_type(TransientError),
             wait=retry_wait(first=0.5, cap=10),
@@ -221,7 +229,23 @@ class Relay:
         ):
             with attempt:
                 self._announce()
+        self.marker_floors = floors if self.first_run else {}
         return True
+
+    def _state_ends(self) -> dict[int, int]:
+        """Where the state partitions end now, if this relay may turn out to be the outbox's
+        first (default transactional ids); empty otherwise, or if Kafka does not say: every
+        takeover then reads its marker back as far as it must (I4)."""
+        if (
+            self.config.guarantee is not Guarantee.EXACTLY_ONCE
+            or self.config.transactional_id_prefix is not None
+        ):
+            return {}
+        try:
+            return self.markers.ends(self.config.slots)
+        except (KafkaException, TransientError) as exc:
+            log.debug("state partitions' ends not read (%s): markers are read in full", exc)
+            return {}
 
     def _announce(self) -> None:
         assert self._control is not None
@@ -288,9 +312,8 @@ class Relay:
             stats=self.stats,
             metrics=self.metrics,
             fence_alarm=self.fence_alarm,
-            first_run=lambda: self.first_run,
+            marker_floor=lambda slot: self.marker_floors.get(slot, 0),
             records_deliveries=self.records_deliveries,
-            wrote_marker=self.wrote_marker,
             read_marker=self.markers.read,
             judge=self.layout.judge,
             refuse=self.refuse,
@@ -345,6 +368,32 @@ class Relay:
         except psycopg.Error as exc:
             log.warning("delivery record upkeep failed (%s); retrying later", line(exc))
 
+    def _read_old_marker(self, producer: Producer, slot: int, tid: str) -> bytes | None:
+        """An old slot's last marker, read as a slot's own recovery reads it (past a stable
+        offset the broker never moves, where aborts are shown): otherwise the relay would
+        retry settling the old layout for ever and never publish (I12). ``producer`` (the
+        old slot's id, its ``init_transactions`` done) has no transaction open."""
+
+        def aborts_shown() -> bool:
+            # the cluster's kept answer first, the broker itself if that is unclear
+            for remember_as in (self.plan.settings.get("bootstrap.servers"), None):
+                hidden = self.seams.aborts_hidden(
+                    producer,
+                    self.plan.connection,
+                    self.config.state_topic,
+                    slot,
+                    tid.encode(),
+                    timeout=min(10.0, self.plan.transaction_timeout),
+                    remember_as=remember_as,
+                )
+                if hidden is not None:
+                    return not hidden
+            return False
+
+        return read_past_a_stuck_offset(
+            self.markers.read, slot, tid, self.stop, aborts_shown, what="the old layout's slot"
+        )
+
     def _settle_layout(self, before: int) -> None:
         """The slot count changed: fence every slot of the old layout (a zombie's open
         transaction is aborted) and apply its last marker, before any new slot publishes,
@@ -360,8 +409,9 @@ class Relay:
             settings = dict(self.plan.settings) | {"transactional.id": tid}
             producer = Producer(settings | {"logger": librdkafka_logger()})
             try:
-                producer.init_transactions(self.plan.transaction_timeout)
-                raw = self.markers.read(slot, tid, self.stop)
+                with unmasked():
+                    producer.init_transactions(self.plan.transaction_timeout)
+                raw = self._read_old_marker(producer, slot, tid)
             except KafkaException as exc:
                 raise TransientError(f"settling slot {slot} of the old layout: {exc}") from None
             finally:

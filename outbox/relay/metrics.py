@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from outbox import sql
-from outbox.db import connect
+from outbox.db import connect, show_stored_text
 
 
 class Source(Protocol):
@@ -104,6 +104,9 @@ class _RelayCollector(Collector):
                 if self._conn is None or self._conn.closed:
                     self._conn = connect(self.relay.config.dsn, application_name="outbox-metrics")
                     self._conn.execute("SET statement_timeout = '2s'")
+                    # Every topic, one a SQL_ASCII database holds that is not UTF-8 included
+                    # (a UTF8 session is refused the whole result until the relay buries it).
+                    show_stored_text(self._conn)
                 rows = self._conn.execute(sql.PENDING_BY_TOPIC).fetchall()
             except (psycopg.Error, ConnectionError):
                 self._conn = None

@@ -34,10 +34,12 @@ from outbox.relay.backoff import retry_wait
 from outbox.relay.batching import claim_ahead
 from outbox.relay.classify import TopicHolds, Verdict, classify, reached, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
+from outbox.relay.deliveries import Draft
 from outbox.relay.marker import Marker
 from outbox.relay.plans import Act, Failure, plan_abort_error, plan_start_error
 from outbox.relay.rows import Row
 from outbox.relay.seams import KafkaProducer, SlotSession
+from outbox.relay.unmask import unmasked
 
 log = logging.getLogger("outbox.relay")
 
@@ -86,7 +88,6 @@ class Slot(Protocol):
     holds: TopicHolds
     span: TransactionSpan
     outbox_id: uuid.UUID
-    wrote_marker: set[int]
     ahead: list[Row]
     needs_recovery: bool
 
@@ -158,7 +159,8 @@ def produce(
             except BufferError:
                 deadline = deadline or time.monotonic() + room_timeout
                 if time.monotonic() < deadline:
-                    producer.poll(0.05)
+                    with unmasked():
+                        producer.poll(0.05)
                     continue
                 full = KafkaError(
                     KafkaError._QUEUE_FULL,
@@ -241,7 +243,8 @@ class AtMostOnce(Publisher):
         rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
         producer = self._producer()
         produce(producer, rows, {}, room_timeout=s.plan.transaction_timeout)
-        producer.flush(s.plan.transaction_timeout)
+        with unmasked():
+            producer.flush(s.plan.transaction_timeout)
         s.count(published=len(rows), batches=1)
 
 
@@ -280,7 +283,11 @@ class AtLeastOnce(Publisher):
         reports it failed, so this ends; meanwhile one line per flush timeout says why."""
         s = self.slot
         started = last_said = time.monotonic()
-        while (unacked := self._producer().flush(0.5)) > 0:
+        while True:
+            with unmasked():
+                unacked = self._producer().flush(0.5)
+            if unacked <= 0:
+                break
             if s.stopping():
                 return False
             now = time.monotonic()
@@ -307,6 +314,7 @@ class _Batch:
     unsent: int = 0
     ahead: list[Row] = field(default_factory=list)
     committed: bool = False
+    drafted: Draft | None = None  # the record's row-only part, packed during the flush
 
     @property
     def failed(self) -> bool:
@@ -333,7 +341,8 @@ class ExactlyOnce(Publisher):
         s = self.slot
         while True:
             try:
-                producer.init_transactions(s.plan.transaction_timeout)
+                with unmasked():
+                    producer.init_transactions(s.plan.transaction_timeout)
                 break
             except KafkaException as exc:
                 failure = plan_start_error(exc.args[0], stopping=s.stopping())
@@ -404,10 +413,13 @@ class ExactlyOnce(Publisher):
             self._produce_marker(batch.rows)
         if claim_ahead(len(batch.rows), s.config.batch_size, s.stopping()):
             batch.ahead = s.claim()
+        if batch.placed is not None:  # the record is on: pack it while the broker works
+            batch.drafted = s.session.draft_record(batch.rows)
         # Elsewhere the marker goes out only once every record of the batch is acknowledged:
         # on a broker that shows aborted transactions (Tansu), a marker can then never name a
         # row whose record is missing, so recovery cannot delete an unpublished row.
-        batch.unsent = producer.flush(s.plan.transaction_timeout)
+        with unmasked():
+            batch.unsent = producer.flush(s.plan.transaction_timeout)
 
     def _commit(self, batch: _Batch) -> None:
         """Add the marker (unless it went out with the records), record where the batch
@@ -416,7 +428,7 @@ class ExactlyOnce(Publisher):
         if not self.marker_with_records:
             self._produce_marker(batch.rows)
         # An INSERT the database refuses raises before the commit: the batch is aborted.
-        with s.session.recording(batch.rows, batch.placed):
+        with s.session.recording(batch.rows, batch.placed, batch.drafted):
             self._commit_transaction(producer)
             batch.committed = True
             s.span.end()
@@ -461,7 +473,8 @@ class ExactlyOnce(Publisher):
             ):
                 with attempt:
                     tries += 1
-                    producer.commit_transaction(left())
+                    with unmasked():
+                        producer.commit_transaction(left())
         except KafkaException as exc:
             if _retriable(exc) and not s.stopping():
                 log.warning(
@@ -477,7 +490,6 @@ class ExactlyOnce(Publisher):
 
     def _produce_marker(self, rows: list[Row]) -> None:
         s = self.slot
-        s.wrote_marker.add(s.slot)
         marker = Marker.of_batch(
             s.outbox_id, s.tid, s.slot, s.config.slots, [(r.id, r.event_id) for r in rows]
         )
@@ -498,7 +510,8 @@ class ExactlyOnce(Publisher):
                         f"slot {s.slot}: no room in the producer's queue for the recovery "
                         f"marker in {s.plan.transaction_timeout:.0f} s; the batch is retried"
                     ) from None
-                producer.poll(0.05)
+                with unmasked():
+                    producer.poll(0.05)
 
     def _transaction_failed(self, batch: _Batch, err: Any) -> Exception:
         """The Kafka transaction failed: abort it if it must be, drop the producer either way
@@ -539,7 +552,8 @@ class ExactlyOnce(Publisher):
         s = self.slot
         s.count(aborts=1)
         try:
-            self._producer().abort_transaction(s.plan.transaction_timeout)
+            with unmasked():
+                self._producer().abort_transaction(s.plan.transaction_timeout)
             s.span.end()
         except KafkaException as exc:
             s.discard_producer()

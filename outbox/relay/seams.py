@@ -17,6 +17,7 @@ import psycopg
 from confluent_kafka import Producer
 
 from outbox.relay.abort_probe import aborts_hidden
+from outbox.relay.deliveries import Draft
 from outbox.relay.fences import SlotLockState
 from outbox.relay.marker import Marker
 from outbox.relay.rows import Headers, Row
@@ -79,8 +80,16 @@ class SlotSession(Protocol):
     def record_deliveries(
         self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]]
     ) -> None: ...
+    def draft_record(self, rows: Sequence[Row]) -> Draft:
+        """What the record of ``rows`` needs before their places are known (pure CPU, no
+        statement): made while the broker acknowledges them."""
+        ...
+
     def recording(
-        self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
+        self,
+        rows: Sequence[Row],
+        placed: Mapping[int, tuple[int, int]] | None,
+        drafted: Draft | None = None,
     ) -> AbstractContextManager[None]:
         """Record where the batch went, then run the block (the Kafka commit); a refusal
         raises before the block."""
@@ -105,7 +114,8 @@ def kafka_producer(settings: dict[str, Any]) -> KafkaProducer:
 
 class AbortProbe(Protocol):
     """Whether the broker hides aborted transactions from read_committed readers
-    (``abort_probe.aborts_hidden``): when a slot may send its marker with the records."""
+    (``abort_probe.aborts_hidden``; None: no clear answer): when a slot may send its marker
+    with the records, and whether its recovery may read past a stuck stable offset."""
 
     def __call__(
         self,
@@ -117,7 +127,7 @@ class AbortProbe(Protocol):
         *,
         timeout: float = ...,
         remember_as: str | None = ...,
-    ) -> bool: ...
+    ) -> bool | None: ...
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from outbox.locks import GUARD_NAMESPACE, SLOT_NAMESPACE
 from outbox.relay import deliveries
 from outbox.relay.fences import SlotLockState
 from outbox.relay.marker import Marker, recoverable
-from outbox.relay.rows import Row
+from outbox.relay.rows import Row, from_stored_bytes
 
 
 def delete_recovered(
@@ -54,6 +54,8 @@ class PsycopgSlotSession:
     def __init__(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
         self.conn = conn
         self._claims: dict[tuple[int, ...], str] = {}
+        # Text as stored, decoded here: see sql.claim_batch.
+        self._stored_bytes = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
 
     @contextlib.contextmanager
     def _held(self) -> Iterator[None]:
@@ -102,14 +104,16 @@ class PsycopgSlotSession:
         max_bytes: int,
     ) -> list[Row]:
         key = tuple(shards)
-        statement = self._claims.get(key) or self._claims.setdefault(key, sql.claim_batch(key))
+        statement = self._claims.get(key) or self._claims.setdefault(
+            key, sql.claim_batch(key, stored_bytes=self._stored_bytes)
+        )
         params = sql.claim_params(
             limit=limit, held=held, max_value_bytes=max_value_bytes, max_bytes=max_bytes
         )
         # Binary: bytea arrives as bytes, not hex text to decode for every row.
         with self._held(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
             cur.execute(statement, params, prepare=True)
-            return list(map(Row._make, cur.fetchall()))
+            return list(map(from_stored_bytes if self._stored_bytes else Row._make, cur.fetchall()))
 
     def delete(self, ids: Sequence[int]) -> set[int]:
         with self._held(), self.conn.cursor(row_factory=tuple_row, binary=True) as cur:
@@ -121,13 +125,19 @@ class PsycopgSlotSession:
         with self._held():
             deliveries.record(self.conn, rows, placed)
 
+    def draft_record(self, rows: Sequence[Row]) -> deliveries.Draft:
+        return deliveries.draft(rows, self.conn.info.encoding)
+
     @contextlib.contextmanager
     def recording(
-        self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
+        self,
+        rows: Sequence[Row],
+        placed: Mapping[int, tuple[int, int]] | None,
+        drafted: deliveries.Draft | None = None,
     ) -> Iterator[None]:
         """The record's INSERT, completed before the block (the Kafka commit) runs
         (``deliveries.recording``), in the batch's transaction."""
-        with self._held(), deliveries.recording(self.conn, rows, placed):
+        with self._held(), deliveries.recording(self.conn, rows, placed, drafted):
             yield
 
     def bury(self, row_id: int, error: str) -> None:

@@ -41,6 +41,7 @@ from outbox.relay.fences import (
     foreign_fence_message,
 )
 from outbox.relay.marker import MarkerReading
+from outbox.relay.marker_reader import ReadMarker, read_past_a_stuck_offset
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.plans import (
     Act,
@@ -60,6 +61,7 @@ from outbox.relay.rows import HEADER_ALLOWANCE, Row, record_defect
 from outbox.relay.seams import KafkaProducer, Seams, SlotSession
 from outbox.relay.sessions import heartbeat_interval
 from outbox.relay.slot_session import delete_recovered
+from outbox.relay.unmask import unmasked
 
 log = logging.getLogger("outbox.relay")
 
@@ -105,10 +107,10 @@ class SlotContext:
     stats: RelayStats
     metrics: RelayMetrics
     fence_alarm: FenceAlarm  # a foreign fence: a warning, an ERROR once it repeats
-    first_run: Callable[[], bool]  # no marker can exist but those this process writes
+    # the offset of the slot's state partition below which no marker of its id can exist
+    marker_floor: Callable[[int], int]
     records_deliveries: bool  # write the delivery record (outbox.relay.deliveries)
-    wrote_marker: set[int]  # slots this process has written a marker for
-    read_marker: Callable[[int, str, threading.Event], bytes | None]
+    read_marker: ReadMarker
     judge: Callable[[bytes, int, str, int], MarkerReading]
     refuse: Callable[[BaseException], None]  # a ConfigError: stop the relay, naming the fix
     done: Callable[[SlotWorker], None]  # the worker ended: the coordinator forgets it
@@ -129,7 +131,6 @@ class SlotWorker(threading.Thread):
         self.config = context.config
         self.plan = context.plan
         self.outbox_id = context.outbox_id
-        self.wrote_marker = context.wrote_marker
         self.slot = slot
         self.conn = conn
         self.session: SlotSession = context.seams.session(conn)
@@ -141,7 +142,12 @@ class SlotWorker(threading.Thread):
         self.drained = threading.Event()
         self.producer: KafkaProducer | None = None
         self.tid = context.transactional_id
-        self.probe_aborts: Callable[[KafkaProducer], bool] = functools.partial(
+        # The abort probe's clear answer for the current producer: aborted transactions are
+        # shown to read_committed readers (Tansu). Recovery may then read past a stable
+        # offset the broker never moves (marker_reader.HeldBack).
+        self.aborts_shown = False
+        self.aborts_unclear = False  # the probe gave no clear answer: asked again if held back
+        self._ask_probe = functools.partial(
             context.seams.aborts_hidden,
             connection=self.plan.connection,
             topic=self.config.state_topic,
@@ -150,6 +156,7 @@ class SlotWorker(threading.Thread):
             timeout=min(10.0, self.plan.transaction_timeout),
             remember_as=self.plan.settings.get("bootstrap.servers"),
         )
+        self.probe_aborts: Callable[[KafkaProducer], bool] = self._probe_aborts
         self.publisher = publisher_for(self.config.guarantee, self)  # one per guarantee
         self.span = TransactionSpan()  # the open (or last) Kafka transaction's span
         self.needs_recovery = self.publisher.recovers
@@ -251,10 +258,12 @@ class SlotWorker(threading.Thread):
             self.context.metrics.batch_size.observe(len(rows))
             self.context.metrics.batch_seconds.observe(time.perf_counter() - started)
             log.debug(
-                "slot %d: published outbox ids %d..%d",
+                "slot %d: published outbox ids %d..%d (events %s..%s)",
                 self.slot,
                 rows[0].id,
                 rows[-1].id,
+                rows[0].event_id,
+                rows[-1].event_id,
                 extra={"slot": self.slot, "batch": f"{self.tid}:{rows[0].id}-{rows[-1].id}"},
             )
         return bool(rows)
@@ -340,13 +349,25 @@ class SlotWorker(threading.Thread):
             self._fatal = err
         librdkafka_logger().warning("slot %d: kafka: %s", self.slot, redact(str(err)))
 
+    def _probe_aborts(self, producer: KafkaProducer) -> bool:
+        """Whether the marker may go out with the records (the probe's answer, None: no)."""
+        self.aborts_shown = self.aborts_unclear = False
+        hidden = self._ask_probe(producer)
+        self.aborts_shown, self.aborts_unclear = hidden is False, hidden is None
+        return bool(hidden)
+
+    def _ask_again(self, producer: KafkaProducer) -> None:
+        """Recovery is held back and the producer's probe gave no clear answer, which the
+        cluster's kept answer would repeat for minutes (``abort_probe.UNSURE_FOR``): probe the
+        broker itself. The marker's order stays the safe one, whatever it says."""
+        hidden = self._ask_probe(producer, remember_as=None)
+        self.aborts_shown, self.aborts_unclear = hidden is False, hidden is None
+
     def _recover(self) -> None:
         """Delete rows the previous owner published but did not get to delete (I4), if
         the slot's last marker is this outbox's and names those very events (I9)."""
-        if self.context.first_run() and self.slot not in self.wrote_marker:
-            return
         try:
-            raw = self.context.read_marker(self.slot, self.tid, self.interrupt)
+            raw = self._read_marker()
         except KafkaException as exc:
             reason = redact(str(exc.args[0]))
             raise TransientError(f"reading the recovery marker: {reason}") from None
@@ -355,10 +376,20 @@ class SlotWorker(threading.Thread):
                 raise SlotLost("released before its recovery marker was read") from None
             raise
         if raw is None:
+            log.debug("slot %d: no recovery marker under %s", self.slot, self.tid)
             return
         reading = self.context.judge(raw, self.slot, self.tid, self.config.slots)
         if reading.marker is None:
             return
+        ids = reading.marker.ids
+        log.debug(
+            "slot %d: the last marker under %s names %d events (outbox ids %d..%d)",
+            self.slot,
+            self.tid,
+            len(ids),
+            min(ids, default=0),
+            max(ids, default=0),
+        )
         deleted = self.session.recover(
             reading.marker, self.shards, record=self.context.records_deliveries
         )
@@ -371,6 +402,25 @@ class SlotWorker(threading.Thread):
             )
             self.count(recovered=deleted)
 
+    def _read_marker(self) -> bytes | None:
+        """The slot's last marker from its floor, past a stable offset the broker never moves
+        where this producer's probe said aborts are shown (``read_past_a_stuck_offset``)."""
+        return read_past_a_stuck_offset(
+            self.context.read_marker,
+            self.slot,
+            self.tid,
+            self.interrupt,
+            self._aborts_shown_now,
+            since=self.context.marker_floor(self.slot),
+        )
+
+    def _aborts_shown_now(self) -> bool:
+        """The probe's answer for this producer; an unclear one, which the cluster's kept
+        answer would repeat for minutes, is asked of the broker itself once more."""
+        if self.aborts_unclear and self.producer is not None:
+            self._ask_again(self.producer)
+        return self.aborts_shown
+
     def abort_open(self, timeout: float | None = None) -> None:
         """Abort the batch's Kafka transaction, if one is open, on the way out of a batch that
         did not commit (I12). A producer that cannot abort is dropped: the next one's
@@ -379,7 +429,8 @@ class SlotWorker(threading.Thread):
             return
         self.count(aborts=1)
         try:
-            self.producer.abort_transaction(timeout or self.plan.transaction_timeout)
+            with unmasked():
+                self.producer.abort_transaction(timeout or self.plan.transaction_timeout)
             self.span.end()
         except KafkaException as exc:
             log.debug("slot %d: abort failed (%s); dropping the producer", self.slot, exc)

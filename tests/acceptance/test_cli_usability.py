@@ -1,24 +1,35 @@
 """The ``outbox`` command as a new user meets it: one-line errors with documented exit codes,
-scripting output, help at 80 columns, and the conventions of other CLIs."""
+scripting output, help at 80 columns, and the conventions of other CLIs.
+
+Most tests run the installed ``outbox`` executable (`run`). The checks of a command's message
+alone (help, usage errors, an unmigrated database) call the console script's ``main`` in this
+process instead (`run_in_process`): the same parsing, messages and exit codes, without an
+interpreter start per call; one case of each of them still runs the executable.
+"""
 
 from __future__ import annotations
 
+import gc
+import io
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 from outbox import publish, sql
-from outbox.cli.commands import ExitCode
+from outbox.cli import errors
+from outbox.cli.commands import ExitCode, main
 from outbox.db import connect
 from outbox.relay import SLOT_NAMESPACE
-from tests.conftest import Broker
+from tests.conftest import Broker, Services
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
 ENV_WITHOUT_OUTBOX = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
@@ -41,6 +52,91 @@ def run(
         env=full_env,
         cwd=cwd,
     )
+
+
+def run_in_process(
+    *args: str, columns: int = 250, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`run`, but through the console script's ``main`` in this process, in the environment
+    `run` gives the executable (no ``OUTBOX_*`` of the caller's; ``COLUMNS`` sets the width as
+    it does for a terminal). What the process keeps between commands is put back after it:
+    the root logger's handlers (taken off first, so a command that starts logging with
+    ``force=True`` does not close them) and level, and which flags came from the
+    environment (``errors.ENV_SOURCED``, which later error messages read). The cyclic garbage
+    collector is run before and paused during the command: garbage of earlier tests (a pooled
+    connection whose database is gone) would otherwise log into the command's stderr. It runs
+    again at the command's end, its output still captured: what the command itself leaked
+    shows in its stderr every time, not in a later command's or never."""
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    sourced = dict(errors.ENV_SOURCED)
+    code: int | str | None = 0
+    gc.collect()  # before stderr is captured: earlier tests' garbage is not the command's
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+        for name in [n for n in os.environ if n.startswith("OUTBOX_")]:
+            patch.delenv(name)
+        for name, value in {"COLUMNS": str(columns), "NO_COLOR": "1", **(env or {})}.items():
+            patch.setenv(name, value)
+        collecting = gc.isenabled()
+        gc.disable()
+        root.handlers[:] = []
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            gc.collect()  # the command's own garbage, into its own stderr and logging
+            if collecting:
+                gc.enable()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            errors.ENV_SOURCED.clear()
+            errors.ENV_SOURCED.update(sourced)
+    assert code is None or isinstance(code, int), code
+    return subprocess.CompletedProcess(["outbox", *args], code or 0, out.getvalue(), err.getvalue())
+
+
+def test_a_command_run_in_process_leaves_logging_and_flag_sources_as_it_found_them(
+    tmp_path: Path,
+) -> None:
+    handler = logging.FileHandler(tmp_path / "test.log")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    before = dict(errors.ENV_SOURCED)
+    try:
+        done = run_in_process(
+            "relay", "--db", "postgresql://u@127.0.0.1:1/db", "-b", "127.0.0.1:1",
+            env={"OUTBOX_SLOTS": "0"},
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert "OUTBOX_SLOTS=0" in done.stderr, done.stderr
+        assert before == errors.ENV_SOURCED
+        assert handler in root.handlers
+        assert handler.stream is not None, "the command closed a handler of the test process"
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def test_a_command_run_in_process_does_not_print_what_an_earlier_tests_garbage_logs(
+    unmigrated_database_url: str, services: Services
+) -> None:
+    """The CI flake of stop 31: a pooled connection an earlier test left checked out, whose
+    database was dropped WITH (FORCE), was garbage-collected while a command ran, and SQLAlchemy's
+    "Exception during reset" traceback landed in that command's stderr."""
+    engine = create_engine(unmigrated_database_url)
+    conn = engine.connect()
+    pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with connect(services.admin_url, application_name="test") as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    cycle: dict[str, object] = {"conn": conn}
+    cycle["self"] = cycle  # only the cyclic collector frees it, at a moment nobody chooses
+    del conn, cycle
+    done = run_in_process("dead", "list", "--db", unmigrated_database_url)
+    assert done.returncode == ExitCode.NOT_MIGRATED
+    assert "run `outbox migrate" in one_line_error(done)
+    engine.dispose()
 
 
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -88,7 +184,8 @@ def _dead_row(engine: Engine, database_url: str, topic: str) -> int:
 def test_unmigrated_database_says_run_outbox_migrate(
     unmigrated_database_url: str, args: tuple[str, ...]
 ) -> None:
-    done = run(*args, "--db", unmigrated_database_url)
+    runner = run if args == ("status",) else run_in_process  # `status` through the executable
+    done = runner(*args, "--db", unmigrated_database_url)
     assert done.returncode == ExitCode.NOT_MIGRATED
     assert "run `outbox migrate" in one_line_error(done)
 
@@ -121,7 +218,11 @@ def test_unreachable_server_fails_in_one_line_with_its_own_code() -> None:
 def test_invalid_option_values_fail_in_one_line_naming_where_the_value_came_from(
     args: list[str], env: dict[str, str], named: str, not_named: str
 ) -> None:
-    done = run("relay", "--db", "postgresql://u@127.0.0.1:1/x", "-b", "127.0.0.1:1", *args, env=env)
+    # The first case through the executable: a traceback there would be one a user sees.
+    runner = run if args == ["--log-level", "foo"] else run_in_process
+    done = runner(
+        "relay", "--db", "postgresql://u@127.0.0.1:1/x", "-b", "127.0.0.1:1", *args, env=env
+    )
     assert done.returncode == ExitCode.USAGE
     line = one_line_error(done)
     assert named in line
@@ -130,7 +231,7 @@ def test_invalid_option_values_fail_in_one_line_naming_where_the_value_came_from
 
 
 def test_missing_required_option_names_the_flag_and_its_env_var() -> None:
-    done = run("relay", "-b", "127.0.0.1:1")
+    done = run_in_process("relay", "-b", "127.0.0.1:1")
     assert done.returncode == ExitCode.USAGE
     line = one_line_error(done)
     assert "--db" in line
@@ -307,7 +408,8 @@ COMMANDS = [
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "outbox")
 def test_help_is_readable_at_80_columns(command: list[str]) -> None:
-    done = run(*command, "-h", columns=80)
+    runner = run_in_process if command else run  # `outbox -h` through the executable
+    done = runner(*command, "-h", columns=80)
     assert done.returncode == ExitCode.OK, done.stderr
     out = done.stdout
     lines = out.splitlines()
@@ -327,14 +429,14 @@ def test_help_is_readable_at_80_columns(command: list[str]) -> None:
 
 
 def test_relay_help_describes_every_option_with_a_placeholder() -> None:
-    out = run("relay", "--help", columns=80).stdout
+    out = run_in_process("relay", "--help", columns=80).stdout
     assert "--batch-size N" in out
     assert "Most events per Kafka transaction." in out
     assert "--transactional-id-prefix PREFIX" in out
     assert "-X KEY=VALUE" in out
     assert "OUTBOX_BOOTSTRAP_SERVERS" in out
     assert "OUTBOX_TRANSACTIONAL_ID_PREFIX" in out
-    listed = run("dead", "list", "-h", columns=80).stdout
+    listed = run_in_process("dead", "list", "-h", columns=80).stdout
     assert "--limit N" in listed
     assert "newest first" in listed
 

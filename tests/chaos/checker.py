@@ -306,6 +306,15 @@ def check(obs: Observations) -> Report:
             "topic_duplicates_filtered", (i for i, n in on_topic.items() if n > 1)
         )
         report.topic_duplicates_filtered = report.topic_duplicates
+        # Where each copy sits (partition/offset) tells which batches repeated one another.
+        copies_at: dict[str, list[str]] = defaultdict(list)
+        for r in sorted(obs.topic, key=lambda r: (r.partition, r.offset)):
+            if on_topic[r.event_id] > 1:
+                copies_at[r.event_id].append(f"{r.partition}/{r.offset}")
+        if shown := examples.get("topic_duplicates_filtered"):
+            examples["topic_duplicates_filtered"] = [
+                f"{i} at {' and '.join(copies_at[i])}" for i in shown
+            ]
     report.topic_lost = note("topic_lost", committed.keys() - on_topic.keys())
     report.topic_phantoms = note("topic_phantoms", on_topic.keys() - committed.keys())
     records: dict[str, list[TopicRecord]] = defaultdict(list)

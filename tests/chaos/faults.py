@@ -262,7 +262,10 @@ def reaim(
     elif kind is FaultKind.RESTART_POSTGRES:
         duration = 0.0
     elif kind is FaultKind.FREEZE_RELAY:
-        duration = rates.freeze_seconds
+        # Twice the scheduled freeze: on a busy machine the takeover (the server ending the
+        # frozen relay's sessions, then another relay's next try and its producer's start)
+        # can outlast the scheduled one, which then thaws a relay that still holds its slots.
+        duration = 2 * rates.freeze_seconds
     else:
         duration = rng.uniform(*rates.dead_seconds)
     return Fault(round(at, 3), kind, target, round(duration, 3))

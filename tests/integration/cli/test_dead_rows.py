@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from outbox import publish
 from outbox.cli import app
@@ -79,15 +79,50 @@ def _insert_raw(engine: Engine, topic: str, names: str, values: str, value: byte
         )
 
 
+_HEADER_CONSTRAINTS = {
+    "outbox_events_headers_paired": "cardinality(header_names) = cardinality(header_values)",
+    "outbox_events_headers_named": "array_position(header_names, NULL) IS NULL",
+}
+
+
+def _drop_header_constraints(engine: Engine) -> None:
+    """An outbox table from before the header constraints (migration 0006)."""
+    with engine.begin() as conn:
+        for name in _HEADER_CONSTRAINTS:
+            conn.execute(text(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}"))
+
+
+def _add_header_constraints(engine: Engine, *names: str) -> None:
+    """What the migration adds back, for new rows (NOT VALID: the rows there stay)."""
+    adds = ", ".join(
+        f"ADD CONSTRAINT {name} CHECK ({_HEADER_CONSTRAINTS[name]}) NOT VALID" for name in names
+    )
+    with engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE outbox_events {adds}"))
+
+
+def _one_line_refusal(result: Result) -> str:
+    """The command failed with one line and no traceback; that line."""
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    message = result.output.strip()
+    assert "\n" not in message, message
+    return message
+
+
+_TWO_BY_TWO = "'{{a,b},{c,d}}'::text[]"
+_FOUR_VALUES = "ARRAY['\\x01', '\\x02', '\\x03', '\\x04']::bytea[]"
+"""Header arrays of a table from before the constraints: the names multidimensional."""
+
+
 def test_i6_dead_show_prints_every_row_the_relay_buries_whatever_its_headers_and_value(
     engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
 ) -> None:
-    with engine.begin() as conn:  # an outbox table from before the header constraints
-        for name in ("outbox_events_headers_paired", "outbox_events_headers_named"):
-            conn.execute(text(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}"))
+    _drop_header_constraints(engine)
     json_header = "ARRAY['content-type']::text[]"
     _insert_raw(engine, topic, "ARRAY['a', 'b']::text[]", "ARRAY['\\x01'::bytea]", b"unpaired")
     _insert_raw(engine, topic, "ARRAY[NULL]::text[]", "ARRAY['\\x02'::bytea]", b"no name")
+    _insert_raw(engine, topic, _TWO_BY_TWO, _FOUR_VALUES, b"multidimensional")
     _insert_raw(  # too large for the relay, labelled JSON but not JSON
         engine, topic, json_header, "ARRAY['application/json'::bytea]", b"{not json" * 500
     )
@@ -96,7 +131,7 @@ def test_i6_dead_show_prints_every_row_the_relay_buries_whatever_its_headers_and
     )
     drain(producer_overrides=SMALL, batch_size=50)
     rows = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
-    assert len(rows) == 4
+    assert len(rows) == 5
     for row in rows:
         row_id = str(row["id"])
         shown = _outbox("dead", "show", row_id, "--db", database_url)
@@ -109,25 +144,13 @@ def test_i6_dead_show_prints_every_row_the_relay_buries_whatever_its_headers_and
 def test_i6_requeueing_a_row_no_record_can_be_built_from_is_refused_in_one_line(
     engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
 ) -> None:
-    constraints = ("outbox_events_headers_paired", "outbox_events_headers_named")
-    with engine.begin() as conn:  # an outbox table from before the header constraints
-        for name in constraints:
-            conn.execute(text(f"ALTER TABLE outbox_events DROP CONSTRAINT IF EXISTS {name}"))
+    _drop_header_constraints(engine)
     _insert_raw(engine, topic, "ARRAY['a', 'b']::text[]", "ARRAY['\\x01'::bytea]", b"unpaired")
     drain()
-    with engine.begin() as conn:  # the migration adds them back, for new rows
-        conn.execute(
-            text(
-                "ALTER TABLE outbox_events ADD CONSTRAINT outbox_events_headers_paired "
-                "CHECK (cardinality(header_names) = cardinality(header_values)) NOT VALID"
-            )
-        )
+    _add_header_constraints(engine, "outbox_events_headers_paired")
     [row] = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
     result = CliRunner().invoke(app, ["dead", "requeue", str(row["id"]), "--db", database_url])
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    message = result.output.strip()
-    assert "\n" not in message
+    message = _one_line_refusal(result)
     assert str(row["id"]) in message
     assert "discard" in message
     assert "unpaired" not in message  # the row's data stays out of the error
@@ -148,9 +171,29 @@ def test_i6_requeueing_a_dead_row_whose_id_a_new_row_has_is_refused_in_one_line(
     with Session(engine) as session, session.begin():
         publish(session, topic=topic, key="k", value="a new event with the dead row's id")
     result = CliRunner().invoke(app, ["dead", "requeue", "--all", "--db", database_url])
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    message = result.output.strip()
-    assert "\n" not in message
+    message = _one_line_refusal(result)
     assert str(row["id"]) in message
     assert json.loads(_outbox("dead", "list", "--db", database_url, "--json")) == [row]
+
+
+def test_i6_requeueing_a_row_whose_header_names_are_multidimensional_is_refused_in_one_line(
+    engine: Engine, database_url: str, drain: Callable[..., Relay], topic: str
+) -> None:
+    """The outbox table's constraints cannot even be checked on such a row (PostgreSQL's
+    array_position() takes one dimension): the refusal names it and the fix, as for any row
+    no record can be built from, and nothing is re-queued, the other named rows neither."""
+    _drop_header_constraints(engine)
+    _insert_raw(engine, topic, _TWO_BY_TWO, _FOUR_VALUES, b"multidimensional")
+    _insert_raw(engine, topic, "ARRAY['a', 'b']::text[]", "ARRAY['\\x01'::bytea]", b"unpaired")
+    drain()
+    _add_header_constraints(engine, *_HEADER_CONSTRAINTS)
+    rows = json.loads(_outbox("dead", "list", "--db", database_url, "--json"))
+    ids = [str(i) for i in sorted(r["id"] for r in rows)]
+    assert len(ids) == 2
+    for args in (ids[:1], ["--all"]):
+        result = CliRunner().invoke(app, ["dead", "requeue", *args, "--db", database_url])
+        message = _one_line_refusal(result)
+        assert ids[0] in message, message
+        assert "discard" in message, message
+        assert "multidimensional" in message, message
+    assert len(json.loads(_outbox("dead", "list", "--db", database_url, "--json"))) == 2

@@ -101,3 +101,38 @@ def test_trace_says_unknown_for_an_event_it_has_no_trace_of_and_refuses_a_non_uu
 ) -> None:
     assert json.loads(_trace(database_url, str(uuid.uuid4()), "--json"))["state"] == "unknown"
     assert "not a UUID" in _trace(database_url, "4711", code=2)
+
+
+def test_i2_trace_and_verify_find_publishes_v7_ids_and_callers_ids_of_any_version_alike(
+    engine: Engine,
+    database_url: str,
+    bootstrap_servers: str,
+    topic: str,
+    drain: Callable[..., Relay],
+    kafka: KafkaReader,
+) -> None:
+    """publish() makes time-ordered v7 ids; ids recorded before it made them (random v4) and a
+    caller's own ids of any version are traced and verified the same way, in one record."""
+    own = [uuid.uuid4(), uuid.uuid1(), uuid.UUID(int=1), uuid.UUID(int=2**128 - 1)]
+    with Session(engine) as session, session.begin():
+        ids: list[uuid.UUID] = []
+        for n in range(12):  # interleaved, on two keys, so the keys' order mixes both kinds
+            key = f"k{n % 2}"
+            ids.append(publish(session, topic=topic, key=key, value={"n": n}))
+            if n < len(own):
+                ids.append(publish(session, topic=topic, key=key, value={"n": n}, event_id=own[n]))
+    assert {i.version for i in ids} == {7, 4, 1, None}
+    drain()
+    records = {r.event_id: r for r in kafka.read(topic, len(ids))}
+    for event_id in ids:
+        seen = json.loads(_trace(database_url, str(event_id), "--json"))
+        assert seen["state"] == "published", event_id
+        [where] = seen["deliveries"]
+        record = records[str(event_id)]
+        assert (where["partition"], where["offset"]) == (record.partition, record.offset)
+    args = ["verify", "--db", database_url, "--bootstrap-servers", bootstrap_servers]
+    result = CliRunner().invoke(app, [*args, "--topic", topic, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["clean"], report["recorded"], report["read"]) == (True, len(ids), len(ids))
+    assert report["order_violations"] == report["lost"] == []

@@ -2,52 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
-from typer.testing import CliRunner
 
 from consumer import Event, IdempotentConsumer
-from outbox import publish
-from outbox.cli import app
 from outbox.relay import Relay
 from tests.conftest import Broker
+from tests.integration.delivery_record import published as _published
+from tests.integration.delivery_record import verify_json as _verify
 from tests.support import InThread, KafkaReader, Record, wait_for
 
 GROUP_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
-
-
-def _verify(database_url: str, bootstrap_servers: str, topic: str, *args: str) -> tuple[int, Any]:
-    result = CliRunner().invoke(
-        app,
-        [
-            "verify",
-            "--db",
-            database_url,
-            "--bootstrap-servers",
-            bootstrap_servers,
-            "--topic",
-            topic,
-            "--json",
-            *args,
-        ],
-    )
-    assert result.exit_code in (0, 1), result.output
-    return result.exit_code, json.loads(result.stdout)
-
-
-def _published(engine: Engine, topic: str, n: int, keys: int = 3) -> list[str]:
-    with Session(engine) as session, session.begin():
-        return [
-            str(publish(session, topic=topic, key=f"k{i % keys}", value={"i": i})) for i in range(n)
-        ]
 
 
 def _copy(bootstrap_servers: str, records: list[Record]) -> None:

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from outbox import publish
 from outbox.cli import app
 from tests.conftest import RelayHandle
+from tests.integration.delivery_record import verify_json as _verify
 from tests.integration.forwarding import forwarding
 from tests.support import wait_for
 
@@ -89,13 +90,6 @@ def test_i2_events_published_while_verify_reads_are_not_reported_lost(
     report: dict[str, Any] = json.loads(result.stdout)
     assert report["lost"] == [], json.dumps(report["lost"][:3])
     assert report["clean"], result.stdout
-
-
-def _verify(database_url: str, bootstrap_servers: str, topic: str) -> tuple[int, dict[str, Any]]:
-    args = ["verify", "--db", database_url, "--bootstrap-servers", bootstrap_servers]
-    result = CliRunner().invoke(app, [*args, "--topic", topic, "--json"])
-    assert result.exit_code in (0, 1), result.output
-    return result.exit_code, json.loads(result.stdout)
 
 
 @pytest.mark.needs_apache_kafka

@@ -23,7 +23,7 @@ from tests.conftest import Broker
 from tests.integration.forwarding import forwarding
 
 
-def _probe(bootstrap_servers: str, topic: str) -> bool:
+def _probe(bootstrap_servers: str, topic: str) -> bool | None:
     """What a slot's worker asks at the start of a producer (``SlotWorker.probe_aborts``)."""
     tid = f"probe-{uuid.uuid4().hex[:8]}"
     producer = Producer({"bootstrap.servers": bootstrap_servers, "transactional.id": tid})

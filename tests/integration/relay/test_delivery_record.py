@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from outbox import publish, sql
 from outbox.errors import SlotLost
+from outbox.event_ids import new_event_id
 from outbox.relay import Relay, Row, deliveries
 from outbox.relay.deliveries import key_hash, maintain, partition_name
 from outbox.relay.marker import Marker
@@ -376,3 +377,42 @@ def test_i2_the_batch_record_keeps_a_topics_name_whatever_the_sessions_client_en
             PsycopgSlotSession(conn).record_deliveries([row], {row.id: (0, 5)})
         conn.execute("SET client_encoding = 'UTF8'")
     assert _deliveries(database_url)[str(row.event_id)]["topic"] == row.topic
+
+
+def test_i2_trace_looks_v7_ids_up_in_the_brin_index_and_other_ids_in_the_btree(
+    database_url: str,
+) -> None:
+    """publish()'s v7 ids are indexed by a BRIN index (next to free for the relay's INSERT),
+    other ids by a btree: trace's lookup must reach each kind through its own index, not a scan
+    of every day of the record."""
+    v7 = new_event_id()
+    with _connect(database_url) as conn:
+        deliveries.maintain(conn, 7)
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO outbox_deliveries (event_id, id, topic)"
+                " SELECT CASE WHEN n %% 2 = 0 THEN gen_random_uuid() ELSE %(v7)s END, n, 't'"
+                " FROM generate_series(1, 2000) AS n",
+                {"v7": v7},
+            )
+        conn.execute("ANALYZE outbox_deliveries")
+        indexes = conn.execute(
+            "SELECT tablename, indexdef FROM pg_indexes WHERE tablename LIKE 'outbox_deliveries_%%'"
+        ).fetchall()
+        days = {r["tablename"] for r in indexes}
+        assert len(days) >= 4  # today, two days ahead, the default partition
+        for day in days:  # every partition: a BRIN of v7 ids and a btree of the others
+            defs = [r["indexdef"] for r in indexes if r["tablename"] == day]
+            assert any("USING brin" in d and "= 7)" in d for d in defs), defs
+            assert any("USING btree" in d and "<> 7)" in d for d in defs), defs
+        conn.execute("SET enable_seqscan = off")  # a small table: rule the size out
+        for wanted in (v7, uuid.uuid4()):
+            plan = "\n".join(
+                str(row["QUERY PLAN"])
+                for row in conn.execute(
+                    f"EXPLAIN {sql.TRACE_DELIVERIES}", {"event_ids": [wanted]}
+                ).fetchall()
+            )
+            assert "Seq Scan" not in plan, plan  # each branch can use its partial index
+        found = conn.execute(sql.TRACE_DELIVERIES, {"event_ids": [v7]}).fetchall()
+        assert len(found) == 1000

@@ -86,11 +86,20 @@ class _CountingReads:
         self.recoveries = recoveries
 
     def read(
-        self, slot: int, tid: str, interrupt: threading.Event, *, committed: bool = True
+        self,
+        slot: int,
+        tid: str,
+        interrupt: threading.Event,
+        *,
+        committed: bool = True,
+        since: int = 0,
     ) -> bytes | None:
         if committed:
             self.recoveries.append(slot)
-        return self.real.read(slot, tid, interrupt, committed=committed)
+        return self.real.read(slot, tid, interrupt, committed=committed, since=since)
+
+    def ends(self, partitions: int) -> dict[int, int]:
+        return self.real.ends(partitions)
 
     def close(self) -> None:
         self.real.close()

@@ -424,3 +424,18 @@ def test_a_slots_claim_reads_none_of_the_rows_of_a_slot_that_lags(engine: Engine
             {"s": claiming},
         ).scalars()
         assert ids == list(first)
+
+
+def test_i2_a_relay_whose_slots_own_one_shard_each_publishes_every_shard(
+    engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
+) -> None:
+    """17 slots or more (up to the 32 shards) give slots a single shard each: that slot's claim
+    is one shard's range scan, and it must run (a slot whose claim the database refuses
+    retries it for ever, and its shard's events are never published)."""
+    ids = _publish_many(engine, topic, 64, keys=64, per_tx=64)
+    with engine.connect() as conn:
+        shards = set(conn.execute(text("SELECT DISTINCT shard FROM outbox_events")).scalars())
+    assert {15, 16} & shards  # shards of the slots of 17 that own one
+    start_relay(slots=17)
+    wait_for(lambda: _pending(engine) == 0, timeout=30, what="every shard's events published")
+    assert_exactly_once(kafka.read(topic, len(ids)), ids)

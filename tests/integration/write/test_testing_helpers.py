@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Column, Engine, MetaData, String, Table, create_engine, select
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 
 from consumer import Event, IdempotentConsumer, Record, UndecodableEvent
 from consumer.testing import consumer_for_tests, deliver, record
@@ -79,6 +80,41 @@ def test_recorder_sees_only_what_the_block_published(engine: Engine, topic: str)
         publish(session, topic=topic, key="inside", value={})
     assert [e.key_text for e in rec.events()] == ["inside"]
     assert [e.key_text for e in published(engine, topic=topic)] == ["before", "inside"]
+
+
+def _checked_out(engine: Engine) -> int:
+    assert isinstance(engine.pool, QueuePool)
+    return engine.pool.checkedout()
+
+
+def test_a_recorder_read_after_its_session_closed_begins_nothing_and_holds_no_connection(
+    engine: Engine, topic: str
+) -> None:
+    with Session(engine) as session, session.begin(), recorder(session) as rec:
+        publish(session, topic=topic, key="inside", value={})
+    assert [e.key_text for e in rec.events()] == ["inside"]
+    assert [e.key_text for e in published(session, topic=topic)] == ["inside"]
+    assert not session.in_transaction(), "the read began a transaction in the closed Session"
+    assert _checked_out(engine) == 0, "the read left a pooled connection checked out"
+
+
+def test_i1_published_through_a_session_joined_to_an_outer_transaction_sees_its_events(
+    engine: Engine, topic: str
+) -> None:
+    """The "test in a transaction rolled back at the end" pattern: the Session committed its
+    savepoint and is idle, the events are still uncommitted in the Connection it is bound to;
+    reading through the Session must see them, and the Engine must not."""
+    with engine.connect() as conn, conn.begin() as outer:
+        session = Session(bind=conn, join_transaction_mode="create_savepoint")
+        with session.begin(), recorder(session) as rec:
+            publish(session, topic=topic, key="joined", value={})
+        assert not session.in_transaction()
+        assert [e.key_text for e in published(session, topic=topic)] == ["joined"]
+        assert [e.key_text for e in rec.events(topic)] == ["joined"]
+        assert published(engine, topic=topic) == []
+        session.close()
+        outer.rollback()
+    assert published(engine, topic=topic) == []
 
 
 def test_deliver_applies_once_with_dedup_and_rolls_back_a_failing_handler(
@@ -193,8 +229,11 @@ def test_i1_published_and_arecorder_see_an_async_sessions_uncommitted_events(
                 seen = [e.key_text or "" for e in await published(session, topic=topic)]
                 committed_meanwhile = len(await published(engine))
                 await session.rollback()
+                assert len(await published(session, topic=topic)) == 1
+                assert not session.in_transaction(), "the read began a transaction nobody ends"
             async with engine.connect() as conn:
                 after_rollback = len(await published(conn, topic=topic))
+            assert _checked_out(engine.sync_engine) == 0
         finally:
             await engine.dispose()
         return inside, seen, committed_meanwhile, after_rollback

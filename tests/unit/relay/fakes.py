@@ -21,8 +21,10 @@ from prometheus_client import CollectorRegistry
 
 from outbox.errors import BatchRollback
 from outbox.relay.config import Guarantee, RelayConfig
+from outbox.relay.deliveries import Draft
 from outbox.relay.fences import FenceAlarm, SlotLockState
 from outbox.relay.marker import Marker, MarkerReading
+from outbox.relay.marker_reader import HeldBack
 from outbox.relay.metrics import RelayMetrics
 from outbox.relay.rows import Headers, Row
 from outbox.relay.seams import KafkaProducer, Seams
@@ -91,6 +93,11 @@ class FakeProducer:
         self.broker.flushes += 1
         if self.broker.flushes > RUNAWAY:
             raise RuntimeError("the worker sent batch after batch: a retry loop that never ends")
+        if self.broker.masked:
+            pending = self.broker.masked.pop(0)
+            raise SystemError(
+                "<class 'logging.LogRecord'> returned a result with an exception set"
+            ) from KafkaException(pending)
         queued, self.queued = self.queued, []
         batch = [m for m, cb in queued if cb is not None]
         errors = self.broker.reports(batch) if self.broker.reports else {}
@@ -159,8 +166,11 @@ class Broker:
     stuck: dict[str, KafkaError] = field(default_factory=dict)
     jammed: bool = False  # produce() finds the queue full until a transaction is aborted
     producers: list[FakeProducer] = field(default_factory=list)
-    hides_aborts: bool = False  # what the abort probe answers (Apache Kafka: True)
+    hides_aborts: bool | None = False  # the abort probe's answer (Kafka: True; None: unclear)
     probes: int = 0
+    # errors the next flushes raise the way confluent-kafka does when it serves a Python
+    # callback (the logger) while its own error is pending: a SystemError chained from it
+    masked: list[KafkaError] = field(default_factory=list)
 
     def aborts_hidden(
         self,
@@ -172,7 +182,7 @@ class Broker:
         *,
         timeout: float = 30.0,
         remember_as: str | None = None,
-    ) -> bool:
+    ) -> bool | None:
         self.probes += 1
         return self.hides_aborts
 
@@ -232,9 +242,15 @@ class FakeSession:
     def record_deliveries(self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]]) -> None:
         self.recorded.extend(r.id for r in rows if r.id in placed)
 
+    def draft_record(self, rows: Sequence[Row]) -> Draft:
+        return Draft(rows, {})
+
     @contextlib.contextmanager
     def recording(
-        self, rows: Sequence[Row], placed: Mapping[int, tuple[int, int]] | None
+        self,
+        rows: Sequence[Row],
+        placed: Mapping[int, tuple[int, int]] | None,
+        drafted: Draft | None = None,
     ) -> Iterator[None]:
         if placed is not None:
             self.record_deliveries(rows, placed)
@@ -264,6 +280,36 @@ class FakeSession:
 
 
 @dataclass
+class StateTopic:
+    """The slot's state partition as its recovery read finds it: the last marker, and how many
+    committed reads its last stable offset holds back (``HeldBack``) before one passes."""
+
+    markers: Mapping[int, bytes] = field(default_factory=dict)
+    held_back: int = 0
+    reads: list[bool] = field(default_factory=list)  # each read: committed?
+    since: list[int] = field(default_factory=list)  # each read: from which offset
+
+    def read(
+        self,
+        slot: int,
+        tid: str,
+        interrupt: threading.Event,
+        *,
+        committed: bool = True,
+        since: int = 0,
+    ) -> bytes | None:
+        self.reads.append(committed)
+        self.since.append(since)
+        if committed and self.held_back:
+            self.held_back -= 1
+            raise HeldBack(
+                f"slot {slot}: the state topic's partition {slot} is held at its last stable "
+                "offset 3, below its end 9, for 5 s (a transaction the broker has not finished)"
+            )
+        return self.markers.get(slot)
+
+
+@dataclass
 class Refusals:
     refused: list[BaseException] = field(default_factory=list)
 
@@ -277,10 +323,14 @@ def make_worker(
     *,
     guarantee: Guarantee = Guarantee.EXACTLY_ONCE,
     markers: Mapping[int, bytes] | None = None,
+    state: StateTopic | None = None,
     refusals: Refusals | None = None,
+    floor: int = 0,
     **settings: Any,
 ) -> SlotWorker:
-    """Slot 0 of a 1-slot relay draining once (``--once``), wired to the fakes."""
+    """Slot 0 of a 1-slot relay draining once (``--once``), wired to the fakes (``markers``:
+    what the slot's recovery reads, unless ``state`` scripts more of its state partition;
+    ``floor``: the offset below which the relay knows no marker of the slot's id exists)."""
     config = RelayConfig(
         dsn="postgresql://relay@localhost/app",
         bootstrap_servers="localhost:9092",
@@ -292,8 +342,7 @@ def make_worker(
     )
     outbox_id = uuid.uuid4()
 
-    def read_marker(slot: int, tid: str, interrupt: threading.Event) -> bytes | None:
-        return (markers or {}).get(slot)
+    state = state or StateTopic(markers or {})
 
     def judge(raw: bytes, slot: int, tid: str, slots: int) -> MarkerReading:
         return MarkerReading(marker=Marker.decode(raw))
@@ -308,10 +357,9 @@ def make_worker(
         stats=RelayStats(),
         metrics=RelayMetrics(cast(Any, None), CollectorRegistry()),
         fence_alarm=FenceAlarm(),
-        first_run=lambda: False,
+        marker_floor=lambda slot: floor,
         records_deliveries=True,
-        wrote_marker=set(),
-        read_marker=read_marker,
+        read_marker=state.read,
         judge=judge,
         refuse=refusals or Refusals(),
         done=lambda worker: None,

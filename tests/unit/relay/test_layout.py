@@ -248,13 +248,22 @@ class Markers:
     reads: list[tuple[int, str, bool]] = field(default_factory=list)
 
     def read(
-        self, slot: int, tid: str, interrupt: threading.Event, *, committed: bool = True
+        self,
+        slot: int,
+        tid: str,
+        interrupt: threading.Event,
+        *,
+        committed: bool = True,
+        since: int = 0,
     ) -> bytes | None:
         self.reads.append((slot, tid, committed))
         found = self.found.get(slot)
         if isinstance(found, Exception):
             raise found
         return found
+
+    def ends(self, partitions: int) -> dict[int, int]:
+        return dict.fromkeys(range(partitions), 0)
 
     def close(self) -> None:
         pass

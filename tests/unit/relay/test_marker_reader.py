@@ -14,7 +14,13 @@ import pytest
 from confluent_kafka import KafkaError, Message, TopicPartition
 
 from outbox.errors import TransientError
-from outbox.relay.marker_reader import FIRST_WINDOW, POLL_TIMEOUT, KafkaMarkerReader
+from outbox.relay.marker_reader import (
+    FIRST_WINDOW,
+    HELD_BACK_AFTER,
+    POLL_TIMEOUT,
+    HeldBack,
+    KafkaMarkerReader,
+)
 
 TOPIC = "state"
 TID = "outbox-abc-0"
@@ -82,7 +88,10 @@ class FakeConsumer:
         self, partition: TopicPartition, /, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int]:
         assert not cached, "a cached end offset may be stale"
-        return self.partition.low, self.partition.end
+        p = self.partition
+        if self.isolation == "read_committed" and p.stable is not None:
+            return p.low, p.stable  # a read_committed client is told the last stable offset
+        return p.low, p.end
 
     def close(self) -> None:
         self.closed = True
@@ -101,8 +110,12 @@ class Kafka:
         self.built.append(consumer)
         return consumer
 
-    def reader(self, timeout: float = 30.0) -> KafkaMarkerReader:
-        return KafkaMarkerReader(TOPIC, self, timeout=timeout, clock=self.clock)
+    def reader(
+        self, timeout: float = 30.0, held_back_after: float = HELD_BACK_AFTER
+    ) -> KafkaMarkerReader:
+        return KafkaMarkerReader(
+            TOPIC, self, timeout=timeout, held_back_after=held_back_after, clock=self.clock
+        )
 
     def committed(self) -> list[FakeConsumer]:
         return [c for c in self.built if c.isolation == "read_committed"]
@@ -154,44 +167,66 @@ def test_i4_an_open_transaction_holding_the_read_back_raises_instead_of_an_older
     records = {0: _marker(1), 1: (b"intruder", b"open"), 2: _marker(2)}
     kafka = Kafka(Partition(records, end=3, stable=1))
     with pytest.raises(TransientError, match="not readable up to offset 3 within 5 s"):
-        _read(kafka.reader(timeout=5.0))
+        _read(kafka.reader(timeout=5.0, held_back_after=60.0))
     assert kafka.clock.now <= 5.0 + 2 * POLL_TIMEOUT, "the read outlived its timeout"
 
 
-def test_i4_a_read_of_uncommitted_markers_sees_past_an_open_transaction() -> None:
-    """The shared-prefix check reads the newest marker, committed or not."""
+def test_i4_a_read_held_at_the_last_stable_offset_says_so_before_its_timeout() -> None:
+    """Where the broker may never move the stable offset (Tansu 0.6), the slot must learn that
+    the stable offset is what holds it, soon, to decide what to do (``SlotWorker``)."""
     records = {0: _marker(1), 1: (b"intruder", b"open"), 2: _marker(2)}
     kafka = Kafka(Partition(records, end=3, stable=1))
-    assert _read(kafka.reader(timeout=5.0), committed=False) == b"marker 2"
+    with pytest.raises(HeldBack, match="held at its last stable offset 1, below its end 3"):
+        _read(kafka.reader(timeout=30.0, held_back_after=5.0))
+    assert 5.0 <= kafka.clock.now <= 5.0 + 2 * POLL_TIMEOUT
+    assert not any(c.closed for c in kafka.built), "healthy clients were thrown away"
 
 
-def test_i4_a_read_stops_at_once_when_the_slot_is_interrupted() -> None:
-    kafka = Kafka(Partition({0: _marker(1)}, end=1))
-    interrupt = threading.Event()
-    interrupt.set()
-    with pytest.raises(TransientError, match="interrupted"):
-        kafka.reader().read(0, TID, interrupt)
+def test_i4_a_slow_read_is_not_taken_for_one_held_at_the_stable_offset() -> None:
+    """Polls that return nothing while the stable offset is past them (a slow broker) keep
+    the read going until its timeout: only the stable offset's hold is ``HeldBack``."""
+    records = {0: _marker(1), 2: _marker(2)}
+    slow = SlowConsumerKafka(Partition(records, end=3, stable=3), polls_with_nothing=40)
+    assert _read(slow.reader(timeout=30.0, held_back_after=5.0)) == b"marker 2"
+    assert slow.clock.now >= 40 * POLL_TIMEOUT, "the slow polls did not happen"
 
 
-def test_i4_a_failed_read_is_retried_with_new_kafka_clients() -> None:
-    """A client stuck on stale metadata after a node restart answers every read with
-    ``_UNKNOWN_PARTITION``: the failed read closes both clients, the next builds new ones."""
-    partition = Partition({0: _marker(1)}, end=1)
-    partition.errors.append(KafkaError(KafkaError._UNKNOWN_PARTITION))
-    kafka = Kafka(partition)
-    reader = kafka.reader()
-    with pytest.raises(TransientError, match="Unknown partition"):
-        _read(reader)
-    assert [c.closed for c in kafka.built] == [True, True]
-    assert _read(reader) == b"marker 1"
-    assert len(kafka.built) == 4, "the retry read with the clients that failed"
-    assert not any(c.closed for c in kafka.built[2:])
+class SlowConsumer(FakeConsumer):
+    """A consumer whose first polls return nothing though records are there."""
+
+    def __init__(self, partition: Partition, isolation: str, clock: Clock, empty: list[int]):
+        super().__init__(partition, isolation, clock)
+        self.empty = empty  # polls left that return nothing, shared by the reader's consumers
+
+    def poll(self, timeout: float = -1, /) -> Message | None:
+        if self.empty[0]:
+            self.empty[0] -= 1
+            self.clock.now += timeout
+            return None
+        return super().poll(timeout)
 
 
-def test_i4_successful_reads_share_the_same_clients() -> None:
-    kafka = Kafka(Partition({0: _marker(1)}, end=1))
-    reader = kafka.reader()
-    assert _read(reader) == _read(reader) == b"marker 1"
-    assert len(kafka.built) == 2
-    reader.close()
-    assert all(c.closed for c in kafka.built)
+class SlowConsumerKafka(Kafka):
+    """Builds ``SlowConsumer``s."""
+
+    def __init__(self, partition: Partition, polls_with_nothing: int) -> None:
+        super().__init__(partition)
+        self.empty = [polls_with_nothing]
+
+    def __call__(self, isolation: str) -> FakeConsumer:
+        consumer = SlowConsumer(self.partition, isolation, self.clock, self.empty)
+        self.built.append(consumer)
+        return consumer
+
+
+def test_i4_a_read_from_a_floor_looks_back_no_further_and_finds_a_marker_above_it() -> None:
+    records = {i: _marker(i, "other-0") for i in range(0, 300)} | {250: _marker(7)}
+    kafka = Kafka(Partition(records, end=300))
+    assert kafka.reader().read(0, TID, threading.Event(), since=240) == b"marker 7"
+    assert kafka.reader().read(0, TID, threading.Event(), since=260) is None
+    assert min(kafka.committed()[-1].starts) == 260, "read below the floor"
+
+
+def test_i4_the_state_partitions_ends_are_their_high_watermarks_open_ones_included() -> None:
+    kafka = Kafka(Partition({0: _marker(1)}, end=9, stable=4))
+    assert kafka.reader().ends(1) == {0: 9}

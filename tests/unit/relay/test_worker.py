@@ -24,6 +24,7 @@ from tests.unit.relay.fakes import (
     FakeSession,
     Message,
     Refusals,
+    StateTopic,
     error,
     make_worker,
     row,
@@ -175,6 +176,22 @@ def test_i4_a_fenced_commit_loses_the_slot_and_keeps_the_rows() -> None:
     assert session.released
 
 
+def test_i4_a_fencing_that_confluent_kafka_masks_as_a_system_error_is_handled_as_the_fencing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    session, broker = FakeSession(_rows(2)), Broker()
+    broker.masked = [error(KafkaError._FENCED, fatal=True)]
+    worker = make_worker(session, broker)
+    with caplog.at_level(logging.DEBUG, logger="outbox"):
+        worker.run()
+    assert worker.context.stats.fenced == 1
+    assert not worker.failed  # a lost slot, not a crash with a traceback
+    assert session.ids() == [1, 2]
+    assert broker.log == []
+    assert session.released
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
 def test_i9_a_fence_while_the_slot_lock_is_still_held_is_counted_as_foreign() -> None:
     session = FakeSession(_rows(1), lock=SlotLockState(holds_slot=True, layout_changing=False))
     broker = Broker()
@@ -219,6 +236,88 @@ def test_i4_a_new_producer_first_deletes_the_rows_its_slots_last_marker_names() 
     worker.run()
     assert worker.context.stats.recovered == 2
     assert broker.values() == [b"v3", b"v4"]  # the recovered rows are not published again
+
+
+def test_i4_the_outboxs_first_relay_reads_a_marker_another_relay_wrote_from_its_floor() -> None:
+    """The outbox's first relay knows where the state partitions ended before it announced
+    itself: no marker of its ids lies below, but one another relay of the outbox wrote since
+    (it took a slot, committed a batch and died before its delete) lies above, and names
+    rows that must not be published again."""
+    rows = _rows(4)
+    session, broker = FakeSession(rows), Broker()
+    marker = Marker.of_batch(uuid.uuid4(), "unit-0", 0, 1, [(r.id, r.event_id) for r in rows[:2]])
+    state = StateTopic({0: marker.encode()})
+    worker = make_worker(session, broker, state=state, floor=17)
+    worker.run()
+    assert state.since == [17]
+    assert worker.context.stats.recovered == 2
+    assert broker.values() == [b"v3", b"v4"]
+
+
+def _held_back_marker(rows: list) -> StateTopic:  # type: ignore[type-arg]
+    """The slot's last marker names the first two rows, past a stable offset that stays put."""
+    marker = Marker.of_batch(uuid.uuid4(), "unit-0", 0, 1, [(r.id, r.event_id) for r in rows[:2]])
+    return StateTopic({0: marker.encode()}, held_back=3)
+
+
+def test_i4_where_aborts_are_shown_recovery_reads_its_marker_past_a_stuck_stable_offset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tansu 0.6 can leave a transaction unfinished for good: the state partition's stable
+    offset never moves. Where aborted transactions are shown anyway, the slot reads its marker
+    uncommitted instead of waiting forever, and deletes the rows it names (not publishing
+    them again)."""
+    rows = _rows(4)
+    session, broker, state = FakeSession(rows), Broker(hides_aborts=False), _held_back_marker(rows)
+    worker = make_worker(session, broker, state=state)
+    with caplog.at_level(logging.WARNING, logger="outbox.relay"):
+        worker.run()
+    assert state.reads == [True, False], "one committed read held back, then uncommitted"
+    assert worker.context.stats.recovered == 2
+    assert broker.values() == [b"v3", b"v4"]
+    assert any("reads its marker uncommitted" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("answer", [True, None], ids=["aborts-hidden", "no-clear-answer"])
+def test_i2_where_aborts_may_be_hidden_recovery_waits_for_the_stable_offset(
+    answer: bool | None,
+) -> None:
+    """Apache Kafka hides an aborted batch's marker only from read_committed readers: read
+    uncommitted, it would delete rows whose records no consumer gets. There, and where the
+    probe gave no clear answer, recovery only ever reads committed, retrying until it passes."""
+    rows = _rows(4)
+    session, broker, state = FakeSession(rows), Broker(hides_aborts=answer), _held_back_marker(rows)
+    worker = make_worker(session, broker, state=state)
+    worker.run()
+    assert state.reads == [True, True, True, True], "never read uncommitted"
+    assert worker.context.stats.recovered == 2
+    assert broker.values() == [b"v3", b"v4"]
+
+
+def test_i12_a_probe_without_a_clear_answer_is_asked_again_when_recovery_is_held_back() -> None:
+    """The producer's probe gave no clear answer (its read timed out on a loaded machine), and
+    the answer is kept as unclear for the cluster for minutes. When recovery is then held at a
+    stable offset Tansu never moves, the slot must ask the broker again, not keep reading
+    committed for as long as its producer lives (I12)."""
+    rows = _rows(4)
+    session, broker = FakeSession(rows), Broker()
+    state = StateTopic(_held_back_marker(rows).markers, held_back=50)  # moves only late
+    answers: list[bool | None] = [None, False]  # unclear at first, then: aborts are shown
+    asked_with: list[object] = []
+
+    def probe(*args: object, **kwargs: object) -> bool | None:
+        broker.probes += 1
+        asked_with.append(kwargs.get("remember_as"))
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    broker.aborts_hidden = probe  # type: ignore[method-assign]
+    worker = make_worker(session, broker, state=state)
+    worker.run()
+    assert broker.probes == 2
+    assert asked_with[1] is None, "asked past the cluster's kept 'unclear' answer"
+    assert state.reads == [True, False]
+    assert worker.context.stats.recovered == 2
+    assert broker.values() == [b"v3", b"v4"]
 
 
 def test_i2_at_least_once_deletes_only_acknowledged_rows_not_past_a_failed_one() -> None:

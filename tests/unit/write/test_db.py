@@ -290,8 +290,28 @@ def test_a_slots_claim_scans_each_of_its_shards_and_merges_them_in_id_order(slot
         found = [int(s) for s in re.findall(r"WHERE shard = (\d+) AND", claim)]
         assert found == sorted(shards)
         assert claim.count("UNION ALL") == len(found) - 1
-        assert "ORDER BY id\nLIMIT %(limit)s) AS claimed" in claim
+        assert "ORDER BY id LIMIT %(limit)s)" in claim  # each scan stops at the limit
+        if len(found) > 1:  # one shard's scan is the claim, ordered and limited already
+            assert "ORDER BY id\nLIMIT %(limit)s) AS claimed" in claim
+        assert claim.count("ORDER BY id\nLIMIT") == (len(found) > 1)
         assert set(PYFORMAT.findall(claim)) == {"limit", "held", "max_value_bytes", "max_bytes"}
+
+
+@pytest.mark.parametrize("slots", [1, 2, 32])
+def test_i6_a_sql_ascii_claim_differs_only_in_how_it_reads_topic_and_header_names(
+    slots: int,
+) -> None:
+    """Every other database keeps the claim it had, selecting the columns themselves; a
+    SQL_ASCII one reads the same rows, with those two columns as stored bytes."""
+    shards = shards_of_slot(0, slots)
+    claim, stored = sql.claim_batch(shards), sql.claim_batch(shards, stored_bytes=True)
+    assert "SELECT id, event_id, topic, key,\n" in claim
+    assert "\n       header_names, header_values,\n" in claim
+    assert "convert_to" not in claim
+    assert "convert_to(topic, 'SQL_ASCII') AS topic, key," in stored
+    assert "END AS header_names, header_values," in stored
+    rows = "\nFROM (\n  SELECT sized.*"  # the claimed rows: the same in both
+    assert stored[stored.index(rows) :] == claim[claim.index(rows) :]
 
 
 def test_only_caller_given_event_ids_pay_for_on_conflict() -> None:
