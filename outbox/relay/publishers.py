@@ -12,7 +12,9 @@ it executes) and decides nothing about failures itself: ``plans`` does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -229,6 +231,10 @@ class Publisher:
     def publish(self, rows: list[Row]) -> None:
         raise NotImplementedError
 
+    def session_lost(self) -> None:
+        """The slot's database session ended while this worker runs (called from the
+        heartbeat thread). A transactional producer is fenced by the next owner: nothing to do."""
+
     def _producer(self) -> KafkaProducer:
         producer = self.slot.producer
         assert producer is not None, "a batch is published with a started producer"
@@ -251,8 +257,33 @@ class AtMostOnce(Publisher):
 class AtLeastOnce(Publisher):
     """Send the batch, then delete exactly the rows whose delivery report succeeded (I2)."""
 
+    def __init__(self, slot: Slot) -> None:
+        super().__init__(slot)
+        self._lost = threading.Event()
+
+    def session_lost(self) -> None:
+        """Drop every record not yet acknowledged, at once. Nothing fences an idempotent
+        producer: while the worker waited for its reports (up to delivery.timeout.ms, say
+        through a broker outage), another relay could take the slot and send the same rows
+        and the next ones, and this producer's records then landed among them, out of
+        per-key order (I3). Their rows stay in the outbox for the next owner (I2)."""
+        self._lost.set()
+        producer = self.slot.producer
+        if producer is None:
+            return
+        log.warning(
+            "slot %d: its database session ended, so another relay may own the slot now; "
+            "the records not yet acknowledged are dropped from the producer (their rows stay "
+            "for the slot's next owner)",
+            self.slot.slot,
+        )
+        with contextlib.suppress(KafkaException, RuntimeError):
+            producer.purge(in_queue=True, in_flight=True, blocking=False)
+
     def publish(self, rows: list[Row]) -> None:
         s = self.slot
+        if self._lost.is_set():
+            raise SlotLost("its database session ended")
         failures: dict[int, Any] = {}
         acked: set[int] = set()
         placed = s.placements()
@@ -260,6 +291,12 @@ class AtLeastOnce(Publisher):
             self._producer(), rows, failures, acked, placed, room_timeout=s.plan.transaction_timeout
         )
         complete = self._await_reports()
+        if self._lost.is_set():
+            s.discard_producer()
+            raise SlotLost(
+                "its database session ended while a batch was in flight; the batch's rows "
+                "stay in the outbox for the slot's next owner"
+            )
         moved, error = s.settle(rows, failures) if failures else (set(), None)
         acked -= failures.keys()
         done = settled(((r.id, r.topic) for r in rows), acked, moved)
@@ -288,7 +325,7 @@ class AtLeastOnce(Publisher):
                 unacked = self._producer().flush(0.5)
             if unacked <= 0:
                 break
-            if s.stopping():
+            if s.stopping() or self._lost.is_set():
                 return False
             now = time.monotonic()
             if now - last_said >= s.plan.transaction_timeout:

@@ -313,7 +313,14 @@ class SlotWorker(threading.Thread):
         interval = heartbeat_interval(self.config.takeover_timeout)
         while not self._ended.wait(interval):
             if not self.session.heartbeat():
-                return  # the connection is gone: the worker finds out at its next statement
+                # The connection is gone, and the slot's lock with it: another relay may own
+                # the slot already (a restarted server, a terminated backend). The worker
+                # finds out at its next statement; a publisher without transactions (no
+                # fencing on the broker) must not send this batch's records beside the new
+                # owner's meanwhile (I3).
+                if not self._ended.is_set():
+                    self.publisher.session_lost()
+                return
 
     def _close(self) -> None:
         self._ended.set()

@@ -143,6 +143,9 @@ class Report:
     """Events written to the missing topic that became dead rows (reported)."""
     missing_topic_not_dead: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
+    copies: dict[str, str] = field(default_factory=dict)
+    """For each example of a topic order violation: its key's copies in offset order, as
+    ``seq@partition/offset``, which say what repeated or skipped what."""
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -324,20 +327,28 @@ def check(obs: Observations) -> Report:
     for w in committed.values():
         committed_seqs[w.key].append(w.seq)
     split, late = [], []
+    copies_of: dict[str, str] = {}  # a late event id -> its key's copies, seq@offset
     for key, recs in records.items():
         if len({r.partition for r in recs}) > 1:
             split.append(key)
             continue
         recs.sort(key=lambda r: r.offset)
-        late += _topic_order(recs, sorted(committed_seqs[key]), obs.filters_aborts)
+        found = _topic_order(recs, sorted(committed_seqs[key]), obs.filters_aborts)
+        late += found
+        for event_id in found:
+            copies_of[event_id] = " ".join(f"{r.seq}@{r.partition}/{r.offset}" for r in recs)
     report.keys_on_several_partitions = note("keys_on_several_partitions", split)
     report.topic_order_violations = note("topic_order_violations", late)
+    report.copies = {i: copies_of[i] for i in examples.get("topic_order_violations", [])}
 
     report.examples = examples
     for name, meaning in MUST_BE_ZERO:
         value = getattr(report, name)
         if value:
-            shown = examples.get(name, [])
+            shown = [
+                f"{i} [{report.copies[i]}]" if i in report.copies else i
+                for i in examples.get(name, [])
+            ]
             suffix = f" (e.g. {', '.join(shown)})" if shown else ""
             report.failures.append(f"{name}={value}: {meaning}{suffix}")
     return report

@@ -103,6 +103,52 @@ def test_i2_at_least_once_keeps_rows_whose_delivery_outlasted_the_flush_timeout(
     assert got >= set(first) | set(second)
 
 
+def test_i3_an_at_least_once_batch_whose_slot_session_ended_is_not_sent_beside_the_next_owners(
+    engine: Engine,
+    topic: str,
+    proxied_broker: tuple[EmbeddedBroker, TcpProxy],  # noqa: F811
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    """A restarted server (or a terminated backend) ends a slot's session, and frees its lock,
+    while the worker waits for its batch's delivery reports through a broker outage. Nothing
+    fences an idempotent producer: before the fix it kept the records and sent them when the
+    broker came back, beside the slot's next owner sending the same rows, so every event of
+    the batch reached the topic twice (and, with a next owner already past them, out of
+    per-key order: CI's chaos run at stop 32)."""
+    broker, proxy = proxied_broker
+    handle = start_relay(
+        bootstrap_servers=broker.bootstrap_servers,
+        slots=1,
+        guarantee=ALO,
+        takeover_timeout=2.0,  # a heartbeat every 0.5 s
+    )
+    first = _publish(engine, topic, ["a0", "a1", "a2"])
+    wait_for(lambda: _pending(engine) == 0, what="first events published")
+    proxy.cut()
+    claimed = handle.relay.stats.claimed
+    second = _publish(engine, topic, [f"b{i}" for i in range(5)])
+    wait_for(
+        lambda: handle.relay.stats.claimed >= claimed + 5, what="the batch claimed and in flight"
+    )
+    worker = handle.relay.workers[0]
+    with engine.connect() as conn:
+        conn.execute(
+            text("SELECT pg_terminate_backend(:pid)"), {"pid": worker.conn.info.backend_pid}
+        )
+    wait_for(
+        lambda: not worker.is_alive(),
+        timeout=20,
+        what="the worker whose slot session ended gave its batch up (before the fix it waited "
+        "for the broker, up to delivery.timeout.ms)",
+    )
+    assert _pending(engine) == 5, "rows left the outbox without a delivery report"
+    proxy.restore()
+    wait_for(lambda: _pending(engine) == 0, timeout=90, what="drained after the broker is back")
+    handle.stop()
+    copies = [r.event_id for r in KafkaReader(broker.bootstrap_servers).read(topic, 8)]
+    assert sorted(copies) == sorted(first + second), "an event reached the topic twice"
+
+
 def test_a_slot_handed_over_while_retrying_stops_at_once(
     engine: Engine,
     topic: str,

@@ -163,6 +163,8 @@ def test_topic_order_is_checked_on_every_copy() -> None:
     obs.topic = obs.topic[:-5] + key_copies(1, 2, 3, 4, 2, 4)
     assert _failing(obs) == {"topic_order_violations"}
     assert check(obs).examples["topic_order_violations"] == ["w0-k0-4"]
+    # The failure shows the key's copies, so a CI log alone says what repeated or skipped.
+    assert "w0-k0-4 [1@0/0 2@0/1 3@0/2 4@0/3 2@0/4 4@0/5]" in check(obs).failures[0]
     # On a broker that filters aborts every copy is committed: any repeat is out of order.
     obs.topic = obs.topic[:-6] + key_copies(1, 2, 3, 4, 3, 4)
     obs.filters_aborts = True
