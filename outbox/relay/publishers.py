@@ -109,6 +109,42 @@ class Slot(Protocol):
     def failure_error(self, failure: Failure) -> Exception: ...
 
 
+class Gate:
+    """The way a slot's records enter its producer, closed for good when the slot's session
+    ends: ``close`` runs its action (a purge) with no record entering meanwhile, and a
+    record that comes after raises ``SlotLost`` instead of being queued. A check of a flag
+    before ``produce`` would not do: the purge could run between the check and the call,
+    and librdkafka's threads send what is queued after it, worker or no worker (I3)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, then: Callable[[], None]) -> None:
+        with self._lock:
+            self._closed = True
+            then()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if self._closed:
+            self._lock.release()
+            raise SlotLost(
+                "its database session ended while a batch was being queued; the batch's rows "
+                "stay in the outbox for the slot's next owner"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_OPEN = contextlib.nullcontext()
+
+
 def produce(
     producer: KafkaProducer,
     rows: Sequence[Row],
@@ -117,6 +153,7 @@ def produce(
     placed: Placements | None = None,
     *,
     room_timeout: float,
+    gate: Gate | None = None,
 ) -> None:
     """Queue every row; per-row errors land in ``failures``, the ids of successful delivery
     reports in ``acked`` and where they put each record in ``placed`` (when given).
@@ -127,7 +164,10 @@ def produce(
     A row without headers passes None, not an empty list built per row. The report is a
     plain Python closure: confluent-kafka may call a delivery report while its own fatal
     error (a fenced producer) is pending, which a C-level callable such as
-    ``functools.partial`` turns into a SystemError instead of the fencing."""
+    ``functools.partial`` turns into a SystemError instead of the fencing.
+
+    With a ``gate``, each record enters through it: once it is closed, ``SlotLost`` is
+    raised and nothing more is queued."""
 
     def delivered(row_id: int) -> Callable[[Any, Any], None]:
         def cb(err: Any, msg: Any) -> None:
@@ -149,14 +189,15 @@ def produce(
         deadline = None
         while True:
             try:
-                producer.produce(
-                    row.topic,
-                    value=row.value,
-                    key=row.key,
-                    headers=row.headers if row.header_names else None,
-                    timestamp=row.created_ms,
-                    on_delivery=delivered(row.id),
-                )
+                with gate or _OPEN:
+                    producer.produce(
+                        row.topic,
+                        value=row.value,
+                        key=row.key,
+                        headers=row.headers if row.header_names else None,
+                        timestamp=row.created_ms,
+                        on_delivery=delivered(row.id),
+                    )
                 break
             except BufferError:
                 deadline = deadline or time.monotonic() + room_timeout
@@ -259,15 +300,18 @@ class AtLeastOnce(Publisher):
 
     def __init__(self, slot: Slot) -> None:
         super().__init__(slot)
-        self._lost = threading.Event()
+        self._gate = Gate()
 
     def session_lost(self) -> None:
-        """Drop every record not yet acknowledged, at once. Nothing fences an idempotent
-        producer: while the worker waited for its reports (up to delivery.timeout.ms, say
-        through a broker outage), another relay could take the slot and send the same rows
-        and the next ones, and this producer's records then landed among them, out of
-        per-key order (I3). Their rows stay in the outbox for the next owner (I2)."""
-        self._lost.set()
+        """Drop every record not yet acknowledged, at once, and let no more in. Nothing fences
+        an idempotent producer: while the worker waited for its reports (up to
+        delivery.timeout.ms, say through a broker outage), another relay could take the slot
+        and send the same rows and the next ones, and this producer's records then landed
+        among them, out of per-key order (I3). Their rows stay in the outbox for the next
+        owner (I2)."""
+        self._gate.close(self._purge)
+
+    def _purge(self) -> None:
         producer = self.slot.producer
         if producer is None:
             return
@@ -282,16 +326,26 @@ class AtLeastOnce(Publisher):
 
     def publish(self, rows: list[Row]) -> None:
         s = self.slot
-        if self._lost.is_set():
+        if self._gate.closed:
             raise SlotLost("its database session ended")
         failures: dict[int, Any] = {}
         acked: set[int] = set()
         placed = s.placements()
-        produce(
-            self._producer(), rows, failures, acked, placed, room_timeout=s.plan.transaction_timeout
-        )
+        try:
+            produce(
+                self._producer(),
+                rows,
+                failures,
+                acked,
+                placed,
+                room_timeout=s.plan.transaction_timeout,
+                gate=self._gate,
+            )
+        except SlotLost:
+            s.discard_producer()
+            raise
         complete = self._await_reports()
-        if self._lost.is_set():
+        if self._gate.closed:
             s.discard_producer()
             raise SlotLost(
                 "its database session ended while a batch was in flight; the batch's rows "
@@ -325,7 +379,7 @@ class AtLeastOnce(Publisher):
                 unacked = self._producer().flush(0.5)
             if unacked <= 0:
                 break
-            if s.stopping() or self._lost.is_set():
+            if s.stopping() or self._gate.closed:
                 return False
             now = time.monotonic()
             if now - last_said >= s.plan.transaction_timeout:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
@@ -18,9 +19,11 @@ from outbox.relay.config import Guarantee
 from outbox.relay.fences import SlotLockState
 from outbox.relay.marker import Marker
 from outbox.relay.publishers import COMMIT_ATTEMPTS
+from outbox.relay.worker import SlotWorker
 from tests.unit.relay.fakes import (
     TOPIC,
     Broker,
+    FakeProducer,
     FakeSession,
     Message,
     Refusals,
@@ -486,3 +489,55 @@ def test_i12_a_producer_queue_that_stays_full_fails_the_batch_within_a_transacti
     assert session.ids() == []
     assert [m.value for m in broker.log if m.topic == TOPIC] == [b"v1", b"v2", b"v3"]
     assert worker.context.stats.retries == 1
+
+
+class _PurgedWhileWaitingForRoom(Broker):
+    """A producer whose queue fills at the batch's second record: while produce() waits for
+    room, the slot's heartbeat (another thread, for real) finds the session gone and purges
+    the producer, which empties its queue. ``after_purge``: records queued since."""
+
+    worker: SlotWorker | None = None
+    purged: bool = False
+    after_purge: list[bytes | None]
+
+    def producer(self, settings: dict[str, Any]) -> FakeProducer:
+        broker = self
+        broker.after_purge = []
+
+        class Producer(FakeProducer):
+            def produce(self, topic: str, **kw: Any) -> None:
+                if not broker.purged and len(self.queued) == 1:
+                    broker.jammed = True  # the queue is full from the second record on
+                super().produce(topic, **kw)
+                if broker.purged:
+                    broker.after_purge.append(kw.get("value"))
+
+            def poll(self, timeout: float = -1) -> int:
+                if broker.jammed and not broker.purged:
+                    assert broker.worker is not None
+                    broker.worker.publisher.session_lost()  # the heartbeat, meanwhile
+                return 0
+
+            def purge(
+                self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True
+            ) -> None:
+                super().purge(in_queue, in_flight, blocking)
+                broker.purged, broker.jammed = True, False  # room again
+
+        made = Producer(self, settings)
+        self.producers.append(made)
+        return made
+
+
+def test_i3_an_at_least_once_batch_queues_nothing_after_its_session_ended() -> None:
+    """The heartbeat's purge empties the queue produce() was waiting on: the rest of the
+    batch must not be queued then (and sent beside the next owner's copies), and every row
+    stays in the outbox."""
+    session, broker = FakeSession(_rows(4)), _PurgedWhileWaitingForRoom()
+    worker = broker.worker = make_worker(session, broker, guarantee=ALO)
+    worker.run()
+    assert broker.purged
+    assert broker.after_purge == [], "records were queued after the purge"
+    assert broker.values() == []
+    assert session.ids() == [1, 2, 3, 4]
+    assert not worker.failed
