@@ -282,21 +282,9 @@ class Publisher:
         return producer
 
 
-class AtMostOnce(Publisher):
-    """Delete, then send: a record lost on the way is lost (asked for explicitly)."""
-
-    def publish(self, rows: list[Row]) -> None:
-        s = self.slot
-        rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
-        producer = self._producer()
-        produce(producer, rows, {}, room_timeout=s.plan.transaction_timeout)
-        with unmasked():
-            producer.flush(s.plan.transaction_timeout)
-        s.count(published=len(rows), batches=1)
-
-
-class AtLeastOnce(Publisher):
-    """Send the batch, then delete exactly the rows whose delivery report succeeded (I2)."""
+class Unfenced(Publisher):
+    """A publisher without transactions: nothing on the broker fences it once the slot's
+    session ended, so it fences itself (``session_lost``)."""
 
     def __init__(self, slot: Slot) -> None:
         super().__init__(slot)
@@ -307,8 +295,9 @@ class AtLeastOnce(Publisher):
         an idempotent producer: while the worker waited for its reports (up to
         delivery.timeout.ms, say through a broker outage), another relay could take the slot
         and send the same rows and the next ones, and this producer's records then landed
-        among them, out of per-key order (I3). Their rows stay in the outbox for the next
-        owner (I2)."""
+        among them, out of per-key order (I3). At-least-once rows stay in the outbox for the
+        next owner (I2); at-most-once rows, deleted before they were sent, are lost, as a
+        crash loses them."""
         self._gate.close(self._purge)
 
     def _purge(self) -> None:
@@ -317,12 +306,51 @@ class AtLeastOnce(Publisher):
             return
         log.warning(
             "slot %d: its database session ended, so another relay may own the slot now; "
-            "the records not yet acknowledged are dropped from the producer (their rows stay "
-            "for the slot's next owner)",
+            "the records not yet acknowledged are dropped from the producer",
             self.slot.slot,
         )
         with contextlib.suppress(KafkaException, RuntimeError):
             producer.purge(in_queue=True, in_flight=True, blocking=False)
+
+    def _produce(self, rows: list[Row], failures: dict[int, Any], **reports: Any) -> None:
+        """Queue the batch through the gate; a closed gate drops the producer, and the slot."""
+        s = self.slot
+        try:
+            produce(
+                self._producer(),
+                rows,
+                failures,
+                room_timeout=s.plan.transaction_timeout,
+                gate=self._gate,
+                **reports,
+            )
+        except SlotLost:
+            s.discard_producer()
+            raise
+
+    def _check_session(self, what: str) -> None:
+        if self._gate.closed:
+            self.slot.discard_producer()
+            raise SlotLost(f"its database session ended while a batch was in flight; {what}")
+
+
+class AtMostOnce(Unfenced):
+    """Delete, then send: a record lost on the way is lost (asked for explicitly)."""
+
+    def publish(self, rows: list[Row]) -> None:
+        s = self.slot
+        if self._gate.closed:
+            raise SlotLost("its database session ended")
+        rows = still_pending(s, rows, s.session.delete([r.id for r in rows]))
+        self._produce(rows, {})
+        with unmasked():
+            self._producer().flush(s.plan.transaction_timeout)
+        self._check_session("the batch's records not yet sent are dropped")
+        s.count(published=len(rows), batches=1)
+
+
+class AtLeastOnce(Unfenced):
+    """Send the batch, then delete exactly the rows whose delivery report succeeded (I2)."""
 
     def publish(self, rows: list[Row]) -> None:
         s = self.slot
@@ -331,26 +359,9 @@ class AtLeastOnce(Publisher):
         failures: dict[int, Any] = {}
         acked: set[int] = set()
         placed = s.placements()
-        try:
-            produce(
-                self._producer(),
-                rows,
-                failures,
-                acked,
-                placed,
-                room_timeout=s.plan.transaction_timeout,
-                gate=self._gate,
-            )
-        except SlotLost:
-            s.discard_producer()
-            raise
+        self._produce(rows, failures, acked=acked, placed=placed)
         complete = self._await_reports()
-        if self._gate.closed:
-            s.discard_producer()
-            raise SlotLost(
-                "its database session ended while a batch was in flight; the batch's rows "
-                "stay in the outbox for the slot's next owner"
-            )
+        self._check_session("the batch's rows stay in the outbox for the slot's next owner")
         moved, error = s.settle(rows, failures) if failures else (set(), None)
         acked -= failures.keys()
         done = settled(((r.id, r.topic) for r in rows), acked, moved)

@@ -196,6 +196,9 @@ class SlotWorker(threading.Thread):
                 log.debug("slot %d lost: %s", self.slot, exc)
         except SlotLost as exc:
             log.warning("slot %d lost: %s", self.slot, exc)
+            # Found by a statement before the heartbeat did: what a producer without fencing
+            # still holds must not go out at the close's flush, beside the next owner's (I3).
+            self.publisher.session_lost()
         except ConfigError as exc:  # no retry can help: stop the relay, naming the fix (I8)
             self.context.refuse(exc)
         except Exception:

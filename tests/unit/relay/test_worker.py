@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -540,4 +540,57 @@ def test_i3_an_at_least_once_batch_queues_nothing_after_its_session_ended() -> N
     assert broker.after_purge == [], "records were queued after the purge"
     assert broker.values() == []
     assert session.ids() == [1, 2, 3, 4]
+    assert not worker.failed
+
+
+class _DownThenBack(Broker):
+    """A broker unreachable at the first flush (the records stay queued), back after it;
+    ``during_outage`` runs meanwhile (the heartbeat, for real in another thread)."""
+
+    during_outage: Callable[[], None] | None = None
+    down: bool = True
+
+    def producer(self, settings: dict[str, Any]) -> FakeProducer:
+        broker = self
+
+        class Producer(FakeProducer):
+            def flush(self, timeout: float = -1) -> int:
+                if broker.down:
+                    broker.down = False  # back for the next flush
+                    if broker.during_outage is not None:
+                        broker.during_outage()
+                    return len(self.queued)
+                return super().flush(timeout)
+
+        made = Producer(self, settings)
+        self.producers.append(made)
+        return made
+
+
+def test_i3_an_at_most_once_batch_whose_session_ended_is_not_sent_beside_the_next_owners() -> None:
+    """At-most-once has no fencing either: the records a broker outage left in the producer
+    when the heartbeat found the slot's session gone are dropped (lost, as a crash loses
+    them), not sent when the broker is back, after the next owner's later events."""
+    session, broker = FakeSession(_rows(3)), _DownThenBack()
+    worker = make_worker(session, broker, guarantee=AMO)
+    broker.during_outage = worker.publisher.session_lost
+    worker.run()
+    assert session.ids() == []  # deleted before sending, as at-most-once does
+    assert broker.values() == [], "the lost session's records went out"
+    assert not worker.failed
+
+
+def test_i3_records_left_when_a_statement_finds_the_session_gone_are_not_sent_at_close() -> None:
+    """The worker's next claim, not the heartbeat, finds the session gone: the records an
+    outage left in an at-most-once producer are not flushed out as the worker closes."""
+    session, broker = FakeSession(_rows(3)), _DownThenBack()
+
+    def session_gone(claim: int) -> None:
+        if claim == 2:
+            raise SlotLost("database connection lost")
+
+    session.on_claim = session_gone
+    worker = make_worker(session, broker, guarantee=AMO)
+    worker.run()
+    assert broker.values() == [], "the lost session's records went out"
     assert not worker.failed
