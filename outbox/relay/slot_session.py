@@ -9,6 +9,8 @@ relay means another class with these methods (``seams.SlotSession``).
 from __future__ import annotations
 
 import contextlib
+import select
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -178,6 +180,31 @@ class PsycopgSlotSession:
         except psycopg.Error:
             return not (self.conn.closed or self.conn.broken)
         return True
+
+    def wait_for_news(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the server to speak on this connection while no
+        statement of the worker's is waiting for an answer; True if it did (or the connection
+        is gone), for the heartbeat to find out what it said. A restarted server or a
+        terminated backend sends its FATAL and closes the connection: the slot's lock is
+        gone that instant, and another relay may take the slot (I3)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if not select.select([self.conn.fileno()], [], [], left)[0]:
+                    return False
+                # Readable: the answer to a statement of the worker's, or the server
+                # speaking unprompted. psycopg holds the connection's lock until a
+                # statement's answer is read: once we hold it, anything left is unprompted.
+                if not self.conn.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    return False
+                try:
+                    if select.select([self.conn.fileno()], [], [], 0)[0]:
+                        return True
+                finally:
+                    self.conn.lock.release()
+            except (OSError, ValueError, psycopg.Error):
+                return True  # closed under us: the heartbeat says so
+        return False
 
     def release(self, slot: int) -> None:
         """Give the slot's lock back and close the connection; a lost one released it."""

@@ -314,7 +314,17 @@ class SlotWorker(threading.Thread):
         or cut off, not merely waiting on Kafka, a backoff or a poll (I12). psycopg runs it
         between the worker's statements (inside its transaction, if one is open)."""
         interval = heartbeat_interval(self.config.takeover_timeout)
-        while not self._ended.wait(interval):
+        due = time.monotonic() + interval
+        while not self._ended.is_set():
+            # Between beats, listen: a restarted server or a terminated backend says so on
+            # the idle connection at once, and the slot's lock is gone that instant (I3).
+            spoke = self.session.wait_for_news(max(0.0, due - time.monotonic()))
+            if self._ended.is_set():
+                return
+            if not spoke:
+                if time.monotonic() < due:
+                    continue
+                due = time.monotonic() + interval
             if not self.session.heartbeat():
                 # The connection is gone, and the slot's lock with it: another relay may own
                 # the slot already (a restarted server, a terminated backend). The worker

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from outbox.relay import Relay, Row, Seams, coordinator, kafka_probe, marker_rea
 from outbox.relay import seams as relay_seams
 from outbox.relay.config import Guarantee, RelayConfig
 from outbox.relay.marker_reader import KafkaMarkerReader, MarkerConsumer, kafka_consumers
+from outbox.relay.slot_session import PsycopgSlotSession
 from tests.conftest import Broker, RelayHandle
 from tests.integration.relay.faults import Faults, FaultyProducer, Sent
 from tests.integration.relay.test_relay import proxied_broker  # noqa: F401 - a shared fixture
@@ -120,7 +122,7 @@ def test_i3_an_at_least_once_batch_whose_slot_session_ended_is_not_sent_beside_t
         bootstrap_servers=broker.bootstrap_servers,
         slots=1,
         guarantee=ALO,
-        takeover_timeout=4.0,  # a heartbeat every second; a busy machine does not end it
+        takeover_timeout=120.0,  # a heartbeat every 30 s: the old owner must not wait for it
     )
     first = _publish(engine, topic, ["a0", "a1", "a2"])
     wait_for(lambda: _pending(engine) == 0, what="first events published")
@@ -139,7 +141,7 @@ def test_i3_an_at_least_once_batch_whose_slot_session_ended_is_not_sent_beside_t
         lambda: not worker.is_alive(),
         timeout=20,
         what="the worker whose slot session ended gave its batch up (before the fix it waited "
-        "for the broker, up to delivery.timeout.ms)",
+        "for the broker, up to delivery.timeout.ms; with a heartbeat alone, up to 30 s)",
     )
     assert _pending(engine) == 5, "rows left the outbox without a delivery report"
     proxy.restore()
@@ -147,6 +149,35 @@ def test_i3_an_at_least_once_batch_whose_slot_session_ended_is_not_sent_beside_t
     handle.stop()
     copies = [r.event_id for r in KafkaReader(broker.bootstrap_servers).read(topic, 8)]
     assert sorted(copies) == sorted(first + second), "an event reached the topic twice"
+
+
+def test_i12_a_slot_heartbeat_that_listens_between_beats_adds_no_statement_per_batch(
+    engine: Engine,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+) -> None:
+    """The heartbeat listens on the slot's connection between beats, which is readable each time
+    a statement of the worker's is answered: that must not turn into a heartbeat per statement
+    (a round trip per batch), only the server speaking unprompted does."""
+    beats: list[float] = []
+
+    class Counted(PsycopgSlotSession):
+        def heartbeat(self) -> bool:
+            beats.append(time.monotonic())
+            return super().heartbeat()
+
+    handle = start_relay(
+        slots=1,
+        guarantee=ALO,
+        batch_size=1,  # a claim and a delete per event
+        takeover_timeout=120.0,  # a beat every 30 s: none is due during the test
+        seams=relay_seams.Seams(session=Counted),
+    )
+    _publish(engine, topic, [f"v{i}" for i in range(40)])
+    wait_for(lambda: _pending(engine) == 0, what="40 batches published")
+    handle.stop()
+    assert handle.relay.stats.batches >= 40
+    assert beats == [], f"{len(beats)} heartbeats in 40 batches"
 
 
 def test_a_slot_handed_over_while_retrying_stops_at_once(

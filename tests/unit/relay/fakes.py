@@ -272,6 +272,10 @@ class FakeSession:
     def heartbeat(self) -> bool:
         return True
 
+    def wait_for_news(self, timeout: float) -> bool:
+        threading.Event().wait(timeout)  # a fake server never speaks unprompted
+        return False
+
     def release(self, slot: int) -> None:
         self.released = True
 
