@@ -9,6 +9,7 @@ relay means another class with these methods (``seams.SlotSession``).
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,6 +49,17 @@ def delete_recovered(
         {"ids": [i for i, _ in doomed], "event_ids": [e for _, e in doomed]},
     )
     return cur.rowcount
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` is readable (or hung up, or no longer open) within ``timeout`` seconds.
+    poll(), not select(): select() refuses a descriptor of 1024 (FD_SETSIZE) or more, which a
+    relay with many slots has (each a connection and a producer's broker sockets)."""
+    if not hasattr(select, "poll"):  # Windows: its select() takes any socket
+        return bool(select.select([fd], [], [], timeout)[0])
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(math.ceil(timeout * 1000)))
 
 
 class PsycopgSlotSession:
@@ -190,7 +202,7 @@ class PsycopgSlotSession:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                if not select.select([self.conn.fileno()], [], [], left)[0]:
+                if not _readable(self.conn.fileno(), left):
                     return False
                 # Readable: the answer to a statement of the worker's, or the server
                 # speaking unprompted. psycopg holds the connection's lock until a
@@ -198,7 +210,7 @@ class PsycopgSlotSession:
                 if not self.conn.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                     return False
                 try:
-                    if select.select([self.conn.fileno()], [], [], 0)[0]:
+                    if _readable(self.conn.fileno(), 0):
                         return True
                 finally:
                     self.conn.lock.release()

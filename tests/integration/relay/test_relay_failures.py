@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -178,6 +179,55 @@ def test_i12_a_slot_heartbeat_that_listens_between_beats_adds_no_statement_per_b
     handle.stop()
     assert handle.relay.stats.batches >= 40
     assert beats == [], f"{len(beats)} heartbeats in 40 batches"
+
+
+@pytest.fixture
+def descriptors_above_1024() -> Iterator[None]:
+    """Every socket opened meanwhile gets a descriptor above select()'s FD_SETSIZE (1024), as
+    in a relay with many slots (each a connection and a producer's broker sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_i12_a_slot_connection_above_fd_setsize_does_not_spin_its_heartbeat(
+    engine: Engine,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+    descriptors_above_1024: None,
+) -> None:
+    """select() refuses a descriptor of 1024 or more (ValueError), which the listening heartbeat
+    took for a connection gone: it beat, found the connection alive, and listened again, in a
+    loop: thousands of statements a second on the slot's connection (and a core), for as long
+    as the relay ran."""
+    beats: list[float] = []
+
+    class Counted(PsycopgSlotSession):
+        def heartbeat(self) -> bool:
+            beats.append(time.monotonic())
+            return super().heartbeat()
+
+    handle = start_relay(
+        slots=1,
+        guarantee=ALO,
+        takeover_timeout=120.0,  # a beat every 30 s: none is due during the test
+        seams=relay_seams.Seams(session=Counted),
+    )
+    wait_for(lambda: handle.relay.workers, what="the slot worker started")
+    assert handle.relay.workers[0].conn.fileno() >= 1024
+    _publish(engine, topic, ["v0", "v1", "v2"])
+    wait_for(lambda: _pending(engine) == 0, what="events published")
+    time.sleep(1.0)
+    handle.stop()
+    assert len(beats) <= 2, f"{len(beats)} heartbeats in about a second"
 
 
 def test_a_slot_handed_over_while_retrying_stops_at_once(
