@@ -172,3 +172,31 @@ def test_i2_a_relay_role_given_the_record_as_the_warning_says_keeps_daily_partit
         owner.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
     assert deliveries.partition_name(now.date()) in names, "today's partition was not made"
     assert left == (0,), "a record 10 days old outlived a 7-day retention"
+
+
+def test_i2_record_upkeep_judges_days_by_the_database_clock_not_the_relay_hosts(
+    database_url: str,
+) -> None:
+    """The relay host's clock is 40 days ahead of the database's (here: the database's is
+    set back, by a ``now()`` ahead of pg_catalog's on the session's search_path). Upkeep by
+    the host's clock would create the host's days and, with a retention under 40 days,
+    drop the partition of the day the database stamps on the rows (``published_at``)."""
+    with psycopg.connect(_libpq(database_url), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA clock_skew")
+        conn.execute(
+            "CREATE FUNCTION clock_skew.now() RETURNS timestamptz LANGUAGE sql "
+            "AS $$ SELECT pg_catalog.now() - interval '40 days' $$"
+        )
+        conn.execute("SET search_path = clock_skew, pg_catalog, public")
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        database_today = row[0].astimezone(dt.UTC).date()
+        assert database_today < dt.datetime.now(dt.UTC).date() - dt.timedelta(days=30)
+        plan = deliveries.maintain(conn, retention_days=7)
+        assert plan is not None
+        assert database_today in plan.create, plan
+        again = deliveries.maintain(conn, retention_days=7)
+        assert again is not None
+        assert database_today not in again.drop, again
+        days, _ = deliveries.existing_partitions(conn)
+    assert database_today in days
