@@ -29,13 +29,18 @@ HORIZON_TIMEOUT = 5.0
 
 def check_database(engine: Engine, transactions: Transactions) -> None:
     """Fail before joining the group when the database or the dedup table is missing (I8),
-    or when the handler's engine runs without transactions (I11)."""
+    or when the handler's engine runs without transactions (I11). ``ConnectionError`` when
+    PostgreSQL cannot be reached."""
     for table, check in (
         ("outbox_processed_events", CHECK_TABLE),
         ("outbox_consumer_attempts", CHECK_ATTEMPTS_TABLE),
     ):
         _check_table(engine, table, check)
-    if transactions.autocommit():
+    try:
+        autocommit = transactions.autocommit()
+    except sa_exc.OperationalError as exc:  # a server restarting since the tables were read
+        raise ConnectionError(f"cannot connect to PostgreSQL: {redact(str(exc.orig))}") from None
+    if autocommit:
         # The dedup rows would commit before the handler ran, and a failing handler would
         # leave half its effects.
         raise ConfigError(

@@ -167,6 +167,19 @@ class KafkaReader:
         """Every copy on ``topic``, to the end of each partition (see ``read_topic``)."""
         return read_topic(self.bootstrap_servers, topic, expected=expected, timeout=timeout)
 
+    def read_every(self, topic: str, ids: Iterable[str], *, timeout: float = 60.0) -> list[Record]:
+        """Every copy on ``topic``, read again until each of ``ids`` is among them or
+        ``timeout`` passed. ``read`` waits for a count of records, and where a broker shows
+        aborted copies (Tansu) they fill that count: a read could return before batches
+        committed just before were readable (busy-core CI runs missed 3 and 18 events so)."""
+        wanted = set(ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.read(topic, len(wanted), timeout=max(1.0, deadline - time.monotonic()))
+            seen = {r.event_id for r in records}
+            if wanted <= seen or time.monotonic() > deadline:
+                return records
+
     def close(self) -> None:
         """Nothing stays open between reads; kept for the fixture's teardown."""
 

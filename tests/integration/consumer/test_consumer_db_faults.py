@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from consumer import Event, RetryPolicy
+from consumer.handling import SyncTransactions
+from consumer.startup import check_database
 from tests.integration.consumer.test_consumer_effects import GROUP_SETTINGS, Running
 from tests.integration.consumer.test_consumer_hostile import PositionProjector
 from tests.support import stop_all, wait_for
@@ -162,3 +164,19 @@ def test_i10_a_terminated_backend_is_a_lost_connection_retried_not_charged(
     assert stats.outages >= 1
     assert _effects(effects) == [f"{topic}/0/0"]
     assert consumer.calls[f"{topic}/0/0"] == 2  # the killed call, then the one that committed
+
+
+def test_i8_a_database_gone_between_the_start_up_checks_is_a_one_line_connection_error(
+    engine: Engine,
+) -> None:
+    """The start-up checks read the dedup tables, then ask the handler's engine whether it runs
+    in AUTOCOMMIT. A PostgreSQL restart between the two (CI's chaos run) made that second
+    connection's error a traceback, and the chaos harness counted the consumer as crashed;
+    it is the one-line "cannot connect to PostgreSQL" the CLI reports, redacted, and that a
+    supervisor restarts on."""
+    gone = create_engine("postgresql+psycopg://app:s3cr3t@127.0.0.1:1/app", poolclass=NullPool)
+    transactions = SyncTransactions(gone, lambda session, event: None, object)
+    with pytest.raises(ConnectionError) as caught:
+        check_database(engine, transactions)
+    assert str(caught.value).startswith("cannot connect to PostgreSQL")
+    assert "s3cr3t" not in str(caught.value)

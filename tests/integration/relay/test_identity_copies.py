@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,15 +102,8 @@ def _foreign_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]
 
 
 def _all_on_topic(kafka: KafkaReader, topic: str, ids: list[str]) -> set[str]:
-    """The events of ``ids`` that are NOT on the topic (at least once), read again until none
-    is missing or 60 s passed. A read waits for a count of records, and the fencing's aborted
-    copies count on Tansu: a busy-core run's read returned before the relays' last two
-    batches, committed just before, were readable, and reported those 18 events missing."""
-    deadline = time.monotonic() + 60
-    while True:
-        seen = {r.event_id for r in kafka.read(topic, len(ids), timeout=60)}
-        if not set(ids) - seen or time.monotonic() > deadline:
-            return set(ids) - seen
+    """The events of ``ids`` that are NOT on the topic (at least once)."""
+    return set(ids) - {r.event_id for r in kafka.read_every(topic, ids)}
 
 
 SHORT_TRANSACTIONS: dict[str, Any] = {

@@ -427,7 +427,11 @@ def test_a_slots_claim_reads_none_of_the_rows_of_a_slot_that_lags(engine: Engine
 
 
 def test_i2_a_relay_whose_slots_own_one_shard_each_publishes_every_shard(
-    engine: Engine, topic: str, start_relay: Callable[..., RelayHandle], kafka: KafkaReader
+    engine: Engine,
+    topic: str,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+    broker: Broker,
 ) -> None:
     """17 slots or more (up to the 32 shards) give slots a single shard each: that slot's claim
     is one shard's range scan, and it must run (a slot whose claim the database refuses
@@ -438,4 +442,8 @@ def test_i2_a_relay_whose_slots_own_one_shard_each_publishes_every_shard(
     assert {15, 16} & shards  # shards of the slots of 17 that own one
     start_relay(slots=17)
     wait_for(lambda: _pending(engine) == 0, timeout=30, what="every shard's events published")
-    assert_exactly_once(kafka.read(topic, len(ids)), ids)
+    # 17 transactional producers at once: on a busy machine a batch may abort and go again,
+    # and Tansu shows the aborted copies (a CI run's read returned 3 events short).
+    assert_exactly_once(
+        kafka.read_every(topic, ids), ids, aborted_copies_visible=not broker.filters_aborts
+    )
