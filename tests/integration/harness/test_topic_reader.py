@@ -12,8 +12,10 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
+from tests.conftest import Broker
 from tests.support import (
     AbortedCopiesVisible,
+    KafkaReader,
     Record,
     assert_exactly_once,
     copies,
@@ -117,3 +119,24 @@ def test_the_reader_waits_for_records_that_land_after_its_first_pass(
     finally:
         producing.join()
     assert [r.event_id for r in records] == early + late
+
+
+def test_read_every_reads_past_a_stable_offset_that_sticks(broker: Broker, topic: str) -> None:
+    """Tansu 0.6 can leave a partition's last stable offset below committed transactions for
+    good (``KafkaReader.read_every``). A transaction held open stands in for that here: the
+    events committed after it must still be read where the broker's offset sticks."""
+    if not broker.stable_offset_sticks:
+        pytest.skip("this broker's last stable offset moves on once transactions end")
+    held = Producer({"bootstrap.servers": broker.bootstrap_servers, "transactional.id": topic})
+    held.init_transactions(30)
+    held.begin_transaction()
+    held.produce(topic, value=b"v", partition=0, headers=[("outbox-event-id", "held")])
+    assert held.flush(30) == 0
+    ids = [f"after-{i}" for i in range(3)]
+    try:
+        _produce(broker.bootstrap_servers, topic, ids, partition=0)
+        reader = KafkaReader(broker.bootstrap_servers, stable_offset_sticks=True)
+        records = reader.read_every(topic, ids, timeout=20)
+    finally:
+        held.abort_transaction(30)
+    assert {r.event_id for r in records} >= set(ids)

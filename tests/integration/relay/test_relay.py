@@ -443,7 +443,8 @@ def test_i2_a_relay_whose_slots_own_one_shard_each_publishes_every_shard(
     start_relay(slots=17)
     wait_for(lambda: _pending(engine) == 0, timeout=30, what="every shard's events published")
     # 17 transactional producers at once: on a busy machine a batch may abort and go again,
-    # and Tansu shows the aborted copies (a CI run's read returned 3 events short).
+    # and Tansu shows the aborted copies. Its last stable offset can also stick below the
+    # last batches (read_every reads past it there; CI runs read 3 and 6 events short).
     assert_exactly_once(
         kafka.read_every(topic, ids), ids, aborted_copies_visible=not broker.filters_aborts
     )
