@@ -113,6 +113,14 @@ def classify(err: Any, *, alone: bool = False, topic_missing: bool = False) -> V
     return verdict
 
 
+def fenced(errors: Iterable[Any]) -> bool:
+    """Whether any of ``errors`` says another producer took the transactional.id. Its
+    transaction is then not this producer's to abort: the fencing init_transactions ended it,
+    and an abort sent with the old epoch can go unanswered (Tansu 0.6 lets
+    abort_transaction wait out its whole timeout)."""
+    return any(classify(e) is Verdict.FENCED for e in errors)
+
+
 def config_fix(err: Any) -> str:
     """One line for an operator: the error and what to change."""
     err = _error(err)

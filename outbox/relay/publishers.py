@@ -34,7 +34,7 @@ from outbox.db import redact
 from outbox.errors import BatchRollback, SlotLost, TransientError
 from outbox.relay.backoff import retry_wait
 from outbox.relay.batching import claim_ahead
-from outbox.relay.classify import TopicHolds, Verdict, classify, reached, settled
+from outbox.relay.classify import TopicHolds, Verdict, classify, fenced, reached, settled
 from outbox.relay.config import Guarantee, ProducerPlan, RelayConfig
 from outbox.relay.deliveries import Draft
 from outbox.relay.marker import Marker
@@ -620,7 +620,8 @@ class ExactlyOnce(Publisher):
         (if its fate is unknown, the next one's init_transactions settles it and the marker
         tells whether these rows were committed), then plan what the failure means."""
         s = self.slot
-        if not batch.committed and err.txn_requires_abort():
+        ended = fenced([err, *batch.failures.values()])  # the fencer ended the transaction
+        if not batch.committed and err.txn_requires_abort() and not ended:
             s.abort_open()
         s.discard_producer()
         _, error = s.settle(batch.rows, batch.failures, batch_error=err)
@@ -640,7 +641,10 @@ class ExactlyOnce(Publisher):
         """Records failed, so the database transaction rolled back: abort the Kafka one, and
         act on the failures (bury, hold, narrow). None: nothing is left to raise."""
         s = self.slot
-        self._abort()
+        if fenced(batch.failures.values()):
+            s.discard_producer()  # the fencing init_transactions ended the transaction
+        else:
+            self._abort()
         acked = batch.acked
         s.holds.succeeded(
             reached(((r.id, r.topic) for r in batch.rows), acked, batch.failures.keys())

@@ -267,6 +267,52 @@ def test_a_fatal_producer_error_builds_a_new_producer(
     assert {r.event_id for r in kafka.read(topic, 5)} >= set(ids)
 
 
+def test_i12_a_relay_fenced_before_its_commit_gives_the_slot_up_without_waiting_out_an_abort(
+    engine: Engine,
+    topic: str,
+    broker: Broker,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+) -> None:
+    """Another producer of the slot's transactional.id fences the relay's between its records
+    and its commit. The fencing init_transactions ended the transaction; Tansu 0.6 leaves the
+    old epoch's abort unanswered, so aborting held the slot down for the whole transaction
+    timeout (a CI run's frozen-relay test waited 60 s for the woken relay)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)  # the fence's partition
+    prefix = f"fenced-{uuid.uuid4().hex[:6]}"
+    intruders: list[Producer] = []
+
+    def fenced_first(producer: FaultyProducer, timeout: float) -> None:
+        if not intruders:
+            intruder = Producer(
+                {"bootstrap.servers": broker.bootstrap_servers, "transactional.id": f"{prefix}-0"}
+            )
+            intruder.init_transactions(30)
+            intruders.append(intruder)
+            # A record of the open transaction finds the newer epoch: PRODUCER_FENCED, "the
+            # transaction must be aborted" (not fatal), as the woken frozen relay met it.
+            producer.real.produce(topic, value=b"after the fence", partition=0)
+            producer.real.flush(30)
+        producer.real.commit_transaction(timeout)
+
+    ids = _publish(engine, topic, [f"v{i}" for i in range(5)])
+    handle = start_relay(
+        slots=1, transactional_id_prefix=prefix, seams=Faults(commit=fenced_first).seams()
+    )
+    wait_for(
+        lambda: handle.relay.stats.fenced >= 1,
+        timeout=20,
+        what="the fenced relay to give its slot up (it waited out a 60 s abort before the fix)",
+    )
+    wait_for(lambda: _pending(engine) == 0, what="the relay takes the slot again and publishes")
+    ours = [r for r in kafka.read_every(topic, ids) if "outbox-event-id" in r.headers]
+    assert_exactly_once(ours, ids, aborted_copies_visible=not broker.filters_aborts)
+
+
 @pytest.mark.both_brokers
 @pytest.mark.parametrize("guarantee", [Guarantee.EXACTLY_ONCE, ALO])
 def test_i6_a_missing_topic_is_held_then_buried_while_the_other_topics_flow(

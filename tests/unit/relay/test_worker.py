@@ -179,6 +179,36 @@ def test_i4_a_fenced_commit_loses_the_slot_and_keeps_the_rows() -> None:
     assert session.released
 
 
+def _fenced_abortable() -> KafkaError:
+    """PRODUCER_FENCED as librdkafka raises it for a produce that found a newer epoch: the
+    transaction "must be aborted", not fatal."""
+    return KafkaError(KafkaError.PRODUCER_FENCED, "fenced", txn_requires_abort=True)
+
+
+def test_i12_a_fenced_commit_gives_the_slot_up_without_aborting_what_the_fencer_ended() -> None:
+    """The fencing init_transactions ended the transaction; an abort with the old epoch can go
+    unanswered (Tansu 0.6 let it wait out its 60 s while the slot stayed down)."""
+    session, broker = FakeSession(_rows(2)), Broker()
+    broker.fail["commit_transaction"] = [_fenced_abortable()]
+    worker = make_worker(session, broker)
+    worker.run()
+    assert worker.context.stats.fenced == 1
+    assert broker.aborts == []
+    assert session.ids() == [1, 2]
+    assert session.released
+
+
+def test_i12_a_batch_whose_reports_say_fenced_gives_the_slot_up_without_aborting() -> None:
+    session, broker = FakeSession(_rows(2)), Broker()
+    broker.reports = lambda batch: {0: _fenced_abortable()}
+    worker = make_worker(session, broker)
+    worker.run()
+    assert worker.context.stats.fenced == 1
+    assert broker.aborts == []
+    assert session.ids() == [1, 2]
+    assert not worker.failed
+
+
 def test_i4_a_fencing_that_confluent_kafka_masks_as_a_system_error_is_handled_as_the_fencing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
