@@ -313,6 +313,75 @@ def test_i12_a_relay_fenced_before_its_commit_gives_the_slot_up_without_waiting_
     assert_exactly_once(ours, ids, aborted_copies_visible=not broker.filters_aborts)
 
 
+@pytest.mark.needs_apache_kafka
+def test_i12_a_fenced_relay_that_drops_its_producer_unaborted_holds_no_reader_back(
+    engine: Engine,
+    make_topic: Callable[..., str],
+    bootstrap_servers: str,
+    start_relay: Callable[..., RelayHandle],
+    kafka: KafkaReader,
+) -> None:
+    """What dropping a fenced producer without an abort rests on, where users run: the fencing
+    init_transactions itself ends the relay's open transaction (its records, its marker), so
+    no read_committed reader of the partition waits for the transaction timeout (I12). A
+    record written to the partition right after the fence, before the relay learns of it, is
+    readable at once. (Tansu is the other test's broker: it ends the transaction too.)"""
+    from confluent_kafka import Consumer, Producer
+
+    topic = make_topic(partitions=1)  # the relay's records and the sample share the partition
+    prefix = f"fenced-{uuid.uuid4().hex[:6]}"
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"lso-{uuid.uuid4().hex[:8]}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    reader.assign([TopicPartition(topic, 0, 0)])
+    plain = Producer({"bootstrap.servers": bootstrap_servers})
+    intruders: list[Producer] = []
+    waits: list[float] = []
+
+    def fenced_first(producer: FaultyProducer, timeout: float) -> None:
+        if not intruders:  # the batch's records are acknowledged; its transaction is open
+            intruder = Producer(
+                {"bootstrap.servers": bootstrap_servers, "transactional.id": f"{prefix}-0"}
+            )
+            intruder.init_transactions(30)
+            intruders.append(intruder)
+            sample = uuid.uuid4().bytes
+            plain.produce(topic, value=sample, partition=0)
+            plain.flush(10)
+            written = time.monotonic()
+            while time.monotonic() - written < 10:
+                msg = reader.poll(0.1)
+                if msg is not None and not msg.error() and msg.value() == sample:
+                    waits.append(time.monotonic() - written)
+                    break
+            else:
+                waits.append(float("inf"))
+        producer.real.commit_transaction(timeout)
+
+    try:
+        ids = _publish(engine, topic, [f"v{i}" for i in range(5)])
+        handle = start_relay(
+            slots=1, transactional_id_prefix=prefix, seams=Faults(commit=fenced_first).seams()
+        )
+        wait_for(lambda: handle.relay.stats.fenced >= 1, timeout=60, what="the relay fenced")
+    finally:
+        reader.close()
+    assert waits, "the fence was never made"
+    assert waits[0] < 5, (
+        f"a read_committed reader waited {waits} s for a record written after the fence: the "
+        "fenced relay's transaction stayed open"
+    )
+    wait_for(lambda: _pending(engine) == 0, what="the relay takes the slot again and publishes")
+    records = kafka.read(topic, len(ids) + 1)  # read_committed; the sample has no event id
+    ours = [r for r in records if "outbox-event-id" in r.headers]
+    assert_exactly_once(ours, ids, aborted_copies_visible=False)
+
+
 @pytest.mark.both_brokers
 @pytest.mark.parametrize("guarantee", [Guarantee.EXACTLY_ONCE, ALO])
 def test_i6_a_missing_topic_is_held_then_buried_while_the_other_topics_flow(
