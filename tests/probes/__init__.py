@@ -1,0 +1,1 @@
+"""Standalone probes of a broker's behaviour the tests work around (not collected by pytest)."""
