@@ -354,11 +354,17 @@ def check(obs: Observations) -> Report:
     return report
 
 
+MISPLACED = "another record is at its offset"
+"""How ``outbox verify`` names an event whose recorded offset holds another event."""
+
+
 def cross_check(
     exit_code: int | None,
     verify: Mapping[str, Any] | None,
     harness: Report,
     copies: Mapping[str, int],
+    *,
+    offsets_misreported: bool = False,
 ) -> list[str]:
     """Where ``outbox verify``'s verdict (its exit code and ``--json`` report, one group)
     disagrees with the harness's own for one outbox; empty when they agree.
@@ -396,11 +402,24 @@ def cross_check(
                 f"{events} events on the topic, lag {g['lag']}, "
                 f"{len(g['unreadable'])} unreadable, {len(g['passed_unapplied'])} read past"
             )
-    if verify["lost"]:
-        out.append(f"outbox verify: {len(verify['lost'])} lost, e.g. {verify['lost'][0]}")
+    lost = verify["lost"]
+    if offsets_misreported:
+        # Tansu 0.6 can answer a produce with a base offset one below where it stored the
+        # records (a CI run: 61 records of one partition, each on the topic one offset past
+        # its recorded one): verify then finds another event at the recorded offset. The
+        # harness read the event on the topic, so that is the broker's report, not a loss.
+        lost = [
+            e
+            for e in lost
+            if not (e["event_id"] in copies and str(e.get("reason", "")).startswith(MISPLACED))
+        ]
+    if lost:
+        out.append(f"outbox verify: {len(lost)} lost, e.g. {lost[0]}")
     extra = {e: n for e, n in sorted(copies.items()) if n > 1}
+    excused = len(verify["lost"]) - len(lost)
     if not extra:
-        if exit_code != 0 or not verify["clean"]:
+        only_excused = excused and not (verify["duplicates"] or verify["order_violations"])
+        if (exit_code != 0 or not verify["clean"]) and not only_excused:
             out.append(
                 f"outbox verify exited {exit_code} (clean: {verify['clean']}) on a topic the "
                 f"harness found clean: {len(verify['duplicates'])} duplicated, "

@@ -76,3 +76,22 @@ def test_verify_without_a_verdict_disagrees_and_a_failed_harness_only_reports() 
     assert cross_check(None, None, Report(), COPIES) != []
     failed = Report(failures=["lost=1: committed events without an effect"])
     assert cross_check(1, _verify(clean=False, lost=[{"event_id": "e1"}]), failed, COPIES) == []
+
+
+def test_i2_an_event_on_the_topic_past_a_misreported_offset_is_no_loss_only_where_offsets_err() -> (
+    None
+):
+    """Tansu 0.6 answered a produce with a base offset one below where it stored the records:
+    verify found another event at each recorded offset, while the harness read every event."""
+    misplaced = {"event_id": "e2", "reason": "another record is at its offset (e1)"}
+    report = _verify(clean=False, lost=[misplaced])
+    assert cross_check(1, report, Report(), COPIES, offsets_misreported=True) == []
+    assert any("lost" in d for d in cross_check(1, report, Report(), COPIES))
+    gone = _verify(clean=False, lost=[{**misplaced, "event_id": "e9"}])  # not on the topic
+    assert any(
+        "lost" in d for d in cross_check(1, gone, Report(), COPIES, offsets_misreported=True)
+    )
+    other = _verify(clean=False, lost=[{"event_id": "e2", "reason": "past the high watermark"}])
+    assert any(
+        "lost" in d for d in cross_check(1, other, Report(), COPIES, offsets_misreported=True)
+    )
