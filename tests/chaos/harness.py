@@ -936,6 +936,15 @@ CONSUMER_AIM_SECONDS = 6.0
 """How long a consumer kill may wait for its target to be inside its offset-commit window (a
 consumer that just joined the group may need a few seconds to get records)."""
 
+WARM_UP_SECONDS = 60.0
+"""How long the fleets get to be at work before the schedule starts: a relay slot first starts
+its producer and reads its recovery marker, which on a fresh Apache Kafka cluster on a loaded
+machine (the transaction coordinator's first load) took 7 s of a 20 s schedule, so every relay
+kill of that schedule found no batch in flight. A run that is not warm by then starts anyway."""
+
+SLOT_STARTED = re.compile(r"slot (\d+): (?:no recovery marker under|the last marker under) ")
+"""A relay's log line saying a slot's start-up is over: its marker read, its batches next."""
+
 FIRST_STRIKE_AIM_SECONDS = 10.0
 """How long a kill may wait for its moment while no kill of its kind has hit that moment yet:
 the run fails if none ever does (a few large batches on Apache Kafka, a loaded machine), so
@@ -1042,6 +1051,16 @@ LOG_PATTERNS = {
     "tracebacks": re.compile(r"^Traceback \(most recent call last\)"),
 }
 """What the processes' own logs say they went through (proof the faults hit something)."""
+
+
+def _slots_started(fleet: Fleet) -> set[int]:
+    """The slots whose start-up a member of ``fleet`` logged (``SLOT_STARTED``)."""
+    started: set[int] = set()
+    for member in fleet.members:
+        if member is not None and member.log_path.exists():
+            text = member.log_path.read_text(errors="replace")
+            started.update(int(slot) for slot in SLOT_STARTED.findall(text))
+    return started
 
 
 def scan_logs(log_dir: Path) -> dict[str, int]:
@@ -1212,6 +1231,8 @@ class Run:
         self.log_dir: Path | None = None
         self.mid_batch = 0
         self.in_commit_window = 0
+        self.relay_misses: list[str] = []
+        """What the relays did when a kill found no batch in flight (``_relay_snapshot``)."""
         self.timeline: list[dict[str, Any]] = []
         self.stop_writers = threading.Event()
         self.phases: dict[str, float] = {}
@@ -1288,6 +1309,7 @@ class Run:
                         for i in range(len(fleet.members)):
                             fleet.start(i)
                 self.phases["setup"] = time.monotonic() - started
+                self._warm_up()
                 for service in self.services:
                     service.writers = self._start_writers(service)
                 self._fault_phase(svc)
@@ -1394,6 +1416,31 @@ class Run:
         for service in self.services:
             service.relays.supervise(restart=True)
             service.consumers.supervise(restart=True)
+
+    def _warm_up(self) -> None:
+        """Wait (bounded by ``WARM_UP_SECONDS``) until every slot of every outbox has started:
+        faults aimed at batches in flight need relays that publish."""
+        started = time.monotonic()
+        deadline = started + WARM_UP_SECONDS
+        while True:
+            self._supervise()
+            cold = {
+                s.spec.name: sorted(set(range(SLOTS)) - _slots_started(s.relays))
+                for s in self.services
+            }
+            cold = {name: slots for name, slots in cold.items() if slots}
+            if not cold:
+                break
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "slots not started after %.0fs, starting the schedule anyway: %s",
+                    WARM_UP_SECONDS,
+                    cold,
+                )
+                break
+            time.sleep(0.1)  # polling the relays' logs, bounded by WARM_UP_SECONDS
+        self.phases["warm_up"] = time.monotonic() - started
+        log.info("relays warm after %.1fs", self.phases["warm_up"])
 
     def _fault_phase(self, svc: Services) -> None:
         """Play the schedule; between steps, restart crashed processes and log progress."""
@@ -1552,9 +1599,27 @@ class Run:
             time.sleep(0.01)  # polling for the moment to strike, bounded by AIM_SECONDS
         if in_batch is not None:
             return in_batch, "batch"
+        self.relay_misses.append(self._relay_snapshot(fleet, aim))
+        log.info("relay kill found no batch in flight: %s", self.relay_misses[-1])
         if index not in alive and alive:
             return alive[0], ""  # the target is down (killed in another's place): a live one
         return index, ""
+
+    def _relay_snapshot(self, fleet: Fleet, aim: float) -> str:
+        """What the relays of ``fleet`` were doing when a kill found none with a batch in flight
+        for ``aim`` seconds: the evidence a failed aim needs, on a machine that keeps no logs."""
+        held = self._slots_held()
+        service = next(s for s in self.services if fleet in (s.relays, s.consumers))
+        rows = service.probe.query(PROGRESS_SQL) or [("?", "?", "?", "?")]
+        parts = [f"outbox {service.spec.name} after {aim:.0f}s: {rows[0][1]} rows pending"]
+        for i, member in enumerate(fleet.members):
+            if member is None:
+                continue
+            pid = str(member.proc.pid)
+            state = "alive" if member.proc.poll() is None else f"exited {member.proc.returncode}"
+            lines = member.log_path.read_text(errors="replace").splitlines() or [""]
+            parts.append(f"relay {i} ({state}, {held[pid]} slots) last said: {lines[-1][:160]!r}")
+        return "; ".join(parts)
 
     def _aim_consumer_kill(self, fleet: Fleet, index: int) -> tuple[int, bool]:
         """The consumer to kill, and whether it is between a batch's DB commit and its offset
@@ -1733,6 +1798,8 @@ class Run:
             **self.injected,
         }
         missed = aim_failures(self.aims, struck, dict(self.reaimed), config.aim_extension)
+        if self.relay_misses and any(FaultKind.KILL_RELAY.value in m for m in missed):
+            missed.append(f"the last relay kill that found no batch: {self.relay_misses[-1]}")
         if config.missing_topic_share:
             for name, meaning in MISSING_TOPIC_STRUCK:
                 if not struck[name]:
