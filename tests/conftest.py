@@ -200,7 +200,8 @@ class _Order:
         if not hasattr(config, "workerinput"):
             items[:] = sorted(items, key=lambda item: broker_of(item) != "kafka")
             return
-        cache = config.cache.get(CACHE_KEY, {}) if config.cache is not None else {}
+        store = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+        cache = store.get(CACHE_KEY, {}) if store is not None else {}
         measured = merged(read_committed(), cache if isinstance(cache, dict) else {})
         order = longest_first(
             [item.nodeid for item in items], lambda n: xdist_group_of(n) or n, measured
@@ -236,10 +237,11 @@ class _Timeline:
         self.done_at[str(node.gateway.id)] = time.monotonic() - self.started
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.seconds and session.config.cache is not None:
-            previous = session.config.cache.get(CACHE_KEY, {})
+        store = getattr(session.config, "cache", None)  # absent under -p no:cacheprovider
+        if self.seconds and store is not None:
+            previous = store.get(CACHE_KEY, {})
             last_run = merged(previous if isinstance(previous, dict) else {}, self.seconds)
-            session.config.cache.set(CACHE_KEY, {k: round(v, 2) for k, v in last_run.items()})
+            store.set(CACHE_KEY, {k: round(v, 2) for k, v in last_run.items()})
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         for worker in sorted(self.busy):
