@@ -370,12 +370,16 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
         with EmbeddedBroker() as tansu:
             yield Broker(name, tansu.bootstrap_servers, False, True, stable_offset_sticks=True)
         return
-    from outbox.embedded.kafka_cluster import KafkaCluster, KafkaUnavailableError
+    from outbox.embedded.kafka_cluster import (
+        TEST_JVM_OPTIONS,
+        KafkaCluster,
+        KafkaUnavailableError,
+    )
 
     if reason := _kafka_skip_reason():
         pytest.skip(f"Apache Kafka runs skipped: {reason}")
     try:
-        cluster = KafkaCluster(cache_dir=_kafka_cache()).start()
+        cluster = KafkaCluster(cache_dir=_kafka_cache(), jvm_options=TEST_JVM_OPTIONS).start()
     except KafkaUnavailableError as exc:  # Maven Central unreachable, JVM unusable
         pytest.skip(f"Apache Kafka runs skipped: {exc}")
     _STARTUPS.append(

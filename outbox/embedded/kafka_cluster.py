@@ -63,18 +63,20 @@ _MAIN = "kafka.Kafka"
 _STORAGE_TOOL = "kafka.tools.StorageTool"
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 
-# Small heaps, one GC thread: three JVMs share two cores with the tests. C1 only (no C2
-# compiles): the cluster then burns about half the CPU (start-up 15-17 s of CPU instead of
-# 27-30, 300 transactions 21-27 s instead of 45-48, idle 3.5 s a half-minute instead of 6;
-# `python -m tests.probes.kafka_cluster_cpu`): CPU a busy test machine gives the tests.
+# Small heaps, one GC thread: three JVMs share two cores with the tests.
 DEFAULT_JVM_OPTIONS = (
     "-Xms96m",
     "-Xmx384m",
     "-XX:+UseSerialGC",
-    "-XX:TieredStopAtLevel=1",
     "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
 )
+
+TEST_JVM_OPTIONS = (*DEFAULT_JVM_OPTIONS, "-XX:TieredStopAtLevel=1")
+"""For a test session's cluster: C1 only (no C2 compiles) burns about half the CPU (start-up
+15-17 CPU-s instead of 27-30, 300 transactions 21-27 instead of 45-48, idle 3.5 a half-minute
+instead of 6; `python -m tests.probes.kafka_cluster_cpu`), CPU a two-core machine gives the
+tests. Benchmarks and the demo keep the default: C2 is what a production broker runs."""
 
 _LOG4J2 = """\
 status = error

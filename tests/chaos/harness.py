@@ -58,7 +58,7 @@ from sqlalchemy import exc as sa_exc
 
 from outbox import publish
 from outbox.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedServiceError, free_port
-from outbox.embedded.kafka_cluster import KafkaCluster, create_topic
+from outbox.embedded.kafka_cluster import TEST_JVM_OPTIONS, KafkaCluster, create_topic
 from outbox.migrate import upgrade
 from tests.chaos.checker import (
     Effect,
@@ -670,7 +670,7 @@ def services(
         pg.start()
         if broker == "kafka":
             if cluster is None:
-                cluster = owned = KafkaCluster().start()
+                cluster = owned = KafkaCluster(jvm_options=TEST_JVM_OPTIONS).start()
             try:
                 yield Services(pg, cluster.bootstrap_servers, True, cluster=cluster)
             finally:

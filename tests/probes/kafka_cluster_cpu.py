@@ -2,9 +2,10 @@
 
 ``python -m tests.probes.kafka_cluster_cpu [JVM OPTION ...]`` starts the cluster with
 ``DEFAULT_JVM_OPTIONS`` plus the options given, and prints the CPU seconds its three JVMs
-spent starting, idling for 30 s, and on 300 transactions of 3 records (acks=all). It chose
-``-XX:TieredStopAtLevel=1`` (C1 only): the suite's machine has two cores, and what the JVMs
-do not burn, the tests get. Run each variant a few times: the wall times are noisy.
+spent starting, idling for 30 s, and on 300 transactions of 3 records (acks=all). Given
+``-XX:TieredStopAtLevel=1`` (C1 only), it chose ``TEST_JVM_OPTIONS``: the suite's machine has
+two cores, and what the JVMs do not burn, the tests get. Run each variant a few times: the
+wall times are noisy.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def main(extra: Sequence[str]) -> None:
         worked = time.monotonic() - began
         after_work = _cpu_seconds(pids)
     print(
-        f"options {list(extra)}, {len(pids)} JVMs: started in {started:.1f} s using {at_start:.1f} CPU-s; "
+        f"options {list(extra)}, {len(pids)} JVMs: "
+        f"started in {started:.1f} s using {at_start:.1f} CPU-s; "
         f"30 s idle {after_idle - at_start:.1f} CPU-s; "
         f"300 transactions in {worked:.1f} s using {after_work - after_idle:.1f} CPU-s"
     )
