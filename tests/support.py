@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from outbox.relay.classify import message_headers
 
@@ -134,10 +141,7 @@ def read_topic(
                 raise TopicReadError(f"reading {topic}[{p}]: {err}")
 
         while True:
-            ends = {
-                p.partition: consumer.get_watermark_offsets(p, timeout=10, cached=False)[1]
-                for p in partitions
-            }
+            ends = {p.partition: high_watermark(consumer, p, deadline) for p in partitions}
             while not all(eof[p] >= end for p, end in ends.items()):
                 if time.monotonic() > deadline:
                     raise TopicReadError(
@@ -153,6 +157,37 @@ def read_topic(
             take(consumer.poll(0.2))
     finally:
         consumer.close()
+
+
+WATERMARK_RETRIABLE = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+"""Watermark errors of a partition whose leader is moving (a node killed or back): asked
+again. A CI run failed a read right after a killed node came back (NOT_LEADER_FOR_PARTITION)."""
+
+
+class _Watermarks(Protocol):
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float, cached: bool
+    ) -> tuple[int, int]: ...
+
+
+def high_watermark(consumer: _Watermarks, partition: TopicPartition, deadline: float) -> int:
+    """The partition's high watermark from its leader, asked again while the leader moves."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=10, cached=False)[1]
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            code = error.code() if isinstance(error, KafkaError) else None
+            if code not in WATERMARK_RETRIABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)  # polling the moving leader, bounded by the read's deadline
 
 
 class KafkaReader:
