@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,39 @@ def _pending(engine: Engine) -> int:
 def _relay_args(db: str, bootstrap: str, prefix: str, *extra: str) -> list[str]:
     """``outbox relay`` against the test services, with a transactional.id prefix of its own."""
     return ["relay", "--db", db, "-b", bootstrap, "--transactional-id-prefix", prefix, *extra]
+
+
+def _signal_after_batches(
+    proc: subprocess.Popen[bytes], batches: int, sig: signal.Signals, *, timeout: float = 60
+) -> tuple[int, bytes]:
+    """Send ``sig`` to ``proc``, an ``outbox relay`` at DEBUG, as soon as it logged
+    ``batches`` published batches; its exit code and stderr once it exited. Polling the
+    outbox instead can miss the moment on an idle machine: the relay drains thousands of rows
+    between two polls."""
+    logged = threading.Event()
+    lines: list[bytes] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        published = 0
+        for line in proc.stderr:  # read to the end: a full pipe would stall the relay
+            lines.append(line)
+            published += b": published outbox ids " in line
+            if published >= batches:
+                logged.set()
+
+    reader = threading.Thread(target=read, name="relay-stderr", daemon=True)
+    reader.start()
+    try:
+        assert logged.wait(timeout), f"the relay did not publish {batches} batches in {timeout}s"
+        os.kill(proc.pid, sig)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    reader.join(10)
+    return code, b"".join(lines)
 
 
 def _fill_outbox(engine: Engine, topic: str, total: int) -> list[str]:
@@ -100,7 +134,7 @@ def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
     engine: Engine, database_url: str, broker: Broker, topic: str, kafka: KafkaReader
 ) -> None:
     bootstrap_servers = broker.bootstrap_servers
-    total = 10_000  # 50 batches: the kill lands after 10 of them, 40 are left for --once
+    total = 4_000  # 20 batches: the kill lands after 3 of them, the rest is left for --once
     ids = _fill_outbox(engine, topic, total)
     args = _relay_args(
         database_url,
@@ -109,14 +143,10 @@ def test_i2_relay_killed_with_sigkill_mid_batch_loses_nothing(
         "--batch-size",
         "200",
         "--log-level",
-        "WARNING",
+        "DEBUG",
     )
     proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: _pending(engine) < total - 2000, timeout=60, what="relay progress")
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    _signal_after_batches(proc, 3, signal.SIGKILL)
     assert _pending(engine) > 0, "the relay finished before it could be killed mid-way"
     done = run(*args, "--once")
     assert done.returncode == 0, done.stderr
@@ -131,7 +161,7 @@ def test_sigterm_finishes_the_batch_and_exits_cleanly(
     engine: Engine, database_url: str, bootstrap_servers: str, topic: str, kafka: KafkaReader
 ) -> None:
     """A clean stop never leaves a batch half done: no loss and, even on Tansu, no duplicate."""
-    total = 10_000
+    total = 4_000  # 40 batches: SIGTERM after 3 of them (10,000 took up to 206 s in CI)
     ids = _fill_outbox(engine, topic, total)
     args = _relay_args(
         database_url,
@@ -140,17 +170,11 @@ def test_sigterm_finishes_the_batch_and_exits_cleanly(
         "--batch-size",
         "100",
         "--log-level",
-        "INFO",
+        "DEBUG",
     )
     proc = subprocess.Popen([OUTBOX, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: _pending(engine) < total - 1000, timeout=60, what="relay progress")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr
+    code, stderr = _signal_after_batches(proc, 3, signal.SIGTERM)
+    assert code == 0, stderr
     assert b"finishing the current batch" in stderr
     assert _pending(engine) > 0, "the relay finished before the signal arrived"
     done = run(*args, "--once")
