@@ -20,6 +20,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from psycopg.rows import tuple_row
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from consumer.deadletter import dead_letter_id
 from outbox import sql
@@ -212,6 +213,31 @@ TopicRecord = tuple[int, int, str | None, bytes | None]
 """partition, offset, outbox event id (None: no header), key: what verify keeps of a record."""
 
 
+MOVING_LEADER = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
+"""A partition whose leader is moving (a node down, or back and taking its partitions again)
+answers these for a moment; the watermark is asked again for up to ``LEADER_MOVE_SECONDS``."""
+
+LEADER_MOVE_SECONDS = 30.0
+
+
+def _moving_leader(exc: BaseException) -> bool:
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(error, KafkaError) and error.code() in MOVING_LEADER
+
+
+def watermarks(consumer: Consumer, topic: str, partition: int) -> tuple[int, int]:
+    """A partition's low and high watermarks from its leader, asked again while it moves: a
+    check run during a leader election should not fail on it."""
+    ask = Retrying(
+        retry=retry_if_exception(_moving_leader),
+        stop=stop_after_delay(LEADER_MOVE_SECONDS),
+        wait=wait_exponential(multiplier=0.1, max=2.0),
+        reraise=True,
+    )
+    low, high = ask(consumer.get_watermark_offsets, TopicPartition(topic, partition), timeout=15)
+    return int(low), int(high)
+
+
 def _high_watermarks(
     bootstrap_servers: str, settings: Mapping[str, str], topic: str, partitions: Sequence[int]
 ) -> dict[int, int]:
@@ -228,10 +254,7 @@ def _high_watermarks(
         }
     )
     try:
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1]
-            for p in partitions
-        }
+        return {p: watermarks(consumer, topic, p)[1] for p in partitions}
     finally:
         consumer.close()
 
@@ -283,7 +306,7 @@ def read_topic_end(
         lows: dict[int, int] = {}
         highs: dict[int, int] = {}
         for p in partitions:
-            lows[p], highs[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+            lows[p], highs[p] = watermarks(consumer, topic, p)
         begin = dict(lows)
         if since is not None:
             at = int(since.timestamp() * 1000)
