@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import logging
 import math
 import threading
 import time
@@ -20,7 +21,13 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from psycopg.rows import tuple_row
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from consumer.deadletter import dead_letter_id
 from outbox import sql
@@ -213,9 +220,19 @@ TopicRecord = tuple[int, int, str | None, bytes | None]
 """partition, offset, outbox event id (None: no header), key: what verify keeps of a record."""
 
 
-MOVING_LEADER = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
-"""A partition whose leader is moving (a node down, or back and taking its partitions again)
-answers these for a moment; the watermark is asked again for up to ``LEADER_MOVE_SECONDS``."""
+log = logging.getLogger("outbox.verify")
+
+MOVING_LEADER = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.OFFSET_NOT_AVAILABLE,  # a new leader whose high watermark is catching up
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+    }
+)
+"""What a partition whose leader is moving (a node down, or back and taking its partitions
+again) answers for a moment; the watermarks are asked again for up to ``LEADER_MOVE_SECONDS``."""
 
 LEADER_MOVE_SECONDS = 30.0
 
@@ -227,15 +244,32 @@ def _moving_leader(exc: BaseException) -> bool:
 
 def watermarks(consumer: Consumer, topic: str, partition: int) -> tuple[int, int]:
     """A partition's low and high watermarks from its leader, asked again while it moves: a
-    check run during a leader election should not fail on it."""
-    ask = Retrying(
+    check run during a leader election should not fail on it. Bounded as a whole by
+    ``LEADER_MOVE_SECONDS`` (each ask gets what is left), and each new ask is logged."""
+    deadline = time.monotonic() + LEADER_MOVE_SECONDS
+
+    def ask() -> tuple[int, int]:
+        left = max(1.0, min(15.0, deadline - time.monotonic()))
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=left)
+        return int(low), int(high)
+
+    def told(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s [%d]: the partition's leader is moving (%s); asking it again",
+            topic,
+            partition,
+            error.args[0] if error is not None and error.args else error,
+        )
+
+    retrying = Retrying(
         retry=retry_if_exception(_moving_leader),
         stop=stop_after_delay(LEADER_MOVE_SECONDS),
         wait=wait_exponential(multiplier=0.1, max=2.0),
+        before_sleep=told,
         reraise=True,
     )
-    low, high = ask(consumer.get_watermark_offsets, TopicPartition(topic, partition), timeout=15)
-    return int(low), int(high)
+    return retrying(ask)
 
 
 def _high_watermarks(

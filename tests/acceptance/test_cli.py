@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,13 @@ def _signal_after_batches(
 
     reader = threading.Thread(target=read, name="relay-stderr", daemon=True)
     reader.start()
+    deadline = time.monotonic() + timeout
     try:
-        assert logged.wait(timeout), f"the relay did not publish {batches} batches in {timeout}s"
+        # The reader ends when the relay exits: one that dies at start-up fails at once.
+        while not logged.wait(0.1) and reader.is_alive() and time.monotonic() < deadline:
+            pass
+        tail = b"".join(lines)[-2000:].decode(errors="replace")
+        assert logged.is_set(), f"the relay did not publish {batches} batches; it said:\n{tail}"
         os.kill(proc.pid, sig)
         code = proc.wait(60)
     finally:
@@ -69,6 +75,18 @@ def _signal_after_batches(
             proc.wait(10)
     reader.join(10)
     return code, b"".join(lines)
+
+
+def test_a_relay_that_dies_before_its_batches_fails_at_once_saying_why() -> None:
+    # From the review: the signalling helper waited out its timeout for a relay that had
+    # exited, and dropped its stderr.
+    script = "import sys; sys.stderr.write('outbox: cannot connect to PostgreSQL\\n'); sys.exit(2)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    with pytest.raises(AssertionError, match="cannot connect to PostgreSQL"):
+        _signal_after_batches(proc, 3, signal.SIGTERM, timeout=60)
+    assert proc.returncode == 2
 
 
 def _fill_outbox(engine: Engine, topic: str, total: int) -> list[str]:

@@ -942,8 +942,13 @@ its producer and reads its recovery marker, which on a fresh Apache Kafka cluste
 machine (the transaction coordinator's first load) took 7 s of a 20 s schedule, so every relay
 kill of that schedule found no batch in flight. A run that is not warm by then starts anyway."""
 
-SLOT_STARTED = re.compile(r"slot (\d+): (?:no recovery marker under|the last marker under) ")
-"""A relay's log line saying a slot's start-up is over: its marker read, its batches next."""
+SLOT_STARTED = re.compile(
+    r"slot (\d+): (?:no recovery marker under |the last marker under |published outbox ids )"
+)
+"""A relay's log line saying a slot's start-up is over: its marker read, or a batch out."""
+
+SLOT_STARTED_AT_LEAST_ONCE = re.compile(r"slot (\d+): (?:publishing shards |published outbox ids )")
+"""The same for an at-least-once relay, which reads no marker: its slot held."""
 
 FIRST_STRIKE_AIM_SECONDS = 10.0
 """How long a kill may wait for its moment while no kill of its kind has hit that moment yet:
@@ -1053,13 +1058,13 @@ LOG_PATTERNS = {
 """What the processes' own logs say they went through (proof the faults hit something)."""
 
 
-def _slots_started(fleet: Fleet) -> set[int]:
-    """The slots whose start-up a member of ``fleet`` logged (``SLOT_STARTED``)."""
+def _slots_started(fleet: Fleet, line: re.Pattern[str]) -> set[int]:
+    """The slots whose start-up a member of ``fleet`` logged (``line``)."""
     started: set[int] = set()
     for member in fleet.members:
         if member is not None and member.log_path.exists():
             text = member.log_path.read_text(errors="replace")
-            started.update(int(slot) for slot in SLOT_STARTED.findall(text))
+            started.update(int(slot) for slot in line.findall(text))
     return started
 
 
@@ -1424,8 +1429,9 @@ class Run:
         deadline = started + WARM_UP_SECONDS
         while True:
             self._supervise()
+            line = SLOT_STARTED_AT_LEAST_ONCE if self.config.at_least_once else SLOT_STARTED
             cold = {
-                s.spec.name: sorted(set(range(SLOTS)) - _slots_started(s.relays))
+                s.spec.name: sorted(set(range(SLOTS)) - _slots_started(s.relays, line))
                 for s in self.services
             }
             cold = {name: slots for name, slots in cold.items() if slots}
